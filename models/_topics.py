@@ -1,0 +1,58 @@
+"""MQTT topic layout shared by agent and coordinator (DESIGN.md "Topics")."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from models._errors import ConfigError
+
+_LEVEL = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """All topics of one fleet, under ``<root>/<fleet>`` (default root ``fl``)."""
+
+    fleet: str
+    root: str = "fl"
+
+    def __post_init__(self) -> None:
+        for name in ("fleet", "root"):
+            if not _LEVEL.match(getattr(self, name)):
+                raise ConfigError(
+                    f"{name} must be 1-64 characters of A-Z a-z 0-9 _ . -", key=name
+                )
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.root}/{self.fleet}"
+
+    def update(self, device_id: str) -> str:
+        return f"{self.prefix}/update/{device_id}"
+
+    def ack(self, device_id: str) -> str:
+        return f"{self.prefix}/ack/{device_id}"
+
+    def status(self, device_id: str) -> str:
+        return f"{self.prefix}/status/{device_id}"
+
+    @property
+    def model(self) -> str:
+        return f"{self.prefix}/model"
+
+    @property
+    def coordinator_status(self) -> str:
+        return f"{self.prefix}/coordinator/status"
+
+    @property
+    def all_updates(self) -> str:
+        return f"{self.prefix}/update/+"
+
+    def device_of(self, topic: str, kind: str = "update") -> str | None:
+        """The device id in ``<prefix>/<kind>/<device>``, or None if the topic is not that shape."""
+        head = f"{self.prefix}/{kind}/"
+        if not topic.startswith(head):
+            return None
+        device = topic[len(head):]
+        return device if _LEVEL.match(device) else None

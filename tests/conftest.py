@@ -1,0 +1,38 @@
+"""Shared fixtures: a private Mosquitto per test session, one topic prefix per test."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fleet._broker import MosquittoBroker
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
+    """A Mosquitto on a free loopback port with its own config; never the machine's 1883."""
+    b = MosquittoBroker(workdir=tmp_path_factory.mktemp("mosquitto"))
+    b.start()
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def fleet_name(request: pytest.FixtureRequest) -> str:
+    """A topic prefix of its own for each test, so retained messages never leak between tests."""
+    base = "".join(c if c.isalnum() else "-" for c in request.node.name)[:40]
+    return f"t{next(_counter)}-{base}"
+
+
+@pytest.fixture
+def private_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    """A broker for one test, for tests that stop and restart it."""
+    b = MosquittoBroker(workdir=tmp_path / "mosquitto")
+    b.start()
+    yield b
+    b.close()

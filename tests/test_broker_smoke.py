@@ -1,0 +1,62 @@
+"""The fixture's Mosquitto carries QoS 1 messages and retained messages (paho-mqtt 2.x)."""
+
+from __future__ import annotations
+
+import queue
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from fleet._broker import MosquittoBroker
+from models._mqtt import BrokerAddress, make_client
+
+pytestmark = pytest.mark.broker
+
+
+def _connected(broker: MosquittoBroker, client_id: str) -> mqtt.Client:
+    client = make_client(BrokerAddress.parse(broker.url), client_id=client_id, persistent=False)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    return client
+
+
+def test_publish_and_receive(broker: MosquittoBroker, fleet_name: str) -> None:
+    inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+    subscribed: queue.Queue[bool] = queue.Queue()
+    sub = _connected(broker, f"{fleet_name}-sub")
+    sub.on_message = lambda c, u, msg: inbox.put((msg.topic, msg.payload))
+    sub.on_subscribe = lambda c, u, mid, codes, props: subscribed.put(True)
+    sub.subscribe(f"{fleet_name}/#", qos=1)
+    assert subscribed.get(timeout=5)
+
+    pub = _connected(broker, f"{fleet_name}-pub")
+    info = pub.publish(f"{fleet_name}/hello", b"\x00payload\xff", qos=1)
+    info.wait_for_publish(timeout=5)
+
+    assert inbox.get(timeout=5) == (f"{fleet_name}/hello", b"\x00payload\xff")
+    for c in (sub, pub):
+        c.loop_stop()
+        c.disconnect()
+
+
+def test_retained_message_reaches_late_subscriber(broker: MosquittoBroker, fleet_name: str) -> None:
+    pub = _connected(broker, f"{fleet_name}-pub")
+    pub.publish(f"{fleet_name}/model", b"v1", qos=1, retain=True).wait_for_publish(timeout=5)
+
+    inbox: queue.Queue[tuple[bytes, bool]] = queue.Queue()
+    late = _connected(broker, f"{fleet_name}-late")
+    late.on_message = lambda c, u, msg: inbox.put((msg.payload, msg.retain))
+    late.subscribe(f"{fleet_name}/model", qos=1)
+
+    assert inbox.get(timeout=5) == (b"v1", True)
+    for c in (late, pub):
+        c.loop_stop()
+        c.disconnect()
+
+
+def test_broker_address_parsing_redacts_password() -> None:
+    a = BrokerAddress.parse("mqtts://dev%2D1:s3cret@broker.example:9883", ca_file="/ca.pem")
+    assert (a.host, a.port, a.tls, a.username, a.password) == (
+        "broker.example", 9883, True, "dev-1", "s3cret")
+    assert "s3cret" not in a.redacted()
+    assert BrokerAddress.parse("mqtt://h").port == 1883
