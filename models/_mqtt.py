@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from models._errors import ConfigError
 
@@ -81,7 +82,7 @@ def make_client(
     Persistence is what lets the broker hold QoS 1 messages while this client is away.
     """
     client = mqtt.Client(
-        callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+        callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=client_id,
         clean_session=not persistent,
         protocol=mqtt.MQTTv311,

@@ -94,7 +94,7 @@ class ModelSpec:
             if "hidden" in kwargs:
                 kwargs["hidden"] = tuple(_as_list(kwargs["hidden"], "hidden"))
             return cls(**kwargs)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise ModelError(f"malformed model spec: {exc}") from exc
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from models._errors import ConfigError
 
-_LEVEL = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_LEVEL = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,7 +19,7 @@ class Topics:
 
     def __post_init__(self) -> None:
         for name in ("fleet", "root"):
-            if not _LEVEL.match(getattr(self, name)):
+            if not _LEVEL.fullmatch(getattr(self, name)):
                 raise ConfigError(
                     f"{name} must be 1-64 characters of A-Z a-z 0-9 _ . -", key=name
                 )
@@ -55,4 +55,4 @@ class Topics:
         if not topic.startswith(head):
             return None
         device = topic[len(head):]
-        return device if _LEVEL.match(device) else None
+        return device if _LEVEL.fullmatch(device) else None
