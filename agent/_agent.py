@@ -1,0 +1,260 @@
+"""The edge agent's logic, independent of how it reaches the broker.
+
+`Agent` reacts to three things: a model snapshot, an ack, and `poll()` (called every few
+seconds). A `Link` carries its messages; `agent._runner` gives it a paho client for a real
+device, the fleet simulator gives many agents a shared one. Nothing finished is ever lost: an
+update is spooled to disk before it is published and leaves the spool only when acked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from agent._config import AgentConfig
+from agent._data import DataSource
+from agent._policy import Decision, EligibilityGate
+from agent._readings import ReadingsSource
+from agent._spool import Spool
+from agent._trainer import train_update
+from models import FedAsyncError, Topics, WireError
+from models._wire import Snapshot, UpdateMessage, decode_ack, decode_snapshot, encode_update
+
+log = logging.getLogger("fedasync.agent")
+
+Trainer = Callable[..., "UpdateMessage | None"]
+
+
+class Link(Protocol):
+    """What the agent needs from an MQTT connection."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
+                ) -> None: ...
+
+
+@dataclass(slots=True)
+class _Counters:
+    trained: int = 0
+    sent: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    aborted: int = 0
+
+
+class Agent:
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        link: Link,
+        reader: ReadingsSource,
+        data: DataSource,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        trainer: Trainer = train_update,
+        rng: np.random.Generator | None = None,
+    ) -> None:
+        self.config = config
+        self.topics = Topics(config.fleet, config.topic_root)
+        self.link = link
+        self.reader = reader
+        self.data = data
+        self.clock = clock
+        self.monotonic = monotonic
+        self.trainer = trainer
+        self.rng = rng or np.random.default_rng()
+        self.state_dir = Path(config.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.spool = Spool(self.state_dir / "spool", max_count=config.spool_max_count,
+                           max_bytes=config.spool_max_bytes)
+        self.gate = EligibilityGate(config.policy)
+        self.counters = _Counters()
+        self.snapshot: Snapshot | None = None
+        self.decision: Decision | None = None
+        self.last_rejection: str | None = None
+        self._lock = threading.RLock()
+        self._progress = self._load_progress()
+        self._last_train_at = -float("inf")
+        self._load_saved_snapshot()
+
+    # -- inputs ------------------------------------------------------------------------------
+    def on_connected(self) -> None:
+        """Send everything still in the spool (the broker or coordinator may never have got it)."""
+        entries = self.spool.entries()
+        if entries:
+            log.info("reconnected: republishing %d spooled update(s)", len(entries))
+        for e in entries:
+            try:
+                self.link.publish(self.topics.update(self.config.device_id), e.read(), qos=1)
+            except OSError:
+                continue  # acked and removed meanwhile
+        self.publish_status()
+
+    def on_model(self, payload: bytes) -> None:
+        try:
+            snapshot = decode_snapshot(payload)
+        except WireError as exc:
+            log.warning("ignored a model snapshot that does not decode: %s", exc)
+            return
+        with self._lock:
+            if self.snapshot is not None and snapshot.version <= self.snapshot.version and \
+                    snapshot.spec == self.snapshot.spec:
+                return
+            self.snapshot = snapshot
+            _atomic_write(self.state_dir / "model.snapshot", payload)
+        log.info("new model version %d%s", snapshot.version,
+                 f" (accuracy {snapshot.metrics['accuracy']:.3f})"
+                 if "accuracy" in snapshot.metrics else "")
+        self.publish_status()
+
+    def on_ack(self, payload: bytes) -> None:
+        try:
+            ack = decode_ack(payload)
+        except WireError as exc:
+            log.warning("ignored an ack that does not decode: %s", exc)
+            return
+        if ack.update_id is None:
+            log.warning("coordinator rejected a message it could not read: %s (%s)", ack.reason,
+                        ack.detail)
+            return
+        removed = self.spool.remove(ack.update_id)
+        if ack.status == "rejected":
+            self.counters.rejected += 1
+            self.last_rejection = f"{ack.update_id}: {ack.reason}"
+            log.warning("update %s rejected: %s %s", ack.update_id, ack.reason, ack.detail)
+        elif removed:
+            self.counters.accepted += 1
+            log.info("update %s %s (version %s)", ack.update_id, ack.status, ack.version)
+        if removed:
+            self.publish_status()
+
+    # -- the periodic step -------------------------------------------------------------------
+    def poll(self) -> Decision:
+        """Re-read the device, and train + send one update if everything allows it."""
+        decision = self._check()
+        if self._should_train(decision):
+            self.train_once()
+        return decision
+
+    def _check(self) -> Decision:
+        previous = self.decision
+        self.decision = self.gate.update(self.reader.read(), now=self.monotonic())
+        if previous is None or previous.eligible != self.decision.eligible:
+            log.info("eligible: %s (%s)", "yes" if self.decision.eligible else "no",
+                     self.decision.reason)
+            self.publish_status()
+        return self.decision
+
+    def _should_train(self, decision: Decision) -> bool:
+        return (decision.eligible and self.snapshot is not None and
+                self.monotonic() - self._last_train_at >= self.config.min_train_interval_s)
+
+    def train_once(self) -> UpdateMessage | None:
+        """Load data, train from the newest snapshot, spool and publish. None if skipped."""
+        snapshot = self.snapshot
+        if snapshot is None:
+            return None
+        try:
+            X, y = self.data.load()
+        except FedAsyncError as exc:
+            log.error("cannot load local data: %s", exc)
+            return None
+        n = len(X)
+        new = n - int(self._progress.get("samples_at_last_train", 0))
+        newer_model = snapshot.version > int(self._progress.get("last_base_version", -1))
+        if n < self.config.min_samples or not (
+            new >= self.config.min_new_samples
+            or (self.config.retrain_on_new_model and newer_model)
+        ):
+            return None
+        self._last_train_at = self.monotonic()
+        log.info("training on %d samples (%d new) from model version %d", n, max(new, 0),
+                 snapshot.version)
+        try:
+            update = self.trainer(snapshot, X, y, device_id=self.config.device_id,
+                                  config=self.config.training, rng=self.rng,
+                                  should_stop=self._stop_training, now=self.clock())
+        except FedAsyncError as exc:
+            log.error("training failed: %s", exc)
+            return None
+        if update is None:
+            self.counters.aborted += 1
+            log.info("training stopped early: %s", self.decision.reason if self.decision else "")
+            return None
+        self.counters.trained += 1
+        payload = encode_update(update, topk_fraction=self.config.training.topk_fraction)
+        self.spool.put(update.update_id, payload)  # durable before it is sent
+        self._progress.update(samples_at_last_train=n, last_base_version=snapshot.version)
+        _atomic_write(self.state_dir / "progress.json", json.dumps(self._progress).encode())
+        if self.link.connected:
+            self.link.publish(self.topics.update(self.config.device_id), payload, qos=1)
+            self.counters.sent += 1
+        self.publish_status()
+        return update
+
+    def _stop_training(self) -> bool:
+        return not self._check().eligible
+
+    # -- status ------------------------------------------------------------------------------
+    def status(self, state: str = "online") -> dict[str, Any]:
+        d = self.decision
+        return {
+            "state": state,
+            "device_id": self.config.device_id,
+            "time": self.clock(),
+            "eligible": None if d is None else d.eligible,
+            "reason": None if d is None else d.reason,
+            "checks": None if d is None else d.to_dict()["checks"],
+            "model_version": None if self.snapshot is None else self.snapshot.version,
+            "spool_depth": len(self.spool),
+            "spool_dropped": self.spool.dropped,
+            "trained": self.counters.trained,
+            "accepted": self.counters.accepted,
+            "rejected": self.counters.rejected,
+            "aborted": self.counters.aborted,
+            "last_rejection": self.last_rejection,
+        }
+
+    def publish_status(self) -> None:
+        if self.link.connected:
+            self.link.publish(self.topics.status(self.config.device_id),
+                              json.dumps(self.status()).encode(), qos=1, retain=True)
+
+    # -- persistence -------------------------------------------------------------------------
+    def _load_progress(self) -> dict[str, int]:
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads((self.state_dir / "progress.json").read_text())
+            if isinstance(data, dict):
+                return {k: int(v) for k, v in data.items()}
+        return {}
+
+    def _load_saved_snapshot(self) -> None:
+        path = self.state_dir / "model.snapshot"
+        if path.exists():
+            try:
+                self.snapshot = decode_snapshot(path.read_bytes())
+                log.info("loaded saved model version %d", self.snapshot.version)
+            except (OSError, WireError) as exc:
+                log.warning("ignored the saved model: %s", exc)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)

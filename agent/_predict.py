@@ -1,0 +1,54 @@
+"""On-device inference with the newest model the agent has received (ONNX in onnxruntime).
+
+For the device's own application::
+
+    from agent import Predictor
+    predictor = Predictor("/var/lib/fedasync-agent")
+    labels = predictor.predict(features)      # reloads by itself when a newer model arrives
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from models import ModelError
+from models._wire import decode_snapshot
+
+SNAPSHOT_FILE = "model.snapshot"
+
+
+class Predictor:
+    def __init__(self, state_dir: str | Path) -> None:
+        self.path = Path(state_dir) / SNAPSHOT_FILE
+        self._lock = threading.Lock()
+        self._mtime: int | None = None
+        self._model: Any = None
+        self.version: int | None = None
+
+    def _current(self) -> Any:
+        from models._inference import OnnxModel  # onnxruntime loads on first prediction
+
+        try:
+            mtime = self.path.stat().st_mtime_ns
+        except OSError as exc:
+            raise ModelError(f"no model yet: {self.path} is missing (has the agent received "
+                             "a snapshot?)") from exc
+        with self._lock:
+            if mtime != self._mtime:
+                snapshot = decode_snapshot(self.path.read_bytes())
+                if not snapshot.onnx:
+                    raise ModelError(f"model version {snapshot.version} carries no ONNX")
+                self._model = OnnxModel.from_bytes(snapshot.onnx)
+                self._mtime, self.version = mtime, snapshot.version
+            return self._model
+
+    def predict(self, X: ArrayLike) -> np.ndarray[Any, Any]:
+        return np.asarray(self._current().predict(np.asarray(X, dtype=np.float32)))
+
+    def predict_proba(self, X: ArrayLike) -> np.ndarray[Any, Any]:
+        return np.asarray(self._current().predict_proba(np.asarray(X, dtype=np.float32)))

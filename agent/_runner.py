@@ -1,0 +1,126 @@
+"""Run one agent on a real device: a paho client, a poll loop, a clean shutdown."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from agent._agent import Agent
+from agent._config import AgentConfig
+from agent._data import open_source
+from agent._readings import PsutilReader, ReadingsSource
+from models import Topics
+from models._mqtt import BrokerAddress, make_client
+
+log = logging.getLogger("fedasync.agent")
+
+
+class PahoLink:
+    """One persistent MQTT session for one device, with its last will on the status topic."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.topics = Topics(config.fleet, config.topic_root)
+        self.device_id = config.device_id
+        self.address = BrokerAddress.parse(config.broker, ca_file=config.ca_file,
+                                           cert_file=config.cert_file, key_file=config.key_file)
+        self.client = make_client(self.address, client_id=f"fedasync-agent-{config.device_id}",
+                                  persistent=True)
+        # Jitter spreads a whole fleet's reconnects after a broker restart.
+        self.client.reconnect_delay_set(min_delay=random.randint(1, 3), max_delay=60)
+        self.client.will_set(self.topics.status(config.device_id),
+                             b'{"state": "offline", "device_id": "%s"}' % config.device_id.encode(),
+                             qos=1, retain=True)
+        self._connected = threading.Event()
+        self.agent: Agent | None = None
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=qos, retain=retain)
+
+    def start(self) -> None:
+        self.client.connect_async(self.address.host, self.address.port, keepalive=60)
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        if self.connected and self.agent is not None:
+            import json
+
+            info = self.client.publish(
+                self.topics.status(self.device_id),
+                json.dumps(self.agent.status("offline")).encode(), qos=1, retain=True)
+            info.wait_for_publish(timeout=2)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
+                    properties: Any) -> None:
+        if reason.is_failure:
+            log.error("broker refused the connection: %s", reason)
+            return
+        client.subscribe([(self.topics.model, 1), (self.topics.ack(self.device_id), 1)])
+        self._connected.set()
+        log.info("connected to %s", self.address.redacted())
+        if self.agent is not None:
+            self.agent.on_connected()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
+                       properties: Any) -> None:
+        if self._connected.is_set():
+            log.warning("disconnected (%s); updates stay in the spool until acked", reason)
+        self._connected.clear()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if self.agent is None:
+            return
+        if msg.topic == self.topics.model:
+            self.agent.on_model(bytes(msg.payload))
+        else:
+            self.agent.on_ack(bytes(msg.payload))
+
+
+class AgentRunner:
+    def __init__(self, config: AgentConfig, *, reader: ReadingsSource | None = None) -> None:
+        self.config = config
+        self.link = PahoLink(config)
+        self.agent = Agent(config, link=self.link, reader=reader or PsutilReader(),
+                           data=open_source(config.data, label=config.label_column),
+                           trainer=_trainer_for(config))
+        self.link.agent = self.agent
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        """Until `stop()`: poll the device every `check_interval_s` and train when allowed."""
+        self.link.start()
+        log.info("agent %s for fleet %r started", self.config.device_id, self.config.fleet)
+        try:
+            while not self._stop.is_set():
+                self.agent.poll()
+                self._stop.wait(self.config.check_interval_s)
+        finally:
+            self.link.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _trainer_for(config: AgentConfig) -> Any:
+    if config.train_in_subprocess:
+        from agent._child import train_in_child
+
+        return train_in_child
+    from agent._trainer import train_update
+
+    return train_update

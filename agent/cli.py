@@ -1,0 +1,156 @@
+"""``fedasync-agent``: run the edge agent, check the device, predict, show local status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from agent._config import AgentConfig, load_config
+from models import FedAsyncError
+from models._logging import setup_logging
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    setup_logging(args.log_level, args.log_format)
+    try:
+        return int(args.func(args))
+    except FedAsyncError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fedasync-agent",
+        description="Edge agent for asynchronous federated learning: trains on local data when "
+                    "the device allows it and sends model updates over MQTT.",
+        epilog="Settings come from --config (TOML), then FEDASYNC_* environment variables "
+               "(FEDASYNC_DEVICE_ID, FEDASYNC_POLICY__MIN_BATTERY_PERCENT, ...), then flags.")
+    p.add_argument("--config", type=Path, help="TOML config file")
+    p.add_argument("--device-id")
+    p.add_argument("--state-dir", help="spool, received model and progress")
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-format", choices=["text", "json"], default="text")
+    sub = p.add_subparsers(dest="command")
+
+    run = sub.add_parser("run", help="run the agent until stopped")
+    run.add_argument("--broker", help="mqtt://[user:pass@]host[:port] or mqtts://...")
+    run.add_argument("--ca-file", help="CA certificate for mqtts://")
+    run.add_argument("--fleet", help="fleet name (topic prefix fl/<fleet>)")
+    run.add_argument("--data", help="directory/file of CSV or NPZ, or module:function")
+    run.set_defaults(func=_run)
+
+    check = sub.add_parser("check", help="would this device train now? every check explained")
+    check.add_argument("--json", action="store_true")
+    check.set_defaults(func=_check)
+
+    predict = sub.add_parser("predict", help="run the newest received model on a file")
+    predict.add_argument("--input", type=Path, required=True, help="CSV or NPZ of features")
+    predict.add_argument("--proba", action="store_true", help="print class probabilities")
+    predict.set_defaults(func=_predict)
+
+    status = sub.add_parser("status", help="local state: model version, spool, progress")
+    status.set_defaults(func=_status)
+    return p
+
+
+def _config(args: argparse.Namespace, *, need_id: bool = True) -> AgentConfig:
+    overrides: dict[str, Any] = {}
+    for flag in ("device_id", "state_dir", "broker", "ca_file", "fleet", "data"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[flag] = value
+    if not need_id:
+        overrides.setdefault("device_id", "local")
+    return load_config(args.config, overrides=overrides)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from agent._runner import AgentRunner
+
+    runner = AgentRunner(_config(args))
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: runner.stop())
+    runner.run()
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from agent._policy import evaluate, format_decision
+    from agent._readings import PsutilReader
+
+    config = _config(args, need_id=False)
+    reader = PsutilReader()
+    threading.Event().wait(0.5)  # CPU load is a rate: measure it over half a second
+    decision = evaluate(reader.read(), config.policy)
+    if args.json:
+        print(json.dumps(decision.to_dict(), indent=1))
+    else:
+        print(format_decision(decision))
+    return 0 if decision.eligible else 1
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from agent._predict import Predictor
+    from models._files import load_xy
+
+    config = _config(args, need_id=False)
+    X = _features(args.input, load_xy, config.label_column)
+    predictor = Predictor(config.state_dir)
+    out = predictor.predict_proba(X) if args.proba else predictor.predict(X)
+    for row in out:
+        print(",".join(f"{v:.6g}" for v in row) if out.ndim == 2 else f"{row}")
+    print(f"# model version {predictor.version}, {len(X)} rows", file=sys.stderr)
+    return 0
+
+
+def _features(path: Path, load_xy: Any, label: str) -> Any:
+    """Features from a file with or without a label column."""
+    import numpy as np
+
+    if path.suffix.lower() == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            return np.asarray(data["X"], dtype=np.float32)
+    try:
+        return load_xy(path, label=label)[0]
+    except FedAsyncError:
+        return np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float32, ndmin=2)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from agent._spool import Spool
+    from models._wire import decode_snapshot
+
+    config = _config(args, need_id=False)
+    state = Path(config.state_dir)
+    out: dict[str, Any] = {"state_dir": str(state)}
+    try:
+        snap = decode_snapshot((state / "model.snapshot").read_bytes())
+        out["model_version"] = snap.version
+        out["model_metrics"] = dict(snap.metrics)
+    except (OSError, FedAsyncError):
+        out["model_version"] = None
+    spool = Spool(state / "spool")
+    out["spool_depth"] = len(spool)
+    out["spool_bytes"] = spool.total_bytes()
+    try:
+        out["progress"] = json.loads((state / "progress.json").read_text())
+    except (OSError, ValueError):
+        out["progress"] = {}
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

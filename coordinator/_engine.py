@@ -1,0 +1,291 @@
+"""The single writer: decode, validate, de-duplicate, merge and version updates, one batch at a
+time, and make each batch durable with one commit (group commit).
+
+No network here. The service feeds `Incoming` messages and sends the returned acks; the engine
+decides. Ingest (decode + validate) is kept separable from merging so that several ingest workers
+can later feed one merger (DESIGN.md "Growing past one machine").
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from coordinator._guards import GuardConfig, check_update
+from coordinator._rules import Contribution, Merge, MergeRule
+from coordinator._store import (
+    Commit,
+    Params,
+    Relabel,
+    Store,
+    UpdateRecord,
+    VersionRecord,
+    checksum,
+)
+from models import (
+    InvalidUpdate,
+    ModelError,
+    ModelSpec,
+    StateError,
+    UnsupportedSchema,
+    WireError,
+)
+from models._wire import Ack, AckStatus, UpdateMessage, decode_update
+
+log = logging.getLogger("fedasync.coordinator")
+
+Evaluator = Callable[[Params], dict[str, float]]
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """One update as it came off the broker. `device_id` is the one in the topic (authenticated
+    by the broker's ACL); `token` lets the service PUBACK the right message afterwards."""
+
+    device_id: str | None
+    payload: bytes
+    received_at: float
+    token: object = None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one incoming message, and the end-to-end ack to send (if it has a device)."""
+
+    device_id: str | None
+    ack: Ack
+    token: object
+    staleness: int | None = None
+
+
+@dataclass(slots=True)
+class _Batch:
+    records: dict[str, UpdateRecord] = field(default_factory=dict)
+    versions: list[VersionRecord] = field(default_factory=list)
+    relabel: list[Relabel] = field(default_factory=list)
+    pending_changed: bool = False
+
+
+class Engine:
+    """Holds the current model and version; everything it changes goes through `Store.commit`."""
+
+    def __init__(
+        self,
+        store: Store,
+        rule: MergeRule,
+        guards: GuardConfig,
+        *,
+        spec: ModelSpec,
+        initial_params: Callable[[], Params],
+        evaluator: Evaluator | None = None,
+        eval_every: int = 1,
+        max_message_bytes: int = 16 * 1024 * 1024,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.rule = rule
+        self.guards = guards
+        self.evaluator = evaluator
+        self.eval_every = max(1, eval_every)
+        self.max_message_bytes = max_message_bytes
+        self.clock = clock
+        stored_spec = store.spec()
+        if stored_spec is None:
+            params = np.asarray(initial_params(), dtype=np.float32)
+            store.initialise(spec, params, now=clock())
+            log.info("initialised state at version 0 (%d parameters)", params.size)
+        elif stored_spec != spec:
+            raise StateError(
+                f"the state directory holds a model of another spec ({stored_spec}); "
+                "use a new --state-dir or the same model settings")
+        version = store.current_version()
+        assert version is not None  # initialised above
+        self.spec = spec
+        self.version = version
+        self.params = store.load_checkpoint(version)
+        self.n_params = int(self.params.size)
+        pending = store.pending()
+        rule.restore(pending, now=clock())
+        self.tick()  # a buffer saved under a smaller K (or another rule) may be due already
+        if version and not self._metrics_of(version) and evaluator is not None:
+            store.set_metrics(version, evaluator(self.params))
+        log.info("resumed at version %d with %d buffered update(s)", version, len(pending))
+
+    def _metrics_of(self, version: int) -> dict[str, float]:
+        record = self.store.version(version)
+        return {} if record is None else record.metrics
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self._metrics_of(self.version)
+
+    # -- the batch path ----------------------------------------------------------------------
+    def process(self, batch: Sequence[Incoming]) -> list[Outcome]:
+        """Handle a batch and commit it once. On return, every outcome's effect is durable."""
+        start_version, start_params = self.version, self.params
+        state = _Batch()
+        outcomes = [self._one(item, state) for item in batch]
+        self._poll(state)
+        try:
+            self._commit(state, start_version)
+        except StateError:
+            # Nothing of this batch is durable: forget it all, so memory matches disk. The
+            # messages are not PUBACKed and the broker will redeliver them.
+            self.version, self.params = start_version, start_params
+            self.rule.restore(self.store.pending(), now=self.clock())
+            raise
+        return outcomes
+
+    def tick(self) -> bool:
+        """Time-driven work (a synchronous round's deadline); True if a new version was made."""
+        state = _Batch()
+        start_version = self.version
+        self._poll(state)
+        if state.versions:
+            self._commit(state, start_version)
+        return bool(state.versions)
+
+    def _poll(self, state: _Batch) -> None:
+        merge = self.rule.poll(self.params, now=self.clock())
+        if merge is not None:
+            self._apply(merge, state, source="merge")
+
+    def _one(self, item: Incoming, state: _Batch) -> Outcome:
+        try:
+            if item.device_id is None:
+                raise InvalidUpdate("bad_topic", "update topic does not name a device")
+            if len(item.payload) > self.max_message_bytes:
+                raise InvalidUpdate("oversized", f"{len(item.payload)} bytes > "
+                                                 f"{self.max_message_bytes}")
+            # No max_params: a wrong length is the guards' "shape" rejection, more useful to
+            # the sender than "malformed"; the byte limit already bounds the work.
+            msg = decode_update(item.payload, max_message_bytes=self.max_message_bytes)
+        except InvalidUpdate as exc:
+            return self._reject_undecoded(item, exc.reason, str(exc))
+        except UnsupportedSchema as exc:
+            return self._reject_undecoded(item, "unsupported_schema", str(exc))
+        except WireError as exc:
+            return self._reject_undecoded(item, "malformed", str(exc))
+
+        known = state.records.get(msg.update_id) or self.store.known_update(msg.update_id)
+        if known is not None and known.device_id == msg.device_id == item.device_id:
+            log.info("duplicate update %s from %s (%s), acked again", msg.update_id,
+                     msg.device_id, known.outcome)
+            return Outcome(item.device_id, Ack(update_id=msg.update_id, status="duplicate",
+                                               reason=None, version=known.version,
+                                               detail=f"already {known.outcome}"), item.token)
+        staleness = self.version - msg.base_version
+        try:
+            if msg.device_id != item.device_id:
+                raise InvalidUpdate("device_mismatch", f"payload names device {msg.device_id!r} "
+                                                       f"but arrived on {item.device_id!r}'s topic")
+            if known is not None:
+                raise InvalidUpdate("update_id_conflict",
+                                    f"update id {msg.update_id} belongs to another device")
+            reason = self.rule.accepts(msg.base_version, self.version)
+            if reason is not None:
+                raise InvalidUpdate(reason, f"base version {msg.base_version} is not the current "
+                                            f"round's version {self.version}")
+            delta, clipped = check_update(msg.delta, n_params=self.n_params,
+                                          staleness=staleness, config=self.guards)
+
+            contribution = Contribution(update_id=msg.update_id, device_id=msg.device_id,
+                                        base_version=msg.base_version, staleness=staleness,
+                                        n_samples=msg.n_samples, delta=delta)
+            merge = self.rule.offer(self.params, contribution, now=self.clock())
+        except InvalidUpdate as exc:
+            return self._reject(item, msg, staleness, exc, state)
+        except ModelError as exc:  # the merge itself would be non-finite; the rule kept nothing
+            return self._reject(item, msg, staleness, InvalidUpdate("merge_failed", str(exc)),
+                                state)
+        state.records[msg.update_id] = UpdateRecord(
+            update_id=msg.update_id, device_id=msg.device_id, base_version=msg.base_version,
+            staleness=staleness, n_samples=msg.n_samples, received_at=item.received_at,
+            outcome="buffered", clipped=clipped)
+        state.pending_changed = True
+        if merge is not None:
+            self._apply(merge, state, source="merge")
+        record = state.records[msg.update_id]
+        status: AckStatus = "accepted" if record.outcome == "accepted" else "buffered"
+        detail = "clipped to the norm bound" if clipped else ""
+        return Outcome(item.device_id, Ack(update_id=msg.update_id, status=status, reason=None,
+                                           version=record.version, detail=detail),
+                       item.token, staleness)
+
+    def _apply(self, merge: Merge, state: _Batch, *, source: str) -> None:
+        self.version += 1
+        self.params = np.asarray(merge.params, dtype=np.float32)
+        state.pending_changed = True
+        state.versions.append(VersionRecord(
+            version=self.version, created_at=self.clock(), n_updates=len(merge.included),
+            checksum=checksum(self.params), source=source, metrics={}))
+        for c, w in zip(merge.included, merge.weights, strict=True):
+            record = state.records.get(c.update_id)
+            if record is not None:
+                state.records[c.update_id] = replace(record, outcome="accepted",
+                                                     version=self.version, weight=float(w))
+            else:  # buffered in an earlier batch: relabel its committed row
+                state.relabel.append(Relabel(c.update_id, "accepted", None, self.version,
+                                             float(w)))
+
+    def _reject_undecoded(self, item: Incoming, reason: str, detail: str) -> Outcome:
+        log.warning("rejected message from %s: %s (%s)", item.device_id, reason, detail)
+        return Outcome(item.device_id, Ack(update_id=None, status="rejected", reason=reason,
+                                           version=self.version, detail=detail[:500]),
+                       item.token)
+
+    def _reject(self, item: Incoming, msg: UpdateMessage, staleness: int, exc: InvalidUpdate,
+                state: _Batch) -> Outcome:
+        log.warning("rejected update %s from %s: %s (%s)", msg.update_id, item.device_id,
+                    exc.reason, exc)
+        if exc.reason not in ("device_mismatch", "update_id_conflict"):
+            # Lineage keeps rejections too; not for ids we must not attribute to this device.
+            state.records[msg.update_id] = UpdateRecord(
+                update_id=msg.update_id, device_id=msg.device_id, base_version=msg.base_version,
+                staleness=staleness, n_samples=msg.n_samples, received_at=item.received_at,
+                outcome="rejected", reason=exc.reason)
+        return Outcome(item.device_id, Ack(update_id=msg.update_id, status="rejected",
+                                           reason=exc.reason, version=self.version,
+                                           detail=str(exc)[:500]), item.token, staleness)
+
+    def _commit(self, state: _Batch, start_version: int) -> None:
+        if self.version != start_version and self.evaluator is not None and (
+            self.version // self.eval_every != start_version // self.eval_every
+        ):
+            last = state.versions[-1]
+            state.versions[-1] = replace(last, metrics=self.evaluator(self.params))
+        if not (state.records or state.versions or state.relabel):
+            return
+        self.store.commit(Commit(
+            updates=list(state.records.values()),
+            versions=state.versions,
+            model=(self.version, self.params) if self.version != start_version else None,
+            pending=self.rule.pending() if state.pending_changed else None,
+            relabel=state.relabel,
+        ))
+
+    # -- operations --------------------------------------------------------------------------
+    def rollback(self, to_version: int) -> int:
+        """Publish the model of `to_version` again, as a new version. Buffered updates were
+        trained against the models being rolled back, so they are dropped (still in lineage)."""
+        params = self.store.load_checkpoint(to_version)
+        dropped = self.rule.pending()
+        self.rule.restore((), now=self.clock())
+        state = _Batch(pending_changed=True, relabel=[
+            Relabel(c.update_id, "rejected", "rolled_back", None, None) for c in dropped])
+        start_version = self.version
+        self.version += 1
+        self.params = params
+        state.versions.append(VersionRecord(
+            version=self.version, created_at=self.clock(), n_updates=0,
+            checksum=checksum(params), source=f"rollback:{to_version}", metrics={}))
+        self._commit(state, start_version)
+        if dropped:
+            log.warning("rollback dropped %d buffered update(s)", len(dropped))
+        log.info("rolled back to the model of version %d as version %d", to_version, self.version)
+        return self.version
+

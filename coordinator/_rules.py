@@ -1,0 +1,391 @@
+"""Merge rules: how guarded deltas become new global models. Pure: no I/O, the time is passed in.
+
+Every rule is a small object whose only state is what it has buffered (`pending()`), so the
+service can persist that buffer with each commit and hand it back through `restore()`.
+
+A merge moves the model by ``params = model + scale * sum(weights[i] * delta[i])`` (float64
+inside, float32 out); `Merge` records `scale` and `weights` so lineage can say who moved it how far.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Protocol, get_args
+
+import numpy as np
+from numpy.typing import NDArray
+
+from coordinator._guards import Params
+from coordinator._staleness import Staleness
+from models import ConfigError, InvalidUpdate, ModelError, StateError
+
+RuleName = Literal["fedasync", "fedbuff", "fedavg-sync"]
+RULE_NAMES: tuple[str, ...] = get_args(RuleName)
+
+# float64 holds every integer up to 2**53 exactly; more samples than that is a hostile claim.
+_MAX_SAMPLES = 2**53
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Contribution:
+    """A guarded update handed to a rule. `staleness` is current_version - base_version as
+    measured at arrival. The rule keeps a reference to `delta`: do not change it afterwards."""
+
+    update_id: str
+    device_id: str
+    base_version: int
+    staleness: int
+    n_samples: int
+    delta: Params
+
+    def __post_init__(self) -> None:
+        if self.staleness < 0:
+            raise InvalidUpdate("future_version", f"negative staleness {self.staleness}")
+        if isinstance(self.n_samples, bool) or not 0 < self.n_samples <= _MAX_SAMPLES:
+            raise InvalidUpdate("n_samples", f"n_samples must be in 1..2**53, got "
+                                             f"{self.n_samples!r}")
+        if self.delta.ndim != 1:
+            raise InvalidUpdate("shape", f"delta must be 1-D, got shape {self.delta.shape}")
+
+
+class PendingLike(Protocol):
+    """What `restore` reads: a `Contribution` or any record with its fields (the store's)."""
+
+    @property
+    def update_id(self) -> str: ...
+    @property
+    def device_id(self) -> str: ...
+    @property
+    def base_version(self) -> int: ...
+    @property
+    def staleness(self) -> int: ...
+    @property
+    def n_samples(self) -> int: ...
+    @property
+    def delta(self) -> Params: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Merge:
+    """A new global model: ``params = model + scale * sum(weights[i] * included[i].delta)``.
+
+    `weights` are each contribution's share: normalised to sum 1 for FedBuff and FedAvg (whose
+    `scale` is the server rate), the mixing weight a_t itself for FedAsync (scale 1).
+    """
+
+    params: Params
+    included: tuple[Contribution, ...]
+    weights: tuple[float, ...]
+    scale: float = 1.0
+
+
+class MergeRule(Protocol):
+    """What the service drives. `offer` raises `InvalidUpdate` (rejected: buffer unchanged) or
+    `ModelError` (a merge would be non-finite: buffer unchanged); `restore` raises `StateError`."""
+
+    @property
+    def name(self) -> str: ...
+
+    def accepts(self, base_version: int, current_version: int) -> str | None:
+        """A rule-specific rejection reason, or None. Ask before `offer`, which raises it."""
+        ...
+
+    def offer(self, model: Params, c: Contribution, *, now: float) -> Merge | None:
+        """Take `c`; a `Merge` when it completes one, None when it is only buffered."""
+        ...
+
+    def poll(self, model: Params, *, now: float) -> Merge | None:
+        """Close what time (or a restore with smaller settings) has completed."""
+        ...
+
+    def next_deadline(self) -> float | None:
+        """The earliest `now` at which `poll` may merge without a new offer, if any."""
+        ...
+
+    def pending(self) -> tuple[Contribution, ...]: ...
+
+    def restore(self, pending: Sequence[PendingLike], *, now: float) -> None:
+        """Replace the buffer after a restart (arrival order); then call `poll`, since a buffer
+        restored under smaller settings or from another rule may be complete already."""
+        ...
+
+
+class _Buffered:
+    """The buffer every rule keeps, with the checks it shares."""
+
+    name: ClassVar[str]
+
+    def __init__(self) -> None:
+        self._buffer: list[Contribution] = []
+
+    def accepts(self, base_version: int, current_version: int) -> str | None:
+        return None
+
+    def pending(self) -> tuple[Contribution, ...]:
+        return tuple(self._buffer)
+
+    def next_deadline(self) -> float | None:
+        return None
+
+    def _admit(self, model: Params, c: Contribution) -> None:
+        if (reason := self._refusal(c)) is not None:
+            raise InvalidUpdate(reason, f"{self.name} refuses update {c.update_id}: {reason}")
+        if c.delta.shape != model.shape:
+            raise InvalidUpdate("shape", f"delta has shape {c.delta.shape}, model {model.shape}")
+
+    def _refusal(self, c: Contribution) -> str | None:
+        # The service de-duplicates by update_id first; a duplicate here is a bug upstream.
+        if any(p.update_id == c.update_id for p in self._buffer):
+            return "duplicate"
+        return self.accepts(c.base_version, c.base_version + c.staleness)
+
+    def restore(self, pending: Sequence[PendingLike], *, now: float) -> None:
+        # Checked as if offered one by one; all or nothing.
+        kept, self._buffer = self._buffer, []
+        try:
+            for p in pending:
+                c = p if isinstance(p, Contribution) else Contribution(
+                    update_id=p.update_id, device_id=p.device_id, base_version=p.base_version,
+                    staleness=p.staleness, n_samples=p.n_samples, delta=p.delta)
+                reason = self._refusal(c)
+                if reason is not None:
+                    raise StateError(f"{self.name} cannot restore pending update "
+                                     f"{c.update_id}: {reason}")
+                if self._buffer and c.delta.shape != self._buffer[0].delta.shape:
+                    raise StateError(f"pending update {c.update_id} differs in shape")
+                self._buffer.append(c)
+        except InvalidUpdate as e:
+            self._buffer = kept
+            raise StateError(f"{self.name} cannot restore a pending update: {e}") from e
+        except BaseException:
+            self._buffer = kept
+            raise
+
+
+class FedAsync(_Buffered):
+    """Every update becomes a model at once: ``x <- x + a_t * delta``, a_t = alpha * s(t).
+
+    Xie et al. mix models, ``x <- (1 - a_t) x + a_t x_local``. Agents send delta = x_local -
+    x_base, so we add a_t * delta instead: identical when the update is fresh (x_base = x), and
+    for a stale one it keeps the progress made since x_base instead of pulling the model back
+    towards that old base, with no old models kept in memory.
+
+    It buffers nothing itself; updates restored from another rule's buffer go out together at
+    the next poll or offer, each with its own a_t.
+    """
+
+    name = "fedasync"
+
+    def __init__(self, *, alpha: float, staleness: Staleness) -> None:
+        super().__init__()
+        self.alpha = _positive("alpha", alpha, at_most_one=True)
+        self.staleness = staleness
+
+    def offer(self, model: Params, c: Contribution, *, now: float) -> Merge:
+        self._admit(model, c)
+        return self._merge(model, [*self._buffer, c])
+
+    def poll(self, model: Params, *, now: float) -> Merge | None:
+        return self._merge(model, self._buffer) if self._buffer else None
+
+    def _merge(self, model: Params, cs: Sequence[Contribution]) -> Merge:
+        weights = [self.alpha * self.staleness(c.staleness) for c in cs]
+        merge = _merge(model, cs, weights, scale=1.0)
+        self._buffer = []
+        return merge
+
+
+class FedBuff(_Buffered):
+    """Buffer `buffer_size` updates, then ``x <- x + eta_g * sum(w_i delta_i) / sum(w_i)`` with
+    w_i = n_i * s(t_i) (n_i = 1 when not `weight_by_samples`). (Nguyen et al. 2022)
+
+    t_i is the staleness measured at arrival. That is exact: the version only moves when the
+    buffer is emptied, so a buffered update cannot grow staler before it is merged.
+    """
+
+    name = "fedbuff"
+
+    def __init__(self, *, buffer_size: int, server_lr: float, staleness: Staleness,
+                 weight_by_samples: bool = True) -> None:
+        super().__init__()
+        self.buffer_size = _count("buffer_size", buffer_size)
+        self.server_lr = _positive("server_lr", server_lr)
+        self.staleness = staleness
+        self.weight_by_samples = _flag("weight_by_samples", weight_by_samples)
+
+    def offer(self, model: Params, c: Contribution, *, now: float) -> Merge | None:
+        self._admit(model, c)
+        self._buffer.append(c)
+        try:
+            return self.poll(model, now=now)
+        except BaseException:
+            self._buffer.pop()
+            raise
+
+    def poll(self, model: Params, *, now: float) -> Merge | None:
+        # More than buffer_size only after a restore with a smaller buffer_size: merge them all.
+        if len(self._buffer) < self.buffer_size:
+            return None
+        cs = self._buffer
+        # Weights in log space: s(t) may underflow to 0 for every update of a very stale buffer.
+        logs = np.array([(math.log(c.n_samples) if self.weight_by_samples else 0.0)
+                         + self.staleness.log(c.staleness) for c in cs])
+        w = np.exp(logs - logs.max())
+        merge = _merge(model, cs, list(w / w.sum()), scale=self.server_lr)
+        self._buffer = []
+        return merge
+
+
+class FedAvgSync(_Buffered):
+    """Synchronous FedAvg, the baseline: ``x <- x + server_lr * sum(n_i delta_i) / sum(n_i)``;
+    with server_lr = 1 that is the sample-weighted mean of the client models x + delta_i.
+
+    A round trains on the current model only (others: "wrong_round"); a device reporting twice in
+    a round counts twice, each update with its own samples. The round's clock starts when its
+    model is published: at `start_round(now)`, `restore(now=...)` and every merge; if none of
+    those started it, the first offer or poll does. The round closes at `cohort_size` updates,
+    or at round start + `deadline_s` if it holds at least `min_updates`; with fewer, the clock
+    restarts at that moment (the offer or poll that saw it), keeping what arrived.
+    """
+
+    name = "fedavg-sync"
+
+    def __init__(self, *, cohort_size: int, deadline_s: float, min_updates: int = 1,
+                 server_lr: float = 1.0) -> None:
+        super().__init__()
+        self.cohort_size = _count("cohort_size", cohort_size)
+        self.deadline_s = _positive("deadline_s", deadline_s)
+        self.min_updates = _count("min_updates", min_updates)
+        if min_updates > cohort_size:
+            raise ConfigError(f"min_updates ({min_updates}) exceeds cohort_size ({cohort_size})",
+                              key="min_updates")
+        self.server_lr = _positive("server_lr", server_lr)
+        self.round_start: float | None = None
+
+    def accepts(self, base_version: int, current_version: int) -> str | None:
+        # A base newer than the model is left to the guards' sharper "future_version".
+        return "wrong_round" if base_version < current_version else None
+
+    def start_round(self, now: float) -> None:
+        self.round_start = now
+
+    def next_deadline(self) -> float | None:
+        return None if self.round_start is None else self.round_start + self.deadline_s
+
+    def offer(self, model: Params, c: Contribution, *, now: float) -> Merge | None:
+        self._admit(model, c)
+        self._buffer.append(c)
+        try:
+            return self.poll(model, now=now)
+        except BaseException:
+            self._buffer.pop()
+            raise
+
+    def poll(self, model: Params, *, now: float) -> Merge | None:
+        if self.round_start is None:
+            self.round_start = now
+        deadline = now >= self.round_start + self.deadline_s
+        if len(self._buffer) >= self.cohort_size or (
+                deadline and len(self._buffer) >= self.min_updates):
+            weights = np.array([c.n_samples for c in self._buffer], dtype=np.float64)
+            merge = _merge(model, self._buffer, list(weights / weights.sum()),
+                           scale=self.server_lr)
+            self._buffer = []
+            self.round_start = now
+            return merge
+        if deadline:
+            self.round_start = now
+        return None
+
+    def restore(self, pending: Sequence[PendingLike], *, now: float) -> None:
+        super().restore(pending, now=now)
+        self.round_start = now
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RuleConfig:
+    """Which rule merges and its settings; a setting another rule uses is ignored.
+
+    Maps one to one onto the service's ``[rule]`` table; `staleness` may be given as its text,
+    ``"hinge:10,4"``, or as a table ``{kind = "hinge", a = 10, b = 4}``.
+    """
+
+    name: RuleName = "fedasync"
+    staleness: Staleness = field(default_factory=lambda: Staleness(kind="polynomial", a=0.5))
+    alpha: float = 0.5  # fedasync
+    buffer_size: int = 10  # fedbuff
+    weight_by_samples: bool = True  # fedbuff
+    server_lr: float = 1.0  # fedbuff, fedavg-sync
+    cohort_size: int = 10  # fedavg-sync
+    deadline_s: float = 60.0  # fedavg-sync
+    min_updates: int = 1  # fedavg-sync
+
+    def __post_init__(self) -> None:
+        if self.name not in RULE_NAMES:
+            raise ConfigError(f"unknown rule {self.name!r}; expected one of {RULE_NAMES}",
+                              key="name")
+        if isinstance(self.staleness, str):
+            object.__setattr__(self, "staleness", Staleness.parse(self.staleness))
+        if not isinstance(self.staleness, Staleness):
+            raise ConfigError(f"staleness must be a Staleness, got {self.staleness!r}",
+                              key="staleness")
+        _positive("alpha", self.alpha, at_most_one=True)
+        _count("buffer_size", self.buffer_size)
+        _flag("weight_by_samples", self.weight_by_samples)
+        _positive("server_lr", self.server_lr)
+        _count("cohort_size", self.cohort_size)
+        _positive("deadline_s", self.deadline_s)
+        _count("min_updates", self.min_updates)
+        if self.min_updates > self.cohort_size:
+            raise ConfigError(f"min_updates ({self.min_updates}) exceeds cohort_size "
+                              f"({self.cohort_size})", key="min_updates")
+
+
+def build_rule(config: RuleConfig) -> MergeRule:
+    """A fresh rule (empty buffer) for `config`."""
+    if config.name == "fedasync":
+        return FedAsync(alpha=config.alpha, staleness=config.staleness)
+    if config.name == "fedbuff":
+        return FedBuff(buffer_size=config.buffer_size, server_lr=config.server_lr,
+                       staleness=config.staleness, weight_by_samples=config.weight_by_samples)
+    return FedAvgSync(cohort_size=config.cohort_size, deadline_s=config.deadline_s,
+                      min_updates=config.min_updates, server_lr=config.server_lr)
+
+
+def _merge(model: Params, cs: Sequence[Contribution], weights: Sequence[float], *,
+           scale: float) -> Merge:
+    if model.ndim != 1:
+        raise ModelError(f"model must be a flat vector, got shape {model.shape}")
+    x: NDArray[np.float64] = model.astype(np.float64)
+    for c, w in zip(cs, weights, strict=True):
+        # Widen before scaling: numpy keeps float32 for float32 array * Python float.
+        x += (scale * w) * c.delta.astype(np.float64)
+    with np.errstate(over="ignore"):
+        params = x.astype(np.float32)
+    if not np.isfinite(params).all():
+        raise ModelError("merge produced non-finite parameters; the model is left unchanged")
+    return Merge(params=params, included=tuple(cs), weights=tuple(float(w) for w in weights),
+                 scale=float(scale))
+
+
+def _positive(key: str, value: float, *, at_most_one: bool = False) -> float:
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and 0 < value <= (1 if at_most_one else math.inf))
+    if not ok:
+        allowed = "in (0, 1]" if at_most_one else "finite and > 0"
+        raise ConfigError(f"{key} must be {allowed}, got {value!r}", key=key)
+    return float(value)
+
+
+def _count(key: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key} must be an integer >= 1, got {value!r}", key=key)
+    return value
+
+
+def _flag(key: str, value: bool) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}", key=key)
+    return value

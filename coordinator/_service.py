@@ -1,0 +1,278 @@
+"""The long-running coordinator: MQTT at the edges, the engine in the middle.
+
+Threads: paho's network loop (queues incoming updates), the writer (batches, commits, then
+PUBACKs and sends end-to-end acks), the snapshot publisher (exports ONNX off the hot path,
+coalescing versions) and the HTTP server (metrics, status, rollback).
+
+An update is PUBACKed only after its batch is committed. Until then the broker keeps it in our
+persistent session and redelivers it after a crash; the engine recognises it by update_id.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import paho.mqtt.client as mqtt
+
+from coordinator._config import CoordinatorConfig
+from coordinator._engine import Engine, Evaluator, Incoming, Outcome
+from coordinator._http import StatusServer
+from coordinator._metrics import Metrics
+from coordinator._rules import build_rule
+from coordinator._store import Params, Store
+from models import FedAsyncError, StateError, Topics, build_model
+from models._mqtt import BrokerAddress, make_client
+from models._wire import Snapshot, encode_ack, encode_snapshot
+
+log = logging.getLogger("fedasync.coordinator")
+
+
+class _Token(NamedTuple):
+    """Which message to PUBACK: a mid means something only on the connection it came on."""
+
+    generation: int
+    mid: int
+    qos: int
+
+
+class CoordinatorService:
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        *,
+        evaluator: Evaluator | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.topics = Topics(config.fleet, config.topic_root)
+        self.address = BrokerAddress.parse(config.broker, ca_file=config.ca_file,
+                                           cert_file=config.cert_file, key_file=config.key_file)
+        self.metrics = Metrics()
+        self._adapter = build_model(config.model)
+        self.store = Store(Path(config.state_dir), keep_checkpoints=config.keep_checkpoints)
+        self.engine = Engine(
+            self.store, build_rule(config.rule), config.guards, spec=config.model,
+            initial_params=self._adapter.get_params_vector, evaluator=evaluator,
+            eval_every=config.evaluation.every, max_message_bytes=config.max_message_bytes,
+            clock=clock)
+        self.metrics.version.set(self.engine.version)
+        self.metrics.devices_seen.set(self.store.devices_seen())
+        self._inbox: queue.Queue[Incoming] = queue.Queue()
+        self._engine_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self._generation = 0  # bumps on every (re)connect: a mid is only valid in its connection
+        self._snapshot_wanted = threading.Condition()
+        self._published_version = -1
+        self._last_snapshot: bytes | None = None
+        self._threads: list[threading.Thread] = []
+        self._http: StatusServer | None = None
+        self._started_at = clock()
+        self._client = make_client(self.address, client_id=config.client_id, persistent=True,
+                                   manual_ack=True, max_inflight=1000)
+        self._client.will_set(self.topics.coordinator_status, self._status_payload("offline"),
+                              qos=1, retain=True)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        log.info("coordinator for fleet %r at version %d, rule %s, broker %s",
+                 self.config.fleet, self.engine.version, self.config.rule.name,
+                 self.address.redacted())
+        for target, name in ((self._writer, "writer"), (self._publisher, "snapshots")):
+            t = threading.Thread(target=target, name=f"coordinator-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        if self.config.http_address is not None:
+            self._http = StatusServer(self.config.http_address, self)
+            self._http.start()
+            log.info("metrics and status on http://%s:%d/", *self._http.address)
+        self._client.connect_async(self.address.host, self.address.port, keepalive=30)
+        self._client.loop_start()
+        self._want_snapshot()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._snapshot_wanted:
+            self._snapshot_wanted.notify_all()
+        for t in self._threads:
+            t.join(timeout=10)
+        if self._http is not None:
+            self._http.stop()
+        if self._connected.is_set():
+            self._client.publish(self.topics.coordinator_status,
+                                 self._status_payload("offline"), qos=1,
+                                 retain=True).wait_for_publish(timeout=2)
+        self._client.disconnect()
+        self._client.loop_stop()
+        self.store.close()
+        log.info("coordinator stopped at version %d", self.engine.version)
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    @property
+    def http_port(self) -> int | None:
+        return None if self._http is None else self._http.address[1]
+
+    # -- MQTT callbacks (paho's thread) ------------------------------------------------------
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
+                    properties: Any) -> None:
+        if reason.is_failure:
+            log.error("broker refused the connection: %s", reason)
+            return
+        self._generation += 1
+        client.subscribe(self.topics.all_updates, qos=1)
+        client.publish(self.topics.coordinator_status, self._status_payload("online"), qos=1,
+                       retain=True)
+        if self._last_snapshot is not None:  # a broker without persistence forgot it
+            client.publish(self.topics.model, self._last_snapshot, qos=1, retain=True)
+        self._connected.set()
+        self.metrics.connected.set(1)
+        log.info("connected to %s (session present: %s)", self.address.redacted(),
+                 flags.session_present)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
+                       properties: Any) -> None:
+        self._connected.clear()
+        self.metrics.connected.set(0)
+        if not self._stop.is_set():
+            log.warning("disconnected from broker (%s); reconnecting", reason)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self._inbox.put(Incoming(self.topics.device_of(msg.topic), bytes(msg.payload),
+                                 time.time(), _Token(self._generation, msg.mid, msg.qos)))
+
+    # -- writer ------------------------------------------------------------------------------
+    def _writer(self) -> None:
+        while not self._stop.is_set():
+            try:
+                batch = [self._inbox.get(timeout=0.2)]
+            except queue.Empty:
+                self._guarded(self._tick)
+                continue
+            while len(batch) < self.config.batch_max:
+                try:
+                    batch.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            self._guarded(functools.partial(self._process, batch))
+
+    def _guarded(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except StateError:
+            # Nothing of the batch was acked: reconnecting makes the broker redeliver it.
+            log.exception("could not make the batch durable; reconnecting to get it again")
+            self._client.reconnect()
+        except Exception:  # the service must keep serving whatever one batch does
+            log.exception("unexpected error in the writer; continuing")
+
+    def _process(self, batch: list[Incoming]) -> None:
+        started = time.perf_counter()
+        before = self.engine.version
+        with self._engine_lock:
+            outcomes = self.engine.process(batch)
+        self.metrics.observe_batch(outcomes, time.perf_counter() - started)
+        for o in outcomes:
+            self._send(o)
+        self._after_change(before)
+
+    def _tick(self) -> None:
+        before = self.engine.version
+        with self._engine_lock:
+            self.engine.tick()
+        self._after_change(before)
+
+    def _after_change(self, before: int) -> None:
+        if self.engine.version != before:
+            self.metrics.version.set(self.engine.version)
+            self.metrics.devices_seen.set(self.store.devices_seen())
+            self._want_snapshot()
+
+    def _send(self, outcome: Outcome) -> None:
+        token = outcome.token
+        if isinstance(token, _Token) and token.qos > 0 and token.generation == self._generation:
+            self._client.ack(token.mid, token.qos)
+        if outcome.device_id is not None:
+            self._client.publish(self.topics.ack(outcome.device_id), encode_ack(outcome.ack),
+                                 qos=1)
+
+    # -- snapshots ---------------------------------------------------------------------------
+    def _want_snapshot(self) -> None:
+        with self._snapshot_wanted:
+            self._snapshot_wanted.notify_all()
+
+    def _publisher(self) -> None:
+        last_publish = 0.0
+        while not self._stop.is_set():
+            with self._snapshot_wanted:
+                if self.engine.version == self._published_version:
+                    self._snapshot_wanted.wait(timeout=1.0)
+                    continue
+                wait = last_publish + self.config.snapshots.min_interval_s - time.monotonic()
+                if wait > 0:  # rate limit: later versions coalesce into one snapshot
+                    self._snapshot_wanted.wait(timeout=wait)
+                    continue
+            with self._engine_lock:
+                version, params = self.engine.version, self.engine.params
+                metrics = self.engine.metrics
+            try:
+                self._publish_snapshot(version, params, metrics)
+            except FedAsyncError:
+                log.exception("could not build the snapshot of version %d", version)
+            last_publish = time.monotonic()
+
+    def _publish_snapshot(self, version: int, params: Params, metrics: dict[str, float]) -> None:
+        onnx = b""
+        if self.config.snapshots.include_onnx:
+            from models._onnx import export_onnx  # skl2onnx is heavy: load on first use
+
+            self._adapter.set_params_vector(params)
+            onnx = export_onnx(self._adapter)
+        payload = encode_snapshot(Snapshot(version=version, spec=self.config.model,
+                                           weights=np.asarray(params), onnx=onnx,
+                                           created_at=time.time(), metrics=metrics))
+        self._last_snapshot = payload
+        self._client.publish(self.topics.model, payload, qos=1, retain=True)
+        self._published_version = version
+        self.metrics.snapshots.inc()
+        log.info("published snapshot of version %d (%d bytes)", version, len(payload))
+
+    # -- operations --------------------------------------------------------------------------
+    def rollback(self, to_version: int) -> int:
+        with self._engine_lock:
+            version = self.engine.rollback(to_version)
+        self._after_change(version - 1)
+        return version
+
+    def status(self) -> dict[str, Any]:
+        e = self.engine
+        return {
+            "fleet": self.config.fleet,
+            "state": "online" if self._connected.is_set() else "connecting",
+            "version": e.version,
+            "published_version": self._published_version,
+            "metrics": e.metrics,
+            "rule": self.config.rule.name,
+            "pending": len(e.rule.pending()),
+            "devices_seen": self.store.devices_seen(),
+            "counts": self.metrics.counts(),
+            "uptime_s": round(time.time() - self._started_at, 1),
+        }
+
+    def _status_payload(self, state: str) -> bytes:
+        return json.dumps({"state": state, "fleet": self.config.fleet,
+                           "time": time.time()}).encode()
+

@@ -1,0 +1,335 @@
+"""Durable coordinator state: SQLite (WAL) for versions, lineage and the merge buffer; model
+checkpoints as files written atomically (temp file, fsync, rename, fsync directory).
+
+Commit order is what makes a crash safe: the checkpoint file of a new version is written first,
+then one SQLite transaction records the version, the lineage and the buffer. A crash between the
+two leaves an orphan checkpoint newer than the database, which `open` deletes. The database is the
+single source of truth for "what has been merged".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from numpy.typing import NDArray
+
+from coordinator._rules import Contribution
+from models import ModelSpec, StateError
+
+Params = NDArray[np.float32]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS versions (
+    version     INTEGER PRIMARY KEY,
+    created_at  REAL NOT NULL,
+    n_updates   INTEGER NOT NULL,
+    checksum    TEXT NOT NULL,
+    source      TEXT NOT NULL,
+    metrics     TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS updates (
+    update_id    TEXT PRIMARY KEY,
+    device_id    TEXT NOT NULL,
+    base_version INTEGER,
+    staleness    INTEGER,
+    n_samples    INTEGER,
+    received_at  REAL NOT NULL,
+    outcome      TEXT NOT NULL,
+    reason       TEXT,
+    weight       REAL,
+    version      INTEGER,
+    clipped      INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS updates_by_version ON updates(version);
+CREATE INDEX IF NOT EXISTS updates_by_device ON updates(device_id);
+CREATE TABLE IF NOT EXISTS pending (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    update_id    TEXT NOT NULL UNIQUE,
+    device_id    TEXT NOT NULL,
+    base_version INTEGER NOT NULL,
+    staleness    INTEGER NOT NULL,
+    n_samples    INTEGER NOT NULL,
+    delta        BLOB NOT NULL
+);
+"""
+
+_UPDATE_COLUMNS = ("update_id, device_id, base_version, staleness, n_samples, received_at, "
+                   "outcome, reason, weight, version, clipped")
+_INSERT_UPDATE = f"INSERT INTO updates({_UPDATE_COLUMNS}) VALUES ({', '.join('?' * 11)})"  # noqa: S608
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpdateRecord:
+    """One row of lineage: what happened to one update."""
+
+    update_id: str
+    device_id: str
+    base_version: int | None
+    staleness: int | None
+    n_samples: int | None
+    received_at: float
+    outcome: str  # accepted | buffered | rejected
+    reason: str | None = None
+    weight: float | None = None
+    version: int | None = None
+    clipped: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VersionRecord:
+    version: int
+    created_at: float
+    n_updates: int
+    checksum: str
+    source: str  # init | merge | rollback:<v>
+    metrics: dict[str, float]
+
+
+class Relabel(NamedTuple):
+    update_id: str
+    outcome: str
+    reason: str | None
+    version: int | None
+    weight: float | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Commit:
+    """Everything one group commit makes durable at once."""
+
+    updates: Sequence[UpdateRecord] = ()
+    versions: Sequence[VersionRecord] = ()
+    model: tuple[int, Params] | None = None  # (version, params) to checkpoint
+    pending: Sequence[Contribution] | None = None  # the rule's whole buffer; None = unchanged
+    # Earlier-committed rows whose fate is decided now (a buffer merged, a rollback dropped it).
+    relabel: Sequence[Relabel] = ()
+
+
+def checksum(params: Params) -> str:
+    return hashlib.sha256(np.ascontiguousarray(params, dtype="<f4").tobytes()).hexdigest()
+
+
+class Store:
+    """The coordinator's state directory: ``state.db`` and ``checkpoints/v<version>.npy``."""
+
+    def __init__(self, state_dir: Path, *, keep_checkpoints: int = 10) -> None:
+        if keep_checkpoints < 1:
+            raise StateError("keep_checkpoints must be at least 1")
+        self.state_dir = state_dir
+        self.keep_checkpoints = keep_checkpoints
+        self.checkpoint_dir = state_dir / "checkpoints"
+        try:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(state_dir / "state.db", check_same_thread=False,
+                                       isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a committed group survives power loss, not only a process crash.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise StateError(f"cannot open state in {state_dir}: {exc}") from exc
+        self._remove_orphan_checkpoints()
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._db.close()
+
+    # -- meta --------------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def spec(self) -> ModelSpec | None:
+        raw = self.get_meta("spec")
+        return None if raw is None else ModelSpec.from_dict(json.loads(raw))
+
+    # -- reads -------------------------------------------------------------------------------
+    def current_version(self) -> int | None:
+        row = self._db.execute("SELECT MAX(version) FROM versions").fetchone()
+        return None if row[0] is None else int(row[0])
+
+    def versions(self, *, limit: int = -1) -> list[VersionRecord]:
+        """The newest `limit` versions (all by default), oldest first."""
+        return self._versions("ORDER BY version DESC LIMIT ?", (limit,))[::-1]
+
+    def version(self, version: int) -> VersionRecord | None:
+        found = self._versions("WHERE version = ?", (version,))
+        return found[0] if found else None
+
+    def _versions(self, where: str, args: tuple[int, ...]) -> list[VersionRecord]:
+        # `where` is always one of our literals, never input.
+        query = f"SELECT version, created_at, n_updates, checksum, source, metrics FROM versions {where}"  # noqa: S608, E501
+        rows = self._db.execute(query, args).fetchall()
+        return [VersionRecord(version=r[0], created_at=r[1], n_updates=r[2], checksum=r[3],
+                              source=r[4], metrics=json.loads(r[5])) for r in rows]
+
+    def lineage(self, *, device_id: str | None = None) -> list[UpdateRecord]:
+        if device_id is None:
+            return self._updates("ORDER BY rowid")
+        return self._updates("WHERE device_id = ? ORDER BY rowid", (device_id,))
+
+    def known_update(self, update_id: str) -> UpdateRecord | None:
+        found = self._updates("WHERE update_id = ?", (update_id,))
+        return found[0] if found else None
+
+    def _updates(self, where: str, args: tuple[str, ...] = ()) -> list[UpdateRecord]:
+        query = f"SELECT {_UPDATE_COLUMNS} FROM updates {where}"  # noqa: S608 - literal `where`
+        rows = self._db.execute(query, args).fetchall()
+        return [UpdateRecord(update_id=r[0], device_id=r[1], base_version=r[2], staleness=r[3],
+                             n_samples=r[4], received_at=r[5], outcome=r[6], reason=r[7],
+                             weight=r[8], version=r[9], clipped=bool(r[10])) for r in rows]
+
+    def pending(self) -> list[Contribution]:
+        rows = self._db.execute(
+            "SELECT update_id, device_id, base_version, staleness, n_samples, delta FROM pending "
+            "ORDER BY seq").fetchall()
+        return [Contribution(update_id=r[0], device_id=r[1], base_version=r[2], staleness=r[3],
+                              n_samples=r[4], delta=np.frombuffer(r[5], dtype="<f4").copy())
+                for r in rows]
+
+    def devices_seen(self) -> int:
+        return int(self._db.execute("SELECT COUNT(DISTINCT device_id) FROM updates").fetchone()[0])
+
+    def load_checkpoint(self, version: int) -> Params:
+        path = self._checkpoint_path(version)
+        record = self.version(version)
+        if record is None:
+            raise StateError(f"version {version} is not in the database")
+        if not path.exists():
+            raise StateError(f"version {version} has no checkpoint; kept: "
+                             f"{self.checkpointed_versions()}")
+        try:
+            params = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise StateError(f"checkpoint of version {version} is unreadable: {exc}") from exc
+        params = np.asarray(params, dtype=np.float32)
+        if checksum(params) != record.checksum:
+            raise StateError(f"checkpoint of version {version} does not match its checksum")
+        return params
+
+    def checkpointed_versions(self) -> list[int]:
+        found = []
+        for p in self.checkpoint_dir.glob("v*.npy"):
+            with contextlib.suppress(ValueError):
+                found.append(int(p.stem[1:]))
+        return sorted(found)
+
+    # -- writes ------------------------------------------------------------------------------
+    def initialise(self, spec: ModelSpec, params: Params, *, now: float | None = None) -> None:
+        """Record version 0 for a new state directory."""
+        if self.current_version() is not None:
+            raise StateError("state directory already initialised")
+        now = time.time() if now is None else now
+        self.commit(Commit(
+            versions=[VersionRecord(version=0, created_at=now, n_updates=0,
+                                    checksum=checksum(params), source="init", metrics={})],
+            model=(0, params),
+        ), meta={"spec": json.dumps(spec.to_dict(), sort_keys=True)})
+
+    def commit(self, commit: Commit, *, meta: dict[str, str] | None = None) -> None:
+        """Make one batch durable: checkpoint file first, then one transaction."""
+        if commit.model is not None:
+            self._write_checkpoint(*commit.model)
+        try:
+            with self._transaction() as db:
+                for key, value in (meta or {}).items():
+                    db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                               (key, value))
+                db.executemany(
+                    "INSERT INTO versions(version, created_at, n_updates, checksum, source, "
+                    "metrics) VALUES (?, ?, ?, ?, ?, ?)",
+                    [(v.version, v.created_at, v.n_updates, v.checksum, v.source,
+                      json.dumps(v.metrics, sort_keys=True)) for v in commit.versions])
+                db.executemany(
+                    _INSERT_UPDATE,
+                    [(u.update_id, u.device_id, u.base_version, u.staleness, u.n_samples,
+                      u.received_at, u.outcome, u.reason, u.weight, u.version, int(u.clipped))
+                     for u in commit.updates])
+                db.executemany(
+                    "UPDATE updates SET outcome = ?, reason = ?, version = ?, weight = ? "
+                    "WHERE update_id = ?",
+                    [(r.outcome, r.reason, r.version, r.weight, r.update_id)
+                     for r in commit.relabel])
+                if commit.pending is not None:
+                    db.execute("DELETE FROM pending")
+                    db.executemany(
+                        "INSERT INTO pending(update_id, device_id, base_version, staleness, "
+                        "n_samples, delta) VALUES (?, ?, ?, ?, ?, ?)",
+                        [(p.update_id, p.device_id, p.base_version, p.staleness, p.n_samples,
+                          np.ascontiguousarray(p.delta, dtype="<f4").tobytes())
+                         for p in commit.pending])
+        except sqlite3.Error as exc:
+            if commit.model is not None:
+                with contextlib.suppress(OSError):
+                    self._checkpoint_path(commit.model[0]).unlink()
+            raise StateError(f"commit failed: {exc}") from exc
+        self._prune_checkpoints()
+
+    def set_metrics(self, version: int, metrics: dict[str, float]) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE versions SET metrics = ? WHERE version = ?",
+                       (json.dumps(metrics, sort_keys=True), version))
+
+    # -- internals ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _checkpoint_path(self, version: int) -> Path:
+        return self.checkpoint_dir / f"v{version:010d}.npy"
+
+    def _write_checkpoint(self, version: int, params: Params) -> None:
+        path = self._checkpoint_path(version)
+        tmp = path.with_suffix(".tmp")
+        try:
+            with tmp.open("wb") as f:
+                np.save(f, np.ascontiguousarray(params, dtype="<f4"), allow_pickle=False)
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(path)
+            _fsync_dir(self.checkpoint_dir)
+        except OSError as exc:
+            raise StateError(f"cannot write checkpoint of version {version}: {exc}") from exc
+
+    def _prune_checkpoints(self) -> None:
+        """Keep the newest N; version 0 is kept too so `rollback --to 0` always works."""
+        versions = self.checkpointed_versions()
+        for v in versions[:-self.keep_checkpoints]:
+            if v != 0:
+                with contextlib.suppress(OSError):
+                    self._checkpoint_path(v).unlink()
+
+    def _remove_orphan_checkpoints(self) -> None:
+        current = self.current_version()
+        for p in self.checkpoint_dir.glob("v*.tmp"):
+            with contextlib.suppress(OSError):
+                p.unlink()
+        for v in self.checkpointed_versions():
+            if current is None or v > current:
+                with contextlib.suppress(OSError):
+                    self._checkpoint_path(v).unlink()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,213 @@
+"""``fedasync-coordinator``: run the service and operate its state directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from coordinator._config import CoordinatorConfig, load_config
+from coordinator._engine import Engine, Evaluator
+from coordinator._rules import build_rule
+from coordinator._store import Store
+from models import FedAsyncError, build_model
+from models._datasets import load_digits
+from models._files import load_xy
+from models._logging import setup_logging
+
+log = logging.getLogger("fedasync.coordinator")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    setup_logging(getattr(args, "log_level", "INFO"), getattr(args, "log_format", "text"))
+    try:
+        return int(args.func(args))
+    except FedAsyncError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fedasync-coordinator",
+        description="Asynchronous federated learning coordinator: merges device updates from "
+                    "MQTT as they arrive, versions the model durably and publishes snapshots.",
+        epilog="Settings come from --config (TOML), then FEDASYNC_* environment variables "
+               "(FEDASYNC_BROKER, FEDASYNC_RULE__NAME, ...), then these flags.")
+    sub = p.add_subparsers(dest="command")
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", type=Path, help="TOML config file")
+        sp.add_argument("--state-dir", help="state directory (SQLite + checkpoints)")
+        sp.add_argument("--model", choices=["logistic", "mlp", "linear"],
+                        help="model kind; n_features/classes come from --test-file")
+        sp.add_argument("--test-file", help="held-out set: .npz/.csv or builtin:digits")
+        sp.add_argument("--log-level", default="INFO")
+        sp.add_argument("--log-format", choices=["text", "json"], default="text")
+
+    run = sub.add_parser("run", help="run the service (default)")
+    common(run)
+    run.add_argument("--broker", help="mqtt://[user:pass@]host[:port] or mqtts://...")
+    run.add_argument("--ca-file", help="CA certificate for mqtts://")
+    run.add_argument("--fleet", help="fleet name (topic prefix fl/<fleet>)")
+    run.add_argument("--rule", choices=["fedasync", "fedbuff", "fedavg-sync"])
+    run.add_argument("--http", help="HOST:PORT for /metrics and /status ('' to disable)")
+    run.set_defaults(func=_run)
+
+    versions = sub.add_parser("versions", help="table of model versions with metrics")
+    common(versions)
+    versions.add_argument("--limit", type=int, default=50)
+    versions.add_argument("--json", action="store_true")
+    versions.set_defaults(func=_versions)
+
+    export = sub.add_parser("export", help="write one version's model as ONNX")
+    common(export)
+    export.add_argument("--version", type=int, help="version (default: current)")
+    export.add_argument("file", type=Path)
+    export.set_defaults(func=_export)
+
+    rollback = sub.add_parser("rollback", help="republish an earlier version as a new version")
+    common(rollback)
+    rollback.add_argument("--to", type=int, required=True)
+    rollback.add_argument("--http", help="address of the running service")
+    rollback.set_defaults(func=_rollback)
+
+    p.set_defaults(func=lambda a: _run(run.parse_args([])), command=None)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
+    overrides: dict[str, Any] = {}
+    for flag, key in (("broker", "broker"), ("ca_file", "ca_file"), ("fleet", "fleet"),
+                      ("state_dir", "state_dir"), ("http", "http"),
+                      ("log_level", "log_level")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[key] = value
+    if getattr(args, "rule", None):
+        overrides["rule"] = {"name": args.rule}
+    if getattr(args, "test_file", None):
+        overrides["evaluation"] = {"test_file": args.test_file}
+    if getattr(args, "model", None):
+        X, y = load_test_set(args.test_file or "builtin:digits")
+        model: dict[str, Any] = {"kind": args.model, "n_features": int(X.shape[1])}
+        if args.model != "linear":
+            model["classes"] = sorted(int(c) for c in np.unique(y))
+        overrides["model"] = model
+    return load_config(args.config, overrides=overrides)
+
+
+def load_test_set(source: str) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    if source == "builtin:digits":
+        test = load_digits()[1]
+        return test.X, test.y
+    return load_xy(Path(source))
+
+
+def make_evaluator(config: CoordinatorConfig) -> Evaluator | None:
+    if config.evaluation.test_file is None:
+        return None
+    X, y = load_test_set(config.evaluation.test_file)
+    adapter = build_model(config.model)
+
+    def evaluate(params: np.ndarray[Any, Any]) -> dict[str, float]:
+        adapter.set_params_vector(params)
+        metrics: dict[str, float] = adapter.evaluate(X, y)
+        return metrics
+
+    return evaluate
+
+
+def _run(args: argparse.Namespace) -> int:
+    from coordinator._service import CoordinatorService
+
+    config = config_from_args(args)
+    service = CoordinatorService(config, evaluator=make_evaluator(config))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    service.start()
+    stop.wait()
+    service.stop()
+    return 0
+
+
+def _open_engine(config: CoordinatorConfig) -> Engine:
+    store = Store(Path(config.state_dir), keep_checkpoints=config.keep_checkpoints)
+    return Engine(store, build_rule(config.rule), config.guards, spec=config.model,
+                  initial_params=build_model(config.model).get_params_vector)
+
+
+def _versions(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    store = Store(Path(config.state_dir))
+    rows = store.versions(limit=args.limit)
+    if args.json:
+        print(json.dumps([{"version": v.version, "created_at": v.created_at,
+                           "n_updates": v.n_updates, "source": v.source, "metrics": v.metrics,
+                           "checksum": v.checksum} for v in rows], indent=1))
+        return 0
+    keys = sorted({k for v in rows for k in v.metrics})
+    print(f"{'version':>8} {'created (UTC)':<20} {'updates':>7} {'source':<12} "
+          + " ".join(f"{k:>9}" for k in keys))
+    for v in rows:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(v.created_at))
+        metrics = " ".join(f"{v.metrics[k]:>9.4f}" if k in v.metrics else f"{'-':>9}"
+                           for k in keys)
+        print(f"{v.version:>8} {created:<20} {v.n_updates:>7} {v.source:<12} {metrics}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from models._onnx import export_onnx
+
+    config = config_from_args(args)
+    store = Store(Path(config.state_dir))
+    version = store.current_version() if args.version is None else args.version
+    if version is None:
+        raise FedAsyncError(f"no state in {config.state_dir}")
+    adapter = build_model(config.model)
+    adapter.set_params_vector(store.load_checkpoint(version))
+    args.file.write_bytes(export_onnx(adapter))
+    print(f"wrote version {version} to {args.file}")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    address = args.http or config.http
+    if address:
+        try:
+            request = urllib.request.Request(f"http://{address}/rollback?to={args.to}",
+                                             method="POST")
+            with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310 - http:// only
+                version = json.loads(resp.read())["version"]
+            print(f"version {version} is now the model of version {args.to} (published)")
+            return 0
+        except urllib.error.HTTPError as exc:
+            raise FedAsyncError(f"the service refused: {exc.read().decode(errors='replace')}") \
+                from exc
+        except (urllib.error.URLError, OSError):
+            log.info("no service answers on %s; rolling back the state directory directly",
+                     address)
+    engine = _open_engine(config)
+    version = engine.rollback(args.to)
+    print(f"version {version} is now the model of version {args.to}; "
+          "it is published when the coordinator starts")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
