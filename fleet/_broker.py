@@ -55,7 +55,7 @@ class MosquittoBroker:
             raise BrokerError("mosquitto is not installed (apt-get install mosquitto)")
         self._exe = exe
         self._own_dir = workdir is None
-        self.workdir = Path(tempfile.mkdtemp(prefix="fedasync-broker-")) if workdir is None else workdir
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="fedasync-broker-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.conf_path = self.workdir / "mosquitto.conf"

@@ -1,4 +1,10 @@
-"""Shared vocabulary of fedasync-iot: model specs and adapters, ONNX, wire format, errors."""
+"""Shared vocabulary of fedasync-iot: model specs and adapters, ONNX, wire format, errors.
+
+The scikit-learn adapters (``build_model`` ...) load on first use: importing them costs ~90 MB
+and most of a second, which an idle agent on a 512 MB board should not pay.
+"""
+
+from typing import TYPE_CHECKING, Any
 
 from models._errors import (
     ConfigError,
@@ -28,6 +34,28 @@ from models._wire import (
     validate_id,
 )
 
+if TYPE_CHECKING:
+    from models._adapters import (
+        FitReport,
+        LinearAdapter,
+        LogisticAdapter,
+        MLPAdapter,
+        ModelAdapter,
+        build_model,
+    )
+
+_LAZY = {"FitReport", "LinearAdapter", "LogisticAdapter", "MLPAdapter", "ModelAdapter",
+         "build_model"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from models import _adapters
+
+        return getattr(_adapters, name)
+    raise AttributeError(f"module 'models' has no attribute {name!r}")
+
+
 __all__ = [
     "ACK_STATUSES",
     "ENCODINGS",
@@ -37,7 +65,12 @@ __all__ = [
     "ConfigError",
     "Encoding",
     "FedAsyncError",
+    "FitReport",
     "InvalidUpdate",
+    "LinearAdapter",
+    "LogisticAdapter",
+    "MLPAdapter",
+    "ModelAdapter",
     "ModelError",
     "ModelKind",
     "ModelSpec",
@@ -47,6 +80,7 @@ __all__ = [
     "UnsupportedSchema",
     "UpdateMessage",
     "WireError",
+    "build_model",
     "decode_ack",
     "decode_snapshot",
     "decode_update",
