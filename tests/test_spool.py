@@ -1,0 +1,59 @@
+"""The agent's on-disk outbox."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from agent._spool import Spool
+from models import StateError
+
+
+def test_put_list_remove_in_order(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    for uid in ("a", "b", "c"):
+        spool.put(uid, uid.encode() * 3)
+
+    assert [e.update_id for e in spool.entries()] == ["a", "b", "c"]
+    assert spool.entries()[1].read() == b"bbb"
+    assert spool.remove("b") is True
+    assert spool.remove("b") is False
+    assert [e.update_id for e in spool.entries()] == ["a", "c"]
+
+
+def test_survives_a_restart_and_keeps_order(tmp_path: Path) -> None:
+    Spool(tmp_path).put("first", b"1")
+    (tmp_path / "00000000000000000009-x.tmp").write_bytes(b"half written")  # a crash mid-write
+
+    spool = Spool(tmp_path)
+    spool.put("second", b"2")
+
+    assert [e.update_id for e in spool.entries()] == ["first", "second"]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_bounded_by_count_drops_oldest_with_warning(tmp_path: Path, caplog) -> None:
+    spool = Spool(tmp_path, max_count=2)
+    with caplog.at_level(logging.WARNING):
+        for uid in ("a", "b", "c"):
+            spool.put(uid, b"x")
+
+    assert [e.update_id for e in spool.entries()] == ["b", "c"]
+    assert spool.dropped == 1
+    assert "dropped the oldest update a" in caplog.text
+
+
+def test_bounded_by_bytes(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=25)
+    for uid in ("a", "b", "c"):
+        spool.put(uid, b"x" * 10)
+
+    assert [e.update_id for e in spool.entries()] == ["b", "c"]
+    assert spool.total_bytes() == 20
+
+
+def test_rejects_ids_that_are_not_file_safe(tmp_path: Path) -> None:
+    with pytest.raises(StateError):
+        Spool(tmp_path).put("../escape", b"x")
