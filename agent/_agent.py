@@ -163,7 +163,15 @@ class Agent:
                 self.monotonic() - self._last_train_at >= self.config.min_train_interval_s)
 
     def train_once(self) -> UpdateMessage | None:
-        """Load data, train from the newest snapshot, spool and publish. None if skipped."""
+        """Train from the newest snapshot, then spool and publish. None if skipped/stopped."""
+        update = self.prepare_update()
+        if update is not None:
+            self.deliver(update)
+        return update
+
+    def prepare_update(self) -> UpdateMessage | None:
+        """Load data and train, if there is enough reason to; nothing is sent yet. (Split from
+        `deliver` so a simulator can let simulated compute time pass in between.)"""
         snapshot = self.snapshot
         if snapshot is None:
             return None
@@ -173,8 +181,8 @@ class Agent:
             log.error("cannot load local data: %s", exc)
             return None
         n = len(X)
-        new = n - int(self._progress.get("samples_at_last_train", 0))
-        newer_model = snapshot.version > int(self._progress.get("last_base_version", -1))
+        new = n - self._progress.get("samples_at_last_train", 0)
+        newer_model = snapshot.version > self._progress.get("last_base_version", -1)
         if n < self.config.min_samples or not (
             new >= self.config.min_new_samples
             or (self.config.retrain_on_new_model and newer_model)
@@ -191,19 +199,26 @@ class Agent:
             log.error("training failed: %s", exc)
             return None
         if update is None:
-            self.counters.aborted += 1
-            log.info("training stopped early: %s", self.decision.reason if self.decision else "")
-            return None
+            self.abort(self.decision.reason if self.decision else "stopped")
+        return update
+
+    def abort(self, reason: str) -> None:
+        """Training was cut short (the device stopped allowing it): nothing is sent."""
+        self.counters.aborted += 1
+        log.info("training stopped early: %s", reason)
+
+    def deliver(self, update: UpdateMessage) -> None:
+        """Spool (durably) then publish; the spool keeps it until the coordinator acks it."""
         self.counters.trained += 1
         payload = encode_update(update, topk_fraction=self.config.training.topk_fraction)
-        self.spool.put(update.update_id, payload)  # durable before it is sent
-        self._progress.update(samples_at_last_train=n, last_base_version=snapshot.version)
+        self.spool.put(update.update_id, payload)
+        self._progress.update(samples_at_last_train=update.n_samples,
+                              last_base_version=update.base_version)
         _atomic_write(self.state_dir / "progress.json", json.dumps(self._progress).encode())
         if self.link.connected:
             self.link.publish(self.topics.update(self.config.device_id), payload, qos=1)
             self.counters.sent += 1
         self.publish_status()
-        return update
 
     def _stop_training(self) -> bool:
         return not self._check().eligible
