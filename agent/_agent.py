@@ -144,12 +144,12 @@ class Agent:
     # -- the periodic step -------------------------------------------------------------------
     def poll(self) -> Decision:
         """Re-read the device, and train + send one update if everything allows it."""
-        decision = self._check()
-        if self._should_train(decision):
+        decision = self.check()
+        if self.should_train(decision):
             self.train_once()
         return decision
 
-    def _check(self) -> Decision:
+    def check(self) -> Decision:
         previous = self.decision
         self.decision = self.gate.update(self.reader.read(), now=self.monotonic())
         if previous is None or previous.eligible != self.decision.eligible:
@@ -158,7 +158,7 @@ class Agent:
             self.publish_status()
         return self.decision
 
-    def _should_train(self, decision: Decision) -> bool:
+    def should_train(self, decision: Decision) -> bool:
         return (decision.eligible and self.snapshot is not None and
                 self.monotonic() - self._last_train_at >= self.config.min_train_interval_s)
 
@@ -221,7 +221,7 @@ class Agent:
         self.publish_status()
 
     def _stop_training(self) -> bool:
-        return not self._check().eligible
+        return not self.check().eligible
 
     # -- status ------------------------------------------------------------------------------
     def status(self, state: str = "online") -> dict[str, Any]:

@@ -145,3 +145,64 @@ class MosquittoBroker:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class EmbeddedBroker:
+    """A pure-Python broker (amqtt) in a background thread, for machines without Mosquitto.
+
+    Good enough for a demo; it is slower than Mosquitto and its persistence differs, so tests
+    and benchmarks use Mosquitto.
+    """
+
+    def __init__(self, *, port: int | None = None) -> None:
+        try:
+            from amqtt.broker import Broker
+        except ImportError as exc:
+            raise BrokerError("neither mosquitto nor amqtt is installed: apt-get install "
+                              "mosquitto, or pip install amqtt") from exc
+        import asyncio
+        import threading
+
+        self.port = port or free_port()
+        self._loop = asyncio.new_event_loop()
+        self._broker = Broker({
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}",
+                                      "max_connections": 10_000}},
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin":
+                        {"allow_anonymous": True}},
+        }, loop=self._loop)
+        self._thread = threading.Thread(target=self._loop.run_forever, name="amqtt",
+                                        daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self, *, timeout: float = 10.0) -> None:
+        import asyncio
+
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._broker.start(), self._loop).result(timeout)
+
+    def stop(self) -> None:
+        import asyncio
+        import concurrent.futures
+
+        with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
+            asyncio.run_coroutine_threadsafe(self._broker.shutdown(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+    close = stop
+
+
+def start_broker(*, prefer: str = "auto", workdir: Path | None = None
+                 ) -> MosquittoBroker | EmbeddedBroker:
+    """Mosquitto when installed (or asked for), else the embedded amqtt broker; started."""
+    broker: MosquittoBroker | EmbeddedBroker
+    if prefer == "mosquitto" or (prefer == "auto" and mosquitto_path() is not None):
+        broker = MosquittoBroker(workdir=workdir)
+    else:
+        broker = EmbeddedBroker()
+    broker.start()
+    return broker
