@@ -134,7 +134,10 @@ class Agent:
         if ack.status == "rejected":
             self.counters.rejected += 1
             self.last_rejection = f"{ack.update_id}: {ack.reason}"
-            log.warning("update %s rejected: %s %s", ack.update_id, ack.reason, ack.detail)
+            # Stale work is routine (the fleet moved on); anything else is worth a warning.
+            routine = ack.reason in ("too_stale", "wrong_round")
+            log.log(logging.INFO if routine else logging.WARNING, "update %s rejected: %s %s",
+                    ack.update_id, ack.reason, ack.detail)
         elif removed:
             self.counters.accepted += 1
             log.info("update %s %s (version %s)", ack.update_id, ack.status, ack.version)

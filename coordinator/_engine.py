@@ -39,6 +39,7 @@ from models._wire import Ack, AckStatus, UpdateMessage, decode_update
 log = logging.getLogger("fedasync.coordinator")
 
 Evaluator = Callable[[Params], dict[str, float]]
+_ROUTINE = frozenset({"too_stale", "wrong_round"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,8 +241,10 @@ class Engine:
 
     def _reject(self, item: Incoming, msg: UpdateMessage, staleness: int, exc: InvalidUpdate,
                 state: _Batch) -> Outcome:
-        log.warning("rejected update %s from %s: %s (%s)", msg.update_id, item.device_id,
-                    exc.reason, exc)
+        # Late work is routine in a fleet (a round closed, the model moved on): not a warning.
+        level = logging.INFO if exc.reason in _ROUTINE else logging.WARNING
+        log.log(level, "rejected update %s from %s: %s (%s)", msg.update_id, item.device_id,
+                exc.reason, exc)
         if exc.reason not in ("device_mismatch", "update_id_conflict"):
             # Lineage keeps rejections too; not for ids we must not attribute to this device.
             state.records[msg.update_id] = UpdateRecord(

@@ -1,0 +1,211 @@
+"""A worker process: a shard of simulated devices, each the real agent code (policy, trainer,
+spool, protocol) on its own MQTT connection, all driven by one `NetLoop` thread.
+
+Simulated compute time: a device trains for real (CPU) at the moment it starts, but its update is
+delivered only after the trace's compute time for that work has passed on the sim clock; if the
+device stops allowing training in between (unplugged, Wi-Fi gone, left the fleet), the work is
+aborted, as `agent.Agent` does on a real device.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing.synchronize
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+
+from agent._agent import Agent
+from agent._config import AgentConfig
+from agent._policy import PolicyConfig
+from agent._trainer import TrainConfig
+from fleet._netloop import NetLoop
+from fleet._traces import DeviceTrace, SimClock, SimReader
+from models import Topics, UpdateMessage
+from models._files import Features, Labels
+from models._mqtt import BrokerAddress, make_client
+
+log = logging.getLogger("fedasync.fleet.worker")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerSpec:
+    """Everything a worker needs, picklable (it crosses a local process boundary only)."""
+
+    index: int
+    broker_url: str
+    fleet: str
+    traces: tuple[DeviceTrace, ...]
+    data: tuple[tuple[Any, Any], ...]  # (X, y) per device, same order as traces
+    clock_start: float
+    scale: float
+    duration_s: float  # sim
+    state_root: str
+    policy: PolicyConfig
+    training: TrainConfig
+    check_interval_s: float  # sim
+    seed: int
+
+
+class ArraySource:
+    def __init__(self, X: Features, y: Labels) -> None:
+        self._xy = (X, y)
+
+    def load(self) -> tuple[Features, Labels]:
+        return self._xy
+
+
+class SimLink:
+    def __init__(self, client: mqtt.Client) -> None:
+        self.client = client
+        self.connected = False
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=qos, retain=retain)
+
+
+class SimDevice:
+    def __init__(self, trace: DeviceTrace, *, X: Features, y: Labels, spec: WorkerSpec,
+                 net: NetLoop, clock: SimClock, address: BrokerAddress) -> None:
+        self.trace = trace
+        self.net = net
+        self.clock = clock
+        self.spec = spec
+        self.address = address
+        self.topics = Topics(spec.fleet)
+        client = make_client(address, client_id=f"sim-{spec.fleet}-{trace.device_id}",
+                             persistent=True)
+        self.link = SimLink(client)
+        config = AgentConfig(
+            device_id=trace.device_id, fleet=spec.fleet,
+            state_dir=str(Path(spec.state_root) / trace.device_id),
+            min_samples=1, min_new_samples=10**9, retrain_on_new_model=True,
+            min_train_interval_s=0.0, check_interval_s=spec.check_interval_s,
+            policy=spec.policy, training=spec.training, train_in_subprocess=False)
+        self.agent = Agent(config, link=self.link, reader=SimReader(trace, clock),
+                           data=ArraySource(X, y), clock=clock.wall, monotonic=clock.sim_now,
+                           rng=np.random.default_rng([spec.seed, spec.index, len(trace.device_id)]))
+        client.will_set(self.topics.status(trace.device_id), b'{"state": "offline"}', qos=1,
+                        retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        net.attach(client)
+        self.online = False
+        self.job: UpdateMessage | None = None
+        self.job_token = 0
+
+    # -- MQTT --------------------------------------------------------------------------------
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
+                    properties: Any) -> None:
+        if reason.is_failure:
+            return
+        client.subscribe([(self.topics.model, 1), (self.topics.ack(self.trace.device_id), 1)])
+        self.link.connected = True
+        self.agent.on_connected()
+
+    def _on_disconnect(self, *args: Any) -> None:
+        self.link.connected = False
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == self.topics.model:
+            self.agent.on_model(bytes(msg.payload))
+        else:
+            self.agent.on_ack(bytes(msg.payload))
+
+    # -- the device's life, on the sim clock -------------------------------------------------
+    def start(self) -> None:
+        self._at_sim(0.0, self._presence)
+
+    def _at_sim(self, sim_t: float, fn: Any) -> None:
+        self.net.call_at(time.monotonic() + (self.clock.to_wall(sim_t) - time.time()), fn)
+
+    def _presence(self) -> None:
+        t = self.clock.sim_now()
+        online = self.trace.online.contains(t)
+        if online and not self.online:
+            self.online = True
+            self.net.connect(self.link.client, self.address.host, self.address.port)
+            self._poll()
+        elif not online and self.online:
+            self.online = False
+            self._abort("left the fleet")
+            self.link.connected = False
+            self.net.disconnect(self.link.client)
+        change = self.trace.online.next_change(t)
+        if change is not None and change < self.spec.duration_s:
+            self._at_sim(change, self._presence)
+
+    def _poll(self) -> None:
+        if not self.online:
+            return
+        t = self.clock.sim_now()
+        decision = self.agent.check()
+        if self.job is not None and not decision.eligible:
+            self._abort(decision.reason)
+        elif self.job is None and self.link.connected and self.agent.should_train(decision):
+            update = self.agent.prepare_update()  # real training, now
+            if update is not None:
+                self.job = update
+                self.job_token += 1
+                done = t + self.trace.compute_seconds(update.n_samples,
+                                                      self.spec.training.local_epochs)
+                token = self.job_token
+                self._at_sim(done, lambda: self._deliver(token))
+        # Jitter: devices polling in lockstep would be an artefact of the simulation.
+        jitter = 0.75 + 0.5 * self.agent.rng.random()
+        self._at_sim(t + self.spec.check_interval_s * jitter, self._poll)
+
+    def _deliver(self, token: int) -> None:
+        if self.job is None or token != self.job_token:
+            return
+        if not self.agent.check().eligible:
+            self._abort(self.agent.decision.reason if self.agent.decision else "")
+            return
+        job, self.job = self.job, None
+        self.agent.deliver(job)
+
+    def _abort(self, reason: str) -> None:
+        if self.job is not None:
+            self.job = None
+            self.agent.abort(reason)
+
+    def stats(self) -> dict[str, int]:
+        d = self.agent.decision
+        c = self.agent.counters
+        return {"online": int(self.online), "connected": int(self.link.connected),
+                "eligible": int(bool(self.online and d is not None and d.eligible)),
+                "training": int(self.job is not None), "trained": c.trained,
+                "accepted": c.accepted, "rejected": c.rejected, "aborted": c.aborted}
+
+
+def run_worker(spec: WorkerSpec, stop: multiprocessing.synchronize.Event,
+               reports: Any, log_level: str = "WARNING") -> None:
+    """Process entry point: run the shard until `stop` is set, reporting stats every second."""
+    logging.basicConfig(level=log_level, format=f"worker{spec.index} %(levelname)s %(message)s")
+    clock = SimClock(spec.scale, spec.clock_start)
+    net = NetLoop(seed=spec.seed + spec.index)
+    address = BrokerAddress.parse(spec.broker_url)
+    devices = [SimDevice(trace, X=np.asarray(X, dtype=np.float32), y=np.asarray(y), spec=spec,
+                         net=net, clock=clock, address=address)
+               for trace, (X, y) in zip(spec.traces, spec.data, strict=True)]
+    for d in devices:
+        d.start()
+
+    def report() -> None:
+        totals: dict[str, int] = {}
+        for d in devices:
+            for k, v in d.stats().items():
+                totals[k] = totals.get(k, 0) + v
+        reports.put((spec.index, time.time(), totals))
+        net.call_later(1.0, report)
+
+    net.call_later(0.5, report)
+    try:
+        net.run(until=stop.is_set)
+    finally:
+        net.close()
