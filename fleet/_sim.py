@@ -190,22 +190,28 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet | None
         service.start()
         if not service.wait_connected(15):
             raise ConfigError(f"coordinator could not connect to {url}")
-        start = time.time() + 1.0  # sim time 0: give workers a moment to spawn
+        go, start_at = ctx.Event(), ctx.Value("d", 0.0)
         shards = np.array_split(np.arange(config.devices), _workers(config))
         for w, shard in enumerate(shards):
             spec = WorkerSpec(
                 index=w, broker_url=url, fleet=fleet_name,
                 traces=tuple(fleet.traces[i] for i in shard),
-                data=tuple(fleet.parts[i] for i in shard), clock_start=start,
+                data=tuple(fleet.parts[i] for i in shard),
                 scale=config.scale, duration_s=config.duration_sim_s,
                 state_root=str(state_root / "devices"), policy=config.policy,
                 training=TrainConfig(local_epochs=config.local_epochs,
                                      encoding=config.encoding),  # type: ignore[arg-type]
                 check_interval_s=config.check_interval_sim_s, seed=config.seed)
-            p = ctx.Process(target=run_worker, args=(spec, stop, reports), daemon=True,
-                            name=f"fleet-worker-{w}")
+            p = ctx.Process(target=run_worker, args=(spec, go, start_at, stop, reports),
+                            daemon=True, name=f"fleet-worker-{w}")
             p.start()
             procs.append(p)
+        # Sim time 0 starts when every worker has loaded its devices, not while they spawn.
+        for _ in procs:
+            reports.get(timeout=120)
+        start = time.time() + 0.2
+        start_at.value = start
+        go.set()
         rows = _sample(service, reports, start=start, config=config, rule=rule,
                        out_dir=out_dir, progress=progress)
     finally:

@@ -41,7 +41,6 @@ class WorkerSpec:
     fleet: str
     traces: tuple[DeviceTrace, ...]
     data: tuple[tuple[Any, Any], ...]  # (X, y) per device, same order as traces
-    clock_start: float
     scale: float
     duration_s: float  # sim
     state_root: str
@@ -183,11 +182,19 @@ class SimDevice:
                 "accepted": c.accepted, "rejected": c.rejected, "aborted": c.aborted}
 
 
-def run_worker(spec: WorkerSpec, stop: multiprocessing.synchronize.Event,
-               reports: Any, log_level: str = "WARNING") -> None:
-    """Process entry point: run the shard until `stop` is set, reporting stats every second."""
+def run_worker(spec: WorkerSpec, go: multiprocessing.synchronize.Event, start: Any,
+               stop: multiprocessing.synchronize.Event, reports: Any,
+               log_level: str = "WARNING") -> None:
+    """Process entry point: report ready, wait for `go` (sim time 0 is `start.value`), then run
+    the shard until `stop` is set, reporting stats every second."""
     logging.basicConfig(level=log_level, format=f"worker{spec.index} %(levelname)s %(message)s")
-    clock = SimClock(spec.scale, spec.clock_start)
+    import agent._trainer  # noqa: F401 - pay scikit-learn's import before the clock starts
+    import models._adapters  # noqa: F401
+
+    reports.put((spec.index, time.time(), None))
+    if not go.wait(timeout=120):
+        return
+    clock = SimClock(spec.scale, start.value)
     net = NetLoop(seed=spec.seed + spec.index)
     address = BrokerAddress.parse(spec.broker_url)
     devices = [SimDevice(trace, X=np.asarray(X, dtype=np.float32), y=np.asarray(y), spec=spec,

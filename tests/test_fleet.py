@@ -1,0 +1,122 @@
+"""The fleet simulator: many clients on one loop, a whole (small) run, determinism."""
+
+from __future__ import annotations
+
+import csv
+import json
+import queue
+import threading
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from fleet._broker import EmbeddedBroker
+from fleet._netloop import NetLoop
+from fleet._sim import SimConfig, build_fleet, time_to_target
+from fleet._traces import FleetProfile
+from fleet.cli import compare
+from models._mqtt import BrokerAddress, make_client
+from tests.helpers import Listener, wait_for
+
+
+@pytest.mark.broker
+def test_many_clients_on_one_thread_reconnect_after_a_broker_restart(private_broker) -> None:
+    n = 150
+    address = BrokerAddress.parse(private_broker.url)
+    got: queue.Queue[str] = queue.Queue()
+    connects = {"n": 0}
+    net = NetLoop()
+    clients = []
+    for i in range(n):
+        c = make_client(address, client_id=f"many-{i}", persistent=False)
+
+        def on_connect(client, u, f, r, p) -> None:
+            connects["n"] += 1
+            client.subscribe("many/retained", qos=1)
+
+        c.on_connect = on_connect
+        c.on_message = lambda client, u, m: got.put(m.payload.decode())
+        net.attach(c)
+        clients.append(c)
+    Listener(private_broker.url, ["x"]).publish("many/retained", b"hello", retain=True)
+    stop = threading.Event()
+
+    def start() -> None:
+        for c in clients:
+            net.connect(c, address.host, address.port)
+
+    net.call_later(0, start)
+    thread = threading.Thread(target=net.run, args=(stop.is_set,), daemon=True)
+    thread.start()
+    try:
+        assert wait_for(lambda: got.qsize() >= n, timeout=30)
+        private_broker.stop()
+        private_broker.start()
+        assert wait_for(lambda: connects["n"] >= 2 * n, timeout=60), connects
+    finally:
+        stop.set()
+        thread.join(10)
+        net.close()
+
+
+def test_same_seed_same_fleet() -> None:
+    a, b = build_fleet(SimConfig(devices=8, seed=3)), build_fleet(SimConfig(devices=8, seed=3))
+    c = build_fleet(SimConfig(devices=8, seed=4))
+
+    assert a.traces == b.traces
+    assert all(np.array_equal(x[1], y[1]) for x, y in zip(a.parts, b.parts, strict=True))
+    assert a.traces != c.traces
+
+
+def test_time_to_target_uses_a_moving_average() -> None:
+    evals = [(1.0, 1, 0.9, 0), (2.0, 2, 0.5, 0), (3.0, 3, 0.9, 0), (4.0, 4, 0.9, 0),
+             (5.0, 5, 0.9, 0)]
+    assert time_to_target(evals, 0.85) == 5.0
+    assert time_to_target(evals, 0.95) is None
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_a_small_comparison_runs_end_to_end(broker, tmp_path) -> None:
+    # A small, mostly available fleet: enough merges in a few seconds to check the plumbing.
+    profile = FleetProfile(speed_median_s=300.0, mains_fraction=1.0, cellular_fraction=0.0,
+                           late_join_fraction=0.0, early_leave_fraction=0.0, flap_fraction=0.0)
+    config = replace(SimConfig(), devices=8, duration_s=6.0, scale=3000.0, broker=broker.url,
+                     workers=1, round_deadline_sim_s=1800.0, cohort_size=3, fedbuff_k=2,
+                     profile=profile)
+
+    results, summary = compare(config, ["fedbuff", "fedavg-sync"], tmp_path, progress=False)
+
+    assert (tmp_path / "accuracy.png").stat().st_size > 10_000
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert set(saved["rules"]) == {"fedbuff", "fedavg-sync"}
+    for r in results:
+        assert r.summary["versions"] >= 1, r.summary
+        assert r.evaluations[-1][2] > 0.2  # better than chance on 10 classes
+        rows = list(csv.DictReader((r.out_dir / "metrics.csv").open()))
+        assert len(rows) >= 4
+        assert int(rows[-1]["online"]) >= 1
+    assert summary["fleet"]["n_devices"] == 8
+
+
+def test_embedded_broker_carries_messages() -> None:
+    pytest.importorskip("amqtt")
+    broker = EmbeddedBroker()
+    broker.start()
+    try:
+        inbox: queue.Queue[bytes] = queue.Queue()
+        subscribed = threading.Event()
+        c = make_client(BrokerAddress.parse(broker.url), client_id="emb", persistent=False)
+        c.on_message = lambda client, u, m: inbox.put(m.payload)
+        c.on_connect = lambda client, u, f, r, p: client.subscribe("e/#", qos=1)
+        c.on_subscribe = lambda client, u, mid, codes, p: subscribed.set()
+        c.connect("127.0.0.1", broker.port)
+        c.loop_start()
+        assert subscribed.wait(10)
+        c.publish("e/x", b"ok", qos=1, retain=True).wait_for_publish(5)
+        assert inbox.get(timeout=10) == b"ok"
+        c.loop_stop()
+        c.disconnect()
+    finally:
+        broker.stop()
