@@ -28,6 +28,7 @@ from agent._readings import ReadingsSource
 from agent._spool import Spool
 from agent._trainer import train_update
 from models import FedAsyncError, Topics, WireError
+from models import _signing as signing
 from models._wire import Snapshot, UpdateMessage, decode_ack, decode_snapshot, encode_update
 
 log = logging.getLogger("fedasync.agent")
@@ -85,6 +86,9 @@ class Agent:
         self.snapshot: Snapshot | None = None
         self.decision: Decision | None = None
         self.last_rejection: str | None = None
+        self.model_rejection: str | None = None  # why the last model offered was refused
+        self._verifier = (signing.Verifier.from_files(list(config.coordinator_public_keys))
+                          if config.coordinator_public_keys else None)
         self._lock = threading.RLock()
         self._progress = self._load_progress()
         self._last_train_at = -float("inf")
@@ -105,16 +109,22 @@ class Agent:
 
     def on_model(self, payload: bytes) -> None:
         try:
-            snapshot = decode_snapshot(payload)
+            frame = (self._verifier.verify(payload) if self._verifier is not None
+                     else signing.split(payload)[0])
+            snapshot = decode_snapshot(frame)
         except WireError as exc:
-            log.warning("ignored a model snapshot that does not decode: %s", exc)
+            self.model_rejection = str(exc)
+            log.warning("refused a model snapshot, keeping version %s: %s",
+                        None if self.snapshot is None else self.snapshot.version, exc)
+            self.publish_status()
             return
         with self._lock:
             if self.snapshot is not None and snapshot.version <= self.snapshot.version and \
                     snapshot.spec == self.snapshot.spec:
                 return
             self.snapshot = snapshot
-            _atomic_write(self.state_dir / "model.snapshot", payload)
+            self.model_rejection = None
+            _atomic_write(self.state_dir / "model.snapshot", frame)
         log.info("new model version %d%s", snapshot.version,
                  f" (accuracy {snapshot.metrics['accuracy']:.3f})"
                  if "accuracy" in snapshot.metrics else "")
@@ -244,6 +254,8 @@ class Agent:
             "rejected": self.counters.rejected,
             "aborted": self.counters.aborted,
             "last_rejection": self.last_rejection,
+            "model_rejection": self.model_rejection,
+            "models_signed": self._verifier is not None,
         }
 
     def publish_status(self) -> None:

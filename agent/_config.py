@@ -36,6 +36,9 @@ class AgentConfig:
     spool_max_count: int = 100
     spool_max_bytes: int = 64 * 1024 * 1024
     train_in_subprocess: bool = True
+    # The coordinator's Ed25519 public key(s) (PEM files). When set, a model that is not signed
+    # by one of them is refused and the previous model kept.
+    coordinator_public_keys: tuple[str, ...] = ()
     training: TrainConfig = field(default_factory=TrainConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     log_level: str = "INFO"

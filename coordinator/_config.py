@@ -51,6 +51,7 @@ class CoordinatorConfig:
     client_id: str = "fedasync-coordinator"
     state_dir: str = "coordinator-state"
     keep_checkpoints: int = 10
+    signing_key: str | None = None  # Ed25519 private key (PEM): sign every snapshot
     rule: RuleConfig = field(default_factory=RuleConfig)
     guards: GuardConfig = field(default_factory=GuardConfig)
     snapshots: SnapshotConfig = field(default_factory=SnapshotConfig)

@@ -31,6 +31,7 @@ from coordinator._rules import build_rule
 from coordinator._store import Params, Store
 from models import FedAsyncError, StateError, Topics, build_model
 from models._mqtt import BrokerAddress, make_client
+from models._signing import Signer
 from models._wire import Snapshot, encode_ack, encode_snapshot
 
 log = logging.getLogger("fedasync.coordinator")
@@ -57,6 +58,7 @@ class CoordinatorService:
         self.address = BrokerAddress.parse(config.broker, ca_file=config.ca_file,
                                            cert_file=config.cert_file, key_file=config.key_file)
         self.metrics = Metrics()
+        self._signer = (Signer.from_file(config.signing_key) if config.signing_key else None)
         self._adapter = build_model(config.model)
         self.store = Store(Path(config.state_dir), keep_checkpoints=config.keep_checkpoints)
         self.engine = Engine(
@@ -244,6 +246,8 @@ class CoordinatorService:
         payload = encode_snapshot(Snapshot(version=version, spec=self.config.model,
                                            weights=np.asarray(params), onnx=onnx,
                                            created_at=time.time(), metrics=metrics))
+        if self._signer is not None:
+            payload = self._signer.sign(payload)
         self._last_snapshot = payload
         self._client.publish(self.topics.model, payload, qos=1, retain=True)
         self._published_version = version

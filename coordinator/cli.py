@@ -84,6 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     rollback.add_argument("--http", help="address of the running service")
     rollback.set_defaults(func=_rollback)
 
+    keygen = sub.add_parser("keygen", help="make the Ed25519 key pair that signs snapshots")
+    keygen.add_argument("--out", type=Path, required=True, help="directory for .key and .pub")
+    keygen.set_defaults(func=_keygen, log_level="INFO", log_format="text")
+
     p.set_defaults(func=lambda a: _run(run.parse_args([])), command=None)
     return p
 
@@ -182,6 +186,15 @@ def _export(args: argparse.Namespace) -> int:
     adapter.set_params_vector(store.load_checkpoint(version))
     args.file.write_bytes(export_onnx(adapter))
     print(f"wrote version {version} to {args.file}")
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from models._signing import generate_keypair
+
+    private, public = generate_keypair(args.out)
+    print(f"private key (keep on the coordinator, set signing_key): {private}\n"
+          f"public key (give to every agent, coordinator_public_keys): {public}")
     return 0
 
 
