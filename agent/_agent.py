@@ -119,9 +119,12 @@ class Agent:
             self.publish_status()
             return
         with self._lock:
-            if self.snapshot is not None and snapshot.version <= self.snapshot.version and \
-                    snapshot.spec == self.snapshot.spec:
-                return
+            current = self.snapshot
+            if current is not None and snapshot.spec == current.spec and (
+                snapshot.version < current.version
+                or (snapshot.version == current.version and snapshot.cohort == current.cohort)
+            ):
+                return  # nothing new (a same-version snapshot may widen a round's cohort)
             self.snapshot = snapshot
             self.model_rejection = None
             _atomic_write(self.state_dir / "model.snapshot", frame)
@@ -172,7 +175,10 @@ class Agent:
         return self.decision
 
     def should_train(self, decision: Decision) -> bool:
-        return (decision.eligible and self.snapshot is not None and
+        snapshot = self.snapshot
+        return (decision.eligible and snapshot is not None and
+                # A synchronous round names the devices it wants; the others sit it out.
+                (snapshot.cohort is None or self.config.device_id in snapshot.cohort) and
                 self.monotonic() - self._last_train_at >= self.config.min_train_interval_s)
 
     def train_once(self) -> UpdateMessage | None:

@@ -321,6 +321,9 @@ class RuleConfig:
     cohort_size: int = 10  # fedavg-sync
     deadline_s: float = 60.0  # fedavg-sync
     min_updates: int = 1  # fedavg-sync
+    # fedavg-sync: invite this many times cohort_size of the devices that report themselves
+    # eligible, as production synchronous systems do, since some invitees never finish.
+    over_selection: float = 1.3
 
     def __post_init__(self) -> None:
         if self.name not in RULE_NAMES:
@@ -338,6 +341,9 @@ class RuleConfig:
         _count("cohort_size", self.cohort_size)
         _positive("deadline_s", self.deadline_s)
         _count("min_updates", self.min_updates)
+        if not (isinstance(self.over_selection, (int, float)) and 1.0 <= self.over_selection
+                <= 100.0):
+            raise ConfigError("over_selection must be between 1 and 100", key="over_selection")
         if self.min_updates > self.cohort_size:
             raise ConfigError(f"min_updates ({self.min_updates}) exceeds cohort_size "
                               f"({self.cohort_size})", key="min_updates")

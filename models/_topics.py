@@ -49,6 +49,10 @@ class Topics:
     def all_updates(self) -> str:
         return f"{self.prefix}/update/+"
 
+    @property
+    def all_status(self) -> str:
+        return f"{self.prefix}/status/+"
+
     def device_of(self, topic: str, kind: str = "update") -> str | None:
         """The device id in ``<prefix>/<kind>/<device>``, or None if the topic is not that shape."""
         head = f"{self.prefix}/{kind}/"

@@ -49,6 +49,7 @@ MAX_SNAPSHOT_BYTES = 64 * 1024 * 1024
 MAX_ACK_BYTES = 4 * 1024
 MAX_PARAMS = 10_000_000
 MAX_METRICS = 16
+MAX_COHORT = 900  # ids of up to 64 characters stay inside the 64 KiB header
 MAX_DETAIL_CHARS = 500
 # Versions and counts stay exact in any JSON reader (JavaScript dashboards included).
 MAX_INT = 2**53 - 1
@@ -192,9 +193,16 @@ class Snapshot:
     onnx: bytes = b""
     created_at: float = field(default_factory=time.time)
     metrics: Mapping[str, float] = field(default_factory=dict)
+    # Synchronous rounds only: the devices asked to train on this version (None: anyone may).
+    cohort: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         _int(self.version, "version", 0)
+        if self.cohort is not None:
+            if not isinstance(self.cohort, tuple) or len(self.cohort) > MAX_COHORT:
+                raise WireError(f"cohort must be a tuple of at most {MAX_COHORT} device ids")
+            for device in self.cohort:
+                validate_id(device, "cohort device id")
         if not isinstance(self.spec, ModelSpec):
             raise WireError("spec must be a ModelSpec")
         if not np.isfinite(_vector(self.weights, "weights")).all():
@@ -444,6 +452,8 @@ def encode_snapshot(s: Snapshot) -> bytes:
         "n_params": int(s.weights.size), "onnx_len": len(s.onnx), "created_at": s.created_at,
         "metrics": dict(s.metrics), "sha256": digest.hexdigest(),
     }
+    if s.cohort is not None:  # absent, not null, when unused: older agents keep decoding
+        header["cohort"] = list(s.cohort)
     return _frame(header, weights, s.onnx)
 
 
@@ -452,7 +462,10 @@ def decode_snapshot(data: bytes, *, max_message_bytes: int = MAX_SNAPSHOT_BYTES,
     """Parse a snapshot from the network, verifying its SHA-256 and that weights are finite.
     Raises `WireError` / `UnsupportedSchema`."""
     header, body = _unframe(data, max_message_bytes, "snapshot")
-    _check_keys(header, _SNAPSHOT_KEYS)
+    _check_keys(header, _SNAPSHOT_KEYS | {"cohort"} if "cohort" in header else _SNAPSHOT_KEYS)
+    cohort = header.get("cohort")
+    if cohort is not None and (not isinstance(cohort, list) or len(cohort) > MAX_COHORT):
+        raise WireError(f"cohort must be a list of at most {MAX_COHORT} device ids")
     version = _int(header["version"], "version", 0)
     n = _int(header["n_params"], "n_params", 1, max_params)
     onnx_len = _int(header["onnx_len"], "onnx_len", 0)
@@ -471,7 +484,8 @@ def decode_snapshot(data: bytes, *, max_message_bytes: int = MAX_SNAPSHOT_BYTES,
         raise WireError("snapshot body does not match its sha256")
     weights = np.frombuffer(body, "<f4", count=n).astype(np.float32)
     return Snapshot(version=version, spec=spec, weights=weights, onnx=bytes(body[4 * n:]),
-                    created_at=created_at, metrics=metrics)
+                    created_at=created_at, metrics=metrics,
+                    cohort=None if cohort is None else tuple(cohort))
 
 
 # ---------------------------------------------------------------------------- acks

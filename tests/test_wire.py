@@ -593,3 +593,25 @@ def test_encoding_is_deterministic() -> None:
 def test_a_message_too_malformed_to_name_its_update_can_still_be_rejected() -> None:
     ack = Ack(update_id=None, status="rejected", reason="malformed", version=3, detail="bad magic")
     assert decode_ack(encode_ack(ack)) == ack
+
+
+def test_snapshot_cohort_round_trips_and_is_absent_when_unused() -> None:
+    from models._wire import MAX_COHORT, Snapshot, decode_snapshot, encode_snapshot
+
+    spec = ModelSpec(kind="linear", n_features=2)
+    weights = np.zeros(3, dtype=np.float32)
+    with_cohort = encode_snapshot(Snapshot(version=2, spec=spec, weights=weights,
+                                           cohort=("pi-1", "pi-2")))
+    without = encode_snapshot(Snapshot(version=2, spec=spec, weights=weights))
+
+    assert decode_snapshot(with_cohort).cohort == ("pi-1", "pi-2")
+    assert decode_snapshot(without).cohort is None
+    assert b"cohort" not in without
+    with pytest.raises(WireError):
+        Snapshot(version=2, spec=spec, weights=weights, cohort=("bad/id",))
+    with pytest.raises(WireError):
+        Snapshot(version=2, spec=spec, weights=weights,
+                 cohort=tuple(f"d{i}" for i in range(MAX_COHORT + 1)))
+    forged = with_cohort.replace(b'"pi-2"', b'"pi+2"')
+    with pytest.raises(WireError):
+        decode_snapshot(forged)
