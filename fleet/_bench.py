@@ -124,3 +124,36 @@ def run_bench(config: SimConfig, *, out: Path, seeds: list[int], quick: bool = F
 
 def _write(out: Path, result: dict[str, Any]) -> None:
     (out / "bench.json").write_text(json.dumps(result, indent=1, default=str))
+
+
+GRID: dict[str, list[dict[str, Any]]] = {
+    "fedasync": [{"fedasync_alpha": a} for a in (0.3, 0.6, 0.9)],
+    "fedbuff": [{"fedbuff_k": k} for k in (3, 5, 10)],
+    "fedavg-sync": [{"cohort_size": c, "round_deadline_sim_s": d}
+                    for c in (5, 10) for d in (1800.0, 3600.0)],
+}
+
+
+def tune(config: SimConfig, *, out: Path, seed: int = 100) -> dict[str, Any]:
+    """Small grid per rule on a seed kept out of the reported ones; best = earliest time to
+    target, then highest final accuracy."""
+    config = replace(config, seed=seed)
+    fleet = build_fleet(config)
+    best: dict[str, Any] = {}
+    trials: list[dict[str, Any]] = []
+    for rule, grid in GRID.items():
+        for settings in grid:
+            _say(f"tune {rule} {settings}")
+            r = run_rule(replace(config, **settings), rule,
+                         out / "tune" / f"{rule}-{len(trials)}", fleet=fleet)
+            ttt = r.summary["time_to_target_s"]
+            trial = {"rule": rule, **settings, "time_to_target_s": ttt,
+                     "final_accuracy": r.summary["final_accuracy"]}
+            trials.append(trial)
+            key = (ttt if ttt is not None else float("inf"), -(trial["final_accuracy"] or 0))
+            if rule not in best or key < best[rule]["_key"]:
+                best[rule] = {**trial, "_key": key}
+    result = {"seed": seed, "trials": trials,
+              "best": {r: {k: v for k, v in b.items() if k != "_key"} for r, b in best.items()}}
+    (out / "tune.json").write_text(json.dumps(result, indent=1))
+    return result

@@ -79,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", default="1,2,3", help="reported seeds (%(default)s)")
     bench.add_argument("--quick", action="store_true", help="short runs, for a smoke check")
     bench.set_defaults(func=_bench)
+    tune = sub.add_parser("tune", help="grid-search each rule's settings on a held-out seed")
+    _common(tune)
+    tune.add_argument("--out", type=Path, default=Path("runs/tune"))
+    tune.set_defaults(func=_tune)
     return p
 
 
@@ -134,6 +138,16 @@ def _run(args: argparse.Namespace) -> int:
         print(f"speed-up of asynchronous over synchronous: {summary['speedup_async_vs_sync']}x")
     print(f"\nplot:    {args.out / 'accuracy.png'}\nsummary: {args.out / 'summary.json'}\n"
           f"metrics: {args.out}/<rule>/metrics.csv")
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from fleet._bench import tune
+
+    result = tune(config_from_args(args), out=args.out, seed=args.seed)
+    for rule, best in result["best"].items():
+        print(f"{rule:<12} {best}")
+    print(f"all trials: {args.out / 'tune.json'}")
     return 0
 
 
