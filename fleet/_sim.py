@@ -172,6 +172,11 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet | None
         if config.broker is None:
             broker = start_broker(prefer=config.broker_kind, workdir=state_root / "broker")
         url = config.broker or (broker.url if broker else "")
+        if progress:
+            kind = ("existing broker" if broker is None else "private Mosquitto"
+                    if isinstance(broker, MosquittoBroker) else "embedded amqtt broker "
+                    "(Mosquitto not installed)")
+            print(f"[{rule:>11}] broker: {kind} at {url}", file=sys.stderr)
         fleet_name = f"sim-{rule}-{config.seed}-{os.getpid()}"
         coord_state = out_dir / "coordinator-state"
         shutil.rmtree(coord_state, ignore_errors=True)
