@@ -88,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("--out", type=Path, required=True, help="directory for .key and .pub")
     keygen.set_defaults(func=_keygen, log_level="INFO", log_format="text")
 
+    from coordinator._provision import add_provision_parser
+
+    add_provision_parser(sub)  # provision-device: broker accounts (coordinator/_provision.py)
+
     p.set_defaults(func=lambda a: _run(run.parse_args([])), command=None)
     return p
 

@@ -8,6 +8,7 @@ the retained messages and queued sessions: that is how outage tests restart "the
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -71,6 +72,9 @@ class MosquittoBroker:
             f"max_queued_messages {max_queued}",
             "max_queued_bytes 0",
             f"message_size_limit {message_size_limit}",
+            # As root, Mosquitto drops to the `mosquitto` user, which cannot write a private
+            # temp dir: no persistence file would be written. Stay root for these brokers.
+            "user root" if os.geteuid() == 0 else "",
             "log_dest stdout",
             "log_type error",
             "log_type warning",
