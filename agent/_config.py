@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -13,7 +12,7 @@ from typing import Any
 from agent._policy import PolicyConfig
 from agent._trainer import TrainConfig
 from models import ConfigError
-from models._config import build, env_layer, load_toml, merge
+from models._config import load
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -63,9 +62,5 @@ def load_config(
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> AgentConfig:
-    data = merge(load_toml(path), env_layer(os.environ if environ is None else environ),
-                 overrides or {})
-    if "device_id" not in data:
-        raise ConfigError("no device id: set device_id in the config, FEDASYNC_DEVICE_ID, or "
-                          "--device-id", key="device_id")
-    return build(AgentConfig, data)
+    return load(AgentConfig, path, environ=environ, overrides=overrides, required="device_id",
+                hint="set device_id in the config, FEDASYNC_DEVICE_ID, or --device-id")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 from coordinator._guards import GuardConfig
 from coordinator._rules import RuleConfig
 from models import ConfigError, ModelSpec
-from models._config import build, env_layer, load_toml, merge
+from models._config import load
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,9 +85,5 @@ def load_config(
     overrides: Mapping[str, Any] | None = None,
 ) -> CoordinatorConfig:
     """Defaults < TOML file < FEDASYNC_* environment < `overrides` (the CLI's flags)."""
-    data = merge(load_toml(path), env_layer(os.environ if environ is None else environ),
-                 overrides or {})
-    if "model" not in data:
-        raise ConfigError("no model given: set [model] in the config file (kind, n_features, "
-                          "classes) or pass --model", key="model")
-    return build(CoordinatorConfig, data)
+    return load(CoordinatorConfig, path, environ=environ, overrides=overrides, required="model",
+                hint="set [model] in the config file (kind, n_features, classes) or pass --model")

@@ -9,6 +9,7 @@ Environment names: ``FEDASYNC_BROKER`` for a top-level key, ``FEDASYNC_RULE__BUF
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -68,6 +69,17 @@ def merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
             else:
                 out[key] = value
     return out
+
+
+def load(cls: type[T], path: Path | None, *, environ: Mapping[str, str] | None,
+         overrides: Mapping[str, Any] | None, required: str, hint: str) -> T:
+    """Defaults < TOML file < FEDASYNC_* environment < `overrides` (the CLI's flags), built
+    into `cls`; `required` names the one setting with no default and `hint` how to give it."""
+    data = merge(load_toml(path), env_layer(os.environ if environ is None else environ),
+                 overrides or {})
+    if required not in data:
+        raise ConfigError(f"no {required}: {hint}", key=required)
+    return build(cls, data)
 
 
 def build(cls: type[T], data: Mapping[str, Any], *, where: str = "") -> T:
