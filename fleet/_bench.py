@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -99,9 +101,11 @@ def run_bench(config: SimConfig, *, out: Path, seeds: list[int], quick: bool = F
     result["coordinator_ingest_ratio"] = ingest.get("ratio") or ingest.get(
         "coordinator_ingest_ratio")
     _say("agent footprint")
-    from fleet._bench_agent import run as run_agent
-
-    agent = run_agent()
+    # In a fresh process: ru_maxrss of children would otherwise include the sim's workers.
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "fleet._bench_agent", "--json",
+                        f"{tmp}/agent.json"], check=True, stdout=subprocess.DEVNULL)
+        agent = json.loads(Path(f"{tmp}/agent.json").read_text())
     result.update({k: agent[k] for k in ("agent_idle_rss_mb", "agent_idle_cpu_percent",
                                          "agent_train_peak_rss_mb",
                                          "inprocess_rss_after_train_mb")})
@@ -110,8 +114,12 @@ def run_bench(config: SimConfig, *, out: Path, seeds: list[int], quick: bool = F
     # 4. Scale: a large fleet on one broker.
     devices = 200 if quick else 1000
     _say(f"scale: {devices} devices")
+    # Everyone present all the time: this measures connections, not churn.
+    present = replace(config.profile, late_join_fraction=0.0, early_leave_fraction=0.0,
+                      flap_fraction=0.0)
     scale_cfg = replace(config, devices=devices, dataset="synthetic", seed=seeds[0],
-                        duration_s=20.0 if quick else 60.0, check_interval_sim_s=600.0)
+                        duration_s=20.0 if quick else 60.0, check_interval_sim_s=600.0,
+                        profile=present)
     r = run_rule(scale_cfg, "fedbuff", out / "scale")
     rows = r.summary.get("rows_peak", {})
     result["scale"] = {"devices": devices, **rows, "final_accuracy":
