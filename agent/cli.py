@@ -22,7 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    setup_logging(args.log_level, args.log_format)
+    setup_logging(args.log_level or "INFO", args.log_format)
     try:
         return int(args.func(args))
     except FedAsyncError as exc:
@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="TOML config file")
     p.add_argument("--device-id")
     p.add_argument("--state-dir", help="spool, received model and progress")
-    p.add_argument("--log-level", default="INFO")
+    # No default here: a default would always override the config's log_level.
+    p.add_argument("--log-level", help="overrides log_level in the config (INFO)")
     p.add_argument("--log-format", choices=["text", "json"], default="text")
     sub = p.add_subparsers(dest="command")
 
@@ -67,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace, *, need_id: bool = True) -> AgentConfig:
     overrides: dict[str, Any] = {}
-    for flag in ("device_id", "state_dir", "broker", "ca_file", "fleet", "data"):
+    for flag in ("device_id", "state_dir", "broker", "ca_file", "fleet", "data", "log_level"):
         value = getattr(args, flag, None)
         if value is not None:
             overrides[flag] = value
@@ -79,7 +80,9 @@ def _config(args: argparse.Namespace, *, need_id: bool = True) -> AgentConfig:
 def _run(args: argparse.Namespace) -> int:
     from agent._runner import AgentRunner
 
-    runner = AgentRunner(_config(args))
+    config = _config(args)
+    setup_logging(config.log_level, args.log_format)  # the config's (or FEDASYNC_) log_level
+    runner = AgentRunner(config)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: runner.stop())
     runner.run()

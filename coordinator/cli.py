@@ -31,7 +31,8 @@ log = logging.getLogger("fedasync.coordinator")
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    setup_logging(getattr(args, "log_level", "INFO"), getattr(args, "log_format", "text"))
+    setup_logging(getattr(args, "log_level", None) or "INFO",
+                  getattr(args, "log_format", "text"))
     try:
         return int(args.func(args))
     except FedAsyncError as exc:
@@ -54,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--model", choices=["logistic", "mlp", "linear"],
                         help="model kind; n_features/classes come from --test-file")
         sp.add_argument("--test-file", help="held-out set: .npz/.csv or builtin:digits")
-        sp.add_argument("--log-level", default="INFO")
+        # No default here: a default would always override the config's log_level.
+        sp.add_argument("--log-level", help="overrides log_level in the config (INFO)")
         sp.add_argument("--log-format", choices=["text", "json"], default="text")
 
     run = sub.add_parser("run", help="run the service (default)")
@@ -142,6 +144,7 @@ def _run(args: argparse.Namespace) -> int:
     from coordinator._service import CoordinatorService
 
     config = config_from_args(args)
+    setup_logging(config.log_level, args.log_format)  # the config's (or FEDASYNC_) log_level
     service = CoordinatorService(config, evaluator=make_evaluator(config))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
