@@ -342,17 +342,7 @@ class LogisticAdapter(_Classifier):
         return ((k, self._spec.n_features), (k,))
 
     def _make_estimator(self) -> Any:
-        s = self._spec
-        return SGDClassifier(
-            loss="log_loss",
-            penalty="l2",
-            alpha=s.l2,
-            learning_rate="constant",
-            eta0=s.learning_rate,
-            shuffle=False,  # we shuffle ourselves, with the adapter's seeded stream
-            average=False,
-            random_state=s.seed,
-        )
+        return SGDClassifier(loss="log_loss", **_sgd_settings(self._spec))
 
     def _warm_up(self) -> None:
         n = len(self._classes)
@@ -477,17 +467,7 @@ class LinearAdapter(ModelAdapter):
         return ((self._spec.n_features,), (1,))
 
     def _make_estimator(self) -> Any:
-        s = self._spec
-        return SGDRegressor(
-            loss="squared_error",
-            penalty="l2",
-            alpha=s.l2,
-            learning_rate="constant",
-            eta0=s.learning_rate,
-            shuffle=False,  # we shuffle ourselves, with the adapter's seeded stream
-            average=False,
-            random_state=s.seed,
-        )
+        return SGDRegressor(loss="squared_error", **_sgd_settings(self._spec))
 
     def _warm_up(self) -> None:
         self.estimator_.partial_fit(np.zeros((1, self._spec.n_features)), np.zeros(1))
@@ -543,3 +523,9 @@ def build_model(spec: ModelSpec) -> ModelAdapter:
         raise ModelError(f"no adapter for model kind {spec.kind!r}") from None
     return cls(spec)
 
+
+def _sgd_settings(s: ModelSpec) -> dict[str, Any]:
+    """What the two SGD estimators share: L2, a constant step, our own shuffling."""
+    return {"penalty": "l2", "alpha": s.l2, "learning_rate": "constant", "eta0": s.learning_rate,
+            "shuffle": False,  # we shuffle ourselves, with the adapter's seeded stream
+            "average": False, "random_state": s.seed}
