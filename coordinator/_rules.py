@@ -129,6 +129,20 @@ class _Buffered:
     def next_deadline(self) -> float | None:
         return None
 
+    def offer(self, model: Params, c: Contribution, *, now: float) -> Merge | None:
+        """Buffer `c`, then merge if the rule's condition now holds; a failed merge keeps
+        nothing of `c`."""
+        self._admit(model, c)
+        self._buffer.append(c)
+        try:
+            return self.poll(model, now=now)
+        except BaseException:
+            self._buffer.pop()
+            raise
+
+    def poll(self, model: Params, *, now: float) -> Merge | None:
+        raise NotImplementedError
+
     def _admit(self, model: Params, c: Contribution) -> None:
         if (reason := self._refusal(c)) is not None:
             raise InvalidUpdate(reason, f"{self.name} refuses update {c.update_id}: {reason}")
@@ -215,15 +229,6 @@ class FedBuff(_Buffered):
         self.staleness = staleness
         self.weight_by_samples = _flag("weight_by_samples", weight_by_samples)
 
-    def offer(self, model: Params, c: Contribution, *, now: float) -> Merge | None:
-        self._admit(model, c)
-        self._buffer.append(c)
-        try:
-            return self.poll(model, now=now)
-        except BaseException:
-            self._buffer.pop()
-            raise
-
     def poll(self, model: Params, *, now: float) -> Merge | None:
         # More than buffer_size only after a restore with a smaller buffer_size: merge them all.
         if len(self._buffer) < self.buffer_size:
@@ -273,15 +278,6 @@ class FedAvgSync(_Buffered):
 
     def next_deadline(self) -> float | None:
         return None if self.round_start is None else self.round_start + self.deadline_s
-
-    def offer(self, model: Params, c: Contribution, *, now: float) -> Merge | None:
-        self._admit(model, c)
-        self._buffer.append(c)
-        try:
-            return self.poll(model, now=now)
-        except BaseException:
-            self._buffer.pop()
-            raise
 
     def poll(self, model: Params, *, now: float) -> Merge | None:
         if self.round_start is None:

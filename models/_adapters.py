@@ -326,7 +326,26 @@ class _Classifier(ModelAdapter):
         }
 
 
-class LogisticAdapter(_Classifier):
+class _SGDParams(ModelAdapter):
+    """Parameter handling shared by the two SGD estimators: coef_ then intercept_."""
+
+    def _initial_vector(self, rng: np.random.Generator) -> NDArray[np.float32]:
+        # A convex problem: start at zero (sklearn does too); uniform probabilities at version 0.
+        return np.zeros(self._n_params, dtype=np.float32)
+
+    def _arrays(self) -> list[NDArray[np.float64]]:
+        return [self.estimator_.coef_, self.estimator_.intercept_]
+
+    def _assign(self, arrays: list[NDArray[np.float64]]) -> None:
+        self.estimator_.coef_, self.estimator_.intercept_ = arrays
+
+    def _reset_training_state(self) -> None:
+        # sklearn's step counter: unused by the constant schedule, reset so that equal vectors
+        # really mean equal estimators.
+        self.estimator_.t_ = 1.0
+
+
+class LogisticAdapter(_SGDParams, _Classifier):
     """Linear classifier trained with scikit-learn's `SGDClassifier` (``loss="log_loss"``).
 
     Note two sklearn semantics: with more than two classes it is one-vs-rest (one binary logistic
@@ -349,21 +368,6 @@ class LogisticAdapter(_Classifier):
         self.estimator_.partial_fit(
             np.zeros((n, self._spec.n_features)), self._classes, classes=self._classes
         )
-
-    def _initial_vector(self, rng: np.random.Generator) -> NDArray[np.float32]:
-        # A convex problem: start at zero (sklearn does too); uniform probabilities at version 0.
-        return np.zeros(self._n_params, dtype=np.float32)
-
-    def _arrays(self) -> list[NDArray[np.float64]]:
-        return [self.estimator_.coef_, self.estimator_.intercept_]
-
-    def _assign(self, arrays: list[NDArray[np.float64]]) -> None:
-        self.estimator_.coef_, self.estimator_.intercept_ = arrays
-
-    def _reset_training_state(self) -> None:
-        # sklearn's step counter: unused by the constant schedule, reset so that equal vectors
-        # really mean equal estimators.
-        self.estimator_.t_ = 1.0
 
     def _fit_batch(self, X: NDArray[np.float64], y: NDArray[Any]) -> None:
         self.estimator_.partial_fit(X, y, classes=self._classes)
@@ -455,7 +459,7 @@ class MLPAdapter(_Classifier):
         del est.loss_curve_[:-1]
 
 
-class LinearAdapter(ModelAdapter):
+class LinearAdapter(_SGDParams):
     """Linear regressor trained with scikit-learn's `SGDRegressor` (squared error).
 
     As for `LogisticAdapter`, sklearn steps after every sample within a mini-batch.
@@ -471,20 +475,6 @@ class LinearAdapter(ModelAdapter):
 
     def _warm_up(self) -> None:
         self.estimator_.partial_fit(np.zeros((1, self._spec.n_features)), np.zeros(1))
-
-    def _initial_vector(self, rng: np.random.Generator) -> NDArray[np.float32]:
-        return np.zeros(self._n_params, dtype=np.float32)
-
-    def _arrays(self) -> list[NDArray[np.float64]]:
-        return [self.estimator_.coef_, self.estimator_.intercept_]
-
-    def _assign(self, arrays: list[NDArray[np.float64]]) -> None:
-        self.estimator_.coef_, self.estimator_.intercept_ = arrays
-
-    def _reset_training_state(self) -> None:
-        # sklearn's step counter: unused by the constant schedule, reset so that equal vectors
-        # really mean equal estimators.
-        self.estimator_.t_ = 1.0
 
     def _check_y(self, y: ArrayLike, n_samples: int) -> NDArray[np.float64]:
         try:
