@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator._guards import GuardConfig
+from coordinator._participation import ParticipationConfig
 from coordinator._rules import RuleConfig
 from models import ConfigError, ModelSpec
 from models._config import load
@@ -55,6 +56,7 @@ class CoordinatorConfig:
     guards: GuardConfig = field(default_factory=GuardConfig)
     snapshots: SnapshotConfig = field(default_factory=SnapshotConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    participation: ParticipationConfig = field(default_factory=ParticipationConfig)
     batch_max: int = 500
     max_message_bytes: int = 16 * 1024 * 1024
     http: str = "127.0.0.1:9464"  # metrics + status; "" turns it off; port 0 picks a free one

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from coordinator._guards import GuardConfig, check_update
+from coordinator._participation import Ledger, ParticipationConfig
 from coordinator._rules import Contribution, Merge, MergeRule
 from coordinator._store import (
     Commit,
@@ -39,7 +40,7 @@ from models._wire import Ack, AckStatus, UpdateMessage, decode_update
 log = logging.getLogger("fedasync.coordinator")
 
 Evaluator = Callable[[Params], dict[str, float]]
-_ROUTINE = frozenset({"too_stale", "wrong_round"})
+_ROUTINE = frozenset({"too_stale", "wrong_round", "participation_cap"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +86,7 @@ class Engine:
         evaluator: Evaluator | None = None,
         eval_every: int = 1,
         max_message_bytes: int = 16 * 1024 * 1024,
+        participation: ParticipationConfig | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -94,6 +96,7 @@ class Engine:
         self.eval_every = max(1, eval_every)
         self.max_message_bytes = max_message_bytes
         self.clock = clock
+        self.participation = participation or ParticipationConfig()
         stored_spec = store.spec()
         if stored_spec is None:
             params = np.asarray(initial_params(), dtype=np.float32)
@@ -109,12 +112,19 @@ class Engine:
         self.version = version
         self.params = store.load_checkpoint(version)
         self.n_params = int(self.params.size)
+        self.ledger = self._load_ledger()
         pending = store.pending()
         rule.restore(pending, now=clock())
         self.tick()  # a buffer saved under a smaller K (or another rule) may be due already
         if version and not self._metrics_of(version) and evaluator is not None:
             store.set_metrics(version, evaluator(self.params))
         log.info("resumed at version %d with %d buffered update(s)", version, len(pending))
+
+    def _load_ledger(self) -> Ledger:
+        ledger = Ledger(self.participation)
+        now = self.clock()
+        ledger.seed(*self.store.participation(since=now - self.participation.window_s), now=now)
+        return ledger
 
     def _metrics_of(self, version: int) -> dict[str, float]:
         record = self.store.version(version)
@@ -145,6 +155,7 @@ class Engine:
             # messages are not PUBACKed and the broker will redeliver them.
             self.version, self.params = start_version, start_params
             self.rule.restore(self.store.pending(), now=self.clock())
+            self.ledger = self._load_ledger()
             raise
         return outcomes
 
@@ -195,6 +206,8 @@ class Engine:
                                                reason=None, version=known.version,
                                                detail=f"already {known.outcome}"), item.token)
         staleness = self.version - msg.base_version
+        now = self.clock()
+        wait: float | None = None
         try:
             if msg.device_id != item.device_id:
                 raise InvalidUpdate("device_mismatch", f"payload names device {msg.device_id!r} "
@@ -206,15 +219,21 @@ class Engine:
             if reason is not None:
                 raise InvalidUpdate(reason, f"base version {msg.base_version} is not the current "
                                             f"round's version {self.version}")
+            wait = self.ledger.retry_after(msg.device_id, now=now)
+            if wait is not None:
+                p = self.participation
+                raise InvalidUpdate("participation_cap", f"{p.cap} update(s) per {p.window_s:g} s "
+                                                         f"already taken; retry in {wait:.0f} s")
             delta, clipped = check_update(msg.delta, n_params=self.n_params,
                                           staleness=staleness, config=self.guards)
 
             contribution = Contribution(update_id=msg.update_id, device_id=msg.device_id,
                                         base_version=msg.base_version, staleness=staleness,
-                                        n_samples=msg.n_samples, delta=delta)
-            merge = self.rule.offer(self.params, contribution, now=self.clock())
+                                        n_samples=msg.n_samples, delta=delta,
+                                        participation=self.ledger.factor(msg.device_id, now=now))
+            merge = self.rule.offer(self.params, contribution, now=now)
         except InvalidUpdate as exc:
-            return self._reject(item, msg, staleness, exc, state)
+            return self._reject(item, msg, staleness, exc, state, retry_after=wait)
         except ModelError as exc:  # the merge itself would be non-finite; the rule kept nothing
             return self._reject(item, msg, staleness, InvalidUpdate("merge_failed", str(exc)),
                                 state)
@@ -222,6 +241,7 @@ class Engine:
             update_id=msg.update_id, device_id=msg.device_id, base_version=msg.base_version,
             staleness=staleness, n_samples=msg.n_samples, received_at=item.received_at,
             outcome="buffered", clipped=clipped)
+        self.ledger.taken(msg.device_id, now=now)
         state.pending_changed = True
         if merge is not None:
             self._apply(merge, state, source="merge")
@@ -240,6 +260,8 @@ class Engine:
             version=self.version, created_at=self.clock(), n_updates=len(merge.included),
             checksum=checksum(self.params), source=source, metrics={}))
         for c, w in zip(merge.included, merge.weights, strict=True):
+            self.ledger.merged(c.device_id, now=self.clock(), weight=float(w),
+                               staleness=c.staleness, n_samples=c.n_samples)
             record = state.records.get(c.update_id)
             if record is not None:
                 state.records[c.update_id] = replace(record, outcome="accepted",
@@ -255,7 +277,7 @@ class Engine:
                        item.token)
 
     def _reject(self, item: Incoming, msg: UpdateMessage, staleness: int, exc: InvalidUpdate,
-                state: _Batch) -> Outcome:
+                state: _Batch, *, retry_after: float | None = None) -> Outcome:
         # Late work is routine in a fleet (a round closed, the model moved on): not a warning.
         level = logging.INFO if exc.reason in _ROUTINE else logging.WARNING
         log.log(level, "rejected update %s from %s: %s (%s)", msg.update_id, item.device_id,
@@ -266,9 +288,11 @@ class Engine:
                 update_id=msg.update_id, device_id=msg.device_id, base_version=msg.base_version,
                 staleness=staleness, n_samples=msg.n_samples, received_at=item.received_at,
                 outcome="rejected", reason=exc.reason)
+            self.ledger.rejected(msg.device_id, exc.reason, now=item.received_at)
         return Outcome(item.device_id, Ack(update_id=msg.update_id, status="rejected",
                                            reason=exc.reason, version=self.version,
-                                           detail=str(exc)[:500]), item.token, staleness)
+                                           detail=str(exc)[:500], retry_after_s=retry_after),
+                       item.token, staleness)
 
     def _commit(self, state: _Batch, start_version: int) -> None:
         if self.version != start_version and self.evaluator is not None and (

@@ -50,10 +50,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(200, generate_latest(self.service.metrics.registry), CONTENT_TYPE_LATEST)
         elif path in ("/status", "/"):
             self._json(200, self.service.status())
+        elif path == "/devices":
+            self._json(200, self.service.devices())
         elif path == "/healthz":
             self._json(200, {"ok": True})
         else:
-            self._json(404, {"error": "not found", "paths": ["/metrics", "/status", "/healthz"]})
+            self._json(404, {"error": "not found",
+                             "paths": ["/metrics", "/status", "/devices", "/healthz"]})
 
     def do_POST(self) -> None:
         parts = urlsplit(self.path)

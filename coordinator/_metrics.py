@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter as Tally
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from coordinator._engine import Outcome
+from coordinator._participation import Report
 
 
 class Metrics:
@@ -49,3 +52,39 @@ class Metrics:
 
     def counts(self) -> dict[str, int]:
         return dict(self._tally)
+
+    def watch_participation(self, report: Callable[[], Report]) -> None:
+        """Participation metrics, computed from the ledger at scrape time (nothing per update)."""
+        self.registry.register(_ParticipationCollector(report))
+
+
+class _ParticipationCollector(Collector):
+    """One series per device seen: fine for fleets of thousands; filter with metric_relabel
+    configs in Prometheus if that is too many."""
+
+    def __init__(self, report: Callable[[], Report]) -> None:
+        self._report = report
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        r = self._report()
+        yield GaugeMetricFamily("fedasync_participation_gini", "Gini coefficient of updates "
+                                "taken per device in the window (0 = even)", value=r.gini)
+        yield GaugeMetricFamily("fedasync_participation_max_median_ratio", "Largest over median "
+                                "device share of merge weight in the window",
+                                value=r.max_median_ratio or 0.0)
+        yield GaugeMetricFamily("fedasync_participation_active_devices", "Devices with an update "
+                                "taken in the window", value=r.active_devices)
+        accepted = CounterMetricFamily("fedasync_device_updates_accepted", "Updates merged, per "
+                                       "device", labels=["device"])
+        samples = CounterMetricFamily("fedasync_device_samples", "Training samples behind merged "
+                                      "updates, per device", labels=["device"])
+        capped = CounterMetricFamily("fedasync_device_updates_capped", "Updates refused by the "
+                                     "participation cap, per device", labels=["device"])
+        share = GaugeMetricFamily("fedasync_device_window_share", "Share of merge weight in the "
+                                  "window, per device", labels=["device"])
+        for d in r.devices:
+            accepted.add_metric([d.device_id], d.accepted)
+            samples.add_metric([d.device_id], d.samples)
+            capped.add_metric([d.device_id], d.capped)
+            share.add_metric([d.device_id], d.window_share)
+        yield from (accepted, samples, capped, share)

@@ -31,7 +31,8 @@ _MAX_SAMPLES = 2**53
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Contribution:
     """A guarded update handed to a rule. `staleness` is current_version - base_version as
-    measured at arrival. The rule keeps a reference to `delta`: do not change it afterwards."""
+    measured at arrival. The rule keeps a reference to `delta`: do not change it afterwards.
+    `participation` multiplies the update's merge weight (coordinator/_participation.py)."""
 
     update_id: str
     device_id: str
@@ -39,6 +40,7 @@ class Contribution:
     staleness: int
     n_samples: int
     delta: Params
+    participation: float = 1.0
 
     def __post_init__(self) -> None:
         if self.staleness < 0:
@@ -48,6 +50,9 @@ class Contribution:
                                              f"{self.n_samples!r}")
         if self.delta.ndim != 1:
             raise InvalidUpdate("shape", f"delta must be 1-D, got shape {self.delta.shape}")
+        if not (isinstance(self.participation, float) and 0 < self.participation < math.inf):
+            raise ModelError(f"participation must be a positive float, got "
+                             f"{self.participation!r}")
 
 
 class PendingLike(Protocol):
@@ -179,7 +184,8 @@ class _Buffered:
 
 
 class FedAsync(_Buffered):
-    """Every update becomes a model at once: ``x <- x + a_t * delta``, a_t = alpha * s(t).
+    """Every update becomes a model at once: ``x <- x + a_t * delta``, a_t = alpha * s(t) * p
+    (p: the update's participation factor, 1 unless reweighting is on), at most 1.
 
     Xie et al. mix models, ``x <- (1 - a_t) x + a_t x_local``. Agents send delta = x_local -
     x_base, so we add a_t * delta instead: identical when the update is fresh (x_base = x), and
@@ -205,15 +211,20 @@ class FedAsync(_Buffered):
         return self._merge(model, self._buffer) if self._buffer else None
 
     def _merge(self, model: Params, cs: Sequence[Contribution]) -> Merge:
-        weights = [self.alpha * self.staleness(c.staleness) for c in cs]
+        weights = [min(self.alpha * self.staleness(c.staleness) * c.participation, 1.0)
+                   for c in cs]
         merge = _merge(model, cs, weights, scale=1.0)
         self._buffer = []
         return merge
 
 
 class FedBuff(_Buffered):
-    """Buffer `buffer_size` updates, then ``x <- x + eta_g * sum(w_i delta_i) / sum(w_i)`` with
-    w_i = n_i * s(t_i) (n_i = 1 when not `weight_by_samples`). (Nguyen et al. 2022)
+    """Buffer `buffer_size` updates, then ``x <- x + eta_g * sum(w_i p_i delta_i) / sum(w_i)``
+    with w_i = n_i * s(t_i) (n_i = 1 when not `weight_by_samples`). (Nguyen et al. 2022)
+
+    p_i is the participation factor (1 unless reweighting is on). It stays out of the
+    denominator on purpose: normalising it away would let a buffer filled by the most frequent
+    devices move the model as far as any other buffer, which is the bias being corrected.
 
     t_i is the staleness measured at arrival. That is exact: the version only moves when the
     buffer is emptied, so a buffered update cannot grow staler before it is merged.
@@ -238,7 +249,8 @@ class FedBuff(_Buffered):
         logs = np.array([(math.log(c.n_samples) if self.weight_by_samples else 0.0)
                          + self.staleness.log(c.staleness) for c in cs])
         w = np.exp(logs - logs.max())
-        merge = _merge(model, cs, list(w / w.sum()), scale=self.server_lr)
+        p = np.array([c.participation for c in cs])
+        merge = _merge(model, cs, list(w * p / w.sum()), scale=self.server_lr)
         self._buffer = []
         return merge
 

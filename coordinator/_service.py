@@ -18,6 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -67,7 +68,8 @@ class CoordinatorService:
             self.store, build_rule(config.rule), config.guards, spec=config.model,
             initial_params=self._adapter.get_params_vector, evaluator=evaluator,
             eval_every=config.evaluation.every, max_message_bytes=config.max_message_bytes,
-            clock=clock)
+            participation=config.participation, clock=clock)
+        self.metrics.watch_participation(lambda: self.engine.ledger.report(now=clock()))
         self.metrics.version.set(self.engine.version)
         self.metrics.devices_seen.set(self.store.devices_seen())
         # SimpleQueue: C-implemented, ~25x cheaper per put/get than Queue (1 us), twice per update.
@@ -311,8 +313,14 @@ class CoordinatorService:
             "pending": len(e.rule.pending()),
             "devices_seen": self.store.devices_seen(),
             "counts": self.metrics.counts(),
+            "participation": self.engine.ledger.report(now=time.time()).summary(),
             "uptime_s": round(time.time() - self._started_at, 1),
         }
+
+    def devices(self) -> dict[str, Any]:
+        """The participation report: the fairness summary and one row per device seen."""
+        report = self.engine.ledger.report(now=time.time())
+        return {**report.summary(), "devices": [asdict(r) for r in report.devices]}
 
     def _status_payload(self, state: str) -> bytes:
         return json.dumps({"state": state, "fleet": self.config.fleet,

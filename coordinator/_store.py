@@ -23,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
+from coordinator._participation import Seed, Totals
 from coordinator._rules import Contribution
 from models import ModelSpec, StateError
 
@@ -60,7 +61,8 @@ CREATE TABLE IF NOT EXISTS pending (
     base_version INTEGER NOT NULL,
     staleness    INTEGER NOT NULL,
     n_samples    INTEGER NOT NULL,
-    delta        BLOB NOT NULL
+    delta        BLOB NOT NULL,
+    participation REAL NOT NULL DEFAULT 1.0
 );
 """
 
@@ -140,9 +142,17 @@ class Store:
             # FULL: a committed group survives power loss, not only a process crash.
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            self._migrate()
         except (OSError, sqlite3.Error) as exc:
             raise StateError(f"cannot open state in {state_dir}: {exc}") from exc
         self._remove_orphan_checkpoints()
+
+    def _migrate(self) -> None:
+        # State written before participation reweighting existed: its buffer had factor 1.
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(pending)")}
+        if "participation" not in columns:
+            self._db.execute("ALTER TABLE pending ADD COLUMN participation REAL NOT NULL "
+                             "DEFAULT 1.0")
 
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
@@ -209,11 +219,28 @@ class Store:
 
     def pending(self) -> list[Contribution]:
         rows = self._db.execute(
-            "SELECT update_id, device_id, base_version, staleness, n_samples, delta FROM pending "
-            "ORDER BY seq").fetchall()
+            "SELECT update_id, device_id, base_version, staleness, n_samples, delta, "
+            "participation FROM pending ORDER BY seq").fetchall()
         return [Contribution(update_id=r[0], device_id=r[1], base_version=r[2], staleness=r[3],
-                              n_samples=r[4], delta=np.frombuffer(r[5], dtype="<f4").copy())
+                              n_samples=r[4], delta=np.frombuffer(r[5], dtype="<f4").copy(),
+                              participation=float(r[6]))
                 for r in rows]
+
+    def participation(self, *, since: float) -> tuple[list[Totals], list[Seed]]:
+        """What the participation ledger is rebuilt from: per-device totals over all lineage
+        (aggregated in SQLite), and the rows taken or merged at or after `since`, by arrival."""
+        totals = [Totals(*r) for r in self._db.execute(
+            "SELECT device_id, SUM(outcome = 'accepted'), "
+            "COALESCE(SUM(CASE WHEN outcome = 'accepted' THEN n_samples END), 0), "
+            "COALESCE(SUM(CASE WHEN outcome = 'accepted' THEN staleness END), 0), "
+            "SUM(outcome = 'rejected'), SUM(COALESCE(reason = 'participation_cap', 0)), "
+            "MAX(received_at) FROM updates GROUP BY device_id")]
+        recent = [Seed(*r) for r in self._db.execute(
+            "SELECT u.device_id, u.received_at, u.outcome, u.weight, v.created_at "
+            "FROM updates u LEFT JOIN versions v ON u.version = v.version "
+            "WHERE u.outcome != 'rejected' AND (u.received_at >= ? OR v.created_at >= ?) "
+            "ORDER BY u.received_at, u.rowid", (since, since))]
+        return totals, recent
 
     def devices_seen(self) -> int:
         # Counted once, then kept up to date by `commit`: the service asks after every batch,
@@ -287,9 +314,9 @@ class Store:
                     db.execute("DELETE FROM pending")
                     db.executemany(
                         "INSERT INTO pending(update_id, device_id, base_version, staleness, "
-                        "n_samples, delta) VALUES (?, ?, ?, ?, ?, ?)",
+                        "n_samples, delta, participation) VALUES (?, ?, ?, ?, ?, ?, ?)",
                         [(p.update_id, p.device_id, p.base_version, p.staleness, p.n_samples,
-                          np.ascontiguousarray(p.delta, dtype="<f4").tobytes())
+                          np.ascontiguousarray(p.delta, dtype="<f4").tobytes(), p.participation)
                          for p in commit.pending])
         except sqlite3.Error as exc:
             if commit.model is not None:

@@ -74,6 +74,16 @@ def _parser() -> argparse.ArgumentParser:
     versions.add_argument("--json", action="store_true")
     versions.set_defaults(func=_versions)
 
+    devices = sub.add_parser("devices", help="per-device participation and the fairness summary")
+    common(devices)
+    devices.add_argument("--window", type=float,
+                         help="sliding window in seconds (default: participation.window_s)")
+    devices.add_argument("--sort", choices=["share", "updates", "accepted", "device", "last"],
+                         default="share", help="row order (%(default)s)")
+    devices.add_argument("--limit", type=int, default=0, help="show at most N rows (0: all)")
+    devices.add_argument("--json", action="store_true")
+    devices.set_defaults(func=_devices)
+
     export = sub.add_parser("export", help="write one version's model as ONNX")
     common(export)
     export.add_argument("--version", type=int, help="version (default: current)")
@@ -178,6 +188,47 @@ def _versions(args: argparse.Namespace) -> int:
         metrics = " ".join(f"{v.metrics[k]:>9.4f}" if k in v.metrics else f"{'-':>9}"
                            for k in keys)
         print(f"{v.version:>8} {created:<20} {v.n_updates:>7} {v.source:<12} {metrics}")
+    return 0
+
+
+def _devices(args: argparse.Namespace) -> int:
+    from dataclasses import asdict, replace
+
+    from coordinator._participation import Ledger
+
+    config = config_from_args(args)
+    window = config.participation
+    if args.window is not None:
+        window = replace(window, window_s=args.window)
+    if not (Path(config.state_dir) / "state.db").exists():
+        raise FedAsyncError(f"no state in {config.state_dir} (pass --state-dir or --config)")
+    store = Store(Path(config.state_dir))  # a reader: WAL lets the running service go on
+    now = time.time()
+    ledger = Ledger(window)
+    ledger.seed(*store.participation(since=now - window.window_s), now=now)
+    report = ledger.report(now=now)
+    order = {"share": lambda r: (-r.window_share, -r.window_updates, r.device_id),
+             "updates": lambda r: (-r.window_updates, r.device_id),
+             "accepted": lambda r: (-r.accepted, r.device_id),
+             "device": lambda r: r.device_id,
+             "last": lambda r: -(r.last_at or 0.0)}[args.sort]
+    rows = sorted(report.devices, key=order)[:args.limit or None]
+    if args.json:
+        print(json.dumps({**report.summary(), "devices": [asdict(r) for r in rows]}, indent=1))
+        return 0
+    print(f"{'device':<24} {'accepted':>8} {'samples':>9} {'stale':>6} {'rejected':>8} "
+          f"{'capped':>6} {'window':>6} {'share':>6}  last seen (UTC)")
+    for r in rows:
+        stale = "-" if r.mean_staleness is None else f"{r.mean_staleness:.1f}"
+        last = "-" if r.last_at is None else time.strftime("%Y-%m-%d %H:%M:%S",
+                                                           time.gmtime(r.last_at))
+        print(f"{r.device_id:<24} {r.accepted:>8} {r.samples:>9} {stale:>6} {r.rejected:>8} "
+              f"{r.capped:>6} {r.window_updates:>6} {r.window_share:>6.1%}  {last}")
+    s = report.summary()
+    ratio = "-" if s["max_median_ratio"] is None else f"{s['max_median_ratio']:.2f}"
+    print(f"\n{s['devices_seen']} devices seen, {s['active_devices']} active in the last "
+          f"{window.window_s:g} s; participation Gini {s['gini']:.3f} (0 = even), "
+          f"max/median contribution {ratio}")
     return 0
 
 

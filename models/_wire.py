@@ -51,6 +51,7 @@ MAX_PARAMS = 10_000_000
 MAX_METRICS = 16
 MAX_COHORT = 900  # ids of up to 64 characters stay inside the 64 KiB header
 MAX_DETAIL_CHARS = 500
+MAX_RETRY_AFTER_S = 7 * 86_400.0
 # Versions and counts stay exact in any JSON reader (JavaScript dashboards included).
 MAX_INT = 2**53 - 1
 # Unix seconds up to year ~5100: anything later is a corrupt clock or a hostile sender.
@@ -222,7 +223,9 @@ class Ack:
     `reason` (a snake_case code such as ``non_finite``) is required iff `status` is
     ``rejected``. `version` is the model version that includes the update, or the current
     version on rejection; None when not (yet) known. `update_id` is None only on the rejection
-    of a message too malformed to name its update.
+    of a message too malformed to name its update. `retry_after_s`, only on a rejection, asks
+    the device not to train again for that long (a participation cap: its work would be refused
+    again, so training now would only spend its battery).
     """
 
     update_id: str | None
@@ -230,6 +233,7 @@ class Ack:
     reason: str | None = None
     version: int | None = None
     detail: str = ""
+    retry_after_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.update_id is not None or self.status != "rejected":
@@ -243,6 +247,10 @@ class Ack:
             raise WireError(f"only a rejection carries a reason, got {_show(self.reason)}")
         if self.version is not None:
             _int(self.version, "version", 0)
+        if self.retry_after_s is not None:
+            if self.status != "rejected":
+                raise WireError("only a rejection carries retry_after_s")
+            _float(self.retry_after_s, "retry_after_s", 0.0, MAX_RETRY_AFTER_S)
         if not isinstance(self.detail, str) or len(self.detail) > MAX_DETAIL_CHARS:
             raise WireError(f"detail must be a string of at most {MAX_DETAIL_CHARS} characters")
         try:  # lone surrogates (legal in JSON escapes) would break every log line downstream
@@ -493,9 +501,12 @@ def decode_snapshot(data: bytes, *, max_message_bytes: int = MAX_SNAPSHOT_BYTES,
 
 def encode_ack(ack: Ack) -> bytes:
     """Compact UTF-8 JSON, readable as is on the wire."""
-    raw = json.dumps({"schema": SCHEMA, "kind": "ack", "update_id": ack.update_id,
-                      "status": ack.status, "reason": ack.reason, "version": ack.version,
-                      "detail": ack.detail}, ensure_ascii=False, separators=(",", ":")).encode()
+    obj: dict[str, Any] = {"schema": SCHEMA, "kind": "ack", "update_id": ack.update_id,
+                           "status": ack.status,
+           "reason": ack.reason, "version": ack.version, "detail": ack.detail}
+    if ack.retry_after_s is not None:  # optional key: agents that predate it read every other ack
+        obj["retry_after_s"] = ack.retry_after_s
+    raw = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
     if len(raw) > MAX_ACK_BYTES:  # cannot happen with a 500-character detail; guards edits
         raise WireError(f"ack is {len(raw)} bytes; the limit is {MAX_ACK_BYTES}")
     return raw
@@ -505,7 +516,8 @@ def decode_ack(data: bytes) -> Ack:
     """Parse an ack from the network. Raises `WireError` / `UnsupportedSchema`."""
     obj = _json_object(_bytes(data, MAX_ACK_BYTES, "ack"), "ack")
     _check_header(obj, ("ack",), "ack")
-    _check_keys(obj, _ACK_KEYS)
+    _check_keys(obj, _ACK_KEYS | ({"retry_after_s"} & obj.keys()))
     # Ack validates every field itself; a hostile status/reason/version lands there.
     return Ack(update_id=obj["update_id"], status=obj["status"], reason=obj["reason"],
-               version=obj["version"], detail=obj["detail"])
+               version=obj["version"], detail=obj["detail"],
+               retry_after_s=obj.get("retry_after_s"))

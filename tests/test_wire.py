@@ -203,7 +203,8 @@ def test_snapshot_round_trips(w: NDArray[np.float32], onnx: bytes, version: int,
         lambda t: not any(0xD800 <= ord(c) <= 0xDFFF for c in t)))
     | st.builds(Ack, update_id=st.none() | ids, status=st.just("rejected"),
                 reason=st.from_regex(r"[a-z][a-z0-9_]{0,31}", fullmatch=True),
-                version=st.none() | st.integers(0, 100)))
+                version=st.none() | st.integers(0, 100),
+                retry_after_s=st.none() | st.floats(0, 7 * 86_400)))
 def test_ack_round_trips(ack: Ack) -> None:
     data = encode_ack(ack)
     assert len(data) <= 4096
@@ -523,6 +524,11 @@ def test_non_bytes_input() -> None:
     {"update_id": "u/1", "status": "accepted"},
     {"update_id": None, "status": "accepted"},  # only a rejection may lack the update id
     {"update_id": None, "status": "duplicate"},
+    {"update_id": "u", "status": "accepted", "retry_after_s": 5.0},  # only on a rejection
+    {"update_id": "u", "status": "rejected", "reason": "x", "retry_after_s": -1.0},
+    {"update_id": "u", "status": "rejected", "reason": "x", "retry_after_s": float("inf")},
+    {"update_id": "u", "status": "rejected", "reason": "x", "retry_after_s": 1e9},
+    {"update_id": "u", "status": "rejected", "reason": "x", "retry_after_s": "5"},
 ])
 def test_ack_validation(raw: dict[str, Any]) -> None:
     fields = {"reason": None, "version": None, "detail": ""} | raw
@@ -530,6 +536,15 @@ def test_ack_validation(raw: dict[str, Any]) -> None:
         Ack(**fields)
     with pytest.raises(WireError):
         decode_ack(json.dumps({"schema": 1, "kind": "ack", **fields}).encode())
+
+
+def test_retry_after_is_optional_on_the_wire() -> None:
+    # Acks without it (every ack but a capped rejection) are byte-identical to before.
+    assert b"retry_after_s" not in encode_ack(Ack(update_id="u", status="rejected", reason="x"))
+    capped = Ack(update_id="u", status="rejected", reason="participation_cap",
+                 retry_after_s=120.5)
+    assert json.loads(encode_ack(capped))["retry_after_s"] == 120.5
+    assert decode_ack(encode_ack(capped)) == capped
 
 
 # ---------------------------------------------------------------------------- encode side
