@@ -4,6 +4,10 @@
 seconds). A `Link` carries its messages; `agent._runner` gives it a paho client for a real
 device, the fleet simulator gives many agents a shared one. Nothing finished is ever lost: an
 update is spooled to disk before it is published and leaves the spool only when acked.
+
+Site control (`agent._hooks`): eligibility hooks are extra checks in the gate; an approval hook,
+when configured, sees each finished update's metadata before it is spooled, and a refused update
+is never sent: it is dropped or held for an operator (`agent._held`), as ``on_refused`` says.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import numpy as np
 
 from agent._config import AgentConfig
 from agent._data import DataSource
+from agent._held import HeldUpdates
+from agent._hooks import Approval, load_approval, load_eligibility_hooks, update_metadata
 from agent._policy import Decision, EligibilityGate
 from agent._readings import ReadingsSource
 from agent._spool import Spool
@@ -53,6 +59,8 @@ class _Counters:
     accepted: int = 0
     rejected: int = 0
     aborted: int = 0
+    approved: int = 0  # by the approval hook
+    refused: int = 0
 
 
 class Agent:
@@ -81,7 +89,13 @@ class Agent:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.spool = Spool(self.state_dir / "spool", max_count=config.spool_max_count,
                            max_bytes=config.spool_max_bytes)
-        self.gate = EligibilityGate(config.policy)
+        self.held = HeldUpdates(self.state_dir / "held", max_count=config.spool_max_count,
+                                max_bytes=config.spool_max_bytes)
+        # Imported now, so a hook that cannot load stops the agent at start (ConfigError).
+        self.gate = EligibilityGate(config.policy,
+                                    extra_checks=load_eligibility_hooks(config.eligibility_hooks))
+        self.approval = load_approval(config.approval_hook, timeout_s=config.approval_timeout_s)
+        self.last_approval: dict[str, Any] | None = None
         self.counters = _Counters()
         self.snapshot: Snapshot | None = None
         self.decision: Decision | None = None
@@ -92,6 +106,7 @@ class Agent:
         self._lock = threading.RLock()
         self._progress = self._load_progress()
         self._last_train_at = -float("inf")
+        self._backoff_until = -float("inf")  # monotonic; set by a rejection with retry_after_s
         self._load_saved_snapshot()
 
     # -- inputs ------------------------------------------------------------------------------
@@ -148,9 +163,13 @@ class Agent:
             self.counters.rejected += 1
             self.last_rejection = f"{ack.update_id}: {ack.reason}"
             # Stale work is routine (the fleet moved on); anything else is worth a warning.
-            routine = ack.reason in ("too_stale", "wrong_round")
+            routine = ack.reason in ("too_stale", "wrong_round", "participation_cap")
             log.log(logging.INFO if routine else logging.WARNING, "update %s rejected: %s %s",
                     ack.update_id, ack.reason, ack.detail)
+            if ack.retry_after_s is not None:
+                self._backoff_until = self.monotonic() + ack.retry_after_s
+                log.info("coordinator asks for no new update for %.0f s: backing off",
+                         ack.retry_after_s)
         elif removed:
             self.counters.accepted += 1
             log.info("update %s %s (version %s)", ack.update_id, ack.status, ack.version)
@@ -179,7 +198,8 @@ class Agent:
         return (decision.eligible and snapshot is not None and
                 # A synchronous round names the devices it wants; the others sit it out.
                 (snapshot.cohort is None or self.config.device_id in snapshot.cohort) and
-                self.monotonic() - self._last_train_at >= self.config.min_train_interval_s)
+                self.monotonic() - self._last_train_at >= self.config.min_train_interval_s and
+                self.monotonic() >= self._backoff_until)
 
     def train_once(self) -> UpdateMessage | None:
         """Train from the newest snapshot, then spool and publish. None if skipped/stopped."""
@@ -227,17 +247,45 @@ class Agent:
         log.info("training stopped early: %s", reason)
 
     def deliver(self, update: UpdateMessage) -> None:
-        """Spool (durably) then publish; the spool keeps it until the coordinator acks it."""
+        """Ask the approval hook (if any), then spool (durably) and publish; the spool keeps it
+        until the coordinator acks it. A refused update is dropped or held, never sent."""
         self.counters.trained += 1
         payload = encode_update(update, topk_fraction=self.config.training.topk_fraction)
-        self.spool.put(update.update_id, payload)
+        verdict = self._ask_approval(update, payload)
+        send = verdict is None or verdict.approved
+        if verdict is not None and not send:
+            if self.config.on_refused == "keep":
+                self.held.put(update.update_id, payload, reason=verdict.reason, now=self.clock())
+        else:
+            self.spool.put(update.update_id, payload)
+        # Progress moves on even after a refusal: retraining at once on the same data and model
+        # would most likely be refused again, and only spend the device's battery.
         self._progress.update(samples_at_last_train=update.n_samples,
                               last_base_version=update.base_version)
         _atomic_write(self.state_dir / "progress.json", json.dumps(self._progress).encode())
-        if self.link.connected:
+        if send and self.link.connected:
             self.link.publish(self.topics.update(self.config.device_id), payload, qos=1)
             self.counters.sent += 1
         self.publish_status()
+
+    def _ask_approval(self, update: UpdateMessage, payload: bytes) -> Approval | None:
+        """The approval hook's verdict, counted and logged; None when there is no hook."""
+        if self.approval is None:
+            return None
+        verdict = self.approval(update_metadata(update, fleet=self.config.fleet,
+                                                payload_bytes=len(payload)))
+        self.last_approval = {"update_id": update.update_id, "approved": verdict.approved,
+                              "reason": verdict.reason}
+        if verdict.approved:
+            self.counters.approved += 1
+            log.info("update %s approved: %s", update.update_id, verdict.reason)
+        else:
+            self.counters.refused += 1
+            fate = ("kept in held/ for an operator (fedasync-agent held list|release|drop)"
+                    if self.config.on_refused == "keep" else "dropped")
+            log.warning("update %s refused by the approval hook, %s: %s", update.update_id,
+                        fate, verdict.reason)
+        return verdict
 
     def _stop_training(self) -> bool:
         return not self.check().eligible
@@ -260,6 +308,11 @@ class Agent:
             "rejected": self.counters.rejected,
             "aborted": self.counters.aborted,
             "last_rejection": self.last_rejection,
+            "approval": {"enabled": self.approval is not None,
+                         "approved": self.counters.approved, "refused": self.counters.refused,
+                         "last": self.last_approval},
+            "held": len(self.held),
+            "backoff_s": max(round(self._backoff_until - self.monotonic(), 1), 0.0),
             "model_rejection": self.model_rejection,
             "models_signed": self._verifier is not None,
         }

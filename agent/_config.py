@@ -7,8 +7,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from agent._hooks import COMMAND_PREFIX, check_spec, command_argv
 from agent._policy import PolicyConfig
 from agent._trainer import TrainConfig
 from models import ConfigError
@@ -38,6 +39,16 @@ class AgentConfig:
     # The coordinator's Ed25519 public key(s) (PEM files). When set, a model that is not signed
     # by one of them is refused and the previous model kept.
     coordinator_public_keys: tuple[str, ...] = ()
+    # Site control (agent/_hooks.py; docs/operations.md, "Site control hooks").
+    # More eligibility checks, each "package.module:function" called with the device's Readings.
+    eligibility_hooks: tuple[str, ...] = ()
+    # Asked before a finished update is spooled: "package.module:function" or
+    # "cmd:/path/to/program args..." (metadata as JSON on stdin; exit status 0 approves).
+    approval_hook: str | None = None
+    approval_timeout_s: float = 30.0  # a command still running then is killed: a refusal
+    # A refused update is deleted ("drop") or kept in <state_dir>/held ("keep") until an
+    # operator releases or drops it (fedasync-agent held ...). Never sent either way.
+    on_refused: Literal["keep", "drop"] = "drop"
     training: TrainConfig = field(default_factory=TrainConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     log_level: str = "INFO"
@@ -54,6 +65,34 @@ class AgentConfig:
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{key} must be a non-negative number of seconds", key=key)
+        self._check_site_control()
+
+    def _check_site_control(self) -> None:
+        """Syntax only: importing the hooks is the agent's job when it starts (`agent._hooks`)."""
+        hooks = self.eligibility_hooks
+        if isinstance(hooks, str):  # FEDASYNC_ELIGIBILITY_HOOKS=site:fn, one hook without [...]
+            hooks = (hooks,)
+            object.__setattr__(self, "eligibility_hooks", hooks)
+        if not isinstance(hooks, tuple):
+            raise ConfigError(f"eligibility_hooks must be a list of package.module:function, "
+                              f"got {hooks!r}", key="eligibility_hooks")
+        for spec in hooks:
+            check_spec(spec, key="eligibility_hooks")
+        if len(set(hooks)) != len(hooks):
+            raise ConfigError("eligibility_hooks lists a hook twice", key="eligibility_hooks")
+        hook = self.approval_hook
+        if isinstance(hook, str) and hook.startswith(COMMAND_PREFIX):
+            command_argv(hook)
+        elif hook is not None:
+            check_spec(hook, key="approval_hook", alternative=f" or {COMMAND_PREFIX}program args")
+        timeout = self.approval_timeout_s
+        if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                or not math.isfinite(timeout) or timeout <= 0):
+            raise ConfigError(f"approval_timeout_s must be a positive number of seconds, got "
+                              f"{timeout!r}", key="approval_timeout_s")
+        if self.on_refused not in ("keep", "drop"):
+            raise ConfigError(f'on_refused must be "keep" or "drop", got {self.on_refused!r}',
+                              key="on_refused")
 
 
 def load_config(

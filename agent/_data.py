@@ -6,13 +6,13 @@ how many samples are new since its last training to decide whether training is w
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from agent._hooks import load_hook
 from models import ConfigError
 from models._files import Features, Labels, load_xy
 
@@ -63,22 +63,8 @@ class CallableSource:
         return X, y
 
 
-def load_hook(spec: str) -> Callable[..., object]:
-    """Resolve ``package.module:function``; errors name the hook."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ConfigError(f"hook must look like module:function, got {spec!r}")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"cannot load hook {spec!r}: {exc}") from exc
-    if not callable(fn):
-        raise ConfigError(f"hook {spec!r} is not callable")
-    return fn  # type: ignore[no-any-return]
-
-
 def open_source(spec: str, *, label: str = "label") -> DataSource:
     """``module:function`` is a hook; anything else is a directory or file path."""
     if ":" in spec and not Path(spec).exists():
-        return CallableSource(load_hook(spec), name=spec)  # type: ignore[arg-type]
+        return CallableSource(load_hook(spec, key="data"), name=spec)  # type: ignore[arg-type]
     return DirectorySource(Path(spec), label=label)

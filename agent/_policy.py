@@ -16,6 +16,10 @@ the decision from flapping. The rule, in full:
   hovers at the threshold cannot make training start and stop every few seconds. At start-up
   the count starts at the first passing `update` (``min_dwell_s=0`` makes it immediate).
 
+* Site checks (`agent._hooks`, the config's ``eligibility_hooks``) are extra rows computed by
+  the caller and passed to `evaluate` (or given to the gate), so `evaluate` stays pure. They
+  have no margins; otherwise they count like any other check, dwell included.
+
 Missing readings: no battery means mains power (passes); no temperature sensor passes (many
 boards have none) and says "unavailable"; unknown charging counts as not charging; missing cpu
 or memory fails closed: training on a device we cannot see could harm its real work.
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
@@ -209,17 +214,23 @@ def _window(r: Readings, c: PolicyConfig, relax: bool) -> tuple[Check, str]:
 _CHECKS = (_power, _network, _cpu, _memory, _temperature, _window)
 
 
-def evaluate(readings: Readings, config: PolicyConfig, *, was_eligible: bool = False) -> Decision:
-    """One `Check` per condition; ``was_eligible`` relaxes thresholds by the margins.
+# A check computed outside the policy (a site hook): readings -> (Check, phrase when it fails).
+ExtraCheck = Callable[[Readings], tuple[Check, str]]
+
+
+def evaluate(readings: Readings, config: PolicyConfig, *, was_eligible: bool = False,
+             extra: Sequence[tuple[Check, str]] = ()) -> Decision:
+    """One `Check` per condition, then the `extra` ones (already computed, e.g. site hooks);
+    ``was_eligible`` relaxes the built-in thresholds by the margins.
 
     ``held`` is True when the device passes only thanks to the margins (it would not start now).
     """
-    results = [check(readings, config, was_eligible) for check in _CHECKS]
+    results = [check(readings, config, was_eligible) for check in _CHECKS] + list(extra)
     failures = [why for chk, why in results if not chk.passed]
     checks = tuple(chk for chk, _ in results)
     if failures:
         return Decision(False, checks, "; ".join(failures))
-    if was_eligible:
+    if was_eligible:  # the extra checks have no margins: they passed strictly already
         strict = [why for chk, why in (f(readings, config, False) for f in _CHECKS)
                   if not chk.passed]
         if strict:
@@ -234,11 +245,12 @@ class EligibilityGate:
     Call `update` before training and between epochs, and also periodically (every few seconds)
     while idle: the dwell counts consecutive passing updates, so it is only as fine as the polling.
     ``now`` should be ``time.monotonic()`` (immune to clock changes); if it goes backwards the
-    dwell count restarts.
+    dwell count restarts. ``extra_checks`` (site hooks) are called once per `update`.
     """
 
-    def __init__(self, config: PolicyConfig) -> None:
+    def __init__(self, config: PolicyConfig, *, extra_checks: Sequence[ExtraCheck] = ()) -> None:
         self.config = config
+        self.extra_checks = tuple(extra_checks)
         self._lock = threading.Lock()
         self._eligible = False
         self._passing_since: float | None = None
@@ -267,7 +279,8 @@ class EligibilityGate:
             return d
 
     def _decide(self, readings: Readings, now: float) -> Decision:
-        d = evaluate(readings, self.config, was_eligible=self._eligible)
+        extra = [check(readings) for check in self.extra_checks]
+        d = evaluate(readings, self.config, was_eligible=self._eligible, extra=extra)
         if not d.eligible:  # leaving is immediate
             self._passing_since = None
             return d

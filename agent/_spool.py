@@ -36,10 +36,11 @@ class Spooled:
 
 class Spool:
     def __init__(self, directory: Path, *, max_count: int = 100,
-                 max_bytes: int = 64 * 1024 * 1024) -> None:
+                 max_bytes: int = 64 * 1024 * 1024, label: str = "spool") -> None:
         if max_count < 1 or max_bytes < 1:
             raise StateError("spool bounds must be positive")
         self.directory = directory
+        self.label = label  # which outbox, in log messages ("spool", "held")
         self.max_count = max_count
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
@@ -117,5 +118,5 @@ class Spool:
                 oldest.path.unlink()
             total -= oldest.size
             self.dropped += 1
-            log.warning("spool full (%d updates, %d bytes max): dropped the oldest update %s",
-                        self.max_count, self.max_bytes, oldest.update_id)
+            log.warning("%s full (%d updates, %d bytes max): dropped the oldest update %s",
+                        self.label, self.max_count, self.max_bytes, oldest.update_id)

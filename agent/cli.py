@@ -63,6 +63,20 @@ def _parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="local state: model version, spool, progress")
     status.set_defaults(func=_status)
+
+    held = sub.add_parser(
+        "held", help="updates the approval hook refused and kept (on_refused = \"keep\")",
+        description="Updates refused by the approval hook are never sent; with on_refused = "
+                    "\"keep\" they wait in <state_dir>/held for an operator.")
+    held_sub = held.add_subparsers(dest="held_command", required=True)
+    held_sub.add_parser("list", help="held updates as JSON, oldest first, with the reason")
+    release = held_sub.add_parser(
+        "release", help="move into the spool, to be sent at the agent's next connect "
+                        "(overrides the approval hook; logged)")
+    release.add_argument("update_ids", nargs="+", metavar="ID")
+    drop = held_sub.add_parser("drop", help="delete for good")
+    drop.add_argument("update_ids", nargs="+", metavar="ID")
+    held.set_defaults(func=_held)
     return p
 
 
@@ -90,13 +104,16 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from agent._hooks import load_eligibility_hooks
     from agent._policy import evaluate, format_decision
     from agent._readings import PsutilReader
 
     config = _config(args, need_id=False)
+    hooks = load_eligibility_hooks(config.eligibility_hooks)
     reader = PsutilReader()
     threading.Event().wait(0.5)  # CPU load is a rate: measure it over half a second
-    decision = evaluate(reader.read(), config.policy)
+    readings = reader.read()
+    decision = evaluate(readings, config.policy, extra=[hook(readings) for hook in hooks])
     if args.json:
         print(json.dumps(decision.to_dict(), indent=1))
     else:
@@ -132,6 +149,7 @@ def _features(path: Path, load_xy: Any, label: str) -> Any:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from agent._held import HeldUpdates
     from agent._spool import Spool
     from models._wire import decode_snapshot
 
@@ -147,11 +165,35 @@ def _status(args: argparse.Namespace) -> int:
     spool = Spool(state / "spool")
     out["spool_depth"] = len(spool)
     out["spool_bytes"] = spool.total_bytes()
+    out["held"] = len(HeldUpdates(state / "held"))
     try:
         out["progress"] = json.loads((state / "progress.json").read_text())
     except (OSError, ValueError):
         out["progress"] = {}
     print(json.dumps(out, indent=1))
+    return 0
+
+
+def _held(args: argparse.Namespace) -> int:
+    from agent._held import HeldUpdates
+    from agent._spool import Spool
+
+    config = _config(args, need_id=False)
+    state = Path(config.state_dir)
+    held = HeldUpdates(state / "held", max_count=config.spool_max_count,
+                       max_bytes=config.spool_max_bytes)
+    if args.held_command == "list":
+        print(json.dumps(held.entries(), indent=1))
+        return 0
+    if args.held_command == "release":
+        spool = Spool(state / "spool", max_count=config.spool_max_count,
+                      max_bytes=config.spool_max_bytes)
+        missing = [i for i in args.update_ids if not held.release(i, spool)]
+    else:
+        missing = [i for i in args.update_ids if not held.drop(i)]
+    if missing:
+        print(f"error: no held update {', '.join(missing)} in {state / 'held'}", file=sys.stderr)
+        return 1
     return 0
 
 
