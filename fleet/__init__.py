@@ -2,12 +2,25 @@
 real broker and the real coordinator."""
 
 from fleet._broker import EmbeddedBroker, MosquittoBroker, start_broker
-from fleet._sim import RunResult, SimConfig, build_fleet, run_rule
+from fleet._fleetfile import (
+    DeviceEntry,
+    FleetFile,
+    FleetFileError,
+    export_fleet,
+    load_fleet,
+    parse_fleet_file,
+    replay_config,
+)
+from fleet._sim import Fleet, RunResult, SimConfig, build_fleet, local_evaluation, run_rule
 from fleet._traces import DeviceTrace, FleetProfile, Intervals, SimClock, generate_fleet
 
 __all__ = [
+    "DeviceEntry",
     "DeviceTrace",
     "EmbeddedBroker",
+    "Fleet",
+    "FleetFile",
+    "FleetFileError",
     "FleetProfile",
     "Intervals",
     "MosquittoBroker",
@@ -15,7 +28,12 @@ __all__ = [
     "SimClock",
     "SimConfig",
     "build_fleet",
+    "export_fleet",
     "generate_fleet",
+    "load_fleet",
+    "local_evaluation",
+    "parse_fleet_file",
+    "replay_config",
     "run_rule",
     "start_broker",
 ]

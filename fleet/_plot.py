@@ -15,7 +15,9 @@ COLORS = {"fedbuff": "tab:blue", "fedasync": "tab:green", "fedavg-sync": "tab:re
 
 
 def plot_accuracy(results: Sequence[RunResult], path: Path, *, scale: float,
-                  target: float | None = None, title: str = "") -> Path:
+                  target: float | None = None, title: str = "", metric: str = "accuracy"
+                  ) -> Path:
+    """The held-out `metric` over time per rule (accuracy; R^2 for a regressor)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,14 +30,18 @@ def plot_accuracy(results: Sequence[RunResult], path: Path, *, scale: float,
         t = [max(e[0], 0.0) for e in r.evaluations]
         acc = [e[2] for e in r.evaluations]
         ttt = r.summary.get("time_to_target_s")
-        label = f"{r.rule} (final {r.summary.get('final_accuracy')}"
+        label = f"{r.rule} (final {r.summary.get('final_metric')}"
         label += f", target at {ttt:.1f}s)" if ttt is not None else ", target not reached)"
         ax.plot(t, acc, drawstyle="steps-post", color=COLORS.get(r.rule), label=label)
     if target is not None:
         ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target}")
     ax.set_xlabel("wall-clock seconds")
-    ax.set_ylabel("held-out accuracy")
-    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"held-out {'R²' if metric == 'r2' else metric}")
+    if metric == "accuracy":
+        ax.set_ylim(0, 1)
+    else:  # R^2 starts far below 0 for an untrained model; show its useful range
+        low = min((e[2] for r in results for e in r.evaluations), default=0.0)
+        ax.set_ylim(max(low, -1.0) - 0.05, 1.0)
     ax.grid(alpha=0.3)
     def to_hours(s: Any) -> Any:
         return np.asarray(s) * scale / 3600

@@ -1,4 +1,6 @@
-"""``fedasync-sim``: simulate a fleet on a local broker and compare merge rules."""
+"""``fedasync-sim``: simulate a fleet on a local broker and compare merge rules; replay a user's
+own fleet from a fleet file (``--fleet-file``) or write the synthetic one as such a file
+(``export-fleet``)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from fleet._sim import RULES, RunResult, SimConfig, build_fleet, fleet_summary, run_rule, speedup
-from models import FedAsyncError
+from fleet._sim import (
+    RULES,
+    RunResult,
+    SimConfig,
+    build_fleet,
+    fleet_summary,
+    metric_of,
+    run_rule,
+    speedup,
+)
+from models import ConfigError, FedAsyncError
 from models._logging import setup_logging
 
 log = logging.getLogger("fedasync.fleet")
@@ -34,23 +45,63 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+# Flags that set a SimConfig field: (flag's dest, field). Their argparse default is None, so
+# only flags actually given override a fleet file's settings.
+_FIELDS = (("devices", "devices"), ("duration", "duration_s"), ("scale", "scale"),
+           ("seed", "seed"), ("model", "model"), ("dataset", "dataset"),
+           ("encoding", "encoding"), ("alpha", "dirichlet_alpha"), ("target", "target_accuracy"),
+           ("workers", "workers"), ("lr", "learning_rate"), ("local_epochs", "local_epochs"),
+           ("batch_size", "batch_size"), ("hidden", "hidden"), ("l2", "l2"),
+           ("cohort", "cohort_size"), ("over_selection", "over_selection"),
+           ("fedasync_alpha", "fedasync_alpha"), ("fedbuff_k", "fedbuff_k"))
+_SYNTHETIC_ONLY = {"devices": "--devices", "dataset": "--dataset", "dirichlet_alpha": "--alpha"}
+
+
+def _hidden(text: str) -> tuple[int, ...]:
+    try:
+        layers = tuple(int(h) for h in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 32 or 64,32, got {text!r}"
+                                         ) from None
+    return layers
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     d = SimConfig()
-    p.add_argument("--devices", type=int, default=d.devices, help="simulated devices (%(default)s)")
-    p.add_argument("--duration", type=float, default=d.duration_s,
-                   help="wall seconds per rule (%(default)s)")
-    p.add_argument("--scale", type=float, default=d.scale,
-                   help="simulated seconds per wall second (%(default)s: 12 sim hours in 45 s)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--model", choices=["logistic", "mlp"], default=d.model)
-    p.add_argument("--dataset", choices=["digits", "synthetic"], default=d.dataset)
+    p.add_argument("--devices", type=int, help=f"simulated devices ({d.devices})")
+    p.add_argument("--duration", type=float, help=f"wall seconds per rule ({d.duration_s:g})")
+    p.add_argument("--scale", type=float,
+                   help=f"simulated seconds per wall second ({d.scale:g}: 12 sim hours in 45 s)")
+    p.add_argument("--seed", type=int, help=f"({d.seed})")
+    p.add_argument("--dataset", choices=["digits", "synthetic"], help=f"({d.dataset})")
     p.add_argument("--encoding", choices=["float32", "float16", "int8", "topk"],
-                   default=d.encoding)
-    p.add_argument("--alpha", type=float, default=d.dirichlet_alpha,
-                   help="Dirichlet alpha of the non-IID split (%(default)s; smaller = more skew)")
-    p.add_argument("--target", type=float, default=d.target_accuracy,
-                   help="accuracy for time-to-target (%(default)s)")
-    p.add_argument("--workers", type=int, default=0, help="device processes (0: auto)")
+                   help=f"({d.encoding})")
+    p.add_argument("--alpha", type=float,
+                   help=f"Dirichlet alpha of the non-IID split ({d.dirichlet_alpha}; smaller = "
+                        f"more skew)")
+    p.add_argument("--target", type=float,
+                   help=f"held-out accuracy (R^2 for --model linear) for time-to-target "
+                        f"({d.target_accuracy})")
+    p.add_argument("--workers", type=int, help="device processes (0: auto)")
+    m = p.add_argument_group("model (override a fleet file's [model])")
+    m.add_argument("--model", choices=["logistic", "mlp", "linear"],
+                   help=f"({d.model}; linear: regression, fleet files only)")
+    m.add_argument("--lr", type=float, help=f"learning rate ({d.learning_rate})")
+    m.add_argument("--local-epochs", type=int, help=f"({d.local_epochs})")
+    m.add_argument("--batch-size", type=int, help=f"({d.batch_size})")
+    m.add_argument("--hidden", type=_hidden,
+                   help=f"mlp hidden layer sizes, e.g. 64,32 ({','.join(map(str, d.hidden))})")
+    m.add_argument("--l2", type=float, help=f"L2 penalty ({d.l2:g})")
+    r = p.add_argument_group("rule settings (override a fleet file's [run])")
+    r.add_argument("--fedasync-alpha", type=float, help=f"FedAsync mixing ({d.fedasync_alpha})")
+    r.add_argument("--fedbuff-k", type=int,
+                   help=f"FedBuff buffer size ({d.fedbuff_k}; at most the number of devices)")
+    s = p.add_argument_group("synchronous FedAvg")
+    s.add_argument("--cohort", type=int, help=f"updates that close a round ({d.cohort_size})")
+    s.add_argument("--deadline", type=float,
+                   help=f"round deadline in sim minutes ({d.round_deadline_sim_s / 60:g})")
+    s.add_argument("--over-selection", type=float,
+                   help=f"invite this many times the cohort ({d.over_selection})")
     p.add_argument("--broker", help="use this broker (mqtt://host:port) instead of starting one")
     p.add_argument("--embedded-broker", action="store_true",
                    help="use the pure-Python broker even if Mosquitto is installed")
@@ -67,6 +118,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command")
     run = sub.add_parser("run", help="run one rule or compare several (default)")
     _common(run)
+    run.add_argument("--fleet-file", type=Path,
+                     help="replay your own fleet: devices, data and traces from this TOML, JSON "
+                          "or CSV file (README: \"Replay your own fleet\")")
+    run.add_argument("--test-file", type=Path,
+                     help="held-out CSV/NPZ for the coordinator's evaluation (with "
+                          "--fleet-file; default: its [run] test_file, else the devices' test "
+                          "files together)")
     run.add_argument("--compare", default="fedbuff,fedavg-sync",
                      help=f"comma-separated rules out of {', '.join(RULES)} (%(default)s)")
     run.add_argument("--rule", help="a single rule (overrides --compare)")
@@ -83,15 +141,37 @@ def _parser() -> argparse.ArgumentParser:
     _common(tune)
     tune.add_argument("--out", type=Path, default=Path("runs/tune"))
     tune.set_defaults(func=_tune)
+    export = sub.add_parser(
+        "export-fleet", help="write the synthetic fleet as a fleet file, to start from and edit",
+        description="Write the synthetic fleet these options describe as OUT/fleet.toml, "
+                    "OUT/data/<id>.npz and OUT/traces/<id>-<kind>.csv; run it with "
+                    "`fedasync-sim --fleet-file OUT/fleet.toml`.")
+    _common(export)
+    export.add_argument("--out", type=Path, required=True, help="directory to write into")
+    export.set_defaults(func=_export)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
-    return replace(SimConfig(), devices=args.devices, duration_s=args.duration,
-                   scale=args.scale, seed=args.seed, model=args.model, dataset=args.dataset,
-                   encoding=args.encoding, dirichlet_alpha=args.alpha,
-                   target_accuracy=args.target, workers=args.workers, broker=args.broker,
-                   broker_kind="embedded" if args.embedded_broker else "auto")
+    """Defaults < the fleet file's [run]/[model] (with --fleet-file) < the flags given."""
+    flags = {name: getattr(args, dest) for dest, name in _FIELDS
+             if getattr(args, dest, None) is not None}
+    if getattr(args, "deadline", None) is not None:
+        flags["round_deadline_sim_s"] = args.deadline * 60.0
+    flags["broker"] = args.broker
+    flags["broker_kind"] = "embedded" if args.embedded_broker else "auto"
+    fleet_file = getattr(args, "fleet_file", None)
+    if getattr(args, "test_file", None) is not None:
+        flags["test_file"] = str(args.test_file)
+    if fleet_file is None:
+        return replace(SimConfig(), **flags)
+    from fleet._fleetfile import replay_config
+
+    clash = [flag for name, flag in _SYNTHETIC_ONLY.items() if name in flags]
+    if clash:
+        raise ConfigError(f"{', '.join(clash)} describe the synthetic fleet; a fleet file "
+                          f"brings its own devices and data", key="fleet_file")
+    return replay_config(fleet_file, **flags)
 
 
 def compare(config: SimConfig, rules: Sequence[str], out: Path, *, progress: bool = True
@@ -102,7 +182,7 @@ def compare(config: SimConfig, rules: Sequence[str], out: Path, *, progress: boo
     fleet = build_fleet(config)
     profile = fleet_summary(config, fleet)
     if progress:
-        print(f"fleet: {config.devices} devices, {profile['eligible']:.0%} of device-time "
+        print(f"fleet: {len(fleet.traces)} devices, {profile['eligible']:.0%} of device-time "
               f"eligible, compute p10/p50/p90 {profile['speed_p10']:.0f}/"
               f"{profile['speed_p50']:.0f}/{profile['speed_p90']:.0f} sim s per epoch per 100 "
               f"samples; {config.duration_s:.0f}s per rule", file=sys.stderr)
@@ -111,9 +191,10 @@ def compare(config: SimConfig, rules: Sequence[str], out: Path, *, progress: boo
     summary = {"rules": {r.rule: r.summary for r in results},
                "speedup_async_vs_sync": speedup(results), "fleet": profile}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    data = Path(config.fleet_file).name if config.fleet_file else config.dataset
     plot_accuracy(results, out / "accuracy.png", scale=config.scale,
-                  target=config.target_accuracy,
-                  title=f"{config.devices} devices, {config.model} on {config.dataset}, "
+                  target=config.target_accuracy, metric=metric_of(fleet.spec),
+                  title=f"{len(fleet.traces)} devices, {config.model} on {data}, "
                         f"seed {config.seed}")
     return results, summary
 
@@ -127,13 +208,20 @@ def _run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     results, summary = compare(config, rules, args.out)
     print()
-    print(f"{'rule':<12} {'final acc':>9} {'time to ' + str(config.target_accuracy):>14} "
-          f"{'versions':>8} {'updates':>8}")
+    metric = results[0].summary["metric"] if results else "accuracy"
+    local = any(r.summary.get("local_accuracy") for r in results)
+    print(f"{'rule':<12} {'final ' + metric[:3]:>9} {'time to ' + str(config.target_accuracy):>14} "
+          f"{'versions':>8} {'updates':>8}" + (f" {'local mean':>10} {'worst 10%':>9}"
+                                                if local else ""))
     for r in results:
         s = r.summary
         ttt = "not reached" if s["time_to_target_s"] is None else f"{s['time_to_target_s']:.1f}s"
-        print(f"{r.rule:<12} {s['final_accuracy'] or 0:>9.3f} {ttt:>14} {s['versions']:>8} "
-              f"{s['updates_accepted']:>8}")
+        line = (f"{r.rule:<12} {s['final_metric'] or 0:>9.3f} {ttt:>14} {s['versions']:>8} "
+                f"{s['updates_accepted']:>8}")
+        if local:
+            la = s.get("local_accuracy") or {}
+            line += f" {la.get('mean', 0):>10.3f} {la.get('worst_10pct', 0):>9.3f}"
+        print(line)
     if summary["speedup_async_vs_sync"] is not None:
         print(f"speed-up of asynchronous over synchronous: {summary['speedup_async_vs_sync']}x")
     print(f"\nplot:    {args.out / 'accuracy.png'}\nsummary: {args.out / 'summary.json'}\n"
@@ -141,10 +229,21 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from fleet._fleetfile import export_fleet
+
+    config = config_from_args(args)
+    path = export_fleet(config, args.out)
+    print(f"wrote {path} ({config.devices} devices), with data/ and traces/ beside it\n"
+          f"run it:  fedasync-sim --fleet-file {path} --compare {','.join(RULES)}")
+    return 0
+
+
 def _tune(args: argparse.Namespace) -> int:
     from fleet._bench import tune
 
-    result = tune(config_from_args(args), out=args.out, seed=args.seed)
+    config = config_from_args(args)
+    result = tune(config, out=args.out, seed=config.seed)
     for rule, best in result["best"].items():
         print(f"{rule:<12} {best}")
     print(f"all trials: {args.out / 'tune.json'}")

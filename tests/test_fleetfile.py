@@ -1,0 +1,530 @@
+"""Fleet files: parsing and validation (every problem, named), loading into a `Fleet`, the
+export round trip, local evaluation, and a replayed 3-device fleet on a real broker."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fleet._fleetfile import (
+    FleetFileError,
+    export_fleet,
+    load_fleet,
+    parse_fleet_file,
+    read_trace,
+    replay_config,
+)
+from fleet._sim import SimConfig, build_fleet, local_evaluation, metric_of
+from fleet._traces import Battery, Intervals
+from fleet.cli import compare, main
+from models import ConfigError
+from models._files import save_npz
+
+INF = math.inf
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "fleet" / "fleet.toml"
+CENTERS = np.array([[2.0, 0.0, 1.0], [-1.0, 2.0, 0.0], [0.0, -2.0, -1.5]])
+
+
+def blobs(n: int, seed: int, classes: tuple[int, ...] = (0, 1, 2)) -> tuple[Any, Any]:
+    rng = np.random.default_rng(seed)
+    y = np.array([classes[i % len(classes)] for i in range(n)])
+    return (CENTERS[y] + rng.normal(0, 0.7, size=(n, 3))).astype(np.float32), y
+
+
+def write_csv(path: Path, X: Any, y: Any) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["a", "b", "c", "label"])
+        w.writerows([*map(float, x), v] for x, v in zip(X, y, strict=True))
+    return path
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def fleet_dir(tmp_path: Path) -> Path:
+    """Data and trace files for devices a, b, c (b: its own test set and a battery)."""
+    d = tmp_path / "fleet"
+    (d / "data").mkdir(parents=True)
+    write_csv(d / "data" / "a.csv", *blobs(30, 1))
+    save_npz(d / "data" / "b.npz", *blobs(24, 2, classes=(0, 1)))
+    write_csv(d / "data" / "b-test.csv", *blobs(9, 3))
+    write_csv(d / "data" / "c.csv", *blobs(20, 4, classes=(1, 2)))
+    write_csv(d / "data" / "test.csv", *blobs(30, 5))
+    write(d / "traces" / "b-online.csv", "start,end\n0,3000\n6000,\n")
+    write(d / "traces" / "b-charging.csv", "# plugged in\nstart,end\n0,5000\n4000,\n")
+    write(d / "traces" / "c-wifi.csv", "start,end,note\n-50,60,before the start\n90,inf,\n")
+    return d
+
+
+TOML = """
+[run]
+test_file = "data/test.csv"
+seed = 3
+
+[model]
+kind = "logistic"
+learning_rate = 0.1
+local_epochs = 1
+batch_size = 8
+
+[[devices]]
+id = "a"
+data = "data/a.csv"
+epoch_seconds = 30
+
+[[devices]]
+id = "b"
+data = "data/b.npz"
+test = "data/b-test.csv"
+epoch_seconds = 12
+online = "traces/b-online.csv"
+charging = "traces/b-charging.csv"
+battery_initial_percent = 50
+
+[[devices]]
+id = "c"
+data = "data/c.csv"
+epoch_multiplier = 2.5
+wifi = "traces/c-wifi.csv"
+cellular = true
+"""
+
+
+# -- parsing -----------------------------------------------------------------------------------
+
+
+def test_a_toml_fleet_file_gives_entries_with_defaults_for_what_it_omits(tmp_path) -> None:
+    d = fleet_dir(tmp_path)
+    ff = parse_fleet_file(write(d / "fleet.toml", TOML))
+
+    a, b, c = ff.devices
+    assert [e.device_id for e in ff.devices] == ["a", "b", "c"]
+    assert a.data == d / "data" / "a.csv" and a.test is None  # relative to the fleet file
+    assert a.online == a.wifi == Intervals.always() and a.battery is None  # always there, mains
+    assert b.online.spans == ((0.0, 3000.0), (6000.0, INF))
+    assert b.charging.spans == ((0.0, INF),)  # overlapping spans merged
+    assert b.battery == Battery(initial_percent=50.0)  # a charging trace makes a battery device
+    assert c.wifi.spans == ((0.0, 60.0), (90.0, INF))  # cut at the start; extra columns ignored
+    assert c.epoch_multiplier == 2.5 and c.epoch_seconds is None and c.cellular
+    assert ff.settings.test_file == d / "data" / "test.csv"
+    assert ff.settings.overrides() == {
+        "model": "logistic", "learning_rate": 0.1, "local_epochs": 1, "batch_size": 8,
+        "test_file": str(d / "data" / "test.csv"), "seed": 3}
+    assert "line 12" in a.where and a.where.startswith('devices[0] (id "a"')
+
+
+def test_json_and_csv_fleet_files_mean_the_same_as_toml(tmp_path) -> None:
+    d = fleet_dir(tmp_path)
+    toml = parse_fleet_file(write(d / "fleet.toml", TOML))
+    raw = {"devices": [
+        {"id": "a", "data": "data/a.csv", "epoch_seconds": 30},
+        {"id": "b", "data": "data/b.npz", "test": "data/b-test.csv", "epoch_seconds": 12,
+         "online": "traces/b-online.csv", "charging": "traces/b-charging.csv",
+         "battery_initial_percent": 50},
+        {"id": "c", "data": "data/c.csv", "epoch_multiplier": 2.5, "wifi": "traces/c-wifi.csv",
+         "cellular": True}]}
+    js = parse_fleet_file(write(d / "fleet.json", json.dumps(raw)))
+    table = parse_fleet_file(write(d / "fleet.csv", (
+        "id,data,test,epoch_seconds,epoch_multiplier,online,charging,wifi,"
+        "battery_initial_percent,cellular\n"
+        "a,data/a.csv,,30,,,,,,\n"
+        "# a comment line\n"
+        "b,data/b.npz,data/b-test.csv,12,,traces/b-online.csv,traces/b-charging.csv,,50,\n"
+        "c,data/c.csv,,,2.5,,,traces/c-wifi.csv,,yes\n")))
+
+    def same(e: Any) -> Any:
+        return replace(e, where="")
+
+    assert [same(e) for e in js.devices] == [same(e) for e in toml.devices]
+    assert [same(e) for e in table.devices] == [same(e) for e in toml.devices]
+    assert table.devices[1].where == 'fleet.csv line 4 (id "b")'
+
+
+def test_trace_times_may_be_iso_timestamps_after_a_start(tmp_path) -> None:
+    d = fleet_dir(tmp_path)
+    write(d / "traces" / "a-wifi.csv", "start,end\n2024-05-01T07:00:00,2024-05-01T09:00:00\n"
+                                       "2024-05-01T09:30:00,\n")
+    ff = parse_fleet_file(write(d / "fleet.toml", """
+        [run]
+        start = 2024-05-01T08:00:00
+        [[devices]]
+        id = "a"
+        data = "data/a.csv"
+        epoch_seconds = 1
+        wifi = "traces/a-wifi.csv"
+        """))
+
+    assert ff.devices[0].wifi.spans == ((0.0, 3600.0), (5400.0, INF))
+    assert ff.start_local_minutes == 8 * 60
+    assert ff.devices[0].trace(1.0, start_local_minutes=ff.start_local_minutes).local_minutes_at(
+        3600.0) == 9 * 60
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("start,end\n0,10\n20,5\n", "t.csv:3: end '5' is not after start '20'"),
+    ("start,end\n0,soon\n", "t.csv:2: end 'soon' is neither seconds nor an ISO-8601 timestamp"),
+    ("start,end\nnan,10\n", "t.csv:2: start must be finite"),
+    ("start,end\n,10\n", "t.csv:2: start '' is neither seconds"),
+    ("from,to\n0,10\n", "t.csv:1: the header must name the columns start and end"),
+    ("start,end\n5\n", "t.csv:2: 1 field(s), need start and end"),
+    ("start,end\n2024-05-01T08:00:00,\n", "t.csv:2: start '2024-05-01T08:00:00' is a timestamp:"
+                                          " set [run] start"),
+    ("# only a comment\n", "t.csv: empty"),
+])
+def test_trace_problems_name_the_file_and_line(tmp_path, text: str, expected: str) -> None:
+    intervals, problems = read_trace(write(tmp_path / "t.csv", text))
+    assert intervals is None
+    assert len(problems) == 1 and expected in problems[0], problems
+
+
+def test_a_malformed_fleet_file_reports_every_problem_with_its_entry(tmp_path) -> None:
+    d = fleet_dir(tmp_path)
+    write(d / "traces" / "bad.csv", "start,end\n0,10\n30,20\n")
+    path = write(d / "fleet.toml", """
+        [model]
+        kind = "forest"
+        [[devices]]
+        id = "ok"
+        data = "data/a.csv"
+        epoch_seconds = 3
+        [[devices]]
+        id = "two-speeds"
+        data = "data/a.csv"
+        epoch_seconds = 3
+        epoch_multiplier = 2
+        [[devices]]
+        data = "data/missing.csv"
+        epoch_seconds = -1
+        [[devices]]
+        id = "bad trace"
+        data = "data/a.csv"
+        epoch_seconds = 3
+        online = "traces/bad.csv"
+        wifi = "traces/nowhere.csv"
+        colour = "red"
+        [[devices]]
+        id = "ok"
+        data = "data/a.csv"
+        epoch_seconds = 3
+        battery_initial_percent = 120
+        """)
+
+    with pytest.raises(FleetFileError) as e:
+        parse_fleet_file(path)
+
+    problems = e.value.problems
+    expected = [
+        "[model] kind must be one of logistic, mlp, linear, got 'forest'",
+        'devices[1] (id "two-speeds", line 8): give one of epoch_seconds and epoch_multiplier',
+        "devices[2] (no id, line 13): epoch_seconds must be > 0, got -1",
+        "devices[2] (no id, line 13): id is required",
+        "devices[2] (no id, line 13): data file " + str(d / "data" / "missing.csv"),
+        'devices[3] (id "bad trace", line 16): unknown key(s) colour',
+        'devices[3] (id "bad trace", line 16): online: ' + str(d / "traces" / "bad.csv")
+        + ":3: end '20' is not after start '30'",
+        'devices[3] (id "bad trace", line 16): wifi: ' + str(d / "traces" / "nowhere.csv")
+        + " does not exist",
+        'devices[4] (id "ok", line 23): battery_initial_percent: initial_percent must be',
+    ]
+    for want in expected:
+        assert any(p.startswith(want) for p in problems), (want, problems)
+    # An id that cannot be an MQTT topic level is refused by DeviceTrace's own rule.
+    bad_id = [p for p in problems if p.startswith('devices[3]') and "device_id must be" in p]
+    assert not bad_id  # it has other problems, so it is not built: no second-hand noise
+    assert str(e.value).startswith(f"fleet file {path}: {len(problems)} problems:")
+    assert isinstance(e.value, ConfigError)
+
+
+def test_bad_ids_and_repeated_ids_are_named(tmp_path) -> None:
+    d = fleet_dir(tmp_path)
+    path = write(d / "fleet.toml", "".join(
+        f'[[devices]]\nid = "{i}"\ndata = "data/a.csv"\nepoch_seconds = 1\n'
+        for i in ("x", "has space", "x")))
+
+    with pytest.raises(FleetFileError) as e:
+        parse_fleet_file(path)
+
+    assert e.value.problems[0].startswith('devices[1] (id "has space", line 5): device_id must')
+    assert e.value.problems[1] == ('devices[2] (id "x", line 9): id \'x\' repeats '
+                                   'devices[0] (id "x", line 1)')
+
+
+def test_a_malformed_csv_fleet_file_names_its_lines(tmp_path) -> None:
+    d = fleet_dir(tmp_path)
+    path = write(d / "fleet.csv", "id,data,epoch_seconds,cellular\n"
+                                  "a,data/a.csv,10,no\n"
+                                  "\n"
+                                  "b,data/a.csv,fast,no\n"
+                                  "c,data/a.csv,10\n"
+                                  "d,data/a.csv,10,maybe\n")
+
+    with pytest.raises(FleetFileError) as e:
+        parse_fleet_file(path)
+
+    assert e.value.problems == (
+        "fleet.csv line 4 (id \"b\"): epoch_seconds must be a finite number, got 'fast'",
+        "fleet.csv line 5: 3 fields, the header has 4",
+        "fleet.csv line 6 (id \"d\"): cellular must be true or false, got 'maybe'",
+    )
+    with pytest.raises(FleetFileError, match=r"line 1: unknown column\(s\) 'speed'"):
+        parse_fleet_file(write(d / "f2.csv", "id,data,speed\na,data/a.csv,1\n"))
+
+
+@pytest.mark.parametrize(("name", "text", "expected"), [
+    ("f.toml", "[run]\nstart = 1\n", "[run] start must be an ISO date-time"),
+    ("f.toml", "[[devices]]\n", "devices[0] (no id, line 1): id is required"),
+    ("f.toml", "[runs]\n", "unknown top-level key(s) runs"),
+    ("f.toml", "[run]\nduration = 3\n", "[run]: unknown key(s) duration"),
+    ("f.toml", "", "no devices"),
+    ("f.json", '{"devices": {}}', "devices must be a list"),
+])
+def test_fleet_level_problems(tmp_path, name: str, text: str, expected: str) -> None:
+    with pytest.raises(FleetFileError) as e:
+        parse_fleet_file(write(tmp_path / name, text))
+    assert any(expected in p for p in e.value.problems), e.value.problems
+
+
+@pytest.mark.parametrize(("name", "text", "expected"), [
+    ("f.toml", "[run\n", "is not valid TOML"),
+    ("f.json", "{", "is not valid JSON"),
+    ("f.yaml", "", "unsupported type"),
+    ("missing.toml", None, "does not exist"),
+])
+def test_unreadable_fleet_files(tmp_path, name: str, text: str | None, expected: str) -> None:
+    path = tmp_path / name if text is None else write(tmp_path / name, text)
+    with pytest.raises(ConfigError, match=expected):
+        parse_fleet_file(path)
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+
+def test_loading_builds_traces_data_spec_and_local_tests(tmp_path) -> None:
+    d = fleet_dir(tmp_path)
+    path = write(d / "fleet.toml", TOML)
+    clock = iter(np.arange(0.0, 100.0, 0.004).tolist())  # every timed epoch "takes" 4 ms
+    config = replay_config(path)
+
+    fleet = load_fleet(parse_fleet_file(path), config, timer=lambda: next(clock))
+
+    a, b, c = fleet.traces
+    assert a.epoch_s_per_100 == pytest.approx(30 * 100 / 30)  # 30 sim s over 30 samples
+    assert b.epoch_s_per_100 == pytest.approx(12 * 100 / 24)
+    assert c.epoch_s_per_100 == pytest.approx(2.5 * 0.004 * 100 / 20)
+    assert b.battery_at(0.0) == 50.0 and a.battery_at(0.0) is None
+    assert fleet.spec.classes == (0, 1, 2) and fleet.spec.n_features == 3
+    assert (fleet.spec.learning_rate, fleet.spec.batch_size, fleet.spec.seed) == (0.1, 8, 3)
+    assert [None if t is None else len(t[1]) for t in fleet.local_tests] == [None, 9, None]
+    assert len(fleet.test) == 30 and fleet.parts[1][1].dtype == np.int64
+    assert config.devices == 3 and config.model == "logistic"
+
+
+def test_without_a_test_file_the_devices_test_files_are_the_test_set(tmp_path) -> None:
+    d = fleet_dir(tmp_path)
+    path = write(d / "fleet.toml", TOML.replace('test_file = "data/test.csv"', ""))
+
+    fleet = build_fleet(replay_config(path))
+
+    assert len(fleet.test) == 9  # b's
+
+    no_tests = write(d / "bare.toml", '[[devices]]\nid = "a"\ndata = "data/a.csv"\n'
+                                      'epoch_seconds = 1\n')
+    with pytest.raises(FleetFileError, match="pass --test-file"):
+        build_fleet(replay_config(no_tests))
+    given = build_fleet(replay_config(no_tests, test_file=str(d / "data" / "test.csv")))
+    assert len(given.test) == 30
+
+
+def test_data_that_does_not_fit_together_is_reported_per_entry(tmp_path) -> None:
+    d = fleet_dir(tmp_path)
+    save_npz(d / "data" / "wide.npz", np.zeros((5, 4), np.float32), np.arange(5))
+    save_npz(d / "data" / "soft.npz", np.zeros((5, 3), np.float32), np.full(5, 0.5))
+    write(d / "data" / "broken.csv", "a,b,c,label\n1,2,x,0\n")
+    path = write(d / "fleet.toml", """
+        [run]
+        test_file = "data/test.csv"
+        [[devices]]
+        id = "wide"
+        data = "data/wide.npz"
+        epoch_seconds = 1
+        [[devices]]
+        id = "soft"
+        data = "data/soft.npz"
+        epoch_seconds = 1
+        [[devices]]
+        id = "broken"
+        data = "data/broken.csv"
+        epoch_seconds = 1
+        """)
+
+    with pytest.raises(FleetFileError) as e:
+        build_fleet(replay_config(path))
+
+    problems = e.value.problems
+    assert any(p.startswith('devices[2] (id "broken", line 12): data: ') and "broken.csv:2" in p
+               for p in problems), problems
+    assert any(p.startswith('devices[1] (id "soft", line 8): data labels are not integers')
+               for p in problems), problems
+    assert any(p.startswith('devices[1] (id "soft", line 8): data has 3 feature(s), '
+                            'devices[0] (id "wide", line 4) data has 4') for p in problems)
+
+
+def test_a_regression_fleet_uses_the_linear_model_and_r2(tmp_path) -> None:
+    d = tmp_path
+    rng = np.random.default_rng(0)
+    for name, n in (("a", 40), ("b", 30), ("test", 20)):
+        X = rng.normal(size=(n, 2)).astype(np.float32)
+        save_npz(d / f"{name}.npz", X, (X @ np.array([1.5, -2.0]) + 0.3).astype(np.float32))
+    path = write(d / "fleet.toml", '[model]\nkind = "linear"\n[run]\ntest_file = "test.npz"\n'
+                 + "".join(f'[[devices]]\nid = "{n}"\ndata = "{n}.npz"\nepoch_seconds = 5\n'
+                           f'test = "test.npz"\n' for n in ("a", "b")))
+
+    fleet = build_fleet(replay_config(path))
+
+    assert fleet.spec.kind == "linear" and fleet.spec.classes == ()
+    assert metric_of(fleet.spec) == "r2"
+    from models import build_model
+
+    model = build_model(fleet.spec)
+    model.partial_fit(*fleet.parts[0], epochs=30)
+    local = local_evaluation(model, fleet.local_tests, metric="r2")
+    assert local is not None and local["n_devices"] == 2 and local["mean"] > 0.9
+    with pytest.raises(ConfigError, match="needs a fleet file"):
+        SimConfig(model="linear")
+
+
+def test_flags_override_the_fleet_file(tmp_path) -> None:
+    path = write(fleet_dir(tmp_path) / "fleet.toml", TOML)
+
+    config = replay_config(path, learning_rate=0.5, cohort_size=2)
+
+    assert (config.learning_rate, config.cohort_size, config.local_epochs) == (0.5, 2, 1)
+
+
+def test_the_cli_refuses_synthetic_options_with_a_fleet_file(tmp_path, capsys) -> None:
+    path = write(fleet_dir(tmp_path) / "fleet.toml", TOML)
+
+    assert main(["--fleet-file", str(path), "--devices", "5", "--out", str(tmp_path)]) == 2
+    assert "--devices describe the synthetic fleet" in capsys.readouterr().err
+    assert main(["--test-file", "x.csv", "--out", str(tmp_path)]) == 2
+    assert "a test file needs a fleet file" in capsys.readouterr().err
+
+
+def test_the_shipped_example_fleet_loads() -> None:
+    config = replay_config(EXAMPLE)
+    fleet = build_fleet(config)
+
+    assert [t.device_id for t in fleet.traces] == ["pi-kitchen", "pi-garden", "phone-old"]
+    assert config.cohort_size == 2 and config.round_deadline_sim_s == 900.0
+    assert fleet.traces[0].wifi.spans == ((0.0, 3600.0), (4800.0, INF))
+    assert sum(t is not None for t in fleet.local_tests) == 2
+
+
+# -- export ------------------------------------------------------------------------------------
+
+
+def test_an_exported_synthetic_fleet_loads_back_the_same(tmp_path) -> None:
+    out = tmp_path / "exported"
+    assert main(["export-fleet", "--out", str(out), "--devices", "6", "--seed", "2",
+                 "--model", "mlp", "--hidden", "16,8", "--cohort", "3"]) == 0
+    original = build_fleet(SimConfig(devices=6, seed=2, model="mlp", hidden=(16, 8)))
+
+    config = replay_config(out / "fleet.toml")
+    loaded = build_fleet(config)
+
+    assert config.cohort_size == 3 and config.seed == 2
+    assert loaded.spec == original.spec
+    assert len(loaded.traces) == 6
+    assert any(t.battery is not None for t in loaded.traces)
+    assert any(t.battery is None for t in loaded.traces)
+    for a, b in zip(original.traces, loaded.traces, strict=True):
+        assert b.epoch_s_per_100 == pytest.approx(a.epoch_s_per_100, rel=1e-12)
+        for kind in ("online", "wifi", "charging", "busy"):
+            spans_a, spans_b = getattr(a, kind).spans, getattr(b, kind).spans
+            assert len(spans_a) == len(spans_b)
+            assert np.allclose(spans_a, spans_b, rtol=1e-12, atol=0), kind
+        assert replace(b, epoch_s_per_100=a.epoch_s_per_100) == a
+    for (Xa, ya), (Xb, yb) in zip(original.parts, loaded.parts, strict=True):
+        assert np.array_equal(Xa, Xb) and np.array_equal(ya, yb)
+    assert np.array_equal(original.test.X, loaded.test.X)
+    assert np.array_equal(original.test.y, loaded.test.y)
+    assert loaded.local_tests == [None] * 6
+    with pytest.raises(ConfigError, match="takes no fleet file"):
+        export_fleet(config, tmp_path / "again")
+
+
+# -- local evaluation --------------------------------------------------------------------------
+
+
+class _Scores:
+    """A model whose accuracy on a device's test set is written in that set."""
+
+    def evaluate(self, X: Any, y: Any) -> dict[str, float]:
+        return {"accuracy": float(X[0, 0]), "loss": 0.0}
+
+
+def _tests(*scores: float) -> list[Any]:
+    return [(np.array([[s]]), np.array([0])) for s in scores]
+
+
+def test_local_evaluation_reports_the_mean_and_the_worst_tenth() -> None:
+    scores = [0.9] * 18 + [0.2, 0.4]
+    result = local_evaluation(_Scores(), [None, *_tests(*scores)])  # type: ignore[arg-type]
+
+    assert result is not None
+    assert result["n_devices"] == 20
+    assert result["mean"] == pytest.approx(np.mean(scores))
+    assert result["worst_10pct"] == pytest.approx(0.3)  # 2 of 20 devices
+    few = local_evaluation(_Scores(), _tests(0.8, 0.5, 0.7))  # type: ignore[arg-type]
+    assert few is not None and few["worst_10pct"] == 0.5  # at least one device
+    assert local_evaluation(_Scores(), [None, None]) is None  # type: ignore[arg-type]
+    assert local_evaluation(_Scores(), []) is None  # type: ignore[arg-type]
+
+
+# -- a replay on a real broker -----------------------------------------------------------------
+
+
+@pytest.mark.broker
+def test_a_replayed_fleet_runs_and_an_offline_device_sends_nothing(broker, tmp_path) -> None:
+    # b is offline over [3000, 6000) sim s (2 wall s). An update published just before 3000 may
+    # still be on its way then (the coordinator stamps arrivals from a busy thread): allow
+    # `slack` for that, 0.4 wall s.
+    d = fleet_dir(tmp_path)
+    path = write(d / "fleet.toml", TOML.replace("epoch_multiplier = 2.5", "epoch_seconds = 8"))
+    scale = 1500.0
+    config = replace(replay_config(path), duration_s=5.5, scale=scale, broker=broker.url,
+                     workers=1, cohort_size=2, round_deadline_sim_s=600.0, fedasync_alpha=0.5)
+    slack = 0.4 * scale
+
+    results, summary = compare(config, ["fedasync", "fedavg-sync"], tmp_path / "out",
+                               progress=False)
+
+    for r in results:
+        s = r.summary
+        assert s["versions"] >= 3, s
+        assert s["metric"] == "accuracy" and s["fleet_file"] == str(path)
+        assert s["local_accuracy"]["n_devices"] == 1, s  # only b has a test file
+        assert 0.0 <= s["local_accuracy"]["worst_10pct"] <= 1.0
+        by_device: dict[str, list[float]] = {}
+        for a in r.arrivals:
+            by_device.setdefault(a.device_id, []).append(a.sim_s)
+        assert set(by_device) == {"a", "b", "c"}, by_device.keys()
+        b = by_device["b"]
+        assert not [t for t in b if 3000.0 + slack <= t < 6000.0], b
+        assert any(t < 3000.0 for t in b) and any(t >= 6000.0 for t in b), b
+        # The others kept sending meanwhile: the gap is b's, not the run's.
+        assert any(3000.0 + slack <= t < 6000.0 for t in by_device["a"]), by_device["a"]
+        rows = list(csv.DictReader((r.out_dir / "updates.csv").open()))
+        assert len(rows) == len(r.arrivals)
+    assert summary["fleet"]["n_devices"] == 3 and summary["fleet"]["dirichlet_alpha"] is None
