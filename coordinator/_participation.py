@@ -40,7 +40,8 @@ class ParticipationConfig:
     cap: int = 0
     reweight: bool = False
     power: float = 1.0
-    max_factor: float = 4.0
+    max_factor: float = 4.0  # a frequent device's update keeps at least 1/max_factor of its weight
+    max_boost: float = 1.0  # a rare device's update gets at most this much more (1: damp only)
 
     def __post_init__(self) -> None:
         if not (_number(self.window_s) and 0 < self.window_s <= 366 * 86_400):
@@ -56,6 +57,9 @@ class ParticipationConfig:
         if not (_number(self.max_factor) and 1 <= self.max_factor <= 100):
             raise ConfigError(f"max_factor must be in [1, 100], got {self.max_factor!r}",
                               key="max_factor")
+        if not (_number(self.max_boost) and 1 <= self.max_boost <= 100):
+            raise ConfigError(f"max_boost must be in [1, 100], got {self.max_boost!r}",
+                              key="max_boost")
 
 
 def _number(x: object) -> bool:
@@ -85,16 +89,18 @@ def max_median_ratio(values: Iterable[float]) -> float | None:
 
 
 def participation_factor(count: float, mean_count: float, *, power: float = 1.0,
-                         max_factor: float = 4.0) -> float:
-    """``(mean_count / count) ** power`` clipped to ``[1/max_factor, max_factor]``.
+                         max_factor: float = 4.0, max_boost: float = 1.0) -> float:
+    """``(mean_count / count) ** power`` clipped to ``[1/max_factor, max_boost]``.
 
     A device with the mean number of updates in the window keeps its weight; one sending four
     times as often gets a quarter of it for each, so per window every device shapes the model
-    about equally. The clip keeps a rare device's one update from swamping the model.
+    about equally. Boosting the rarer ones (``max_boost`` > 1) is the other half of that, but
+    one update of a rare device, trained on its skewed data, can then pull the whole model
+    toward it: off by default (measured: README, "Uneven participation").
     """
     if count <= 0 or mean_count <= 0:
         return 1.0
-    return float(min(max((mean_count / count) ** power, 1.0 / max_factor), max_factor))
+    return float(min(max((mean_count / count) ** power, 1.0 / max_factor), max_boost))
 
 
 # -- the ledger --------------------------------------------------------------------------------
@@ -206,7 +212,8 @@ class Ledger:
             own = self._window_counts.get(device_id, 0) + 1
             devices = len(self._window_counts) + (device_id not in self._window_counts)
             mean = (len(self._window) + 1) / devices
-        return participation_factor(own, mean, power=c.power, max_factor=c.max_factor)
+        return participation_factor(own, mean, power=c.power, max_factor=c.max_factor,
+                                    max_boost=c.max_boost)
 
     def _expire_window(self, now: float) -> None:
         # Fleet-wide counts kept incrementally: O(1) per update however many devices there are.

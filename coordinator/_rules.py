@@ -233,26 +233,56 @@ class FedBuff(_Buffered):
     name = "fedbuff"
 
     def __init__(self, *, buffer_size: int, server_lr: float, staleness: Staleness,
-                 weight_by_samples: bool = True) -> None:
+                 weight_by_samples: bool = True, memory_s: float = 0.0) -> None:
         super().__init__()
         self.buffer_size = _count("buffer_size", buffer_size)
         self.server_lr = _positive("server_lr", server_lr)
         self.staleness = staleness
         self.weight_by_samples = _flag("weight_by_samples", weight_by_samples)
+        self.memory_s = _non_negative("memory_s", memory_s)
+        self._memory: dict[str, tuple[float, Contribution]] = {}  # device -> (time, latest)
 
     def poll(self, model: Params, *, now: float) -> Merge | None:
         # More than buffer_size only after a restore with a smaller buffer_size: merge them all.
         if len(self._buffer) < self.buffer_size:
             return None
         cs = self._buffer
-        # Weights in log space: s(t) may underflow to 0 for every update of a very stale buffer.
-        logs = np.array([(math.log(c.n_samples) if self.weight_by_samples else 0.0)
-                         + self.staleness.log(c.staleness) for c in cs])
-        w = np.exp(logs - logs.max())
-        p = np.array([c.participation for c in cs])
-        merge = _merge(model, cs, list(w * p / w.sum()), scale=self.server_lr)
+        if self.memory_s:
+            merge = self._merge_memory(model, cs, now)
+        else:
+            w = self._weights(cs, [c.staleness for c in cs])
+            p = np.array([c.participation for c in cs])
+            merge = _merge(model, cs, list(w * p / w.sum()), scale=self.server_lr)
         self._buffer = []
         return merge
+
+    def _weights(self, cs: Sequence[Contribution], staleness: Sequence[int]
+                 ) -> NDArray[np.float64]:
+        """n_i * s(t_i), scaled so the largest is 1: computed in log space, since s(t) may
+        underflow to 0 for every update of a very stale buffer."""
+        logs = np.array([(math.log(c.n_samples) if self.weight_by_samples else 0.0)
+                         + self.staleness.log(t) for c, t in zip(cs, staleness, strict=True)])
+        w: NDArray[np.float64] = np.exp(logs - logs.max())
+        return w
+
+    def _merge_memory(self, model: Params, cs: Sequence[Contribution], now: float) -> Merge:
+        # The version every buffered update arrived at: it only moves when a buffer merges.
+        version = cs[0].base_version + cs[0].staleness
+        memory = {d: e for d, e in self._memory.items() if e[0] >= now - self.memory_s}
+        for c in cs:
+            memory[c.device_id] = (now, c)
+        latest = [c for _, c in memory.values()]
+        w = self._weights(latest, [version - c.base_version for c in latest])
+        p = np.array([c.participation for c in latest])
+        share = w * p / w.sum()
+        merge = _merge(model, latest, list(share), scale=self.server_lr)
+        self._memory = memory  # only once the merge succeeded
+        # Lineage records the buffer's updates; one superseded by a newer one from its device
+        # in the same buffer shaped nothing.
+        weight = {c.update_id: float(x) for c, x in zip(latest, share, strict=True)}
+        return Merge(params=merge.params, included=tuple(cs),
+                     weights=tuple(weight.get(c.update_id, 0.0) for c in cs),
+                     scale=merge.scale)
 
 
 class FedAvgSync(_Buffered):
@@ -328,6 +358,7 @@ class RuleConfig:
     server_lr: float = 1.0  # fedbuff, fedavg-sync
     cohort_size: int = 10  # fedavg-sync
     deadline_s: float = 60.0  # fedavg-sync
+    memory_s: float = 0.0  # fedbuff: merge every device's latest update of this long (0: off)
     min_updates: int = 1  # fedavg-sync
     # fedavg-sync: invite this many times cohort_size of the devices that report themselves
     # eligible, as production synchronous systems do, since some invitees never finish.
@@ -345,6 +376,7 @@ class RuleConfig:
         _positive("alpha", self.alpha, at_most_one=True)
         _count("buffer_size", self.buffer_size)
         _flag("weight_by_samples", self.weight_by_samples)
+        _non_negative("memory_s", self.memory_s)
         _positive("server_lr", self.server_lr)
         _count("cohort_size", self.cohort_size)
         _positive("deadline_s", self.deadline_s)
@@ -363,7 +395,8 @@ def build_rule(config: RuleConfig) -> MergeRule:
         return FedAsync(alpha=config.alpha, staleness=config.staleness)
     if config.name == "fedbuff":
         return FedBuff(buffer_size=config.buffer_size, server_lr=config.server_lr,
-                       staleness=config.staleness, weight_by_samples=config.weight_by_samples)
+                       staleness=config.staleness, weight_by_samples=config.weight_by_samples,
+                       memory_s=config.memory_s)
     return FedAvgSync(cohort_size=config.cohort_size, deadline_s=config.deadline_s,
                       min_updates=config.min_updates, server_lr=config.server_lr)
 
@@ -390,6 +423,13 @@ def _positive(key: str, value: float, *, at_most_one: bool = False) -> float:
     if not ok:
         allowed = "in (0, 1]" if at_most_one else "finite and > 0"
         raise ConfigError(f"{key} must be {allowed}, got {value!r}", key=key)
+    return float(value)
+
+
+def _non_negative(key: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value >= 0):
+        raise ConfigError(f"{key} must be finite and >= 0, got {value!r}", key=key)
     return float(value)
 
 

@@ -24,6 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -35,10 +36,18 @@ from agent._policy import PolicyConfig
 from agent._trainer import TrainConfig
 from coordinator._config import CoordinatorConfig, SnapshotConfig
 from coordinator._guards import GuardConfig
+from coordinator._participation import ParticipationConfig
 from coordinator._rules import RuleConfig
 from coordinator._service import CoordinatorService
 from fleet._broker import EmbeddedBroker, MosquittoBroker, start_broker
-from fleet._traces import DeviceTrace, FleetProfile, generate_fleet, summarize
+from fleet._fairness import (
+    constrained_devices,
+    constrained_profile,
+    local_test_sets,
+    participation_summary,
+    worst_fraction_mean,
+)
+from fleet._traces import DeviceTrace, FleetProfile, generate_device, summarize
 from fleet._worker import WorkerSpec, run_worker
 from models import ConfigError, ModelSpec, build_model
 from models._datasets import Dataset, dirichlet_partition, load_digits, make_synthetic
@@ -87,6 +96,17 @@ class SimConfig:
     over_selection: float = 1.3
     round_deadline_sim_s: float = 1800.0
     target_accuracy: float = 0.85  # of the model's metric: accuracy, or R^2 for linear
+    # Availability correlated with data (synthetic fleet): the devices whose most common label
+    # is one of these are slow rare chargers (fleet/_fairness.py).
+    correlate_labels: tuple[int, ...] = ()
+    constrained_slowdown: float = 3.0
+    local_test_size: int = 50  # per-device test samples with the device's label mix
+    # The participation correction of the "<rule>+reweight" / "<rule>+cap" variants.
+    participation_window_sim_s: float = 4 * 3600.0
+    reweight_power: float = 1.0
+    reweight_max_factor: float = 4.0
+    reweight_max_boost: float = 1.0
+    participation_cap: int = 3  # updates per window, "+cap" only
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -105,6 +125,13 @@ class SimConfig:
             if self.test_file is not None:
                 raise ConfigError("a test file needs a fleet file (its features must match "
                                   "the devices' data)", key="test_file")
+        if self.correlate_labels and self.fleet_file is not None:
+            raise ConfigError("correlate_labels shapes the synthetic fleet; a fleet file has "
+                              "its own traces", key="correlate_labels")
+        _check_int("local_test_size", self.local_test_size)
+        _check_number("constrained_slowdown", self.constrained_slowdown, positive=True)
+        _check_number("participation_window_sim_s", self.participation_window_sim_s,
+                      positive=True)
         _check_int("local_epochs", self.local_epochs)
         _check_int("batch_size", self.batch_size)
         _check_int("cohort_size", self.cohort_size)
@@ -148,9 +175,10 @@ class Fleet:
     parts: list[XY]
     test: Dataset
     spec: ModelSpec
-    # Each device's own held-out set, same order as traces; None where it has none. Empty for
-    # the synthetic fleet.
+    # Each device's own held-out set, same order as traces; None where it has none. For the
+    # synthetic fleet: test samples with the device's label mix (fleet/_fairness.py).
     local_tests: list[XY | None] = field(default_factory=list)
+    constrained: list[bool] = field(default_factory=list)  # correlated availability, if any
 
 
 def metric_of(spec: ModelSpec) -> str:
@@ -167,7 +195,6 @@ def build_fleet(config: SimConfig) -> Fleet:
         return load_fleet(parse_fleet_file(Path(config.fleet_file)), config)
     profile = replace(config.profile, n_devices=config.devices, seed=config.seed,
                       duration_s=config.duration_sim_s)
-    traces = generate_fleet(profile)
     if config.dataset == "digits":
         train, test = load_digits(seed=config.seed)
     else:
@@ -180,7 +207,15 @@ def build_fleet(config: SimConfig) -> Fleet:
                               seed=config.seed, min_size=min(5, len(train) // config.devices))
     classes = tuple(int(c) for c in np.unique(train.y))
     spec = model_spec(config, n_features=train.n_features, classes=classes)
-    return Fleet(traces, [(train.X[i], train.y[i]) for i in idx], test, spec)
+    parts = [(train.X[i], train.y[i]) for i in idx]
+    # Device i draws its traces from its own seeded streams either way, so correlating changes
+    # only the constrained devices' availability, nothing else.
+    constrained = constrained_devices(parts, config.correlate_labels)
+    hard = constrained_profile(profile, slowdown=config.constrained_slowdown)
+    traces = [generate_device(hard if c else profile, i) for i, c in enumerate(constrained)]
+    local = local_test_sets(parts, (test.X, test.y), size=config.local_test_size,
+                            seed=config.seed)
+    return Fleet(traces, parts, test, spec, list(local), constrained)
 
 
 def model_spec(config: SimConfig, *, n_features: int, classes: tuple[int, ...]) -> ModelSpec:
@@ -190,25 +225,60 @@ def model_spec(config: SimConfig, *, n_features: int, classes: tuple[int, ...]) 
 
 
 def local_evaluation(model: ModelAdapter, local_tests: Sequence[XY | None], *,
-                     metric: str = "accuracy") -> dict[str, Any] | None:
-    """How one global model serves each device: `metric` on every device's own test set.
+                     metric: str = "accuracy", params: Sequence[np.ndarray[Any, Any]] = ()
+                     ) -> dict[str, Any] | None:
+    """How the global model serves each device: `metric` on every device's own test set.
 
     ``mean`` over devices, ``worst_10pct`` the mean of the worst-scoring tenth of them (at least
     one device: the fleet's tail, which a mean hides), ``n_devices`` the devices scored. None
     when no device has a test set. A device whose score is undefined (R^2 of fewer than two
-    samples) is left out.
+    samples) is left out. With `params`, a device's score is its mean over those models (the
+    last few versions: one version of an asynchronous model is a noisy sample).
     """
-    scores = sorted(s for s in (float(model.evaluate(X, y)[metric])
-                                for X, y in (t for t in local_tests if t is not None))
+    def score(X: Any, y: Any) -> float:
+        if not params:
+            return float(model.evaluate(X, y)[metric])
+        values = []
+        for p in params:
+            model.set_params_vector(p)
+            values.append(float(model.evaluate(X, y)[metric]))
+        return float(np.mean(values))
+
+    scores = sorted(s for s in (score(X, y) for X, y in (t for t in local_tests if t is not None))
                     if math.isfinite(s))
     if not scores:
         return None
-    worst = scores[:max(1, len(scores) // 10)]
-    return {"mean": float(np.mean(scores)), "worst_10pct": float(np.mean(worst)),
+    return {"mean": float(np.mean(scores)), "worst_10pct": worst_fraction_mean(scores, 0.1),
             "n_devices": len(scores), "metric": metric}
 
 
+CORRECTIONS = ("reweight", "cap", "memory")
+
+
+def split_rule(rule: str) -> tuple[str, str | None]:
+    """``"fedbuff+reweight"`` -> ("fedbuff", "reweight"); a bare rule has no correction."""
+    base, plus, correction = rule.partition("+")
+    if base not in RULES or (plus and (correction not in CORRECTIONS or base == "fedavg-sync"
+                                       or (correction == "memory" and base != "fedbuff"))):
+        raise ConfigError(f"unknown rule {rule!r}: use one of {', '.join(RULES)}, optionally "
+                          f"with +reweight or +cap for fedasync and fedbuff, or +memory for "
+                          f"fedbuff", key="rule")
+    return base, correction or None
+
+
+def participation_config(config: SimConfig, rule: str) -> ParticipationConfig:
+    """The coordinator's participation settings for `rule` (the window in coordinator, i.e.
+    wall, seconds)."""
+    correction = split_rule(rule)[1]
+    return ParticipationConfig(
+        window_s=config.participation_window_sim_s / config.scale,
+        reweight=correction == "reweight", power=config.reweight_power,
+        max_factor=config.reweight_max_factor, max_boost=config.reweight_max_boost,
+        cap=config.participation_cap if correction == "cap" else 0)
+
+
 def rule_config(config: SimConfig, rule: str) -> RuleConfig:
+    rule, correction = split_rule(rule)
     if rule == "fedasync":
         return RuleConfig(name="fedasync", alpha=config.fedasync_alpha,
                           staleness=config.staleness)  # type: ignore[arg-type]
@@ -217,6 +287,8 @@ def rule_config(config: SimConfig, rule: str) -> RuleConfig:
         # fleet would never fill: at most one update per device.
         return RuleConfig(name="fedbuff", buffer_size=min(config.fedbuff_k, config.devices),
                           server_lr=config.fedbuff_server_lr,
+                          memory_s=config.participation_window_sim_s / config.scale
+                          if correction == "memory" else 0.0,
                           staleness=config.staleness)  # type: ignore[arg-type]
     if rule == "fedavg-sync":
         return RuleConfig(name="fedavg-sync", cohort_size=config.cohort_size,
@@ -288,7 +360,7 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet | None
                     if isinstance(broker, MosquittoBroker) else "embedded amqtt broker "
                     "(Mosquitto not installed)")
             print(f"[{rule:>11}] broker: {kind} at {url}", file=sys.stderr)
-        fleet_name = f"sim-{rule}-{config.seed}-{os.getpid()}"
+        fleet_name = f"sim-{rule.replace('+', '-')}-{config.seed}-{os.getpid()}"
         coord_state = out_dir / "coordinator-state"
         shutil.rmtree(coord_state, ignore_errors=True)
         test = fleet.test
@@ -302,6 +374,7 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet | None
         service = CoordinatorService(CoordinatorConfig(
             model=fleet.spec, broker=url, fleet=fleet_name, state_dir=str(coord_state),
             client_id=f"coordinator-{fleet_name}", http="", rule=rule_config(config, rule),
+            participation=participation_config(config, rule), keep_checkpoints=_KEEP,
             guards=GuardConfig(max_norm=10.0, max_staleness=50),
             snapshots=SnapshotConfig(min_interval_s=0.5)), evaluator=evaluate)
         service.start()
@@ -344,13 +417,14 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet | None
         shutil.rmtree(state_root, ignore_errors=True)
 
     metric = metric_of(fleet.spec)
-    evals, arrivals, final = _outcome(coord_state, start=start, scale=config.scale, metric=metric)
+    evals, arrivals, finals = _outcome(coord_state, start=start, scale=config.scale,
+                                       metric=metric, duration_s=config.duration_s)
     _write_arrivals(out_dir / "updates.csv", arrivals)
     summary = _summarize(config, rule, fleet, evals, rows)
-    evaluator_model.set_params_vector(final)
-    local = local_evaluation(evaluator_model, fleet.local_tests, metric=metric)
+    local = local_evaluation(evaluator_model, fleet.local_tests, metric=metric, params=finals)
     summary["local_accuracy"] = None if local is None else {
         k: round(v, 4) if isinstance(v, float) else v for k, v in local.items()}
+    summary["participation"] = _participation(fleet, arrivals, evaluator_model, metric, finals)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return RunResult(rule, out_dir, evals, summary, arrivals)
 
@@ -429,10 +503,16 @@ class _Usage:
         return {"rss_mb": round(rss / 2**20, 1), "cpu_percent": round(cpu, 1)}
 
 
-def _outcome(coord_state: Path, *, start: float, scale: float, metric: str
+# Checkpoints the sim's coordinator keeps: enough to cover the last tenth of a run, from which
+# up to _FINALS models, evenly spaced, stand for "the final model" in the local evaluation.
+_KEEP, _FINALS = 400, 10
+
+
+def _outcome(coord_state: Path, *, start: float, scale: float, metric: str, duration_s: float
              ) -> tuple[list[tuple[float, int, float, float]], list[Arrival],
-                        np.ndarray[Any, Any]]:
-    """From the coordinator's store: evaluations, update arrivals and the final model."""
+                        list[np.ndarray[Any, Any]]]:
+    """From the coordinator's store: evaluations, update arrivals and the final models (those
+    of the last tenth of the run, like the final metric; one asynchronous version is noisy)."""
     from coordinator._store import Store
 
     store = Store(coord_state)
@@ -443,11 +523,33 @@ def _outcome(coord_state: Path, *, start: float, scale: float, metric: str
         # runs on, so this is when the update reached the coordinator on the devices' sim clock.
         arrivals = [Arrival(u.device_id, round((u.received_at - start) * scale, 3), u.outcome,
                             u.reason) for u in store.lineage()]
-        version = store.current_version()
-        final = store.load_checkpoint(0 if version is None else version)
-        return evals, arrivals, final
+        kept = set(store.checkpointed_versions())
+        tail = [v.version for v in store.versions()
+                if v.version in kept and v.created_at - start >= 0.9 * duration_s]
+        tail = tail or sorted(kept)[-1:]
+        pick = sorted({tail[round(i)] for i in np.linspace(0, len(tail) - 1, _FINALS)})
+        finals = [store.load_checkpoint(v) for v in pick]
+        return evals, arrivals, finals
     finally:
         store.close()
+
+
+def _participation(fleet: Fleet, arrivals: Sequence[Arrival], model: ModelAdapter,
+                   metric: str, finals: Sequence[np.ndarray[Any, Any]]) -> dict[str, Any]:
+    """Who shaped the model over the run, and (with correlated availability) how the final
+    model serves the constrained devices against the others."""
+    merged = Counter(a.device_id for a in arrivals if a.outcome != "rejected")
+    out: dict[str, Any] = participation_summary([merged[t.device_id] for t in fleet.traces])
+    if any(fleet.constrained):
+        for name, want in (("constrained", True), ("unconstrained", False)):
+            group = [i for i, c in enumerate(fleet.constrained) if c == want]
+            local = local_evaluation(model, [fleet.local_tests[i] for i in group],
+                                     metric=metric, params=finals) if fleet.local_tests else None
+            out[name] = {"devices": len(group),
+                         "updates": sum(merged[fleet.traces[i].device_id] for i in group),
+                         f"local_{metric}_mean": None if local is None
+                         else round(local["mean"], 4)}
+    return out
 
 
 def _write_arrivals(path: Path, arrivals: Sequence[Arrival]) -> None:
@@ -460,7 +562,9 @@ def _write_arrivals(path: Path, arrivals: Sequence[Arrival]) -> None:
 def _summarize(config: SimConfig, rule: str, fleet: Fleet,
                evals: list[tuple[float, int, float, float]],
                rows: list[dict[str, Any]]) -> dict[str, Any]:
-    last = evals[-3:]
+    # The last tenth of the run (at least 3 evaluations): one asynchronous version is noisy.
+    tail = [e for e in evals if e[0] >= 0.9 * config.duration_s]
+    last = tail if len(tail) >= 3 else evals[-3:]
     ttt = time_to_target(evals, config.target_accuracy)
     final = rows[-1] if rows else {}
     metric = metric_of(fleet.spec)

@@ -330,8 +330,6 @@ class FleetProfile:
     flap_fraction: float = 0.2
     flap_on_mean_s: float = _HOUR
     flap_off_mean_s: float = 10 * 60.0
-    # Reserved for issue 8 (data partitions correlated with device traits); only None for now.
-    correlate_with: str | None = None
 
     def __post_init__(self) -> None:
         _int("n_devices", self.n_devices, 0, 10_000_000)
@@ -360,9 +358,6 @@ class FleetProfile:
         if not isinstance(self.wifi_home_overnight, bool):
             raise ConfigError("wifi_home_overnight must be true or false",
                               key="wifi_home_overnight")
-        if self.correlate_with is not None:
-            raise ConfigError("correlate_with is reserved (issue 8); leave it unset",
-                              key="correlate_with")
 
 
 def generate_fleet(profile: FleetProfile) -> list[DeviceTrace]:

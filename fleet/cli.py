@@ -22,6 +22,7 @@ from fleet._sim import (
     metric_of,
     run_rule,
     speedup,
+    split_rule,
 )
 from models import ConfigError, FedAsyncError
 from models._logging import setup_logging
@@ -53,8 +54,12 @@ _FIELDS = (("devices", "devices"), ("duration", "duration_s"), ("scale", "scale"
            ("workers", "workers"), ("lr", "learning_rate"), ("local_epochs", "local_epochs"),
            ("batch_size", "batch_size"), ("hidden", "hidden"), ("l2", "l2"),
            ("cohort", "cohort_size"), ("over_selection", "over_selection"),
-           ("fedasync_alpha", "fedasync_alpha"), ("fedbuff_k", "fedbuff_k"))
-_SYNTHETIC_ONLY = {"devices": "--devices", "dataset": "--dataset", "dirichlet_alpha": "--alpha"}
+           ("fedasync_alpha", "fedasync_alpha"), ("fedbuff_k", "fedbuff_k"),
+           ("correlate", "correlate_labels"), ("window", "participation_window_sim_s"),
+           ("cap", "participation_cap"), ("reweight_max", "reweight_max_factor"),
+           ("reweight_boost", "reweight_max_boost"))
+_SYNTHETIC_ONLY = {"devices": "--devices", "dataset": "--dataset", "dirichlet_alpha": "--alpha",
+                   "correlate_labels": "--correlate"}
 
 
 def _hidden(text: str) -> tuple[int, ...]:
@@ -64,6 +69,13 @@ def _hidden(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected sizes like 32 or 64,32, got {text!r}"
                                          ) from None
     return layers
+
+
+def _labels(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected labels like 0,1,2, got {text!r}") from None
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -102,6 +114,21 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help=f"round deadline in sim minutes ({d.round_deadline_sim_s / 60:g})")
     s.add_argument("--over-selection", type=float,
                    help=f"invite this many times the cohort ({d.over_selection})")
+    f = p.add_argument_group("participation (the +reweight and +cap rule variants)")
+    f.add_argument("--correlate", type=_labels,
+                   help="make availability follow data: devices whose most common label is one "
+                        "of these (e.g. 0,1,2) are slow rare chargers")
+    f.add_argument("--window", type=lambda h: float(h) * 3600.0,
+                   help=f"participation window in sim hours "
+                        f"({d.participation_window_sim_s / 3600:g})")
+    f.add_argument("--cap", type=int,
+                   help=f"+cap: updates per device per window ({d.participation_cap})")
+    f.add_argument("--reweight-max", type=float,
+                   help=f"+reweight: a frequent device keeps at least 1/this of its weight "
+                        f"({d.reweight_max_factor:g})")
+    f.add_argument("--reweight-boost", type=float,
+                   help=f"+reweight: a rare device gets at most this times its weight "
+                        f"({d.reweight_max_boost:g}: no boost)")
     p.add_argument("--broker", help="use this broker (mqtt://host:port) instead of starting one")
     p.add_argument("--embedded-broker", action="store_true",
                    help="use the pure-Python broker even if Mosquitto is installed")
@@ -126,7 +153,9 @@ def _parser() -> argparse.ArgumentParser:
                           "--fleet-file; default: its [run] test_file, else the devices' test "
                           "files together)")
     run.add_argument("--compare", default="fedbuff,fedavg-sync",
-                     help=f"comma-separated rules out of {', '.join(RULES)} (%(default)s)")
+                     help=f"comma-separated rules out of {', '.join(RULES)}; fedasync and "
+                          f"fedbuff also with a participation correction, e.g. "
+                          f"fedbuff+reweight or fedasync+cap (%(default)s)")
     run.add_argument("--rule", help="a single rule (overrides --compare)")
     run.add_argument("--out", type=Path, default=Path("runs/demo"),
                      help="output directory (%(default)s)")
@@ -202,22 +231,21 @@ def compare(config: SimConfig, rules: Sequence[str], out: Path, *, progress: boo
 def _run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     rules = [args.rule] if args.rule else [r.strip() for r in args.compare.split(",") if r]
-    unknown = [r for r in rules if r not in RULES]
-    if unknown:
-        raise FedAsyncError(f"unknown rule(s) {unknown}; choose from {', '.join(RULES)}")
+    for rule in rules:
+        split_rule(rule)  # a clear error before anything starts
     args.out.mkdir(parents=True, exist_ok=True)
     results, summary = compare(config, rules, args.out)
     print()
     metric = results[0].summary["metric"] if results else "accuracy"
     local = any(r.summary.get("local_accuracy") for r in results)
-    print(f"{'rule':<12} {'final ' + metric[:3]:>9} {'time to ' + str(config.target_accuracy):>14} "
-          f"{'versions':>8} {'updates':>8}" + (f" {'local mean':>10} {'worst 10%':>9}"
-                                                if local else ""))
+    print(f"{'rule':<16} {'final ' + metric[:3]:>9} {'time to ' + str(config.target_accuracy):>14} "
+          f"{'versions':>8} {'updates':>8} {'Gini':>5}" + (f" {'local mean':>10} {'worst 10%':>9}"
+                                                          if local else ""))
     for r in results:
         s = r.summary
         ttt = "not reached" if s["time_to_target_s"] is None else f"{s['time_to_target_s']:.1f}s"
-        line = (f"{r.rule:<12} {s['final_metric'] or 0:>9.3f} {ttt:>14} {s['versions']:>8} "
-                f"{s['updates_accepted']:>8}")
+        line = (f"{r.rule:<16} {s['final_metric'] or 0:>9.3f} {ttt:>14} {s['versions']:>8} "
+                f"{s['updates_accepted']:>8} {s['participation']['gini']:>5.2f}")
         if local:
             la = s.get("local_accuracy") or {}
             line += f" {la.get('mean', 0):>10.3f} {la.get('worst_10pct', 0):>9.3f}"

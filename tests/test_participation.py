@@ -86,16 +86,18 @@ def test_max_median_ratio() -> None:
 def test_participation_factor_evens_out_per_window_influence() -> None:
     # A device sending 4x the mean gets a quarter per update: the same total per window.
     assert participation_factor(8, 2) == pytest.approx(0.25)
-    assert participation_factor(1, 2) == pytest.approx(2.0)
+    assert participation_factor(1, 2) == 1.0  # no boost by default
+    assert participation_factor(1, 2, max_boost=4) == pytest.approx(2.0)
     assert participation_factor(2, 2) == 1.0
     assert participation_factor(100, 1, max_factor=4) == 0.25  # clipped both ways
-    assert participation_factor(1, 100, max_factor=4) == 4.0
+    assert participation_factor(1, 100, max_boost=4) == 4.0
     assert participation_factor(8, 2, power=0.5) == pytest.approx(0.5)
     assert participation_factor(0, 2) == 1.0
 
 
 @pytest.mark.parametrize("bad", [{"window_s": 0}, {"cap": -1}, {"cap": True},
                                  {"reweight": "yes"}, {"power": 9}, {"max_factor": 0.5},
+                                 {"max_boost": 0.9},
                                  {"window_s": float("nan")}])
 def test_config_refuses_nonsense(bad: dict) -> None:
     with pytest.raises(ConfigError):
@@ -117,7 +119,8 @@ def test_cap_counts_within_the_window_and_says_when_a_slot_frees() -> None:
 
 
 def test_factor_uses_the_fleet_mean_over_active_devices() -> None:
-    ledger = Ledger(ParticipationConfig(window_s=100, reweight=True, max_factor=10))
+    ledger = Ledger(ParticipationConfig(window_s=100, reweight=True, max_factor=10,
+                                        max_boost=10))
     for t in range(6):
         ledger.taken("busy", now=t)
     ledger.taken("rare", now=6)
@@ -211,7 +214,8 @@ def test_engine_caps_a_device_and_lets_it_back_after_the_window(tmp_path: Path) 
 
 def test_engine_reweights_frequent_devices_and_records_the_weight(tmp_path: Path) -> None:
     clock = Clock()
-    engine = make_engine(tmp_path, ParticipationConfig(window_s=600, reweight=True), clock)
+    engine = make_engine(tmp_path, ParticipationConfig(window_s=600, reweight=True, max_boost=4),
+                         clock)
     for _ in range(3):
         send(engine, "fast", clock)
         clock.t += 1
@@ -361,3 +365,63 @@ def test_agent_backs_off_when_the_coordinator_asks(tmp_path: Path) -> None:
     assert agent.status()["backoff_s"] == 300.0
     now.t = 301.0
     assert agent.should_train(decision) and agent.status()["backoff_s"] == 0.0
+
+
+# -- FedBuff with a per-device memory ----------------------------------------------------------
+
+
+def mem_contribution(uid: str, device: str, delta: float, *, base: int, version: int,
+                     n: int = 10) -> Contribution:
+    return Contribution(update_id=uid, device_id=device, base_version=base,
+                        staleness=version - base, n_samples=n,
+                        delta=np.full(N, delta, dtype=np.float32))
+
+
+def test_memory_keeps_a_rare_device_in_every_merge_until_it_expires() -> None:
+    rule = FedBuff(buffer_size=1, server_lr=1.0, staleness=Staleness(kind="constant"),
+                   memory_s=100.0)
+    x = np.zeros(N, dtype=np.float32)
+    m1 = rule.offer(x, mem_contribution("r1", "rare", 4.0, base=0, version=0), now=0)
+    assert m1 is not None and m1.weights == (1.0,)
+    np.testing.assert_allclose(m1.params, 4.0)
+    # The frequent device's update is merged together with the rare one's last update.
+    m2 = rule.offer(m1.params, mem_contribution("f1", "fast", 0.0, base=1, version=1), now=50)
+    assert m2 is not None and m2.included[0].update_id == "f1"
+    assert m2.weights == (0.5,)  # its share of the merge; the rest is the remembered update
+    np.testing.assert_allclose(m2.params, 4.0 + 2.0)
+    # A newer update of a device replaces its old one; past memory_s the rare one is gone.
+    m3 = rule.offer(m2.params, mem_contribution("f2", "fast", 1.0, base=2, version=2), now=99)
+    np.testing.assert_allclose(m3.params, 6.0 + (4.0 + 1.0) / 2)
+    m4 = rule.offer(m3.params, mem_contribution("f3", "fast", 1.0, base=3, version=3), now=101)
+    np.testing.assert_allclose(m4.params, m3.params + 1.0)
+
+
+def test_memory_weights_remembered_updates_by_their_staleness_now() -> None:
+    poly = Staleness(kind="polynomial", a=1.0)  # s(t) = 1 / (1 + t)
+    rule = FedBuff(buffer_size=1, server_lr=1.0, staleness=poly, memory_s=1e6)
+    x = np.zeros(N, dtype=np.float32)
+    x = rule.offer(x, mem_contribution("a", "old", 3.0, base=0, version=0), now=0).params
+    merge = rule.offer(x, mem_contribution("b", "new", 0.0, base=3, version=3), now=1)
+    # "old" is 3 versions behind now: weight 1/4 against "new"'s 1.
+    assert merge.weights == pytest.approx((1 / 1.25,))
+    np.testing.assert_allclose(merge.params, x + 3.0 * 0.25 / 1.25, rtol=1e-6)
+
+
+def test_a_failed_memory_merge_changes_nothing() -> None:
+    rule = FedBuff(buffer_size=1, server_lr=1.0, staleness=Staleness(kind="constant"),
+                   memory_s=100.0)
+    x = np.zeros(N, dtype=np.float32)
+    x = rule.offer(x, mem_contribution("a", "d1", 1.0, base=0, version=0), now=0).params
+    huge = mem_contribution("b", "d2", 3e38, base=1, version=1)
+    with pytest.raises(ModelError):
+        rule.offer(np.full(N, 3e38, dtype=np.float32), huge, now=1)
+    assert rule.pending() == ()
+    merge = rule.offer(x, mem_contribution("c", "d3", 1.0, base=1, version=1), now=2)
+    assert {c.update_id for c in merge.included} == {"c"}
+    np.testing.assert_allclose(merge.params, x + 1.0)  # d2's update was never remembered
+
+
+def test_memory_setting_is_validated() -> None:
+    with pytest.raises(ConfigError, match="memory_s"):
+        RuleConfig(name="fedbuff", memory_s=-1.0)
+    assert build_rule(RuleConfig(name="fedbuff", memory_s=60.0)).memory_s == 60.0  # type: ignore[attr-defined]

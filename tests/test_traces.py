@@ -326,7 +326,6 @@ def test_overnight_charging_happens_at_night_on_wifi() -> None:
         ({"drain_per_h": (5.0, 1.0)}, "drain_per_h"),
         ({"wifi_off_mean_s": 0.0}, "wifi_off_mean_s"),
         ({"id_prefix": "a/"}, "id_prefix"),
-        ({"correlate_with": "speed"}, "correlate_with"),
     ],
 )
 def test_fleet_profile_validates(changes: dict[str, Any], key: str) -> None:
