@@ -10,7 +10,7 @@ inside, float32 out); `Merge` records `scale` and `weights` so lineage can say w
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Protocol, get_args
 
@@ -194,26 +194,39 @@ class FedAsync(_Buffered):
 
     It buffers nothing itself; updates restored from another rule's buffer go out together at
     the next poll or offer, each with its own a_t.
+
+    With ``memory_s`` > 0 (the participation correction described at `FedBuff`), the step is
+    a_t times the mean of every remembered device's latest update, weighted n_i * s(t_i) * p_i.
     """
 
     name = "fedasync"
 
-    def __init__(self, *, alpha: float, staleness: Staleness) -> None:
+    def __init__(self, *, alpha: float, staleness: Staleness, memory_s: float = 0.0) -> None:
         super().__init__()
         self.alpha = _positive("alpha", alpha, at_most_one=True)
         self.staleness = staleness
+        self.memory_s = _non_negative("memory_s", memory_s)
+        self._memory: Memory = {}
 
     def offer(self, model: Params, c: Contribution, *, now: float) -> Merge:
         self._admit(model, c)
-        return self._merge(model, [*self._buffer, c])
+        return self._merge(model, [*self._buffer, c], now)
 
     def poll(self, model: Params, *, now: float) -> Merge | None:
-        return self._merge(model, self._buffer) if self._buffer else None
+        return self._merge(model, self._buffer, now) if self._buffer else None
 
-    def _merge(self, model: Params, cs: Sequence[Contribution]) -> Merge:
-        weights = [min(self.alpha * self.staleness(c.staleness) * c.participation, 1.0)
-                   for c in cs]
-        merge = _merge(model, cs, weights, scale=1.0)
+    def _merge(self, model: Params, cs: Sequence[Contribution], now: float) -> Merge:
+        if self.memory_s:
+            a = self.alpha * max(self.staleness(c.staleness) for c in cs)
+            merge, self._memory = _merge_memory(
+                model, cs, self._memory, now=now, memory_s=self.memory_s, scale=a,
+                weigh=lambda latest, ages: np.array(
+                    [c.n_samples * self.staleness(t) for c, t in zip(latest, ages, strict=True)],
+                    dtype=np.float64))
+        else:
+            weights = [min(self.alpha * self.staleness(c.staleness) * c.participation, 1.0)
+                       for c in cs]
+            merge = _merge(model, cs, weights, scale=1.0)
         self._buffer = []
         return merge
 
@@ -266,23 +279,10 @@ class FedBuff(_Buffered):
         return w
 
     def _merge_memory(self, model: Params, cs: Sequence[Contribution], now: float) -> Merge:
-        # The version every buffered update arrived at: it only moves when a buffer merges.
-        version = cs[0].base_version + cs[0].staleness
-        memory = {d: e for d, e in self._memory.items() if e[0] >= now - self.memory_s}
-        for c in cs:
-            memory[c.device_id] = (now, c)
-        latest = [c for _, c in memory.values()]
-        w = self._weights(latest, [version - c.base_version for c in latest])
-        p = np.array([c.participation for c in latest])
-        share = w * p / w.sum()
-        merge = _merge(model, latest, list(share), scale=self.server_lr)
-        self._memory = memory  # only once the merge succeeded
-        # Lineage records the buffer's updates; one superseded by a newer one from its device
-        # in the same buffer shaped nothing.
-        weight = {c.update_id: float(x) for c, x in zip(latest, share, strict=True)}
-        return Merge(params=merge.params, included=tuple(cs),
-                     weights=tuple(weight.get(c.update_id, 0.0) for c in cs),
-                     scale=merge.scale)
+        merge, self._memory = _merge_memory(
+            model, cs, self._memory, now=now, memory_s=self.memory_s, scale=self.server_lr,
+            weigh=self._weights)
+        return merge
 
 
 class FedAvgSync(_Buffered):
@@ -358,7 +358,9 @@ class RuleConfig:
     server_lr: float = 1.0  # fedbuff, fedavg-sync
     cohort_size: int = 10  # fedavg-sync
     deadline_s: float = 60.0  # fedavg-sync
-    memory_s: float = 0.0  # fedbuff: merge every device's latest update of this long (0: off)
+    # fedasync, fedbuff: merge along every device's latest update of the last memory_s seconds
+    # (a participation correction, see FedBuff; 0: off)
+    memory_s: float = 0.0
     min_updates: int = 1  # fedavg-sync
     # fedavg-sync: invite this many times cohort_size of the devices that report themselves
     # eligible, as production synchronous systems do, since some invitees never finish.
@@ -392,13 +394,39 @@ class RuleConfig:
 def build_rule(config: RuleConfig) -> MergeRule:
     """A fresh rule (empty buffer) for `config`."""
     if config.name == "fedasync":
-        return FedAsync(alpha=config.alpha, staleness=config.staleness)
+        return FedAsync(alpha=config.alpha, staleness=config.staleness,
+                        memory_s=config.memory_s)
     if config.name == "fedbuff":
         return FedBuff(buffer_size=config.buffer_size, server_lr=config.server_lr,
                        staleness=config.staleness, weight_by_samples=config.weight_by_samples,
                        memory_s=config.memory_s)
     return FedAvgSync(cohort_size=config.cohort_size, deadline_s=config.deadline_s,
                       min_updates=config.min_updates, server_lr=config.server_lr)
+
+
+Memory = dict[str, tuple[float, Contribution]]  # device -> (when remembered, its latest update)
+
+
+def _merge_memory(model: Params, cs: Sequence[Contribution], memory: Memory, *, now: float,
+                  memory_s: float, scale: float,
+                  weigh: Callable[[Sequence[Contribution], Sequence[int]], NDArray[np.float64]]
+                  ) -> tuple[Merge, Memory]:
+    """A merge along the weighted mean of every remembered device's latest update (`cs` first
+    remembered, entries older than `memory_s` forgotten); `weigh` gets the updates and their
+    staleness now. Returns the merge and the new memory (the old one is left as it was)."""
+    # The version every update of `cs` arrived at: the version has not moved since.
+    version = max(c.base_version + c.staleness for c in cs)
+    kept = {d: e for d, e in memory.items() if e[0] >= now - memory_s}
+    for c in cs:
+        kept[c.device_id] = (now, c)
+    latest = [c for _, c in kept.values()]
+    w = weigh(latest, [version - c.base_version for c in latest])
+    share = w * np.array([c.participation for c in latest]) / w.sum()
+    merge = _merge(model, latest, list(share), scale=scale)
+    # Lineage records `cs`; one superseded by a newer update of its device shaped nothing.
+    weight = {c.update_id: float(x) * scale for c, x in zip(latest, share, strict=True)}
+    return Merge(params=merge.params, included=tuple(cs),
+                 weights=tuple(weight.get(c.update_id, 0.0) for c in cs), scale=1.0), kept
 
 
 def _merge(model: Params, cs: Sequence[Contribution], weights: Sequence[float], *,

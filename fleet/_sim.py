@@ -258,11 +258,11 @@ CORRECTIONS = ("reweight", "cap", "memory")
 def split_rule(rule: str) -> tuple[str, str | None]:
     """``"fedbuff+reweight"`` -> ("fedbuff", "reweight"); a bare rule has no correction."""
     base, plus, correction = rule.partition("+")
-    if base not in RULES or (plus and (correction not in CORRECTIONS or base == "fedavg-sync"
-                                       or (correction == "memory" and base != "fedbuff"))):
+    if base not in RULES or (plus and (correction not in CORRECTIONS
+                                       or base == "fedavg-sync")):
         raise ConfigError(f"unknown rule {rule!r}: use one of {', '.join(RULES)}, optionally "
-                          f"with +reweight or +cap for fedasync and fedbuff, or +memory for "
-                          f"fedbuff", key="rule")
+                          f"with +{', +'.join(CORRECTIONS)} for fedasync and fedbuff",
+                          key="rule")
     return base, correction or None
 
 
@@ -279,16 +279,16 @@ def participation_config(config: SimConfig, rule: str) -> ParticipationConfig:
 
 def rule_config(config: SimConfig, rule: str) -> RuleConfig:
     rule, correction = split_rule(rule)
+    memory_s = (config.participation_window_sim_s / config.scale if correction == "memory"
+                else 0.0)
     if rule == "fedasync":
-        return RuleConfig(name="fedasync", alpha=config.fedasync_alpha,
+        return RuleConfig(name="fedasync", alpha=config.fedasync_alpha, memory_s=memory_s,
                           staleness=config.staleness)  # type: ignore[arg-type]
     if rule == "fedbuff":
         # A device trains once per model version it receives, so a buffer larger than the
         # fleet would never fill: at most one update per device.
         return RuleConfig(name="fedbuff", buffer_size=min(config.fedbuff_k, config.devices),
-                          server_lr=config.fedbuff_server_lr,
-                          memory_s=config.participation_window_sim_s / config.scale
-                          if correction == "memory" else 0.0,
+                          server_lr=config.fedbuff_server_lr, memory_s=memory_s,
                           staleness=config.staleness)  # type: ignore[arg-type]
     if rule == "fedavg-sync":
         return RuleConfig(name="fedavg-sync", cohort_size=config.cohort_size,

@@ -55,6 +55,7 @@ _FIELDS = (("devices", "devices"), ("duration", "duration_s"), ("scale", "scale"
            ("batch_size", "batch_size"), ("hidden", "hidden"), ("l2", "l2"),
            ("cohort", "cohort_size"), ("over_selection", "over_selection"),
            ("fedasync_alpha", "fedasync_alpha"), ("fedbuff_k", "fedbuff_k"),
+           ("fedbuff_lr", "fedbuff_server_lr"),
            ("correlate", "correlate_labels"), ("window", "participation_window_sim_s"),
            ("cap", "participation_cap"), ("reweight_max", "reweight_max_factor"),
            ("reweight_boost", "reweight_max_boost"))
@@ -106,6 +107,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     m.add_argument("--l2", type=float, help=f"L2 penalty ({d.l2:g})")
     r = p.add_argument_group("rule settings (override a fleet file's [run])")
     r.add_argument("--fedasync-alpha", type=float, help=f"FedAsync mixing ({d.fedasync_alpha})")
+    r.add_argument("--fedbuff-lr", type=float,
+                   help=f"FedBuff server learning rate ({d.fedbuff_server_lr:g})")
     r.add_argument("--fedbuff-k", type=int,
                    help=f"FedBuff buffer size ({d.fedbuff_k}; at most the number of devices)")
     s = p.add_argument_group("synchronous FedAvg")

@@ -425,3 +425,15 @@ def test_memory_setting_is_validated() -> None:
     with pytest.raises(ConfigError, match="memory_s"):
         RuleConfig(name="fedbuff", memory_s=-1.0)
     assert build_rule(RuleConfig(name="fedbuff", memory_s=60.0)).memory_s == 60.0  # type: ignore[attr-defined]
+
+
+def test_fedasync_with_memory_steps_along_the_devices_mean() -> None:
+    rule = FedAsync(alpha=0.5, staleness=Staleness(kind="constant"), memory_s=100.0)
+    x = np.zeros(N, dtype=np.float32)
+    m1 = rule.offer(x, mem_contribution("r1", "rare", 4.0, base=0, version=0), now=0)
+    np.testing.assert_allclose(m1.params, 2.0)  # alone in memory: the plain FedAsync step
+    m2 = rule.offer(m1.params, mem_contribution("f1", "fast", 0.0, base=1, version=1), now=50)
+    np.testing.assert_allclose(m2.params, 2.0 + 0.5 * (4.0 + 0.0) / 2)
+    assert m2.weights == (0.25,)  # a_t times its share of the mean
+    m3 = rule.offer(m2.params, mem_contribution("f2", "fast", 2.0, base=2, version=2), now=120)
+    np.testing.assert_allclose(m3.params, m2.params + 0.5 * 2.0)  # the rare one expired
