@@ -1,5 +1,6 @@
 """Who shapes the model: per-device participation over a sliding window, a fairness summary, and
-the correction (a per-device cap and inverse-participation reweighting).
+two of the corrections (a per-device cap and inverse-participation reweighting; the third, a
+per-device memory, is a rule setting: `coordinator._rules.FedBuff`).
 
 Why: under asynchronous merging, devices that are fast, usually plugged in and on Wi-Fi send
 many more updates than the others, and the model drifts toward their data. The window is what
@@ -31,9 +32,10 @@ class ParticipationConfig:
     ``cap``: updates a device may have taken (accepted or buffered) per window; more are
     rejected with reason ``participation_cap`` and a ``retry_after_s`` so its agent stops
     training until a slot frees up. 0: no cap.
-    ``reweight``: multiply each update's merge weight by `participation_factor` (composed with
-    the staleness weight of FedAsync and FedBuff; synchronous FedAvg, the baseline, is left as
-    is: its cohort selection already spreads the rounds).
+    ``reweight``: multiply each update's merge weight by `participation_factor` with
+    ``power``, ``max_factor`` and ``max_boost`` (composed with the staleness weight of FedAsync
+    and FedBuff; synchronous FedAvg, the baseline, is left as is: its cohort selection already
+    spreads the rounds).
     """
 
     window_s: float = 3600.0
@@ -143,7 +145,6 @@ class Seed(NamedTuple):
 
     device_id: str
     received_at: float
-    outcome: str  # accepted | buffered
     weight: float | None
     merged_at: float | None  # creation time of the version that merged it, if merged
 

@@ -236,7 +236,7 @@ class Store:
             "SUM(outcome = 'rejected'), SUM(COALESCE(reason = 'participation_cap', 0)), "
             "MAX(received_at) FROM updates GROUP BY device_id")]
         recent = [Seed(*r) for r in self._db.execute(
-            "SELECT u.device_id, u.received_at, u.outcome, u.weight, v.created_at "
+            "SELECT u.device_id, u.received_at, u.weight, v.created_at "
             "FROM updates u LEFT JOIN versions v ON u.version = v.version "
             "WHERE u.outcome != 'rejected' AND (u.received_at >= ? OR v.created_at >= ?) "
             "ORDER BY u.received_at, u.rowid", (since, since))]
