@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from fleet._sim import XY, Fleet, SimConfig, build_fleet, model_spec
+from fleet._fairness import XY
+from fleet._sim import Fleet, SimConfig, build_fleet, model_spec
 from fleet._traces import Battery, DeviceTrace, Intervals, Span
 from models import MODEL_KINDS, ConfigError, FedAsyncError, ModelSpec
 from models._config import load_toml

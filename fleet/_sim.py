@@ -41,6 +41,7 @@ from coordinator._rules import RuleConfig
 from coordinator._service import CoordinatorService
 from fleet._broker import EmbeddedBroker, MosquittoBroker, start_broker
 from fleet._fairness import (
+    XY,
     constrained_devices,
     constrained_profile,
     local_test_sets,
@@ -164,9 +165,6 @@ def _check_number(key: str, value: object, *, positive: bool, signed: bool = Fal
     if not ok:
         need = "finite" if signed else "> 0" if positive else ">= 0"
         raise ConfigError(f"{key} must be a number {need}, got {value!r}", key=key)
-
-
-XY = tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]
 
 
 @dataclass(frozen=True, slots=True)
