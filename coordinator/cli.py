@@ -153,12 +153,17 @@ def make_evaluator(config: CoordinatorConfig) -> Evaluator | None:
 def _run(args: argparse.Namespace) -> int:
     from coordinator._service import CoordinatorService
 
-    config = config_from_args(args)
-    setup_logging(config.log_level, args.log_format)  # the config's (or FEDASYNC_) log_level
-    service = CoordinatorService(config, evaluator=make_evaluator(config))
+    # Handlers first: a stop (systemd, ^C) while the service is still loading is a clean exit.
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    config = config_from_args(args)
+    setup_logging(config.log_level, args.log_format)  # the config's (or FEDASYNC_) log_level
+    service = CoordinatorService(config, evaluator=make_evaluator(config))
+    if stop.is_set():
+        log.info("stopped while starting; nothing was changed")
+        service.store.close()
+        return 0
     service.start()
     stop.wait()
     service.stop()

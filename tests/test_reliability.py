@@ -96,8 +96,15 @@ class CoordinatorProcess:
         self.config = config
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
+        self._started_at_byte = 0
+
+    def ready(self) -> bool:
+        """The latest start is past loading: it logged "coordinator for fleet" (an earlier
+        start may have been killed before it did)."""
+        return b"coordinator for fleet" in self.log.read_bytes()[self._started_at_byte:]
 
     def start(self) -> None:
+        self._started_at_byte = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "coordinator.cli", "run", "--config", str(self.config)],
@@ -381,6 +388,8 @@ def test_coordinator_sigkill_mid_stream_loses_nothing_and_merges_nothing_twice(
         assert wait_for(fleet.all_delivered, timeout=60), undelivered(fleet, state)
         total = len(fleet.produced)
         snapshot = retained_snapshot(broker.url, fleet_name, version=total)
+        # The last restart may still be loading when everything was delivered already.
+        assert wait_for(coordinator.ready, timeout=30), coordinator.log_text()[-2000:]
         assert coordinator.stop() == 0
     finally:
         if pacer is not None:
