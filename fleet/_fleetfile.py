@@ -37,7 +37,7 @@ import numpy as np
 
 from fleet._fairness import XY
 from fleet._sim import Fleet, SimConfig, build_fleet, model_spec
-from fleet._traces import Battery, DeviceTrace, Intervals, Span
+from fleet._traces import _TOPIC_UNSAFE, Battery, DeviceTrace, Intervals, Span
 from models import MODEL_KINDS, ConfigError, FedAsyncError, ModelSpec
 from models._config import load_toml
 from models._datasets import Dataset
@@ -473,6 +473,10 @@ def _device(where: str, raw: Mapping[str, Any], *, base: Path, start: datetime |
     for key in ("id", "data"):
         if key not in raw:
             bad(f"{key} is required")
+    device_id = values.get("id")
+    if isinstance(device_id, str) and (not device_id or _TOPIC_UNSAFE & set(device_id)):
+        # Checked here too (DeviceEntry would say it) so it is listed with the other problems.
+        bad(f"id must be a non-empty name without / + # or spaces, got {device_id!r}")
     if "epoch_seconds" in raw and "epoch_multiplier" in raw:
         bad("give one of epoch_seconds and epoch_multiplier, not both")
     elif "epoch_seconds" not in raw and "epoch_multiplier" not in raw:

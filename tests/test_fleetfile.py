@@ -255,7 +255,7 @@ def test_bad_ids_and_repeated_ids_are_named(tmp_path) -> None:
     with pytest.raises(FleetFileError) as e:
         parse_fleet_file(path)
 
-    assert e.value.problems[0].startswith('devices[1] (id "has space", line 5): device_id must')
+    assert e.value.problems[0].startswith('devices[1] (id "has space", line 5): id must')
     assert e.value.problems[1] == ('devices[2] (id "x", line 9): id \'x\' repeats '
                                    'devices[0] (id "x", line 1)')
 
