@@ -272,6 +272,7 @@ class DeviceTrace:
         """What a psutil reader on this device would report at sim time ``t``."""
         if not (_real(t) and math.isfinite(t)):
             raise FedAsyncError(f"sim time must be a finite number, got {t!r}")
+        t = float(t)  # a numpy scalar would make every comparison below a numpy bool
         wifi = ("wlan0",) if self.wifi.contains(t) else ()
         mains = self.battery is None
         return Readings(

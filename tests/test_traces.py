@@ -363,3 +363,12 @@ def test_traces_pickle_with_their_precomputed_state() -> None:
     back = pickle.loads(pickle.dumps(t))
     assert back == t and back.battery_at(5 * H) == t.battery_at(5 * H)
     assert back.wifi.next_change(100.0) == t.wifi.next_change(100.0)
+
+
+def test_readings_at_a_numpy_time_are_plain_python_values() -> None:
+    # np.arange grids are a natural way to scan a trace; Readings refuses numpy bools.
+    trace = generate_fleet(FleetProfile(n_devices=5, seed=1, duration_s=86_400.0))
+    for tr in trace:
+        for t in np.arange(0.0, 86_400.0, 3_600.0):
+            r = tr.readings_at(t, wall_time=0.0)
+            assert r.charging is None or type(r.charging) is bool
