@@ -220,9 +220,7 @@ class FedAsync(_Buffered):
             a = self.alpha * max(self.staleness(c.staleness) for c in cs)
             merge, self._memory = _merge_memory(
                 model, cs, self._memory, now=now, memory_s=self.memory_s, scale=a,
-                weigh=lambda latest, ages: np.array(
-                    [c.n_samples * self.staleness(t) for c, t in zip(latest, ages, strict=True)],
-                    dtype=np.float64))
+                weigh=lambda latest, ages: _weights(latest, ages, self.staleness))
         else:
             weights = [min(self.alpha * self.staleness(c.staleness) * c.participation, 1.0)
                        for c in cs]
@@ -253,35 +251,25 @@ class FedBuff(_Buffered):
         self.staleness = staleness
         self.weight_by_samples = _flag("weight_by_samples", weight_by_samples)
         self.memory_s = _non_negative("memory_s", memory_s)
-        self._memory: dict[str, tuple[float, Contribution]] = {}  # device -> (time, latest)
+        self._memory: Memory = {}
 
     def poll(self, model: Params, *, now: float) -> Merge | None:
         # More than buffer_size only after a restore with a smaller buffer_size: merge them all.
         if len(self._buffer) < self.buffer_size:
             return None
         cs = self._buffer
+        def weigh(cs: Sequence[Contribution], ages: Sequence[int]) -> NDArray[np.float64]:
+            return _weights(cs, ages, self.staleness, by_samples=self.weight_by_samples)
+
         if self.memory_s:
-            merge = self._merge_memory(model, cs, now)
+            merge, self._memory = _merge_memory(model, cs, self._memory, now=now,
+                                                memory_s=self.memory_s, scale=self.server_lr,
+                                                weigh=weigh)
         else:
-            w = self._weights(cs, [c.staleness for c in cs])
+            w = weigh(cs, [c.staleness for c in cs])
             p = np.array([c.participation for c in cs])
             merge = _merge(model, cs, list(w * p / w.sum()), scale=self.server_lr)
         self._buffer = []
-        return merge
-
-    def _weights(self, cs: Sequence[Contribution], staleness: Sequence[int]
-                 ) -> NDArray[np.float64]:
-        """n_i * s(t_i), scaled so the largest is 1: computed in log space, since s(t) may
-        underflow to 0 for every update of a very stale buffer."""
-        logs = np.array([(math.log(c.n_samples) if self.weight_by_samples else 0.0)
-                         + self.staleness.log(t) for c, t in zip(cs, staleness, strict=True)])
-        w: NDArray[np.float64] = np.exp(logs - logs.max())
-        return w
-
-    def _merge_memory(self, model: Params, cs: Sequence[Contribution], now: float) -> Merge:
-        merge, self._memory = _merge_memory(
-            model, cs, self._memory, now=now, memory_s=self.memory_s, scale=self.server_lr,
-            weigh=self._weights)
         return merge
 
 
@@ -405,6 +393,16 @@ def build_rule(config: RuleConfig) -> MergeRule:
 
 
 Memory = dict[str, tuple[float, Contribution]]  # device -> (when remembered, its latest update)
+
+
+def _weights(cs: Sequence[Contribution], ages: Sequence[int], staleness: Staleness, *,
+             by_samples: bool = True) -> NDArray[np.float64]:
+    """n_i * s(age_i) (n_i = 1 unless `by_samples`), scaled so the largest is 1: computed in log
+    space, since s(t) may underflow to 0 for every update of a very stale buffer."""
+    logs = np.array([(math.log(c.n_samples) if by_samples else 0.0) + staleness.log(t)
+                     for c, t in zip(cs, ages, strict=True)])
+    w: NDArray[np.float64] = np.exp(logs - logs.max())
+    return w
 
 
 def _merge_memory(model: Params, cs: Sequence[Contribution], memory: Memory, *, now: float,
