@@ -117,12 +117,12 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help=f"round deadline in sim minutes ({d.round_deadline_sim_s / 60:g})")
     s.add_argument("--over-selection", type=float,
                    help=f"invite this many times the cohort ({d.over_selection})")
-    f = p.add_argument_group("participation (the +reweight and +cap rule variants)")
+    f = p.add_argument_group("participation (the +reweight, +cap and +memory rule variants)")
     f.add_argument("--correlate", type=_labels,
                    help="make availability follow data: devices whose most common label is one "
                         "of these (e.g. 0,1,2) are slow rare chargers")
     f.add_argument("--window", type=lambda h: float(h) * 3600.0,
-                   help=f"participation window in sim hours "
+                   help=f"participation window (and +memory's length) in sim hours "
                         f"({d.participation_window_sim_s / 3600:g})")
     f.add_argument("--cap", type=int,
                    help=f"+cap: updates per device per window ({d.participation_cap})")
@@ -157,8 +157,8 @@ def _parser() -> argparse.ArgumentParser:
                           "files together)")
     run.add_argument("--compare", default="fedbuff,fedavg-sync",
                      help=f"comma-separated rules out of {', '.join(RULES)}; fedasync and "
-                          f"fedbuff also with a participation correction, e.g. "
-                          f"fedbuff+reweight or fedasync+cap (%(default)s)")
+                          f"fedbuff also with a participation correction: +reweight, +cap or "
+                          f"+memory, e.g. fedbuff+memory (%(default)s)")
     run.add_argument("--rule", help="a single rule (overrides --compare)")
     run.add_argument("--out", type=Path, default=Path("runs/demo"),
                      help="output directory (%(default)s)")
