@@ -48,7 +48,7 @@ from fleet._fairness import (
     participation_summary,
     worst_fraction_mean,
 )
-from fleet._traces import DeviceTrace, FleetProfile, generate_device, summarize
+from fleet._traces import DeviceTrace, FleetProfile, _int, _num, generate_device, summarize
 from fleet._worker import WorkerSpec, run_worker
 from models import ConfigError, ModelSpec, build_model
 from models._datasets import Dataset, dirichlet_partition, load_digits, make_synthetic
@@ -129,22 +129,22 @@ class SimConfig:
         if self.correlate_labels and self.fleet_file is not None:
             raise ConfigError("correlate_labels shapes the synthetic fleet; a fleet file has "
                               "its own traces", key="correlate_labels")
-        _check_int("local_test_size", self.local_test_size)
-        _check_number("constrained_slowdown", self.constrained_slowdown, positive=True)
-        _check_number("participation_window_sim_s", self.participation_window_sim_s,
-                      positive=True)
-        _check_int("local_epochs", self.local_epochs)
-        _check_int("batch_size", self.batch_size)
-        _check_int("cohort_size", self.cohort_size)
+        _int("local_test_size", self.local_test_size, 1, math.inf)
+        _num("constrained_slowdown", self.constrained_slowdown, 0.0, math.inf, lo_open=True)
+        _num("participation_window_sim_s", self.participation_window_sim_s, 0.0, math.inf,
+             lo_open=True)
+        _int("local_epochs", self.local_epochs, 1, math.inf)
+        _int("batch_size", self.batch_size, 1, math.inf)
+        _int("cohort_size", self.cohort_size, 1, math.inf)
         if not (isinstance(self.hidden, tuple) and self.hidden
                 and all(isinstance(h, int) and not isinstance(h, bool) and h >= 1
                         for h in self.hidden)):
             raise ConfigError(f"hidden must be one or more positive layer sizes, got "
                               f"{self.hidden!r}", key="hidden")
-        _check_number("learning_rate", self.learning_rate, positive=True)
-        _check_number("l2", self.l2, positive=False)
-        _check_number("round_deadline_sim_s", self.round_deadline_sim_s, positive=True)
-        _check_number("target_accuracy", self.target_accuracy, positive=False, signed=True)
+        _num("learning_rate", self.learning_rate, 0.0, math.inf, lo_open=True)
+        _num("l2", self.l2, 0.0, math.inf)
+        _num("round_deadline_sim_s", self.round_deadline_sim_s, 0.0, math.inf, lo_open=True)
+        _num("target_accuracy", self.target_accuracy, -math.inf, math.inf)
         if not (isinstance(self.over_selection, (int, float)) and 1.0 <= self.over_selection
                 <= 100.0):
             raise ConfigError("over_selection must be between 1 and 100", key="over_selection")
@@ -152,19 +152,6 @@ class SimConfig:
     @property
     def duration_sim_s(self) -> float:
         return self.duration_s * self.scale
-
-
-def _check_int(key: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key} must be an integer >= 1, got {value!r}", key=key)
-
-
-def _check_number(key: str, value: object, *, positive: bool, signed: bool = False) -> None:
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-          and (signed or (value > 0 if positive else value >= 0)))
-    if not ok:
-        need = "finite" if signed else "> 0" if positive else ">= 0"
-        raise ConfigError(f"{key} must be a number {need}, got {value!r}", key=key)
 
 
 @dataclass(frozen=True, slots=True)
