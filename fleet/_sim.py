@@ -209,32 +209,42 @@ def model_spec(config: SimConfig, *, n_features: int, classes: tuple[int, ...]) 
                      batch_size=config.batch_size, l2=config.l2, seed=config.seed)
 
 
+def device_scores(model: ModelAdapter, local_tests: Sequence[XY | None], *,
+                  metric: str = "accuracy", params: Sequence[np.ndarray[Any, Any]] = ()
+                  ) -> list[float | None]:
+    """`metric` on each device's own test set (None: it has none). With `params`, a device's
+    score is its mean over those models (the last few versions: one version of an asynchronous
+    model is a noisy sample); without, the model as it is."""
+    models: list[np.ndarray[Any, Any] | None] = [*params] if params else [None]
+    per_model = []
+    for p in models:  # one parameter load per model, not one per device and model
+        if p is not None:
+            model.set_params_vector(p)
+        per_model.append([None if t is None else float(model.evaluate(*t)[metric])
+                          for t in local_tests])
+    return [None if t is None else float(np.mean([m[i] for m in per_model]))
+            for i, t in enumerate(local_tests)]
+
+
+def summarize_scores(scores: Sequence[float | None], metric: str = "accuracy"
+                     ) -> dict[str, Any] | None:
+    """``mean`` over devices, ``worst_10pct`` the mean of the worst-scoring tenth of them (at
+    least one device: the fleet's tail, which a mean hides), ``n_devices`` the devices scored.
+    None when no device has a score. An undefined score (R^2 of fewer than two samples) is
+    left out."""
+    finite = sorted(s for s in scores if s is not None and math.isfinite(s))
+    if not finite:
+        return None
+    return {"mean": float(np.mean(finite)), "worst_10pct": worst_fraction_mean(finite, 0.1),
+            "n_devices": len(finite), "metric": metric}
+
+
 def local_evaluation(model: ModelAdapter, local_tests: Sequence[XY | None], *,
                      metric: str = "accuracy", params: Sequence[np.ndarray[Any, Any]] = ()
                      ) -> dict[str, Any] | None:
-    """How the global model serves each device: `metric` on every device's own test set.
-
-    ``mean`` over devices, ``worst_10pct`` the mean of the worst-scoring tenth of them (at least
-    one device: the fleet's tail, which a mean hides), ``n_devices`` the devices scored. None
-    when no device has a test set. A device whose score is undefined (R^2 of fewer than two
-    samples) is left out. With `params`, a device's score is its mean over those models (the
-    last few versions: one version of an asynchronous model is a noisy sample).
-    """
-    def score(X: Any, y: Any) -> float:
-        if not params:
-            return float(model.evaluate(X, y)[metric])
-        values = []
-        for p in params:
-            model.set_params_vector(p)
-            values.append(float(model.evaluate(X, y)[metric]))
-        return float(np.mean(values))
-
-    scores = sorted(s for s in (score(X, y) for X, y in (t for t in local_tests if t is not None))
-                    if math.isfinite(s))
-    if not scores:
-        return None
-    return {"mean": float(np.mean(scores)), "worst_10pct": worst_fraction_mean(scores, 0.1),
-            "n_devices": len(scores), "metric": metric}
+    """How the global model serves each device: `summarize_scores` of `device_scores`."""
+    return summarize_scores(device_scores(model, local_tests, metric=metric, params=params),
+                            metric)
 
 
 CORRECTIONS = ("reweight", "cap", "memory")
@@ -406,10 +416,11 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet | None
                                        metric=metric, duration_s=config.duration_s)
     _write_arrivals(out_dir / "updates.csv", arrivals)
     summary = _summarize(config, rule, fleet, evals, rows)
-    local = local_evaluation(evaluator_model, fleet.local_tests, metric=metric, params=finals)
+    scores = device_scores(evaluator_model, fleet.local_tests, metric=metric, params=finals)
+    local = summarize_scores(scores, metric)
     summary["local_accuracy"] = None if local is None else {
         k: round(v, 4) if isinstance(v, float) else v for k, v in local.items()}
-    summary["participation"] = _participation(fleet, arrivals, evaluator_model, metric, finals)
+    summary["participation"] = _participation(fleet, arrivals, scores, metric)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return RunResult(rule, out_dir, evals, summary, arrivals)
 
@@ -519,17 +530,16 @@ def _outcome(coord_state: Path, *, start: float, scale: float, metric: str, dura
         store.close()
 
 
-def _participation(fleet: Fleet, arrivals: Sequence[Arrival], model: ModelAdapter,
-                   metric: str, finals: Sequence[np.ndarray[Any, Any]]) -> dict[str, Any]:
+def _participation(fleet: Fleet, arrivals: Sequence[Arrival], scores: Sequence[float | None],
+                   metric: str) -> dict[str, Any]:
     """Who shaped the model over the run, and (with correlated availability) how the final
-    model serves the constrained devices against the others."""
+    models serve the constrained devices against the others (`scores`: per device)."""
     merged = Counter(a.device_id for a in arrivals if a.outcome != "rejected")
     out: dict[str, Any] = participation_summary([merged[t.device_id] for t in fleet.traces])
     if any(fleet.constrained):
         for name, want in (("constrained", True), ("unconstrained", False)):
             group = [i for i, c in enumerate(fleet.constrained) if c == want]
-            local = local_evaluation(model, [fleet.local_tests[i] for i in group],
-                                     metric=metric, params=finals) if fleet.local_tests else None
+            local = summarize_scores([scores[i] for i in group], metric)
             out[name] = {"devices": len(group),
                          "updates": sum(merged[fleet.traces[i].device_id] for i in group),
                          f"local_{metric}_mean": None if local is None
