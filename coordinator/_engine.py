@@ -26,6 +26,7 @@ from coordinator._store import (
     UpdateRecord,
     VersionRecord,
     checksum,
+    load_ledger,
 )
 from models import (
     InvalidUpdate,
@@ -121,10 +122,7 @@ class Engine:
         log.info("resumed at version %d with %d buffered update(s)", version, len(pending))
 
     def _load_ledger(self) -> Ledger:
-        ledger = Ledger(self.participation)
-        now = self.clock()
-        ledger.seed(*self.store.participation(since=now - self.participation.window_s), now=now)
-        return ledger
+        return load_ledger(self.store, self.participation, now=self.clock())
 
     def _metrics_of(self, version: int) -> dict[str, float]:
         record = self.store.version(version)

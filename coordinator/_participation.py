@@ -17,7 +17,7 @@ import math
 import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -305,6 +305,11 @@ class Report:
                    gini=gini(r.window_updates for r in rows),
                    max_median_ratio=max_median_ratio(r.window_weight for r in rows),
                    active_devices=sum(1 for r in rows if r.window_updates))
+
+    def to_dict(self, devices: Sequence[DeviceRow] | None = None) -> dict[str, object]:
+        """The summary and the rows (`devices`: a selection of them, default all)."""
+        rows = self.devices if devices is None else devices
+        return {**self.summary(), "devices": [asdict(r) for r in rows]}
 
     def summary(self) -> dict[str, object]:
         return {"window_s": self.window_s, "devices_seen": len(self.devices),

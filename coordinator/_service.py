@@ -18,7 +18,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -319,8 +318,7 @@ class CoordinatorService:
 
     def devices(self) -> dict[str, Any]:
         """The participation report: the fairness summary and one row per device seen."""
-        report = self.engine.ledger.report(now=time.time())
-        return {**report.summary(), "devices": [asdict(r) for r in report.devices]}
+        return self.engine.ledger.report(now=time.time()).to_dict()
 
     def _status_payload(self, state: str) -> bytes:
         return json.dumps({"state": state, "fleet": self.config.fleet,

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
-from coordinator._participation import Seed, Totals
+from coordinator._participation import Ledger, ParticipationConfig, Seed, Totals
 from coordinator._rules import Contribution
 from models import ModelSpec, StateError
 
@@ -116,6 +116,13 @@ class Commit:
     pending: Sequence[Contribution] | None = None  # the rule's whole buffer; None = unchanged
     # Earlier-committed rows whose fate is decided now (a buffer merged, a rollback dropped it).
     relabel: Sequence[Relabel] = ()
+
+
+def load_ledger(store: Store, config: ParticipationConfig, *, now: float) -> Ledger:
+    """The participation ledger as of `now`, rebuilt from the store's lineage."""
+    ledger = Ledger(config)
+    ledger.seed(*store.participation(since=now - config.window_s), now=now)
+    return ledger
 
 
 def checksum(params: Params) -> str:

@@ -197,9 +197,9 @@ def _versions(args: argparse.Namespace) -> int:
 
 
 def _devices(args: argparse.Namespace) -> int:
-    from dataclasses import asdict, replace
+    from dataclasses import replace
 
-    from coordinator._participation import Ledger
+    from coordinator._store import load_ledger
 
     config = config_from_args(args)
     window = config.participation
@@ -209,9 +209,7 @@ def _devices(args: argparse.Namespace) -> int:
         raise FedAsyncError(f"no state in {config.state_dir} (pass --state-dir or --config)")
     store = Store(Path(config.state_dir))  # a reader: WAL lets the running service go on
     now = time.time()
-    ledger = Ledger(window)
-    ledger.seed(*store.participation(since=now - window.window_s), now=now)
-    report = ledger.report(now=now)
+    report = load_ledger(store, window, now=now).report(now=now)
     order = {"share": lambda r: (-r.window_share, -r.window_updates, r.device_id),
              "updates": lambda r: (-r.window_updates, r.device_id),
              "accepted": lambda r: (-r.accepted, r.device_id),
@@ -219,7 +217,7 @@ def _devices(args: argparse.Namespace) -> int:
              "last": lambda r: -(r.last_at or 0.0)}[args.sort]
     rows = sorted(report.devices, key=order)[:args.limit or None]
     if args.json:
-        print(json.dumps({**report.summary(), "devices": [asdict(r) for r in rows]}, indent=1))
+        print(json.dumps(report.to_dict(rows), indent=1))
         return 0
     print(f"{'device':<24} {'accepted':>8} {'samples':>9} {'stale':>6} {'rejected':>8} "
           f"{'capped':>6} {'window':>6} {'share':>6}  last seen (UTC)")
