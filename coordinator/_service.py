@@ -97,6 +97,7 @@ class CoordinatorService:
         self._client.will_set(self.topics.coordinator_status, self._status_payload("offline"),
                               qos=1, retain=True)
         self._client.on_connect = self._on_connect
+        self._client.on_subscribe = self._on_subscribe
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
 
@@ -153,10 +154,18 @@ class CoordinatorService:
                        retain=True)
         if self._last_snapshot is not None:  # a broker without persistence forgot it
             client.publish(self.topics.model, self._last_snapshot, qos=1, retain=True)
-        self._connected.set()
         self.metrics.connected.set(1)
         log.info("connected to %s (session present: %s)", self.address.redacted(),
                  flags.session_present)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any,
+                      properties: Any) -> None:
+        # Connected means able to receive: until the broker has the subscription, an update
+        # published on a fresh session would go nowhere.
+        if any(r.is_failure for r in reasons):
+            log.error("broker refused the subscription to updates: %s", reasons)
+            return
+        self._connected.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                        properties: Any) -> None:
