@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from coordinator._participation import gini
+from coordinator._participation import gini, max_median_ratio
 from fleet._traces import FleetProfile
 
 XY = tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]
@@ -76,9 +76,7 @@ def worst_fraction_mean(values: Sequence[float], fraction: float = 0.1) -> float
 
 def participation_summary(counts: Sequence[int]) -> dict[str, float | int]:
     """Updates merged per device over a run (every device of the fleet, silent ones as 0)."""
-    c = np.asarray(counts, dtype=np.float64)
-    positive = c[c > 0]
-    return {"gini": round(gini(c), 4),
-            "devices_contributing": int(positive.size),
-            "max_median_ratio": round(float(positive.max() / np.median(positive)), 3)
-            if positive.size else 0.0}
+    ratio = max_median_ratio(counts)
+    return {"gini": round(gini(counts), 4),
+            "devices_contributing": sum(1 for c in counts if c > 0),
+            "max_median_ratio": 0.0 if ratio is None else round(ratio, 3)}
