@@ -737,8 +737,9 @@ def export_fleet(config: SimConfig, out: Path) -> Path:
     are overwritten.
 
     Times are written with Python's shortest round-trip float text, so the traces load back
-    exactly; a span running to the end of time is written with end ``inf``. The synthetic
-    fleet has no per-device test sets, so none are written.
+    exactly; a span running to the end of time is written with end ``inf``. Each device's test
+    set (samples of the test set with its label mix, `fleet._fairness.local_test_sets`) goes to
+    ``out/data/<id>-test.npz``.
     """
     if config.fleet_file is not None:
         raise ConfigError("export-fleet writes the synthetic fleet; it takes no fleet file",
@@ -774,18 +775,22 @@ def export_fleet(config: SimConfig, out: Path) -> Path:
         f"hidden = [{', '.join(str(h) for h in config.hidden)}]",
         f"l2 = {config.l2!r}",
     ]
-    for trace, (X, y) in zip(fleet.traces, fleet.parts, strict=True):
-        lines += ["", *_export_device(out, trace, X, y)]
+    for trace, (X, y), local in zip(fleet.traces, fleet.parts, fleet.local_tests, strict=True):
+        lines += ["", *_export_device(out, trace, X, y, local)]
     path = out / "fleet.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def _export_device(out: Path, trace: DeviceTrace, X: Any, y: Any) -> list[str]:
+def _export_device(out: Path, trace: DeviceTrace, X: Any, y: Any, local: XY | None
+                   ) -> list[str]:
     name = trace.device_id
     save_npz(out / "data" / f"{name}.npz", X, y)
     lines = ["[[devices]]", f"id = {_toml_str(name)}", f'data = "data/{name}.npz"',
              f"epoch_seconds = {trace.epoch_s_per_100 * len(y) / 100.0!r}"]
+    if local is not None:
+        save_npz(out / "data" / f"{name}-test.npz", *local)
+        lines.append(f'test = "data/{name}-test.npz"')
     kinds = [k for k in TRACE_KINDS if k != "charging" or trace.battery is not None]
     for kind in kinds:
         write_trace(out / "traces" / f"{name}-{kind}.csv", getattr(trace, kind))

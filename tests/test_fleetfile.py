@@ -459,7 +459,10 @@ def test_an_exported_synthetic_fleet_loads_back_the_same(tmp_path) -> None:
         assert np.array_equal(Xa, Xb) and np.array_equal(ya, yb)
     assert np.array_equal(original.test.X, loaded.test.X)
     assert np.array_equal(original.test.y, loaded.test.y)
-    assert loaded.local_tests == [None] * 6
+    assert len(loaded.local_tests) == 6
+    for a, b in zip(original.local_tests, loaded.local_tests, strict=True):
+        assert a is not None and b is not None
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
     with pytest.raises(ConfigError, match="takes no fleet file"):
         export_fleet(config, tmp_path / "again")
 
