@@ -8,7 +8,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -63,20 +63,15 @@ _SYNTHETIC_ONLY = {"devices": "--devices", "dataset": "--dataset", "dirichlet_al
                    "correlate_labels": "--correlate"}
 
 
-def _hidden(text: str) -> tuple[int, ...]:
-    try:
-        layers = tuple(int(h) for h in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected sizes like 32 or 64,32, got {text!r}"
-                                         ) from None
-    return layers
-
-
-def _labels(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected labels like 0,1,2, got {text!r}") from None
+def _ints(example: str) -> Callable[[str], tuple[int, ...]]:
+    """An argparse type for comma-separated integers, e.g. ``_ints("64,32")``."""
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(x) for x in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected integers like {example}, got {text!r}"
+                                             ) from None
+    return parse
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -102,7 +97,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     m.add_argument("--lr", type=float, help=f"learning rate ({d.learning_rate})")
     m.add_argument("--local-epochs", type=int, help=f"({d.local_epochs})")
     m.add_argument("--batch-size", type=int, help=f"({d.batch_size})")
-    m.add_argument("--hidden", type=_hidden,
+    m.add_argument("--hidden", type=_ints("32 or 64,32"),
                    help=f"mlp hidden layer sizes, e.g. 64,32 ({','.join(map(str, d.hidden))})")
     m.add_argument("--l2", type=float, help=f"L2 penalty ({d.l2:g})")
     r = p.add_argument_group("rule settings (override a fleet file's [run])")
@@ -118,7 +113,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     s.add_argument("--over-selection", type=float,
                    help=f"invite this many times the cohort ({d.over_selection})")
     f = p.add_argument_group("participation (the +reweight, +cap and +memory rule variants)")
-    f.add_argument("--correlate", type=_labels,
+    f.add_argument("--correlate", type=_ints("0,1,2"),
                    help="make availability follow data: devices whose most common label is one "
                         "of these (e.g. 0,1,2) are slow rare chargers")
     f.add_argument("--window", type=lambda h: float(h) * 3600.0,
