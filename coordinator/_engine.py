@@ -254,12 +254,14 @@ class Engine:
         self.version += 1
         self.params = np.asarray(merge.params, dtype=np.float32)
         state.pending_changed = True
+        now = self.clock()
         state.versions.append(VersionRecord(
-            version=self.version, created_at=self.clock(), n_updates=len(merge.included),
+            version=self.version, created_at=now, n_updates=len(merge.included),
             checksum=checksum(self.params), source=source, metrics={}))
         for c, w in zip(merge.included, merge.weights, strict=True):
-            self.ledger.merged(c.device_id, now=self.clock(), weight=float(w),
-                               staleness=c.staleness, n_samples=c.n_samples)
+            # The version's time, as the ledger rebuilt from lineage after a restart sees it.
+            self.ledger.merged(c.device_id, now=now, weight=float(w), staleness=c.staleness,
+                               n_samples=c.n_samples)
             record = state.records.get(c.update_id)
             if record is not None:
                 state.records[c.update_id] = replace(record, outcome="accepted",
