@@ -3,7 +3,7 @@ time, and make each batch durable with one commit (group commit).
 
 No network here. The service feeds `Incoming` messages and sends the returned acks; the engine
 decides. Ingest (decode + validate) is kept separable from merging so that several ingest workers
-can later feed one merger (DESIGN.md "Growing past one machine").
+can later feed one merger (docs/architecture.md, "Growing past one machine").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""MQTT topic layout shared by agent and coordinator (DESIGN.md "Topics")."""
+"""MQTT topic layout shared by agent and coordinator (docs/architecture.md, "Topics")."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ accepted update that was in fact valid; rejected input never moves the model.
 Most payloads go to `coordinator._engine.Engine.process` with a real `Store` (on tmpfs, so
 10,000+ group commits do not measure the disk); a sample goes through the real MQTT service.
 The oracle `Oracle.expect` is written from the documented contract (README reason codes,
-DESIGN.md "Wire format" and guard order), not from the engine's code.
+docs/wire.md and the guard order in docs/architecture.md), not from the engine's code.
 """
 
 from __future__ import annotations
@@ -99,8 +99,8 @@ def valid_header(update_id: str, *, device: str = "dev-1", base_version: int = 0
 class Oracle:
     """Predicts what the engine must answer to each item, then feeds the engine and compares.
     It replays the accepted updates to know exactly what the model must be (FedAsync, constant
-    staleness: x <- x + alpha * clip(delta), float64 inside, float32 out: DESIGN.md "Merge
-    rules"), so any effect of a rejected message on the model shows up as a mismatch."""
+    staleness: x <- x + alpha * clip(delta), float64 inside, float32 out: docs/architecture.md,
+    "Merge rules"), so any effect of a rejected message on the model shows up as a mismatch."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine

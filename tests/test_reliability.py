@@ -2,8 +2,9 @@
 
 Coordinator SIGKILL, broker restart, agent SIGKILL during a broker outage, a burst of 5,000
 updates, and (behind RUN_SOAK=1) a memory soak. The claim each test checks is the one of
-DESIGN.md "Durability": every update a device finished is merged exactly once or rejected with a
-reason, and the device hears about it; the model is always the one its lineage says it is.
+docs/architecture.md, "Durability": every update a device finished is merged exactly once or
+rejected with a reason, and the device hears about it; the model is always the one its lineage
+says it is.
 
 Agents here are real `agent.Agent` objects on real `PahoLink`s (spool on disk, fsync, update ids,
 republish on reconnect, end-to-end acks) whose trainer is a stub that returns a small seeded
