@@ -2,8 +2,9 @@
 a metrics sampler and a progress line; then outputs (metrics.csv, summary.json).
 
 Everything is seeded: the same `SimConfig` gives the same devices, data and traces, so runs of
-different rules are a fair comparison (docs/architecture.md, "Benchmark method"). With ``fleet_file`` set,
-the devices, data and traces come from a user's fleet file instead (`fleet._fleetfile`).
+different rules are a fair comparison (docs/architecture.md, "Benchmark method"). With
+``fleet_file`` set, the devices, data and traces come from a user's fleet file instead
+(`fleet._fleetfile`).
 
 The held-out metric is accuracy for the classifiers and R^2 for the ``linear`` regressor
 (`metric_of`): both are "higher is better", so time to target, plots and summaries share one
