@@ -14,11 +14,12 @@ and every length, type, range, count and id is checked before numpy sees a byte.
 raises `WireError`; a well-formed message of a frame version, schema, kind or encoding this build
 does not speak raises `UnsupportedSchema`. Nothing else escapes.
 
-Signing (not built): schema 2 will add a header field ``"sig": {"alg": "ed25519", "key": <id>}``
-and a 64-byte trailer after the body holding the signature over every byte before it (magic
-through body; the header already pins the body through ``sha256``). `_unframe` is the one place
-that will split the trailer off and verify it. Schema-1 decoders reject such a frame as
-`UnsupportedSchema`, so a signed snapshot is never silently accepted unverified.
+Evolution (docs/wire.md): ``schema`` is a major version. Within it a decoder ignores header keys
+it does not know, so a sender may add an optional key without breaking older readers; a change
+that a reader must not ignore (a new required key, a key whose meaning or body layout changes)
+takes the next major, which older decoders refuse as `UnsupportedSchema`. Required keys stay
+required and type-checked, and a key this build knows is refused where it does not belong.
+Snapshot signatures are a trailer outside the frame (`models._signing`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ from models._spec import ModelSpec
 
 MAGIC = b"FAIO"
 FRAME_VERSION = 1
+# The major version. Decoders of every release so far accept exactly 1, so encoders keep writing
+# 1 until a change older readers must not ignore; additive changes never bump it.
 SCHEMA = 1
 MAX_HEADER_BYTES = 64 * 1024
 MAX_UPDATE_BYTES = 16 * 1024 * 1024
@@ -75,6 +78,8 @@ _UPDATE_KEYS = frozenset({"schema", "kind", "device_id", "update_id", "base_vers
                           "n_samples", "n_params", "encoding", "created_at", "metrics"})
 _ENCODING_KEYS = {"float32": frozenset(), "float16": frozenset(),
                   "int8": frozenset({"scale"}), "topk": frozenset({"k"})}
+# A key of one encoding in another encoding's frame is contradictory, not merely unknown.
+_ALL_ENCODING_KEYS: frozenset[str] = frozenset().union(*_ENCODING_KEYS.values())
 _SNAPSHOT_KEYS = frozenset({"schema", "kind", "version", "spec", "n_params", "onnx_len",
                             "created_at", "metrics", "sha256"})
 _ACK_KEYS = frozenset({"schema", "kind", "update_id", "status", "reason", "version", "detail"})
@@ -304,7 +309,11 @@ def _check_header(header: dict[str, Any], known_kinds: tuple[str, ...], kind: st
     if isinstance(schema, bool) or not isinstance(schema, int):
         raise WireError(f"schema must be an integer, got {_show(schema)}")
     if schema != SCHEMA:
-        raise UnsupportedSchema(f"schema {_show(schema)} is not supported", schema=schema)
+        relation = "newer" if schema > SCHEMA else "older"
+        raise UnsupportedSchema(
+            f"{kind} has schema {_show(schema)}, {relation} than the schema {SCHEMA} this build "
+            f"speaks; {'upgrade this side' if schema > SCHEMA else 'upgrade the sender'}",
+            schema=schema)
     got = header.get("kind")
     if not isinstance(got, str):
         raise WireError(f"kind must be a string, got {_show(got)}")
@@ -314,10 +323,13 @@ def _check_header(header: dict[str, Any], known_kinds: tuple[str, ...], kind: st
         raise WireError(f"expected a {kind}, got a {got}")
 
 
-def _check_keys(header: Mapping[str, Any], expected: frozenset[str]) -> None:
-    if unknown := header.keys() - expected:
-        raise WireError(f"unknown header keys: {', '.join(sorted(map(_show, unknown))[:5])}")
-    if missing := expected - header.keys():
+def _check_keys(header: Mapping[str, Any], required: frozenset[str],
+                misplaced: frozenset[str] = frozenset()) -> None:
+    """Required keys present; keys this build knows only elsewhere refused. Any other key is a
+    same-major addition by a newer sender: ignored, as the decoders never read it."""
+    if wrong := header.keys() & misplaced:
+        raise WireError(f"header keys that do not belong here: {', '.join(sorted(wrong))}")
+    if missing := required - header.keys():
         raise WireError(f"missing header keys: {', '.join(sorted(missing))}")
 
 
@@ -412,7 +424,8 @@ def decode_update(data: bytes, *, max_message_bytes: int = MAX_UPDATE_BYTES,
         raise WireError(f"encoding must be a string, got {_show(encoding)}")
     if encoding not in ENCODINGS:
         raise UnsupportedSchema(f"encoding {_show(encoding)} is not supported", schema=encoding)
-    _check_keys(header, _UPDATE_KEYS | _ENCODING_KEYS[encoding])
+    _check_keys(header, _UPDATE_KEYS | _ENCODING_KEYS[encoding],
+                _ALL_ENCODING_KEYS - _ENCODING_KEYS[encoding])
     device_id = validate_id(header["device_id"], "device_id")
     update_id = validate_id(header["update_id"], "update_id")
     base_version = _int(header["base_version"], "base_version", 0)
@@ -470,7 +483,7 @@ def decode_snapshot(data: bytes, *, max_message_bytes: int = MAX_SNAPSHOT_BYTES,
     """Parse a snapshot from the network, verifying its SHA-256 and that weights are finite.
     Raises `WireError` / `UnsupportedSchema`."""
     header, body = _unframe(data, max_message_bytes, "snapshot")
-    _check_keys(header, _SNAPSHOT_KEYS | {"cohort"} if "cohort" in header else _SNAPSHOT_KEYS)
+    _check_keys(header, _SNAPSHOT_KEYS)
     cohort = header.get("cohort")
     if cohort is not None and (not isinstance(cohort, list) or len(cohort) > MAX_COHORT):
         raise WireError(f"cohort must be a list of at most {MAX_COHORT} device ids")
@@ -516,7 +529,7 @@ def decode_ack(data: bytes) -> Ack:
     """Parse an ack from the network. Raises `WireError` / `UnsupportedSchema`."""
     obj = _json_object(_bytes(data, MAX_ACK_BYTES, "ack"), "ack")
     _check_header(obj, ("ack",), "ack")
-    _check_keys(obj, _ACK_KEYS | ({"retry_after_s"} & obj.keys()))
+    _check_keys(obj, _ACK_KEYS)
     # Ack validates every field itself; a hostile status/reason/version lands there.
     return Ack(update_id=obj["update_id"], status=obj["status"], reason=obj["reason"],
                version=obj["version"], detail=obj["detail"],

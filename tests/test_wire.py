@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -354,17 +355,17 @@ def test_deeply_nested_json() -> None:
         decode_ack(b"[" * 4000)
 
 
-def test_unknown_and_missing_keys() -> None:
-    with pytest.raises(WireError, match="unknown"):
-        decode_update(tamper(F32, note="hi"))
-    with pytest.raises(WireError, match="unknown"):
+def test_misplaced_and_missing_keys() -> None:
+    with pytest.raises(WireError, match="do not belong"):
         decode_update(tamper(F32, k=3))  # k belongs to topk only
+    with pytest.raises(WireError, match="do not belong"):
+        decode_update(tamper(VALID_UPDATES["topk"], scale=0.5))  # scale belongs to int8 only
     with pytest.raises(WireError, match="missing"):
         decode_update(tamper(F32, drop="n_samples"))
     with pytest.raises(WireError, match="missing"):
         decode_update(tamper(VALID_UPDATES["int8"], drop="scale"))
-    with pytest.raises(WireError, match="unknown"):
-        decode_ack(VALID_ACK.replace(b'"schema":1', b'"schema":1,"x":0'))
+    with pytest.raises(WireError, match="missing"):
+        decode_ack(VALID_ACK.replace(b'"detail":', b'"other":'))
 
 
 @pytest.mark.parametrize(("field", "value"), [
@@ -630,3 +631,72 @@ def test_snapshot_cohort_round_trips_and_is_absent_when_unused() -> None:
     forged = with_cohort.replace(b'"pi-2"', b'"pi+2"')
     with pytest.raises(WireError):
         decode_snapshot(forged)
+
+
+# ---------------------------------------------------------------------------- evolution
+
+# The compatibility rule (docs/wire.md), for every message kind, optional keys absent and present.
+EVOLVING = [*VALID,
+            ("snapshot", encode_snapshot(snapshot(rng_vector(30), cohort=("pi-1", "pi-2")))),
+            ("ack", encode_ack(Ack(update_id="u-0002", status="rejected",
+                                   reason="participation_cap", retry_after_s=60.0)))]
+EVOLVING_IDS = [*(f"update-{e}" for e in VALID_UPDATES), "snapshot", "ack", "snapshot-cohort",
+                "ack-retry_after_s"]
+FUTURE_KEYS: dict[str, Any] = {"zz_future": {"nested": [1, 2.5, None]}, "note": "x" * 300,
+                               "Fancy Key": True}
+
+
+def with_header(kind: str, data: bytes, **changes: Any) -> bytes:
+    if kind != "ack":
+        return tamper(data, **changes)
+    return json.dumps(json.loads(data) | changes).encode()
+
+
+def contents(message: object) -> dict[str, Any]:
+    """A decoded message's fields in comparable form (updates and snapshots compare by
+    identity; the bytes of an array compare NaN payloads too)."""
+    return {f.name: (value.tobytes() if isinstance(value, np.ndarray) else
+                     dict(value) if isinstance(value, Mapping) else value)
+            for f in dataclasses.fields(message)  # type: ignore[arg-type]
+            for value in [getattr(message, f.name)]}
+
+
+@pytest.mark.parametrize(("kind", "data"), EVOLVING, ids=EVOLVING_IDS)
+def test_same_major_ignores_unknown_header_keys(kind: str, data: bytes) -> None:
+    decode = DECODERS[kind]
+    newer = with_header(kind, data, **FUTURE_KEYS)
+    assert newer != data
+    assert contents(decode(newer)) == contents(decode(data))
+    # Ignoring unknown keys excuses nothing else: a bad known key is still refused.
+    with pytest.raises(WireError, match="schema must be an integer"):
+        decode(with_header(kind, data, schema="1", **FUTURE_KEYS))
+
+
+@pytest.mark.parametrize(("kind", "data"), EVOLVING, ids=EVOLVING_IDS)
+def test_other_major_is_unsupported_naming_both_versions(kind: str, data: bytes) -> None:
+    decode = DECODERS[kind]
+    with pytest.raises(UnsupportedSchema,
+                       match=r"schema 2, newer than the schema 1 this build speaks") as info:
+        decode(with_header(kind, data, schema=2, **FUTURE_KEYS))
+    assert info.value.schema == 2
+    with pytest.raises(UnsupportedSchema, match=r"schema 0, older than the schema 1"):
+        decode(with_header(kind, data, schema=0))
+
+
+# What every decoder released before the evolution rule accepts, and no more: it refused any
+# other key. Encoders must keep to it (and to schema 1) so today's fleets keep decoding.
+STRICT_DECODER_KEYS = {
+    "update": {"schema", "kind", "device_id", "update_id", "base_version", "n_samples",
+               "n_params", "encoding", "created_at", "metrics", "scale", "k"},
+    "snapshot": {"schema", "kind", "version", "spec", "n_params", "onnx_len", "created_at",
+                 "metrics", "sha256", "cohort"},
+    "ack": {"schema", "kind", "update_id", "status", "reason", "version", "detail",
+            "retry_after_s"},
+}
+
+
+@pytest.mark.parametrize(("kind", "data"), EVOLVING, ids=EVOLVING_IDS)
+def test_encoders_write_only_what_older_decoders_accept(kind: str, data: bytes) -> None:
+    header = json.loads(data) if kind == "ack" else split(data)[0]
+    assert header["schema"] == 1
+    assert header.keys() <= STRICT_DECODER_KEYS[kind]
