@@ -13,6 +13,7 @@ from typing import Any
 
 from agent._config import AgentConfig, load_config
 from models import FedAsyncError
+from models._cli import Parser, add_version, log_level
 from models._logging import setup_logging
 
 
@@ -31,17 +32,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="fedasync-agent",
         description="Edge agent for asynchronous federated learning: trains on local data when "
                     "the device allows it and sends model updates over MQTT.",
         epilog="Settings come from --config (TOML), then FEDASYNC_* environment variables "
                "(FEDASYNC_DEVICE_ID, FEDASYNC_POLICY__MIN_BATTERY_PERCENT, ...), then flags.")
+    add_version(p)
     p.add_argument("--config", type=Path, help="TOML config file")
     p.add_argument("--device-id")
     p.add_argument("--state-dir", help="spool, received model and progress")
     # No default here: a default would always override the config's log_level.
-    p.add_argument("--log-level", help="overrides log_level in the config (INFO)")
+    p.add_argument("--log-level", type=log_level,
+                   help="DEBUG, INFO, WARNING, ERROR or CRITICAL; overrides log_level in the "
+                        "config (INFO)")
     p.add_argument("--log-format", choices=["text", "json"], default="text")
     sub = p.add_subparsers(dest="command")
 
@@ -52,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--data", help="directory/file of CSV or NPZ, or module:function")
     run.set_defaults(func=_run)
 
-    check = sub.add_parser("check", help="would this device train now? every check explained")
+    check = sub.add_parser("check", help="would this device train now? every check explained, "
+                                         "the data source's too")
     check.add_argument("--json", action="store_true")
     check.set_defaults(func=_check)
 
@@ -104,16 +109,21 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from agent._data import check_source
     from agent._hooks import load_eligibility_hooks
     from agent._policy import evaluate, format_decision
     from agent._readings import PsutilReader
 
     config = _config(args, need_id=False)
     hooks = load_eligibility_hooks(config.eligibility_hooks)
+    # Not a policy check (the running agent finds out when it loads the data), but the question
+    # here is "would this device train now?", and without usable data it would not.
+    data = check_source(config.data, label=config.label_column).to_check()
     reader = PsutilReader()
     threading.Event().wait(0.5)  # CPU load is a rate: measure it over half a second
     readings = reader.read()
-    decision = evaluate(readings, config.policy, extra=[hook(readings) for hook in hooks])
+    decision = evaluate(readings, config.policy,
+                        extra=[data, *(hook(readings) for hook in hooks)])
     if args.json:
         print(json.dumps(decision.to_dict(), indent=1))
     else:

@@ -22,6 +22,7 @@ from coordinator._engine import Engine, Evaluator
 from coordinator._rules import build_rule
 from coordinator._store import Store
 from models import FedAsyncError, build_model
+from models._cli import Parser, add_version, log_level
 from models._datasets import load_digits
 from models._files import load_xy
 from models._logging import setup_logging
@@ -41,12 +42,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="fedasync-coordinator",
         description="Asynchronous federated learning coordinator: merges device updates from "
                     "MQTT as they arrive, versions the model durably and publishes snapshots.",
         epilog="Settings come from --config (TOML), then FEDASYNC_* environment variables "
                "(FEDASYNC_BROKER, FEDASYNC_RULE__NAME, ...), then these flags.")
+    add_version(p)
     sub = p.add_subparsers(dest="command")
 
     def common(sp: argparse.ArgumentParser) -> None:
@@ -56,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="model kind; n_features/classes come from --test-file")
         sp.add_argument("--test-file", help="held-out set: .npz/.csv or builtin:digits")
         # No default here: a default would always override the config's log_level.
-        sp.add_argument("--log-level", help="overrides log_level in the config (INFO)")
+        sp.add_argument("--log-level", type=log_level,
+                        help="DEBUG, INFO, WARNING, ERROR or CRITICAL; overrides log_level in "
+                             "the config (INFO)")
         sp.add_argument("--log-format", choices=["text", "json"], default="text")
 
     run = sub.add_parser("run", help="run the service (default)")

@@ -25,6 +25,7 @@ from fleet._sim import (
     split_rule,
 )
 from models import ConfigError, FedAsyncError
+from models._cli import Parser, add_version, log_level
 from models._logging import setup_logging
 
 log = logging.getLogger("fedasync.fleet")
@@ -32,7 +33,9 @@ log = logging.getLogger("fedasync.fleet")
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0].startswith("-"):
+    # No command is `run`, so `fedasync-sim --devices 20` works; --help and --version are the
+    # top-level ones, which list the commands.
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "run")
     args = _parser().parse_args(argv)
     setup_logging(args.log_level)
@@ -130,17 +133,19 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker", help="use this broker (mqtt://host:port) instead of starting one")
     p.add_argument("--embedded-broker", action="store_true",
                    help="use the pure-Python broker even if Mosquitto is installed")
-    p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--log-level", type=log_level, default="WARNING",
+                   help="DEBUG, INFO, WARNING, ERROR or CRITICAL (%(default)s)")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="fedasync-sim",
         description="Simulate a fleet of devices (real agent code, real MQTT) with uneven "
                     "speed, battery and connectivity, and compare merge rules.",
-        epilog="With no command: `run` with the defaults, i.e. the demo (50 devices, FedBuff "
-               "vs synchronous FedAvg).")
-    sub = p.add_subparsers(dest="command")
+        epilog="With no command: `run`, and with no options the demo (50 devices, FedBuff vs "
+               "synchronous FedAvg); `fedasync-sim COMMAND --help` for a command's options.")
+    add_version(p)
+    sub = p.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     run = sub.add_parser("run", help="run one rule or compare several (default)")
     _common(run)
     run.add_argument("--fleet-file", type=Path,
@@ -161,7 +166,8 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="the full benchmark: bench.json with every figure")
     _common(bench)
     bench.add_argument("--out", type=Path, default=Path("runs/bench"))
-    bench.add_argument("--seeds", default="1,2,3", help="reported seeds (%(default)s)")
+    bench.add_argument("--seeds", type=_ints("1,2,3"), default="1,2,3",
+                       help="reported seeds, comma-separated (%(default)s)")
     bench.add_argument("--quick", action="store_true", help="short runs, for a smoke check")
     bench.set_defaults(func=_bench)
     tune = sub.add_parser("tune", help="grid-search each rule's settings on a held-out seed")
@@ -280,7 +286,7 @@ def _bench(args: argparse.Namespace) -> int:
     from fleet._bench import run_bench
 
     run_bench(config_from_args(args), out=args.out,
-              seeds=[int(s) for s in args.seeds.split(",")], quick=args.quick)
+              seeds=list(args.seeds), quick=args.quick)
     return 0
 
 

@@ -8,6 +8,10 @@ import logging
 import sys
 import time
 
+from models._errors import ConfigError
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -22,7 +26,16 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+def check_level(level: str, *, key: str = "log_level") -> str:
+    """`level` in upper case if it is one of `LOG_LEVELS` (any case), else a `ConfigError`."""
+    if level.upper() not in LOG_LEVELS:
+        raise ConfigError(f"{key} must be one of {', '.join(LOG_LEVELS)}, got {level!r}",
+                          key="log_level")
+    return level.upper()
+
+
 def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
+    level = check_level(level)
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
@@ -33,4 +46,4 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
         handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    root.setLevel(level)
