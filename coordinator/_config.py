@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,9 @@ from coordinator._participation import ParticipationConfig
 from coordinator._rules import RuleConfig
 from models import ConfigError, ModelSpec
 from models._config import load
+
+_MIN_TOKEN = 16
+_PLACEHOLDER_MODEL = ModelSpec(kind="linear", n_features=1)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -60,6 +63,10 @@ class CoordinatorConfig:
     batch_max: int = 500
     max_message_bytes: int = 16 * 1024 * 1024
     http: str = "127.0.0.1:9464"  # metrics + status; "" turns it off; port 0 picks a free one
+    # What POST /rollback requires (coordinator/_control.py); neither set: the service makes a
+    # token at each start in <state_dir>/control.token.
+    control_token: str | None = None
+    control_token_file: str | None = None
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -71,6 +78,17 @@ class CoordinatorConfig:
             raise ConfigError("keep_checkpoints must be >= 1", key="keep_checkpoints")
         if self.http and (":" not in self.http or not self.http.rsplit(":", 1)[1].isdigit()):
             raise ConfigError(f"http must be HOST:PORT or empty, got {self.http!r}", key="http")
+        if self.control_token is not None and self.control_token_file is not None:
+            raise ConfigError("set control_token or control_token_file, not both",
+                              key="control_token")
+        if self.control_token is not None and (
+                len(self.control_token) < _MIN_TOKEN or self.control_token != "".join(
+                    self.control_token.split())):
+            # Not echoed: it is a secret, and the error goes to logs.
+            raise ConfigError(f"control_token must be at least {_MIN_TOKEN} characters without "
+                              "spaces (e.g. `openssl rand -hex 32`)", key="control_token")
+        if self.control_token_file is not None and not self.control_token_file.strip():
+            raise ConfigError("control_token_file must name a file", key="control_token_file")
 
     @property
     def http_address(self) -> tuple[str, int] | None:
@@ -85,7 +103,23 @@ def load_config(
     *,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    stored_model: Callable[[Path], ModelSpec] | None = None,
 ) -> CoordinatorConfig:
-    """Defaults < TOML file < FEDASYNC_* environment < `overrides` (the CLI's flags)."""
-    return load(CoordinatorConfig, path, environ=environ, overrides=overrides, required="model",
-                hint="set [model] in the config file (kind, n_features, classes) or pass --model")
+    """Defaults < TOML file < FEDASYNC_* environment < `overrides` (the CLI's flags).
+
+    `stored_model`, for the commands that read a state directory, supplies the model when no
+    layer sets [model]: it gets the state directory the settings name and reads its spec."""
+    def loaded(overrides: Mapping[str, Any] | None) -> CoordinatorConfig:
+        return load(CoordinatorConfig, path, environ=environ, overrides=overrides,
+                    required="model", hint="set [model] in the config file (kind, n_features, "
+                                           "classes) or pass --model")
+
+    try:
+        return loaded(overrides)
+    except ConfigError as exc:
+        if stored_model is None or exc.key != "model":
+            raise
+    # No layer names a model, so one given last changes nothing else: it only lets the other
+    # settings load, and with them the state directory whose stored model replaces it.
+    located = loaded({**(overrides or {}), "model": _PLACEHOLDER_MODEL.to_dict()})
+    return replace(located, model=stored_model(Path(located.state_dir)))

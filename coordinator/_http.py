@@ -1,5 +1,9 @@
-"""Metrics (Prometheus text), status (JSON) and rollback over HTTP. Bind it to loopback or a
-management network: it has no authentication of its own."""
+"""Metrics (Prometheus text), status (JSON) and rollback over HTTP.
+
+Reading is open (GET /metrics, /status, /devices, /healthz); changing (POST /rollback) needs
+``Authorization: Bearer <control token>`` (coordinator/_control.py). Still bind it to loopback
+or a management network: it is plain HTTP, and the token crosses it in the clear.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from coordinator._control import service_token, token_matches
 from models import FedAsyncError
 
 if TYPE_CHECKING:
@@ -22,11 +27,15 @@ log = logging.getLogger("fedasync.coordinator.http")
 
 class StatusServer:
     def __init__(self, address: tuple[str, int], service: CoordinatorService) -> None:
-        handler = type("Handler", (_Handler,), {"service": service})
+        # The service holds the state directory's lock by now (its store took it), so a token
+        # it generates cannot replace the file of another running coordinator.
+        token = service_token(service.config)
+        handler = type("Handler", (_Handler,), {"service": service, "token": token})
         self._server = ThreadingHTTPServer(address, handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         name="coordinator-http", daemon=True)
+        self._lock = service.store.lock
 
     @property
     def address(self) -> tuple[str, int]:
@@ -35,14 +44,20 @@ class StatusServer:
 
     def start(self) -> None:
         self._thread.start()
+        if self._lock is not None:  # where `rollback` finds this service: see cli._rollback
+            host, port = self.address
+            self._lock.note_control(f"{host}:{port}")
 
     def stop(self) -> None:
+        if self._lock is not None and self._lock.held:
+            self._lock.note_control(None)
         self._server.shutdown()
         self._server.server_close()
 
 
 class _Handler(BaseHTTPRequestHandler):
     service: CoordinatorService
+    token: str
 
     def do_GET(self) -> None:
         path = urlsplit(self.path).path
@@ -59,6 +74,14 @@ class _Handler(BaseHTTPRequestHandler):
                              "paths": ["/metrics", "/status", "/devices", "/healthz"]})
 
     def do_POST(self) -> None:
+        if not token_matches(self.token, self.headers.get("Authorization")):
+            log.warning("refused POST %s from %s: no valid control token",
+                        urlsplit(self.path).path, self.client_address[0])
+            self._json(401, {"error": "this needs the control token: send 'Authorization: "
+                                      "Bearer <token>' (control_token, control_token_file or "
+                                      "<state_dir>/control.token)"},
+                       headers={"WWW-Authenticate": "Bearer"})
+            return
         parts = urlsplit(self.path)
         if parts.path != "/rollback":
             self._json(404, {"error": "not found"})
@@ -73,11 +96,14 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._json(200, {"version": version, "rolled_back_to": to})
 
-    def _json(self, code: int, body: Any) -> None:
-        self._reply(code, json.dumps(body, indent=1).encode(), "application/json")
+    def _json(self, code: int, body: Any, *, headers: dict[str, str] | None = None) -> None:
+        self._reply(code, json.dumps(body, indent=1).encode(), "application/json", headers)
 
-    def _reply(self, code: int, body: bytes, content_type: str) -> None:
+    def _reply(self, code: int, body: bytes, content_type: str,
+               headers: dict[str, str] | None = None) -> None:
         self.send_response(code)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()

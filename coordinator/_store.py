@@ -5,6 +5,11 @@ Commit order is what makes a crash safe: the checkpoint file of a new version is
 then one SQLite transaction records the version, the lineage and the buffer. A crash between the
 two leaves an orphan checkpoint newer than the database, which `open` deletes. The database is the
 single source of truth for "what has been merged".
+
+That repair is why a writable `Store` takes the state directory's lock (coordinator/_lock.py)
+before it opens anything: beside a live writer, it would delete the checkpoint the writer is
+about to commit. Everyone else opens the directory with `Store.open_readonly`: SQLite read-only,
+no schema, no clean-up, no writes.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
+from coordinator._lock import StateLock
 from coordinator._participation import Ledger, ParticipationConfig, Seed, Totals
 from coordinator._rules import Contribution
 from models import ModelSpec, StateError
@@ -134,15 +140,25 @@ def checksum(params: Params) -> str:
 class Store:
     """The coordinator's state directory: ``state.db`` and ``checkpoints/v<version>.npy``."""
 
-    def __init__(self, state_dir: Path, *, keep_checkpoints: int = 10) -> None:
+    def __init__(self, state_dir: Path, *, keep_checkpoints: int = 10,
+                 readonly: bool = False) -> None:
         if keep_checkpoints < 1:
             raise StateError("keep_checkpoints must be at least 1")
         self.state_dir = state_dir
         self.keep_checkpoints = keep_checkpoints
         self.checkpoint_dir = state_dir / "checkpoints"
+        self.readonly = readonly
+        self.lock: StateLock | None = None  # held by a writable store until `close`
         self._devices: set[str] | None = None  # distinct device ids in lineage, loaded lazily
+        if readonly:
+            self._db = self._connect_readonly()
+            return
         try:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(f"cannot open state in {state_dir}: {exc}") from exc
+        self.lock = StateLock.acquire(state_dir)  # before anything is read, let alone repaired
+        try:
             self._db = sqlite3.connect(state_dir / "state.db", check_same_thread=False,
                                        isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -151,8 +167,28 @@ class Store:
             self._db.executescript(_SCHEMA)
             self._migrate()
         except (OSError, sqlite3.Error) as exc:
+            self.lock.release()
             raise StateError(f"cannot open state in {state_dir}: {exc}") from exc
         self._remove_orphan_checkpoints()
+
+    @classmethod
+    def open_readonly(cls, state_dir: Path) -> Store:
+        """A reader beside (or without) the running service: it needs no lock, because it
+        changes nothing; WAL gives it a consistent snapshot per query while the writer goes on."""
+        return cls(state_dir, readonly=True)
+
+    def _connect_readonly(self) -> sqlite3.Connection:
+        path = self.state_dir / "state.db"
+        if not path.is_file():
+            raise StateError(f"no state in {self.state_dir} (no state.db; pass the coordinator's "
+                             "--state-dir or --config)")
+        try:
+            db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True,
+                                 check_same_thread=False, isolation_level=None)
+            db.execute("SELECT 1 FROM meta LIMIT 1").fetchall()
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot read the state in {self.state_dir}: {exc}") from exc
+        return db
 
     def _migrate(self) -> None:
         # State written before participation reweighting existed: its buffer had factor 1.
@@ -164,6 +200,8 @@ class Store:
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
             self._db.close()
+        if self.lock is not None:
+            self.lock.release()
 
     # -- meta --------------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
@@ -295,6 +333,7 @@ class Store:
 
     def commit(self, commit: Commit, *, meta: dict[str, str] | None = None) -> None:
         """Make one batch durable: checkpoint file first, then one transaction."""
+        self._writable()
         if commit.model is not None:
             self._write_checkpoint(*commit.model)
         try:
@@ -335,11 +374,17 @@ class Store:
         self._prune_checkpoints()
 
     def set_metrics(self, version: int, metrics: dict[str, float]) -> None:
+        self._writable()
         with self._transaction() as db:
             db.execute("UPDATE versions SET metrics = ? WHERE version = ?",
                        (json.dumps(metrics, sort_keys=True), version))
 
     # -- internals ---------------------------------------------------------------------------
+    def _writable(self) -> None:
+        # Checked up front: `commit` writes its checkpoint file before SQLite could refuse.
+        if self.readonly:
+            raise StateError(f"the state in {self.state_dir} is open read-only")
+
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         self._db.execute("BEGIN IMMEDIATE")

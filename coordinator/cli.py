@@ -11,17 +11,19 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from coordinator._config import CoordinatorConfig, load_config
+from coordinator._control import TOKEN_FILE, client_token, configured_token
 from coordinator._engine import Engine, Evaluator
+from coordinator._lock import StateDirInUse
 from coordinator._rules import build_rule
 from coordinator._store import Store
-from models import FedAsyncError, build_model
+from models import ConfigError, FedAsyncError, ModelSpec, StateError, build_model
 from models._cli import Parser, add_version, log_level
 from models._datasets import load_digits
 from models._files import load_xy
@@ -112,7 +114,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
+def config_from_args(args: argparse.Namespace, *,
+                     stored_model: Callable[[Path], ModelSpec] | None = None
+                     ) -> CoordinatorConfig:
+    """The settings for one command; `stored_model` (the read commands) fills in [model] from
+    the state directory when neither the config, the environment nor --model gives one."""
     overrides: dict[str, Any] = {}
     for flag, key in (("broker", "broker"), ("ca_file", "ca_file"), ("fleet", "fleet"),
                       ("state_dir", "state_dir"), ("http", "http"),
@@ -130,7 +136,7 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         if args.model != "linear":
             model["classes"] = sorted(int(c) for c in np.unique(y))
         overrides["model"] = model
-    return load_config(args.config, overrides=overrides)
+    return load_config(args.config, overrides=overrides, stored_model=stored_model)
 
 
 def load_test_set(source: str) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
@@ -163,6 +169,9 @@ def _run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     config = config_from_args(args)
     setup_logging(config.log_level, args.log_format)  # the config's (or FEDASYNC_) log_level
+    configured_token(config)  # an unreadable control_token_file: refuse before starting anything
+    # The service's store takes the state directory's lock: a second `run` on it stops here with
+    # StateDirInUse (exit 2), naming the running one.
     service = CoordinatorService(config, evaluator=make_evaluator(config))
     if stop.is_set():
         log.info("stopped while starting; nothing was changed")
@@ -174,16 +183,32 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_engine(config: CoordinatorConfig) -> Engine:
-    store = Store(Path(config.state_dir), keep_checkpoints=config.keep_checkpoints)
-    return Engine(store, build_rule(config.rule), config.guards, spec=config.model,
-                  initial_params=build_model(config.model).get_params_vector)
+def _stored_spec(state_dir: Path) -> ModelSpec:
+    """The model a state directory was made for, read without changing anything there."""
+    store = Store.open_readonly(state_dir)
+    try:
+        spec = store.spec()
+    finally:
+        store.close()
+    if spec is None:
+        raise StateError(f"no state in {state_dir} (no model recorded yet)")
+    return spec
+
+
+def _reader(args: argparse.Namespace) -> tuple[CoordinatorConfig, Store]:
+    """Settings and a read-only store for the commands that only look: no lock, no clean-up,
+    no writes, so they are safe beside the running service (docs/architecture.md, State
+    ownership)."""
+    config = config_from_args(args, stored_model=_stored_spec)
+    return config, Store.open_readonly(Path(config.state_dir))
 
 
 def _versions(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    store = Store(Path(config.state_dir))
-    rows = store.versions(limit=args.limit)
+    _, store = _reader(args)
+    try:
+        rows = store.versions(limit=args.limit)
+    finally:
+        store.close()
     if args.json:
         print(json.dumps([{"version": v.version, "created_at": v.created_at,
                            "n_updates": v.n_updates, "source": v.source, "metrics": v.metrics,
@@ -205,15 +230,15 @@ def _devices(args: argparse.Namespace) -> int:
 
     from coordinator._store import load_ledger
 
-    config = config_from_args(args)
+    config, store = _reader(args)
     window = config.participation
     if args.window is not None:
         window = replace(window, window_s=args.window)
-    if not (Path(config.state_dir) / "state.db").exists():
-        raise FedAsyncError(f"no state in {config.state_dir} (pass --state-dir or --config)")
-    store = Store(Path(config.state_dir))  # a reader: WAL lets the running service go on
-    now = time.time()
-    report = load_ledger(store, window, now=now).report(now=now)
+    try:
+        now = time.time()
+        report = load_ledger(store, window, now=now).report(now=now)
+    finally:
+        store.close()
     order = {"share": lambda r: (-r.window_share, -r.window_updates, r.device_id),
              "updates": lambda r: (-r.window_updates, r.device_id),
              "accepted": lambda r: (-r.accepted, r.device_id),
@@ -242,13 +267,26 @@ def _devices(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from models._onnx import export_onnx
 
-    config = config_from_args(args)
-    store = Store(Path(config.state_dir))
-    version = store.current_version() if args.version is None else args.version
-    if version is None:
-        raise FedAsyncError(f"no state in {config.state_dir}")
-    adapter = build_model(config.model)
-    adapter.set_params_vector(store.load_checkpoint(version))
+    config, store = _reader(args)
+    try:
+        stored = store.spec()
+        if stored is None:
+            raise StateError(f"no state in {config.state_dir} (no model recorded yet)")
+        if config.model != stored:
+            # The weights only mean something with the stored spec: the same weights under
+            # other (e.g. relabelled) classes gave an ONNX file that scored 0.0.
+            raise ConfigError(
+                f"the model settings differ from the model stored in {config.state_dir} "
+                f"({_spec_difference(config.model, stored)}); export writes the stored model: "
+                "leave out --model and [model], or make them match")
+        version = store.current_version() if args.version is None else args.version
+        if version is None:
+            raise StateError(f"no state in {config.state_dir}")
+        params = store.load_checkpoint(version)
+    finally:
+        store.close()
+    adapter = build_model(stored)
+    adapter.set_params_vector(params)
     args.file.write_bytes(export_onnx(adapter))
     print(f"wrote version {version} to {args.file}")
     return 0
@@ -263,27 +301,84 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spec_difference(given: ModelSpec, stored: ModelSpec) -> str:
+    a, b = given.to_dict(), stored.to_dict()
+    return "; ".join(f"{k} {a[k]} given, {b[k]} stored" for k in a if a[k] != b[k])
+
+
 def _rollback(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    address = args.http or config.http
-    if address:
-        try:
-            request = urllib.request.Request(f"http://{address}/rollback?to={args.to}",
-                                             method="POST")
-            with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310 - http:// only
-                version = json.loads(resp.read())["version"]
-            print(f"version {version} is now the model of version {args.to} (published)")
-            return 0
-        except urllib.error.HTTPError as exc:
-            raise FedAsyncError(f"the service refused: {exc.read().decode(errors='replace')}") \
-                from exc
-        except (urllib.error.URLError, OSError):
-            log.info("no service answers on %s; rolling back the state directory directly",
-                     address)
-    engine = _open_engine(config)
-    version = engine.rollback(args.to)
-    print(f"version {version} is now the model of version {args.to}; "
-          "it is published when the coordinator starts")
+    """Through the running service when there is one (it is the only writer), else directly,
+    holding the state directory's lock so that no service starts meanwhile."""
+    config = config_from_args(args, stored_model=_stored_spec)
+    state = Path(config.state_dir)
+    if args.http:  # the operator named the service
+        version = _post_rollback(args.http, config, args.to)
+        if version is not None:
+            return _rolled_back(version, args.to, published=True)
+        log.info("no service answers on %s; rolling back the state directory directly",
+                 args.http)
+    if not (state / "state.db").is_file():
+        raise StateError(f"no state in {state} (pass the coordinator's --state-dir or --config)")
+    try:
+        store = Store(state, keep_checkpoints=config.keep_checkpoints)
+    except StateDirInUse as exc:  # a service runs: ask it, at the address it recorded
+        address = exc.holder.control
+        if address is None:
+            raise StateError(
+                f"{exc.holder.describe()} holds {state} but serves no control endpoint (still "
+                "starting, or http is off); try again once it is up, or stop it first") from exc
+        version = None if address == args.http else _post_rollback(address, config, args.to)
+        if version is None:
+            raise StateError(
+                f"{exc.holder.describe()} holds {state} but its control endpoint at {address} "
+                "does not answer; stop it first, then run rollback again") from exc
+        return _rolled_back(version, args.to, published=True)
+    try:
+        engine = Engine(store, build_rule(config.rule), config.guards, spec=config.model,
+                        initial_params=build_model(config.model).get_params_vector,
+                        participation=config.participation)
+        version = engine.rollback(args.to)
+    finally:
+        store.close()
+    return _rolled_back(version, args.to, published=False)
+
+
+def _post_rollback(address: str, config: CoordinatorConfig, to: int) -> int | None:
+    """Ask the service at `address` to roll back; None if nothing answers there."""
+    host, _, port = address.rpartition(":")
+    if host in ("", "0.0.0.0"):  # noqa: S104 - a wildcard bind is reached on loopback
+        host = "127.0.0.1"
+    token = client_token(config)
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    request = urllib.request.Request(f"http://{host}:{port}/rollback?to={to}", method="POST",
+                                     headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310 - http:// only
+            return int(json.loads(resp.read())["version"])
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            how = ("the token it was given is not the service's" if token is not None else
+                   f"none was found (no control_token, control_token_file or "
+                   f"{Path(config.state_dir) / TOKEN_FILE})")
+            raise ConfigError(f"the service at {address} needs the control token and {how}; "
+                              "set control_token_file, or run as the coordinator's user with "
+                              "its --state-dir") from exc
+        raise FedAsyncError(f"the service refused: {_error_of(exc)}") from exc
+    except (urllib.error.URLError, OSError, ValueError, KeyError):
+        return None
+
+
+def _error_of(exc: urllib.error.HTTPError) -> str:
+    body = exc.read().decode(errors="replace")
+    try:
+        return str(json.loads(body)["error"])
+    except (ValueError, KeyError, TypeError):
+        return body.strip() or f"HTTP {exc.code}"
+
+
+def _rolled_back(version: int, to: int, *, published: bool) -> int:
+    when = "published" if published else "it is published when the coordinator starts"
+    print(f"version {version} is now the model of version {to}; {when}")
     return 0
 
 

@@ -155,8 +155,10 @@ def test_rollback_over_http_republishes(broker, fleet_name, tmp_path) -> None:
         dev.send(update_bytes(0.1 * np.ones(N), device="dev-a"))
         assert wait_for(lambda: decode_snapshot(model.get().payload).version == 1)
 
+        token = (tmp_path / "control.token").read_text().strip()  # made by the service
         request = urllib.request.Request(
-            f"http://127.0.0.1:{service.http_port}/rollback?to=0", method="POST")
+            f"http://127.0.0.1:{service.http_port}/rollback?to=0", method="POST",
+            headers={"Authorization": f"Bearer {token}"})
         assert json.loads(urllib.request.urlopen(request, timeout=5).read())["version"] == 2
 
         snapshot = decode_snapshot(model.get().payload)
