@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -50,6 +50,14 @@ class Link(Protocol):
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
                 ) -> None: ...
+
+
+@runtime_checkable
+class ReportsConnection(Protocol):
+    """A link that can say more than up/down (agent._runner.PahoLink): state, broker,
+    last_error, since, attempts."""
+
+    def connection_info(self) -> dict[str, Any]: ...
 
 
 @dataclass(slots=True)
@@ -315,7 +323,13 @@ class Agent:
             "backoff_s": max(round(self._backoff_until - self.monotonic(), 1), 0.0),
             "model_rejection": self.model_rejection,
             "models_signed": self._verifier is not None,
+            "connection": self._connection(),
         }
+
+    def _connection(self) -> dict[str, Any]:
+        if isinstance(self.link, ReportsConnection):
+            return self.link.connection_info()
+        return {"state": "online" if self.link.connected else "disconnected"}
 
     def publish_status(self) -> None:
         if self.link.connected:

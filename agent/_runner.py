@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
-import random
+import os
 import threading
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -14,13 +17,20 @@ from agent._config import AgentConfig
 from agent._data import open_source
 from agent._readings import PsutilReader, ReadingsSource
 from models import Topics
-from models._mqtt import BrokerAddress, make_client
+from models._mqtt import BrokerAddress, Connection, make_client
 
 log = logging.getLogger("fedasync.agent")
 
+CONNECTION_FILE = "connection.json"  # in the state directory: the running agent's link state
+
 
 class PahoLink:
-    """One persistent MQTT session for one device, with its last will on the status topic."""
+    """One persistent MQTT session for one device, with its last will on the status topic.
+
+    Its `Connection` logs every failed attempt with the reason and the next (jittered) retry,
+    and `connection_info()` is the state the agent's status reports; the latest is also kept in
+    <state_dir>/connection.json for `fedasync-agent status`.
+    """
 
     def __init__(self, config: AgentConfig) -> None:
         self.topics = Topics(config.fleet, config.topic_root)
@@ -29,58 +39,54 @@ class PahoLink:
                                            cert_file=config.cert_file, key_file=config.key_file)
         self.client = make_client(self.address, client_id=f"fedasync-agent-{config.device_id}",
                                   persistent=True)
-        # Jitter spreads a whole fleet's reconnects after a broker restart.
-        self.client.reconnect_delay_set(min_delay=random.randint(1, 3), max_delay=60)
         self.client.will_set(self.topics.status(config.device_id),
                              b'{"state": "offline", "device_id": "%s"}' % config.device_id.encode(),
                              qos=1, retain=True)
-        self._connected = threading.Event()
+        self._state_file = Path(config.state_dir) / CONNECTION_FILE
+        # Jitter spreads a whole fleet's reconnects after a broker restart.
+        self.connection = Connection(self.client, self.address, logger=log, keepalive=60,
+                                     max_delay_s=60.0, jitter=True,
+                                     on_online=self._on_online, on_change=self._record)
         self.agent: Agent | None = None
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
 
     @property
     def connected(self) -> bool:
-        return self._connected.is_set()
+        return self.connection.online
+
+    def connection_info(self) -> dict[str, Any]:
+        return self.connection.info()
 
     def wait_connected(self, timeout: float) -> bool:
-        return self._connected.wait(timeout)
+        return self.connection.wait_online(timeout)
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         self.client.publish(topic, payload, qos=qos, retain=retain)
 
     def start(self) -> None:
-        self.client.connect_async(self.address.host, self.address.port, keepalive=60)
-        self.client.loop_start()
+        self.connection.start()
 
     def stop(self) -> None:
         if self.connected and self.agent is not None:
-            import json
-
             info = self.client.publish(
                 self.topics.status(self.device_id),
                 json.dumps(self.agent.status("offline")).encode(), qos=1, retain=True)
             info.wait_for_publish(timeout=2)
-        self.client.disconnect()
-        self.client.loop_stop()
+        self.connection.stop()
 
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
-                    properties: Any) -> None:
-        if reason.is_failure:
-            log.error("broker refused the connection: %s", reason)
-            return
+    def _on_online(self, client: mqtt.Client, session_present: bool) -> None:
         client.subscribe([(self.topics.model, 1), (self.topics.ack(self.device_id), 1)])
-        self._connected.set()
-        log.info("connected to %s", self.address.redacted())
         if self.agent is not None:
             self.agent.on_connected()
 
-    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
-                       properties: Any) -> None:
-        if self._connected.is_set():
-            log.warning("disconnected (%s); updates stay in the spool until acked", reason)
-        self._connected.clear()
+    def _record(self, info: dict[str, Any]) -> None:
+        """Keep the connection state where `fedasync-agent status` reads it (best effort: the
+        state directory may be read-only in a test, and this is only a report)."""
+        with contextlib.suppress(OSError):
+            self._state_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._state_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({**info, "pid": os.getpid()}))
+            tmp.replace(self._state_file)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if self.agent is None:

@@ -51,7 +51,10 @@ class CoordinatorConfig:
     key_file: str | None = None
     fleet: str = "default"
     topic_root: str = "fl"
-    client_id: str = "fedasync-coordinator"
+    # None: fedasync-coordinator-<topic_root>-<fleet> (`mqtt_client_id`). Two coordinators with
+    # one client id take each other's broker session, and with it each other's updates.
+    client_id: str | None = None
+    standby: bool = False  # another coordinator serves the fleet: wait for it to stop (else exit)
     state_dir: str = "coordinator-state"
     keep_checkpoints: int = 10
     signing_key: str | None = None  # Ed25519 private key (PEM): sign every snapshot
@@ -72,6 +75,11 @@ class CoordinatorConfig:
     def __post_init__(self) -> None:
         if self.batch_max < 1:
             raise ConfigError("batch_max must be >= 1", key="batch_max")
+        if self.client_id is not None and (not self.client_id or self.client_id != "".join(
+                self.client_id.split())):
+            raise ConfigError(f"client_id must be a non-empty name without spaces, got "
+                              f"{self.client_id!r} (leave it unset for one derived from the "
+                              "fleet)", key="client_id")
         if self.max_message_bytes < 1024:
             raise ConfigError("max_message_bytes must be >= 1024", key="max_message_bytes")
         if self.keep_checkpoints < 1:
@@ -89,6 +97,10 @@ class CoordinatorConfig:
                               "spaces (e.g. `openssl rand -hex 32`)", key="control_token")
         if self.control_token_file is not None and not self.control_token_file.strip():
             raise ConfigError("control_token_file must name a file", key="control_token_file")
+
+    @property
+    def mqtt_client_id(self) -> str:
+        return self.client_id or f"fedasync-coordinator-{self.topic_root}-{self.fleet}"
 
     @property
     def http_address(self) -> tuple[str, int] | None:

@@ -53,6 +53,7 @@ class Incoming:
     payload: bytes
     received_at: float
     token: object = None
+    topic: str | None = None  # for the log of a message that names no device
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,7 +272,8 @@ class Engine:
                                              float(w)))
 
     def _reject_undecoded(self, item: Incoming, reason: str, detail: str) -> Outcome:
-        log.warning("rejected message from %s: %s (%s)", item.device_id, reason, detail)
+        log.warning("rejected message %s: %s (%s)",
+                    f"on {item.topic}" if item.topic else f"from {item.device_id}", reason, detail)
         return Outcome(item.device_id, Ack(update_id=None, status="rejected", reason=reason,
                                            version=self.version, detail=detail[:500]),
                        item.token)

@@ -6,14 +6,21 @@ coalescing versions) and the HTTP server (metrics, status, rollback).
 
 An update is PUBACKed only after its batch is committed. Until then the broker keeps it in our
 persistent session and redelivers it after a crash; the engine recognises it by update_id.
+
+One coordinator per fleet and broker (docs/architecture.md, Identity): its client id derives from
+the fleet, and before each connection attempt it looks at the fleet's retained coordinator status
+(coordinator/_identity.py). Another live instance there means: exit (or, with `standby`, wait for
+it to go offline), never connect with the same client id and take its session, and with it the
+fleet's updates, back and forth.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
-import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -28,15 +35,18 @@ from coordinator._cohort import CohortSelector, parse_status
 from coordinator._config import CoordinatorConfig
 from coordinator._engine import Engine, Evaluator, Incoming, Outcome
 from coordinator._http import StatusServer
+from coordinator._identity import HOST, Identity, LookTimeout, Presence, look
 from coordinator._metrics import Metrics
 from coordinator._rules import build_rule
 from coordinator._store import Params, Store
 from models import FedAsyncError, StateError, Topics, build_model
-from models._mqtt import BrokerAddress, make_client
+from models._mqtt import BrokerAddress, Connection, make_client
 from models._signing import Signer
 from models._wire import Snapshot, encode_ack, encode_snapshot
 
 log = logging.getLogger("fedasync.coordinator")
+
+KEEPALIVE_S = 30  # the broker publishes a crashed coordinator's last will after 1.5 x this
 
 
 class _Token(NamedTuple):
@@ -78,7 +88,9 @@ class CoordinatorService:
         self._connected = threading.Event()
         self._generation = 0  # bumps on every (re)connect: a mid is only valid in its connection
         self._snapshot_wanted = threading.Condition()
-        self._published_version = -1
+        self._published_version = -1  # the newest the broker acknowledged
+        self._sent_version = -1  # the newest handed to the broker
+        self._waiting_noted = -1
         rule = config.rule
         self._cohorts = (CohortSelector(rule.cohort_size, rule.over_selection, rule.deadline_s)
                          if rule.name == "fedavg-sync" else None)
@@ -86,26 +98,35 @@ class CoordinatorService:
         self._threads: list[threading.Thread] = []
         self._http: StatusServer | None = None
         self._started_at = clock()
-        self._client = make_client(self.address, client_id=config.client_id, persistent=True,
-                                   manual_ack=True, max_inflight=0)
+        self.identity = Identity(config.fleet)
+        self._failure: StateError | None = None
+        self._on_failure: Callable[[], None] | None = None
+        self._standby = threading.Event()  # set while waiting for another coordinator to stop
+        self._foreign = 0  # messages on other fleets' topics: acknowledged, never merged
+        self._foreign_seen: set[str] = set()
+        self._client = make_client(self.address, client_id=config.mqtt_client_id,
+                                   persistent=True, manual_ack=True, max_inflight=0)
         # max_inflight is paho's window for what *we* publish (acks, snapshots), not how many
         # updates the broker sends us (that is the broker's max_inflight_messages). 0 means no
         # window: with one, paho rescans every outgoing message on each PUBACK it receives
         # (Client._update_inflight), quadratic in the acks of a batch; that was ~5% of the CPU
         # (fleet/_bench_ingest.py). Memory is the same either way: paho keeps every unacked
         # QoS 1 publish until its PUBACK, in or out of the window.
-        self._client.will_set(self.topics.coordinator_status, self._status_payload("offline"),
-                              qos=1, retain=True)
-        self._client.on_connect = self._on_connect
+        self._client.will_set(self.topics.coordinator_status,
+                              self.identity.presence("offline").to_json(), qos=1, retain=True)
+        self._link = Connection(self._client, self.address, logger=log, keepalive=KEEPALIVE_S,
+                                max_delay_s=30.0, on_online=self._on_online,
+                                on_offline=self._on_offline)
+        self._client.gate = self._gate
         self._client.on_subscribe = self._on_subscribe
-        self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        log.info("coordinator for fleet %r at version %d, rule %s, broker %s",
+        log.info("coordinator for fleet %r at version %d, rule %s, broker %s, client id %s",
                  self.config.fleet, self.engine.version, self.config.rule.name,
-                 self.address.redacted())
+                 self.address.redacted(), self.config.mqtt_client_id)
+        self.identity.register()
         for target, name in ((self._writer, "writer"), (self._publisher, "snapshots")):
             t = threading.Thread(target=target, name=f"coordinator-{name}", daemon=True)
             t.start()
@@ -114,8 +135,7 @@ class CoordinatorService:
             self._http = StatusServer(self.config.http_address, self)
             self._http.start()
             log.info("metrics and status on http://%s:%d/", *self._http.address)
-        self._client.connect_async(self.address.host, self.address.port, keepalive=30)
-        self._client.loop_start()
+        self._link.start()
         self._want_snapshot()
 
     def stop(self) -> None:
@@ -126,37 +146,134 @@ class CoordinatorService:
             t.join(timeout=10)
         if self._http is not None:
             self._http.stop()
-        if self._connected.is_set():
+        if self._link.online and self._failure is None:  # after a failure the status is not ours
             self._client.publish(self.topics.coordinator_status,
-                                 self._status_payload("offline"), qos=1,
+                                 self.identity.presence("offline").to_json(), qos=1,
                                  retain=True).wait_for_publish(timeout=2)
-        self._client.disconnect()
-        self._client.loop_stop()
+        self._link.stop()
+        self.identity.unregister()
         self.store.close()
         log.info("coordinator stopped at version %d", self.engine.version)
+
+    def run_until(self, stop: threading.Event) -> None:
+        """Start, serve until `stop` is set, stop. Raises StateError (after stopping) when this
+        coordinator had to give up: another one serves the fleet on this broker."""
+        self._on_failure = stop.set
+        self.start()
+        try:
+            stop.wait()
+        finally:
+            self.stop()
+        if self._failure is not None:
+            raise self._failure
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
 
     @property
+    def failure(self) -> StateError | None:
+        """Why this coordinator gave up (another one serves the fleet), or None."""
+        return self._failure
+
+    @property
     def http_port(self) -> int | None:
         return None if self._http is None else self._http.address[1]
 
-    # -- MQTT callbacks (paho's thread) ------------------------------------------------------
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
-                    properties: Any) -> None:
-        if reason.is_failure:
-            log.error("broker refused the connection: %s", reason)
+    # -- one coordinator per fleet -----------------------------------------------------------
+    def _gate(self) -> None:
+        """Before every connection attempt (paho's thread): is the fleet ours to serve?
+
+        Connecting with our client id while another coordinator holds it would take its broker
+        session; it would take it back at its next reconnect, and so on. An OSError from here
+        is a failed attempt (logged and retried by the connection)."""
+        first = not self.identity.has_served
+        stopping = self._link.stopping
+        try:
+            status = look(self.address, self.topics, stop=stopping)
+        except LookTimeout as exc:
+            log.warning("could not check whether another coordinator serves fleet %r (%s: may "
+                        "this broker account read and write %s?); connecting anyway",
+                        self.config.fleet, exc, self.topics.coordinator_status)
             return
+        if stopping.is_set():
+            raise ConnectionAbortedError("stopping")
+        rival = self.identity.rival(status)
+        if rival is None:
+            return
+        if first and self.config.standby:
+            self._standby.set()
+            log.info("standby: another coordinator (%s) serves fleet %r on this broker; waiting "
+                     "for it to go offline (a clean stop says so at once, a crash after %g s, "
+                     "when its last will fires)", rival.describe(), self.config.fleet,
+                     1.5 * KEEPALIVE_S)
+            try:
+                look(self.address, self.topics, stop=stopping,
+                     until=lambda s: self.identity.rival(s) is None)
+            except LookTimeout as exc:
+                raise ConnectionError(str(exc)) from exc
+            if stopping.is_set():
+                raise ConnectionAbortedError("stopped while on standby")
+            self._standby.clear()
+            log.info("the other coordinator of fleet %r is offline: taking over",
+                     self.config.fleet)
+            return
+        if first:
+            self._give_up(
+                f"another coordinator ({rival.describe()}) serves fleet {self.config.fleet!r} "
+                f"on this broker; stop it first, or start this one with --standby (standby = "
+                f"true) to take over when it stops. If it crashed, its last will marks it "
+                f"offline within {1.5 * KEEPALIVE_S:g} s (1.5 x keepalive)")
+        else:
+            self._give_up(
+                f"another coordinator ({rival.describe()}) took over fleet "
+                f"{self.config.fleet!r} while this one was disconnected; this one stops rather "
+                f"than take the broker session back and forth")
+        raise ConnectionAbortedError("another coordinator serves this fleet")
+
+    def _on_coordinator_status(self, payload: bytes, retained: bool) -> None:
+        """A coordinator status seen while connected. A retained one was judged before
+        connecting; a live "online" of another instance means two coordinators merge the same
+        updates (it uses another client id): the one serving since later gives up."""
+        rival = None if retained else self.identity.rival(Presence.parse(payload))
+        if rival is None:
+            return
+        if rival.since is not None and (rival.since, rival.instance or "") > (
+                self.identity.since, self.identity.instance):
+            log.warning("another coordinator (%s, client id other than %r) came online for "
+                        "fleet %r; this one serves it since earlier and stays", rival.describe(),
+                        self.config.mqtt_client_id, self.config.fleet)
+            self._client.publish(self.topics.coordinator_status,
+                                 self.identity.presence("online").to_json(), qos=1, retain=True)
+            return
+        self._give_up(f"another coordinator ({rival.describe()}) serves fleet "
+                      f"{self.config.fleet!r} on this broker under another client id; this one "
+                      f"stops merging rather than merge the same updates twice")
+
+    def _give_up(self, message: str) -> None:
+        """Stop merging at once, and let the process end (run_until raises StateError)."""
+        if self._failure is not None:
+            return
+        self._failure = StateError(message)
+        log.error("%s", message)
+        self._link.stop()
+        if self._on_failure is not None:
+            self._on_failure()
+
+    # -- MQTT callbacks (paho's thread) ------------------------------------------------------
+    def _on_online(self, client: mqtt.Client, session_present: bool) -> None:
+        self.identity.has_served = True
         self._generation += 1
-        client.subscribe([(self.topics.all_updates, 1), (self.topics.all_status, 0)])
-        client.publish(self.topics.coordinator_status, self._status_payload("online"), qos=1,
-                       retain=True)
+        client.subscribe([(self.topics.all_updates, 1), (self.topics.all_status, 0),
+                          (self.topics.coordinator_status, 1)])
+        client.publish(self.topics.coordinator_status, self.identity.presence("online").to_json(),
+                       qos=1, retain=True)
         if self._last_snapshot is not None:  # a broker without persistence forgot it
             client.publish(self.topics.model, self._last_snapshot, qos=1, retain=True)
         self.metrics.connected.set(1)
-        log.info("connected to %s (session present: %s)", self.address.redacted(),
-                 flags.session_present)
+
+    def _on_offline(self) -> None:
+        self._connected.clear()
+        self.metrics.connected.set(0)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any,
                       properties: Any) -> None:
@@ -167,21 +284,44 @@ class CoordinatorService:
             return
         self._connected.set()
 
-    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
-                       properties: Any) -> None:
-        self._connected.clear()
-        self.metrics.connected.set(0)
-        if not self._stop.is_set():
-            log.warning("disconnected from broker (%s); reconnecting", reason)
-
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        device = self.topics.device_of(msg.topic, "status")
+        topic = msg.topic
+        if topic == self.topics.coordinator_status:
+            self._on_coordinator_status(bytes(msg.payload), bool(msg.retain))
+            return
+        if not self.topics.owns(topic):
+            self._on_foreign(client, msg)
+            return
+        device = self.topics.device_of(topic, "status")
         if device is not None:  # a device checking in; only synchronous rounds use it
             if self._cohorts is not None:
                 self._cohorts.observe(device, parse_status(bytes(msg.payload)))
             return
-        self._inbox.put(Incoming(self.topics.device_of(msg.topic), bytes(msg.payload),
-                                 time.time(), _Token(self._generation, msg.mid, msg.qos)))
+        if self._failure is not None:
+            return  # not ours to merge any more; unacked, the broker keeps it
+        self._inbox.put(Incoming(self.topics.device_of(topic), bytes(msg.payload), time.time(),
+                                 _Token(self._generation, msg.mid, msg.qos), topic=topic))
+
+    def _on_foreign(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
+        """A message on another fleet's topic: the broker session of our client id still holds
+        a subscription from another configuration (or another coordinator shares the id). It is
+        not ours: acknowledged (or it would hold a slot of the broker's in-flight window
+        forever), never merged or answered, and its subscription dropped."""
+        self._foreign += 1
+        if msg.qos > 0:
+            client.ack(msg.mid, msg.qos)
+        levels = msg.topic.split("/")
+        pattern = ("/".join([*levels[:-1], "+"]) if len(levels) == 4
+                   and levels[2] in ("update", "status") else msg.topic)
+        if pattern in self._foreign_seen:
+            return
+        self._foreign_seen.add(pattern)
+        client.unsubscribe(pattern)
+        log.warning("ignored a message on %s: not a topic of fleet %r. The broker session of "
+                    "client id %r still holds a subscription to %s (an earlier configuration, "
+                    "or another coordinator with the same client id): acknowledged without an "
+                    "answer, and unsubscribed", msg.topic, self.config.fleet,
+                    self.config.mqtt_client_id, pattern)
 
     # -- writer ------------------------------------------------------------------------------
     def _writer(self) -> None:
@@ -196,6 +336,8 @@ class CoordinatorService:
                     batch.append(self._inbox.get_nowait())
                 except queue.Empty:
                     break
+            if self._failure is not None:
+                continue  # another coordinator serves the fleet: unacked, the broker keeps it
             self._guarded(functools.partial(self._process, batch))
 
     def _guarded(self, fn: Callable[[], None]) -> None:
@@ -204,7 +346,8 @@ class CoordinatorService:
         except StateError:
             # Nothing of the batch was acked: reconnecting makes the broker redeliver it.
             log.exception("could not make the batch durable; reconnecting to get it again")
-            self._client.reconnect()
+            with contextlib.suppress(OSError):  # then paho's loop reconnects, and logs why not
+                self._client.reconnect()
         except Exception:  # the service must keep serving whatever one batch does
             log.exception("unexpected error in the writer; continuing")
 
@@ -255,7 +398,7 @@ class CoordinatorService:
         frozen = False
         while not self._stop.is_set():
             with self._snapshot_wanted:
-                if self.engine.version == self._published_version and not (
+                if self.engine.version == self._sent_version and not (
                         self._cohorts is not None and self._cohorts.due(
                             self.engine.version, time.monotonic())):
                     self._snapshot_wanted.wait(timeout=1.0)
@@ -264,6 +407,13 @@ class CoordinatorService:
                 if wait > 0:  # rate limit: later versions coalesce into one snapshot
                     self._snapshot_wanted.wait(timeout=wait)
                     continue
+            if self._failure is not None:  # the fleet's model is another coordinator's now
+                self._stop.wait(1.0)
+                continue
+            if not self._link.online:
+                self._note_waiting()
+                self._link.wait_online(1.0)
+                continue
             with self._engine_lock:
                 version, params = self.engine.version, self.engine.params
                 metrics = self.engine.metrics
@@ -297,10 +447,51 @@ class CoordinatorService:
         if self._signer is not None:
             payload = self._signer.sign(payload)
         self._last_snapshot = payload
-        self._client.publish(self.topics.model, payload, qos=1, retain=True)
-        self._published_version = version
-        self.metrics.snapshots.inc()
-        log.info("published snapshot of version %d (%d bytes)", version, len(payload))
+        self._sent_version = version
+        self._deliver_snapshot(version, payload)
+
+    def _deliver_snapshot(self, version: int, payload: bytes) -> None:
+        """Publish until the broker has it (its PUBACK): only then is it "published". A clean
+        stop still hands the broker the snapshot being published, for a few seconds."""
+        stopping_since: float | None = None
+        while self._failure is None:
+            if not self._link.online:
+                if self._stop.is_set():
+                    return
+                self._note_waiting()
+                self._link.wait_online(1.0)
+                continue
+            info = self._client.publish(self.topics.model, payload, qos=1, retain=True)
+            try:
+                while not info.is_published():
+                    if self._stop.is_set():
+                        stopping_since = stopping_since or time.monotonic()
+                        if time.monotonic() - stopping_since > 5.0:
+                            return
+                    if self._failure is not None:
+                        return
+                    info.wait_for_publish(timeout=1.0)
+            except RuntimeError:
+                # Handed to paho just as the connection dropped: paho sends it after the
+                # reconnect, but this handle will never say so. Again once online (the same
+                # version twice is harmless: agents keep the first).
+                continue
+            self._published_version = version
+            self.metrics.snapshots.inc()
+            log.info("published snapshot of version %d (%d bytes)", version, len(payload))
+            return
+
+    def _note_waiting(self) -> None:
+        """Say once per version that its snapshot waits, when the broker cannot be reached
+        (not during an ordinary start-up, nor on standby)."""
+        link = self._link.info()
+        version = self.engine.version
+        if self._waiting_noted == version or not (link["attempts"]
+                                                  or link["state"] == "disconnected"):
+            return
+        self._waiting_noted = version
+        log.info("snapshot of version %d waits for the broker at %s (%s)", version,
+                 link["broker"], link["last_error"])
 
     # -- operations --------------------------------------------------------------------------
     def rollback(self, to_version: int) -> int:
@@ -313,7 +504,11 @@ class CoordinatorService:
         e = self.engine
         return {
             "fleet": self.config.fleet,
-            "state": "online" if self._connected.is_set() else "connecting",
+            "state": self._state(),
+            "connection": self._link.info(),
+            "instance": {"id": self.identity.instance, "host": HOST, "pid": os.getpid(),
+                         "since": round(self.identity.since, 3),
+                         "client_id": self.config.mqtt_client_id},
             "version": e.version,
             "published_version": self._published_version,
             "metrics": e.metrics,
@@ -323,13 +518,16 @@ class CoordinatorService:
             "counts": self.metrics.counts(),
             "participation": self.engine.ledger.report(now=time.time()).summary(),
             "uptime_s": round(time.time() - self._started_at, 1),
+            "foreign_messages": self._foreign,
         }
+
+    def _state(self) -> str:
+        if self._failure is not None:
+            return "refused"
+        if self._standby.is_set():
+            return "standby"
+        return "online" if self._connected.is_set() else "connecting"
 
     def devices(self) -> dict[str, Any]:
         """The participation report: the fairness summary and one row per device seen."""
         return self.engine.ledger.report(now=time.time()).to_dict()
-
-    def _status_payload(self, state: str) -> bytes:
-        return json.dumps({"state": state, "fleet": self.config.fleet,
-                           "time": time.time()}).encode()
-

@@ -53,6 +53,10 @@ class Topics:
     def all_status(self) -> str:
         return f"{self.prefix}/status/+"
 
+    def owns(self, topic: str) -> bool:
+        """True for a topic of this fleet (``fl/acc/...``, not ``fl/accm/...``)."""
+        return topic.startswith(f"{self.prefix}/")
+
     def device_of(self, topic: str, kind: str = "update") -> str | None:
         """The device id in ``<prefix>/<kind>/<device>``, or None if the topic is not that shape."""
         head = f"{self.prefix}/{kind}/"
