@@ -72,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--fleet", help="fleet name (topic prefix fl/<fleet>)")
     run.add_argument("--rule", choices=["fedasync", "fedbuff", "fedavg-sync"])
     run.add_argument("--http", help="HOST:PORT for /metrics and /status ('' to disable)")
+    run.add_argument("--standby", action="store_true", default=None,
+                     help="if another coordinator serves the fleet, wait for it to stop")
     run.set_defaults(func=_run)
 
     versions = sub.add_parser("versions", help="table of model versions with metrics")
@@ -122,7 +124,7 @@ def config_from_args(args: argparse.Namespace, *,
     overrides: dict[str, Any] = {}
     for flag, key in (("broker", "broker"), ("ca_file", "ca_file"), ("fleet", "fleet"),
                       ("state_dir", "state_dir"), ("http", "http"),
-                      ("log_level", "log_level")):
+                      ("log_level", "log_level"), ("standby", "standby")):
         value = getattr(args, flag, None)
         if value is not None:
             overrides[key] = value
@@ -177,9 +179,7 @@ def _run(args: argparse.Namespace) -> int:
         log.info("stopped while starting; nothing was changed")
         service.store.close()
         return 0
-    service.start()
-    stop.wait()
-    service.stop()
+    service.run_until(stop)  # StateError (exit 2): another coordinator serves the fleet
     return 0
 
 
