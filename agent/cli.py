@@ -13,7 +13,7 @@ from typing import Any
 
 from agent._config import AgentConfig, load_config
 from models import FedAsyncError
-from models._cli import Parser, add_version, log_level
+from models._cli import add_version, log_level, make_parser
 from models._logging import setup_logging
 
 
@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = Parser(
+    p = make_parser(
         prog="fedasync-agent",
         description="Edge agent for asynchronous federated learning: trains on local data when "
                     "the device allows it and sends model updates over MQTT.",

@@ -24,7 +24,7 @@ from coordinator._lock import StateDirInUse
 from coordinator._rules import build_rule
 from coordinator._store import Store
 from models import ConfigError, FedAsyncError, ModelSpec, StateError, build_model
-from models._cli import Parser, add_version, log_level
+from models._cli import add_version, log_level, make_parser
 from models._datasets import load_digits
 from models._files import load_xy
 from models._logging import setup_logging
@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = Parser(
+    p = make_parser(
         prog="fedasync-coordinator",
         description="Asynchronous federated learning coordinator: merges device updates from "
                     "MQTT as they arrive, versions the model durably and publishes snapshots.",

@@ -25,7 +25,7 @@ from fleet._sim import (
     split_rule,
 )
 from models import ConfigError, FedAsyncError
-from models._cli import Parser, add_version, log_level
+from models._cli import add_version, log_level, make_parser
 from models._logging import setup_logging
 
 log = logging.getLogger("fedasync.fleet")
@@ -138,7 +138,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = Parser(
+    p = make_parser(
         prog="fedasync-sim",
         description="Simulate a fleet of devices (real agent code, real MQTT) with uneven "
                     "speed, battery and connectivity, and compare merge rules.",

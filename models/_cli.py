@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -14,7 +15,13 @@ from models._logging import check_level
 DISTRIBUTION = "fedasync-iot"  # pyproject.toml's [project] name
 
 
-class Parser(argparse.ArgumentParser):
+def make_parser(**kwargs: Any) -> argparse.ArgumentParser:
+    """An `argparse.ArgumentParser` (so typed: its subparsers are then plain ones for mypy,
+    though of the same class) whose usage errors are one line."""
+    return _OneLineErrors(**kwargs)
+
+
+class _OneLineErrors(argparse.ArgumentParser):
     """argparse whose errors are one line, like every other error of ours: fedasync-sim's usage
     alone is twenty lines, which bury the one that says what is wrong. Exit status 2."""
 
@@ -43,7 +50,8 @@ class _Version(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: Any, option_string: str | None = None) -> None:
-        parser.exit(0, f"{parser.prog} {version()}\n")
+        sys.stdout.write(f"{parser.prog} {version()}\n")  # stdout, as argparse's own does
+        parser.exit(0)
 
 
 def add_version(parser: argparse.ArgumentParser) -> None:
