@@ -116,7 +116,7 @@ def env_layer(cls: type, environ: Mapping[str, str], *, prefix: str = ENV_PREFIX
             target = _dataclass_in(hint)
             if target is None:
                 raise ConfigError(f"{name}: {key} is not a table, so it has no "
-                                  f"{parts[depth + 1]}", key=part)
+                                  f"{parts[depth + 1]}", key=key)
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
                 raise ConfigError(f"{name} conflicts with another FEDASYNC_ variable", key=name)
