@@ -40,7 +40,7 @@ from coordinator._metrics import Metrics
 from coordinator._rules import build_rule
 from coordinator._store import Params, Store
 from models import FedAsyncError, StateError, Topics, build_model
-from models._mqtt import BrokerAddress, Connection, make_client
+from models._mqtt import BrokerAddress, Connection, describe_error, make_client
 from models._signing import Signer
 from models._wire import Snapshot, encode_ack, encode_snapshot
 
@@ -146,13 +146,15 @@ class CoordinatorService:
             t.join(timeout=10)
         if self._http is not None:
             self._http.stop()
+        # The state directory's lock goes before "offline" is said: a standby that takes over
+        # on hearing it may open the same directory at once.
+        self.store.close()
+        self.identity.unregister()
         if self._link.online and self._failure is None:  # after a failure the status is not ours
             self._client.publish(self.topics.coordinator_status,
                                  self.identity.presence("offline").to_json(), qos=1,
                                  retain=True).wait_for_publish(timeout=2)
         self._link.stop()
-        self.identity.unregister()
-        self.store.close()
         log.info("coordinator stopped at version %d", self.engine.version)
 
     def run_until(self, stop: threading.Event) -> None:
@@ -202,10 +204,7 @@ class CoordinatorService:
             return
         if first and self.config.standby:
             self._standby.set()
-            log.info("standby: another coordinator (%s) serves fleet %r on this broker; waiting "
-                     "for it to go offline (a clean stop says so at once, a crash after %g s, "
-                     "when its last will fires)", rival.describe(), self.config.fleet,
-                     1.5 * KEEPALIVE_S)
+            _log_standby(rival, self.config.fleet)
             try:
                 look(self.address, self.topics, stop=stopping,
                      until=lambda s: self.identity.rival(s) is None)
@@ -263,8 +262,10 @@ class CoordinatorService:
     def _on_online(self, client: mqtt.Client, session_present: bool) -> None:
         self.identity.has_served = True
         self._generation += 1
+        # QoS 0 for the coordinator status: only live news of a rival counts, never one the
+        # broker kept in this session while it was away (nor, with manual acks, one unacked).
         client.subscribe([(self.topics.all_updates, 1), (self.topics.all_status, 0),
-                          (self.topics.coordinator_status, 1)])
+                          (self.topics.coordinator_status, 0)])
         client.publish(self.topics.coordinator_status, self.identity.presence("online").to_json(),
                        qos=1, retain=True)
         if self._last_snapshot is not None:  # a broker without persistence forgot it
@@ -287,6 +288,9 @@ class CoordinatorService:
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         topic = msg.topic
         if topic == self.topics.coordinator_status:
+            if msg.qos > 0:  # kept by the session from an earlier QoS 1 subscription: old news
+                client.ack(msg.mid, msg.qos)
+                return
             self._on_coordinator_status(bytes(msg.payload), bool(msg.retain))
             return
         if not self.topics.owns(topic):
@@ -531,3 +535,46 @@ class CoordinatorService:
     def devices(self) -> dict[str, Any]:
         """The participation report: the fairness summary and one row per device seen."""
         return self.engine.ledger.report(now=time.time()).to_dict()
+
+
+def _log_standby(rival: Presence, fleet: str) -> None:
+    log.info("standby: another coordinator (%s) serves fleet %r on this broker; waiting for it "
+             "to go offline (a clean stop says so at once, a crash after %g s, when its last "
+             "will fires)", rival.describe(), fleet, 1.5 * KEEPALIVE_S)
+
+
+def wait_as_standby(config: CoordinatorConfig, stop: threading.Event) -> bool:
+    """`run --standby`: wait, before the state directory is even opened (a standby may share
+    it), until no other live coordinator serves the fleet. True to go on, False if `stop` came
+    first. An unreachable broker is retried with backoff, each failure logged with its reason;
+    the service's own check before connecting follows (one coordinator may still beat us)."""
+    address = BrokerAddress.parse(config.broker, ca_file=config.ca_file,
+                                  cert_file=config.cert_file, key_file=config.key_file)
+    topics = Topics(config.fleet, config.topic_root)
+    identity = Identity(config.fleet)
+    announced: list[Presence] = []
+
+    def free(status: Presence | None) -> bool:
+        rival = identity.rival(status)
+        if rival is not None and not announced:
+            announced.append(rival)
+            _log_standby(rival, config.fleet)
+        return rival is None
+
+    delay, failures = 1.0, 0
+    while not stop.is_set():
+        try:
+            look(address, topics, stop=stop, until=free)
+        except LookTimeout:
+            return True  # the service's own check says why, and connects anyway
+        except OSError as exc:
+            failures += 1
+            log.warning("cannot connect to %s: %s; next attempt in %.1f s (%d failed so far)",
+                        address.redacted(), describe_error(exc, address), delay, failures)
+            stop.wait(delay)
+            delay = min(delay * 2, 30.0)
+            continue
+        if announced and not stop.is_set():
+            log.info("the other coordinator of fleet %r is offline: taking over", config.fleet)
+        return not stop.is_set()
+    return False

@@ -163,7 +163,7 @@ def make_evaluator(config: CoordinatorConfig) -> Evaluator | None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from coordinator._service import CoordinatorService
+    from coordinator._service import CoordinatorService, wait_as_standby
 
     # Handlers first: a stop (systemd, ^C) while the service is still loading is a clean exit.
     stop = threading.Event()
@@ -172,6 +172,9 @@ def _run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     setup_logging(config.log_level, args.log_format)  # the config's (or FEDASYNC_) log_level
     configured_token(config)  # an unreadable control_token_file: refuse before starting anything
+    if config.standby and not wait_as_standby(config, stop):  # before touching the state dir
+        log.info("stopped while on standby; nothing was changed")
+        return 0
     # The service's store takes the state directory's lock: a second `run` on it stops here with
     # StateDirInUse (exit 2), naming the running one.
     service = CoordinatorService(config, evaluator=make_evaluator(config))

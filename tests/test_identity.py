@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -255,6 +256,41 @@ def test_a_standby_coordinator_takes_over_when_the_first_stops(
     assert (ack.update_id, ack.status) == ("to-standby", "accepted")
     assert merged_by_first == {"to-first"}
     assert merged_by_standby == {"to-standby"}
+
+
+@pytest.mark.broker
+def test_run_standby_on_the_same_state_directory_takes_over_where_the_first_stopped(
+        broker: MosquittoBroker, fleet_name: str, tmp_path: Path) -> None:
+    """A blue/green restart: `run --standby` waits before it opens the state directory (the
+    first holds its lock), then continues the same model: the next version, not version 1."""
+    state = tmp_path / "state"
+    first = started(config(broker, fleet_name, state))
+    device = Device(broker, fleet_name, "dev-1")
+    log = tmp_path / "standby.log"
+    with log.open("wb") as out:
+        standby = subprocess.Popen(
+            [sys.executable, "-m", "coordinator.cli", "run", "--standby", "--config",
+             str(write_toml(tmp_path / "standby.toml", broker, fleet_name, state))],
+            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        for i in range(3):
+            device.send(f"first-{i}", base_version=i)
+        assert [a.version for a in device.acks(3)] == [1, 2, 3]
+        assert wait_for(lambda: b"standby: another coordinator" in log.read_bytes(), 60)
+        assert standby.poll() is None
+        first.stop()
+        assert wait_for(lambda: b"published snapshot of version 3" in log.read_bytes(), 60)
+        device.send("second-0", base_version=3)
+        [ack] = device.acks(1)
+    finally:
+        device.close()
+        first.stop()
+        standby.send_signal(signal.SIGTERM)
+        code = standby.wait(30)
+    assert (ack.update_id, ack.status, ack.version) == ("second-0", "accepted", 4)
+    assert code == 0, log.read_text()
+    text = log.read_text()
+    assert "is offline: taking over" in text and "WARNING" not in text
 
 
 def retain_status(broker: MosquittoBroker, fleet: str, status: Presence) -> None:
