@@ -180,6 +180,10 @@ def _status(args: argparse.Namespace) -> int:
         out["progress"] = json.loads((state / "progress.json").read_text())
     except (OSError, ValueError):
         out["progress"] = {}
+    try:  # written by the running agent at each change (a killed one leaves its last state)
+        out["connection"] = json.loads((state / "connection.json").read_text())
+    except (OSError, ValueError):
+        out["connection"] = None
     print(json.dumps(out, indent=1))
     return 0
 

@@ -23,7 +23,8 @@ from agent._config import AgentConfig
 from agent._data import CallableSource
 from agent._policy import PolicyConfig
 from agent._readings import Readings, StaticReader
-from agent._runner import CONNECTION_FILE, AgentRunner, PahoLink
+from agent._runner import AgentRunner, PahoLink
+from agent.cli import main as agent_main
 from coordinator._config import CoordinatorConfig, SnapshotConfig
 from coordinator._service import CoordinatorService
 from fleet._broker import MosquittoBroker, free_port
@@ -64,7 +65,8 @@ def warnings_with(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.L
 
 
 def test_agent_says_at_once_and_at_each_retry_that_nothing_listens(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        capsys: pytest.CaptureFixture[str]) -> None:
     caplog.set_level(logging.DEBUG, logger="fedasync")
     port = free_port()  # bound and closed: nothing listens there
     agent, link = agent_on(f"mqtt://127.0.0.1:{port}", "f", tmp_path)
@@ -91,9 +93,11 @@ def test_agent_says_at_once_and_at_each_retry_that_nothing_listens(
     assert connection["attempts"] >= 3
     assert "connection refused" in connection["last_error"]
     assert connection["broker"] == f"mqtt://127.0.0.1:{port}"
-    # What `fedasync-agent status` reads: the latest state, written by the running agent.
-    recorded = json.loads((tmp_path / CONNECTION_FILE).read_text())
-    assert recorded["state"] == "stopped" and "connection refused" in recorded["last_error"]
+    # `fedasync-agent status` shows the latest state, written by the running agent.
+    assert agent_main(["--state-dir", str(tmp_path), "status"]) == 0
+    shown = json.loads(capsys.readouterr().out)["connection"]
+    assert shown["state"] == "stopped" and "connection refused" in shown["last_error"]
+    assert shown["attempts"] >= 3
 
 
 def test_a_name_that_does_not_resolve_is_named(tmp_path: Path,
