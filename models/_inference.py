@@ -3,6 +3,8 @@
 Imports onnxruntime only: never skl2onnx or onnx, which the ``agent`` extra does not install.
 Understands the models `models._onnx.export_onnx` writes (see its output contract): one float32
 input of fixed width; two outputs (labels, probabilities) for a classifier, one for a regressor.
+`OnnxModel.from_template` builds the same from a weight-free template (`models._template`) and
+a flat weight vector.
 """
 
 from __future__ import annotations
@@ -16,8 +18,25 @@ import onnxruntime as ort
 from numpy.typing import ArrayLike, NDArray
 
 from models._errors import ModelError
+from models._template import (
+    BINDINGS_METADATA_KEY,
+    bound_tensors,
+    canonical_bindings,
+    parse_bindings,
+)
 
 _ORT_WARNING = 2  # onnxruntime log severity: 0 verbose .. 4 fatal; keep device logs quiet
+
+
+def _session_options() -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    # One thread each: a Raspberry Pi also trains and talks MQTT; oversubscribing its cores
+    # costs more than parallel inference on tiny models gains.
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = _ORT_WARNING
+    return options
 
 
 class OnnxModel:
@@ -36,13 +55,9 @@ class OnnxModel:
                 data = Path(origin).read_bytes()
             except OSError as exc:
                 raise ModelError(f"cannot read ONNX model {origin}: {exc}") from exc
-        options = ort.SessionOptions()
-        # One thread each: a Raspberry Pi also trains and talks MQTT; oversubscribing its cores
-        # costs more than parallel inference on tiny models gains.
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.log_severity_level = _ORT_WARNING
+        self._open(data, _session_options(), origin)
+
+    def _open(self, data: bytes, options: ort.SessionOptions, origin: str) -> None:
         try:
             self._session = ort.InferenceSession(
                 data, sess_options=options, providers=["CPUExecutionProvider"]
@@ -65,6 +80,43 @@ class OnnxModel:
         self._n_features = width
         self._output_names: list[str] = [o.name for o in outputs]
         self._metadata: dict[str, str] = dict(self._session.get_modelmeta().custom_metadata_map)
+
+    @classmethod
+    def from_template(cls, graph: bytes, bindings: object, weights: ArrayLike) -> OnnxModel:
+        """A model from a weight-free template graph and one flat weight vector.
+
+        `graph` and `bindings` come from `models._onnx.export_template` (the bindings as the JSON
+        list `OnnxTemplate.bindings_json` gives, or `Binding`s); `weights` is the version's flat
+        float32 vector. Everything is checked, as hostile input: the bindings themselves, the
+        weights against the bindings (length, finite), the placeholders of the graph against the
+        bindings (onnxruntime refuses a name, dims or dtype that differ), and the bindings the
+        graph was made with (its metadata) against those given. Any mismatch is a `ModelError`.
+        """
+        if not isinstance(graph, (bytes, bytearray, memoryview)) or len(graph) == 0:
+            raise ModelError("a template graph must be non-empty bytes")
+        checked = parse_bindings(bindings)
+        tensors = bound_tensors(checked, weights)
+        options = _session_options()
+        # add_external_initializers, not add_initializer: add_initializer needs the initializer
+        # declared with all its data (onnxruntime checks the byte count before any override, so a
+        # template would be as large as the full export) and checks nothing about the override (a
+        # misnamed one is ignored, a wrong shape may broadcast). add_external_initializers fills
+        # data-less external placeholders and refuses an unknown name, other dims or dtype. It
+        # copies the data into the graph while the session loads, so these OrtValues and arrays
+        # need not outlive the session.
+        try:
+            values = [ort.OrtValue.ortvalue_from_numpy(t) for _, t in tensors]
+            options.add_external_initializers([name for name, _ in tensors], values)
+        except Exception as exc:  # onnxruntime errors have no common base (see _open)
+            raise ModelError(f"onnxruntime refused the template weights: {exc}") from exc
+        model = cls.__new__(cls)
+        model._open(bytes(graph), options, f"template of {len(graph)} bytes")
+        embedded = model._metadata.get(BINDINGS_METADATA_KEY)
+        if embedded is None:
+            raise ModelError(f"the graph is not a template: no {BINDINGS_METADATA_KEY} metadata")
+        if embedded != canonical_bindings(checked):
+            raise ModelError("the bindings given differ from those the template was made with")
+        return model
 
     @classmethod
     def from_bytes(cls, data: bytes) -> OnnxModel:
