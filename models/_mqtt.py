@@ -100,10 +100,14 @@ class Client(mqtt.Client):
         self._wake = threading.Event()
         self._attempted = False
 
+    def connect_async(self, *args: Any, **kwargs: Any) -> None:
+        self._wake.clear()  # a new connection asked for: no longer stopping
+        super().connect_async(*args, **kwargs)
+
     def reconnect(self) -> MQTTErrorCode:
         self._attempted = True
         try:
-            if self._wake.is_set():  # stopping: no new connection behind the owner's back
+            if self._wake.is_set():  # disconnected on purpose: no connection behind its back
                 raise ConnectionAbortedError("the client is stopping")
             if self.gate is not None:
                 try:

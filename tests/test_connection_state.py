@@ -30,6 +30,7 @@ from coordinator._service import CoordinatorService
 from fleet._broker import MosquittoBroker, free_port
 from models import ModelSpec, Topics, decode_snapshot
 from models._files import save_npz
+from models._mqtt import BrokerAddress, make_client
 from tests.helpers import Listener, wait_for
 
 SPEC = ModelSpec(kind="logistic", n_features=4, classes=(0, 1, 2))
@@ -202,3 +203,19 @@ def test_a_clean_stop_logs_no_warning(broker: MosquittoBroker, fleet_name: str, 
     loud = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.WARNING]
     assert loud == []
     assert runner.link.connection_info()["state"] == "stopped"
+
+
+@pytest.mark.broker
+def test_a_client_disconnected_on_purpose_connects_again(broker: MosquittoBroker) -> None:
+    """A disconnect stops the client's retries, not the client: the simulator takes its devices
+    offline and back with the same client (fleet/_netloop.py)."""
+    address = BrokerAddress.parse(broker.url)
+    client = make_client(address, client_id=f"again-{time.monotonic_ns()}", persistent=False)
+    connects: list[int] = []
+    client.on_connect = lambda c, u, f, r, p: connects.append(1)
+    for n in (1, 2):
+        client.connect(address.host, address.port)
+        client.loop_start()
+        assert wait_for(lambda: len(connects) == n, 10)  # noqa: B023 - waited on at once
+        client.disconnect()
+        client.loop_stop()
