@@ -218,7 +218,9 @@ class Engine:
             if reason is not None:
                 raise InvalidUpdate(reason, f"base version {msg.base_version} is not the current "
                                             f"round's version {self.version}")
-            wait = self.ledger.retry_after(msg.device_id, now=now)
+            # The cap counts arrival times, as lineage records them and the ledger rebuilt from
+            # it after a restart does: not how long this update waited in the inbox.
+            wait = self.ledger.retry_after(msg.device_id, now=item.received_at)
             if wait is not None:
                 p = self.participation
                 raise InvalidUpdate("participation_cap", f"{p.cap} update(s) per {p.window_s:g} s "
@@ -240,7 +242,7 @@ class Engine:
             update_id=msg.update_id, device_id=msg.device_id, base_version=msg.base_version,
             staleness=staleness, n_samples=msg.n_samples, received_at=item.received_at,
             outcome="buffered", clipped=clipped)
-        self.ledger.taken(msg.device_id, now=now)
+        self.ledger.taken(msg.device_id, now=item.received_at)
         state.pending_changed = True
         if merge is not None:
             self._apply(merge, state, source="merge")

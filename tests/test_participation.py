@@ -212,6 +212,28 @@ def test_engine_caps_a_device_and_lets_it_back_after_the_window(tmp_path: Path) 
     assert send(engine, "fast", clock).ack.status == "accepted"
 
 
+def test_the_cap_counts_arrival_times_not_when_the_engine_got_to_the_update(tmp_path: Path
+                                                                           ) -> None:
+    """As lineage records them, and as the ledger rebuilt from lineage counts them: an update
+    that waited in the inbox (a busy batch) is not let in by its wait."""
+    clock = Clock()
+    engine = make_engine(tmp_path, ParticipationConfig(window_s=600, cap=2), clock)
+    for t in (1000.0, 1001.0):
+        clock.t = t
+        assert send(engine, "a", clock).ack.status == "accepted"
+    clock.t = 1700.0  # both out of the window by now, but not at the late update's arrival
+    [late] = engine.process([Incoming("a", update_bytes(
+        np.ones(N), device="a", base_version=engine.version), 1500.0)])
+    assert (late.ack.reason, late.ack.retry_after_s) == ("participation_cap",
+                                                         pytest.approx(100, abs=0.01))
+    [(received_at, reason)] = [(r.received_at, r.reason) for r in engine.store.lineage()
+                               if r.outcome == "rejected"]
+    assert (received_at, reason) == (1500.0, "participation_cap")
+    [taken] = engine.process([Incoming("a", update_bytes(
+        np.ones(N), device="a", base_version=engine.version), 1600.5)])
+    assert taken.ack.status == "accepted"  # 1000 left the window at 1600
+
+
 def test_engine_reweights_frequent_devices_and_records_the_weight(tmp_path: Path) -> None:
     clock = Clock()
     engine = make_engine(tmp_path, ParticipationConfig(window_s=600, reweight=True, max_boost=4),
@@ -323,12 +345,12 @@ def test_status_devices_and_metrics_over_http(broker, fleet_name, tmp_path: Path
         assert [dev.send(update_bytes(0.01 * np.ones(SN), device="dev-a")).status
                 for _ in range(3)] == ["accepted", "accepted", "rejected"]
         base = f"http://127.0.0.1:{service.http_port}"
-        status = json.loads(urllib.request.urlopen(f"{base}/status", timeout=5).read())
+        status = json.loads(urllib.request.urlopen(f"{base}/status", timeout=30).read())
         assert status["participation"]["active_devices"] == 1
-        devices = json.loads(urllib.request.urlopen(f"{base}/devices", timeout=5).read())
+        devices = json.loads(urllib.request.urlopen(f"{base}/devices", timeout=30).read())
         [row] = devices["devices"]
         assert (row["device_id"], row["accepted"], row["capped"]) == ("dev-a", 2, 1)
-        metrics = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
+        metrics = urllib.request.urlopen(f"{base}/metrics", timeout=30).read().decode()
         assert 'fedasync_device_updates_capped_total{device="dev-a"} 1.0' in metrics
         assert "fedasync_participation_gini 0.0" in metrics
     finally:
