@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import multiprocessing.synchronize
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,10 @@ from agent._policy import PolicyConfig
 from agent._trainer import TrainConfig
 from fleet._netloop import NetLoop
 from fleet._traces import DeviceTrace, SimClock, SimReader
-from models import Topics, UpdateMessage
+from models import Topics, UpdateMessage, WireError, decode_ack, encode_ack
 from models._files import Features, Labels
 from models._mqtt import BrokerAddress, make_client
+from models._wire import MAX_RETRY_AFTER_S
 
 log = logging.getLogger("fedasync.fleet.worker")
 
@@ -114,7 +115,20 @@ class SimDevice:
         if msg.topic == self.topics.model:
             self.agent.on_model(bytes(msg.payload))
         else:
-            self.agent.on_ack(bytes(msg.payload))
+            self.agent.on_ack(self._sim_seconds(bytes(msg.payload)))
+
+    def _sim_seconds(self, ack: bytes) -> bytes:
+        """The coordinator runs on wall seconds (its window is the sim window / scale), the agent
+        on sim seconds: a cap's `retry_after_s` must be scaled, or the device would back off for
+        1/scale of the time it was asked to."""
+        try:
+            decoded = decode_ack(ack)
+        except WireError:
+            return ack  # the agent logs it
+        if decoded.retry_after_s is None:
+            return ack
+        return encode_ack(replace(decoded, retry_after_s=min(
+            decoded.retry_after_s * self.spec.scale, MAX_RETRY_AFTER_S)))
 
     # -- the device's life, on the sim clock -------------------------------------------------
     def start(self) -> None:
