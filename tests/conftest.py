@@ -17,7 +17,7 @@ _counter = itertools.count()
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
     """A Mosquitto on a free loopback port with its own config; never the machine's 1883."""
     b = MosquittoBroker(workdir=tmp_path_factory.mktemp("mosquitto"))
-    b.start()
+    b.start(timeout=30)  # a busy machine may take a while to start a process
     yield b
     b.close()
 
@@ -33,6 +33,6 @@ def fleet_name(request: pytest.FixtureRequest) -> str:
 def private_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
     """A broker for one test, for tests that stop and restart it."""
     b = MosquittoBroker(workdir=tmp_path / "mosquitto")
-    b.start()
+    b.start(timeout=30)  # a busy machine may take a while to start a process
     yield b
     b.close()

@@ -30,8 +30,9 @@ def update_bytes(
         created_at=time.time()))
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> bool:
-    """Poll a condition with a bound: for state another thread or process changes."""
+def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.02) -> bool:
+    """Poll a condition with a bound: for state another thread or process changes. The bound is
+    generous (it costs nothing when the condition comes true): a busy machine is slow."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -55,13 +56,13 @@ class Listener:
         a = BrokerAddress.parse(url)
         self.client.connect(a.host, a.port)
         self.client.loop_start()
-        assert self._subscribed.wait(10), "listener did not subscribe"
+        assert self._subscribed.wait(30), "listener did not subscribe"
 
-    def get(self, timeout: float = 10.0) -> mqtt.MQTTMessage:
+    def get(self, timeout: float = 30.0) -> mqtt.MQTTMessage:
         return self.messages.get(timeout=timeout)
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(timeout=10)
+        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(timeout=30)
 
     def close(self) -> None:
         self.client.loop_stop()

@@ -451,11 +451,11 @@ def test_approval_command_timeout_is_a_refusal_and_kills_it(tmp_path: Path) -> N
 
     verdict = CommandApproval([program], timeout_s=0.5)({"update_id": "u"})
 
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 10  # not the sleeper's 30 s, on a busy machine too
     assert not verdict.approved
     assert verdict.reason == f"approval command {program} did not answer within 0.5 s"
     sleeper = int(pid_file.read_text())
-    assert wait_for(lambda: not _running(sleeper), timeout=5)
+    assert wait_for(lambda: not _running(sleeper), timeout=30)
 
 
 def test_approval_command_that_cannot_run_refuses(tmp_path: Path) -> None:

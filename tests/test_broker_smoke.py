@@ -27,13 +27,13 @@ def test_publish_and_receive(broker: MosquittoBroker, fleet_name: str) -> None:
     sub.on_message = lambda c, u, msg: inbox.put((msg.topic, msg.payload))
     sub.on_subscribe = lambda c, u, mid, codes, props: subscribed.put(True)
     sub.subscribe(f"{fleet_name}/#", qos=1)
-    assert subscribed.get(timeout=5)
+    assert subscribed.get(timeout=30)
 
     pub = _connected(broker, f"{fleet_name}-pub")
     info = pub.publish(f"{fleet_name}/hello", b"\x00payload\xff", qos=1)
-    info.wait_for_publish(timeout=5)
+    info.wait_for_publish(timeout=30)
 
-    assert inbox.get(timeout=5) == (f"{fleet_name}/hello", b"\x00payload\xff")
+    assert inbox.get(timeout=30) == (f"{fleet_name}/hello", b"\x00payload\xff")
     for c in (sub, pub):
         c.loop_stop()
         c.disconnect()
@@ -41,14 +41,14 @@ def test_publish_and_receive(broker: MosquittoBroker, fleet_name: str) -> None:
 
 def test_retained_message_reaches_late_subscriber(broker: MosquittoBroker, fleet_name: str) -> None:
     pub = _connected(broker, f"{fleet_name}-pub")
-    pub.publish(f"{fleet_name}/model", b"v1", qos=1, retain=True).wait_for_publish(timeout=5)
+    pub.publish(f"{fleet_name}/model", b"v1", qos=1, retain=True).wait_for_publish(timeout=30)
 
     inbox: queue.Queue[tuple[bytes, bool]] = queue.Queue()
     late = _connected(broker, f"{fleet_name}-late")
     late.on_message = lambda c, u, msg: inbox.put((msg.payload, msg.retain))
     late.subscribe(f"{fleet_name}/model", qos=1)
 
-    assert inbox.get(timeout=5) == (b"v1", True)
+    assert inbox.get(timeout=30) == (b"v1", True)
     for c in (late, pub):
         c.loop_stop()
         c.disconnect()

@@ -96,11 +96,11 @@ def test_versions_staleness_and_rejections(broker, fleet_name, tmp_path) -> None
         assert staleness == [0, 0, 1, 1]
 
         status = json.loads(urllib.request.urlopen(
-            f"http://127.0.0.1:{service.http_port}/status", timeout=5).read())
+            f"http://127.0.0.1:{service.http_port}/status", timeout=30).read())
         assert status["version"] == 4
         assert status["counts"]["rejected:norm"] == 1
         metrics = urllib.request.urlopen(
-            f"http://127.0.0.1:{service.http_port}/metrics", timeout=5).read().decode()
+            f"http://127.0.0.1:{service.http_port}/metrics", timeout=30).read().decode()
         assert 'fedasync_updates_rejected_total{reason="non_finite"} 1.0' in metrics
         assert "fedasync_model_version 4.0" in metrics
     finally:
@@ -159,7 +159,7 @@ def test_rollback_over_http_republishes(broker, fleet_name, tmp_path) -> None:
         request = urllib.request.Request(
             f"http://127.0.0.1:{service.http_port}/rollback?to=0", method="POST",
             headers={"Authorization": f"Bearer {token}"})
-        assert json.loads(urllib.request.urlopen(request, timeout=5).read())["version"] == 2
+        assert json.loads(urllib.request.urlopen(request, timeout=30).read())["version"] == 2
 
         snapshot = decode_snapshot(model.get().payload)
         assert snapshot.version == 2

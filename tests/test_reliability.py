@@ -466,7 +466,7 @@ def test_broker_restart_mid_run_loses_nothing_and_keeps_the_retained_model(
     fleet = AgentFleet(10, broker=private_broker.url, fleet=fleet_name,
                        root=tmp_path / "agents", seed=SEED + 1)
     try:
-        assert service.wait_connected(10)
+        assert service.wait_connected(30)
         assert wait_for(fleet.ready, timeout=30)
         watcher = Listener(private_broker.url, [Topics(fleet_name).model])
         for _ in range(3):
@@ -534,6 +534,7 @@ def _spooled(state: Path) -> set[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # above the sum of the bounded waits below
 def test_agent_sigkill_during_a_broker_outage_delivers_every_spooled_update_once(
         private_broker: MosquittoBroker, tmp_path: Path, digits_dir: Path) -> None:
     """Real `fedasync-agent run` processes training for real: the broker goes away, they keep
@@ -569,16 +570,18 @@ def test_agent_sigkill_during_a_broker_outage_delivers_every_spooled_update_once
     def merged() -> set[str]:
         return {r.update_id for r in service.store.lineage()}
 
+    # Generous bounds (they return as soon as the condition holds): three agent processes
+    # importing scikit-learn at once on a busy machine take many seconds to start.
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        assert service.wait_connected(10)
+        assert service.wait_connected(30)
         procs = [spawn(i) for i in range(3)]
         devices = {f"pi-{i}" for i in range(3)}
         assert wait_for(lambda: {r.device_id for r in service.store.lineage()} == devices,
-                        timeout=60)
+                        timeout=120)
 
         private_broker.stop()
-        assert wait_for(lambda: all(len(_spooled(s)) >= 2 for s in states), timeout=30)
+        assert wait_for(lambda: all(len(_spooled(s)) >= 2 for s in states), timeout=60)
         for p in procs:
             p.send_signal(signal.SIGKILL)
             p.wait(10)
@@ -589,11 +592,13 @@ def test_agent_sigkill_during_a_broker_outage_delivers_every_spooled_update_once
 
         procs = [spawn(i) for i in range(3)]  # the broker is still down
         assert wait_for(lambda: all(len(_spooled(s) - on_disk) >= 1 for s in states),
-                        timeout=30), "a restarted agent did not train offline"
+                        timeout=120), "a restarted agent did not train offline"
         private_broker.start()
 
+        # The restarted agents have been failing to connect since they started, each waiting
+        # longer between attempts (up to a minute, jittered): the next one may be that far off.
         assert wait_for(lambda: on_disk <= merged() and not on_disk & set().union(
-            *(_spooled(s) for s in states)), timeout=60), (
+            *(_spooled(s) for s in states)), timeout=180), (
             f"not delivered: {sorted(on_disk - merged())}")
     finally:
         for p in procs:
