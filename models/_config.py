@@ -315,11 +315,17 @@ def _toml_value(raw: str, name: str) -> Any:
         raise ConfigError(f"{name}: not a valid TOML value ({exc}): {raw!r}", key=name) from exc
 
 
+_reported: set[tuple[type, str]] = set()  # say it once per process, however often we load
+
+
 def _log_ignored(cls: type, names: list[str]) -> None:
     service = cls.__name__.removesuffix("Config").lower() or cls.__name__
     fields = _fields(cls)
     quiet = []
     for name in names:  # one that looks like a typo of ours deserves a warning of its own
+        if (cls, name) in _reported:
+            continue
+        _reported.add((cls, name))
         close = _closest(name[len(ENV_PREFIX):].lower(), fields)
         if close is None:
             quiet.append(name)
