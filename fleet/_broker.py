@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from models import FedAsyncError
 
@@ -49,6 +50,7 @@ class MosquittoBroker:
         max_inflight: int = 1000,
         max_queued: int = 100_000,
         message_size_limit: int = 64 * 1024 * 1024,
+        sys_interval: int = 1,
         extra_conf: str = "",
     ) -> None:
         exe = mosquitto_path()
@@ -72,6 +74,9 @@ class MosquittoBroker:
             f"max_queued_messages {max_queued}",
             "max_queued_bytes 0",
             f"message_size_limit {message_size_limit}",
+            # $SYS counters every second (bytes and messages in and out: read_sys_counters);
+            # nothing is sent while nobody subscribes to them.
+            f"sys_interval {sys_interval}",
             # As root, Mosquitto drops to the `mosquitto` user, which cannot write a private
             # temp dir: no persistence file would be written. Stay root for these brokers.
             "user root" if os.geteuid() == 0 else "",
@@ -198,6 +203,78 @@ class EmbeddedBroker:
         self._thread.join(timeout=5)
 
     close = stop
+
+
+# $SYS topics under $SYS/broker/ -> the names read_sys_counters gives them. `messages` count every
+# MQTT packet (CONNECT, PUBACK, PINGREQ, ...), `publish/messages` only PUBLISH packets.
+SYS_COUNTERS = {
+    "bytes/received": "bytes_received", "bytes/sent": "bytes_sent",
+    "messages/received": "messages_received", "messages/sent": "messages_sent",
+    "publish/bytes/received": "publish_bytes_received",
+    "publish/bytes/sent": "publish_bytes_sent",
+    "publish/messages/received": "publish_messages_received",
+    "publish/messages/sent": "publish_messages_sent",
+    "publish/messages/dropped": "publish_messages_dropped",
+}
+
+
+def read_sys_counters(url: str, *, timeout: float = 15.0) -> dict[str, int] | None:
+    """The broker's lifetime traffic counters (`SYS_COUNTERS`) as of its next $SYS tick, or
+    None when they do not come within `timeout` (a broker without $SYS, or no broker).
+
+    Mosquitto publishes a counter (retained) only when it changed since the last tick, so the
+    values are those held after two fresh ticks of ``$SYS/broker/uptime`` have passed since
+    subscribing: everything before this call is in them. They include this reader's own
+    connection (well under 1 KB)."""
+    import threading
+
+    from models._mqtt import BrokerAddress, make_client
+
+    values: dict[str, int] = {}
+    ticks = 0
+    done = threading.Event()
+    lock = threading.Lock()
+
+    def on_message(client: Any, userdata: Any, msg: Any) -> None:
+        nonlocal ticks
+        name = msg.topic.removeprefix("$SYS/broker/")
+        with lock:
+            if name == "uptime":
+                if not msg.retain:
+                    ticks += 1
+                    if ticks >= 2 and all(k in values for k in SYS_COUNTERS.values()):
+                        done.set()
+                return
+            with contextlib.suppress(ValueError):
+                values[SYS_COUNTERS[name]] = int(float(msg.payload.decode()))
+
+    address = BrokerAddress.parse(url)
+    client = make_client(address, client_id=f"fedasync-sys-{os.getpid()}-{time.monotonic_ns()}",
+                         persistent=False)
+    client.on_message = on_message
+    client.on_connect = lambda c, *a: c.subscribe(
+        [(f"$SYS/broker/{t}", 0) for t in (*SYS_COUNTERS, "uptime")])
+    try:
+        client.connect(address.host, address.port, keepalive=30)
+    except OSError:
+        return None
+    client.loop_start()
+    try:
+        if not done.wait(timeout):
+            return None
+        with lock:
+            return dict(values)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def diff_counters(before: dict[str, int] | None, after: dict[str, int] | None
+                  ) -> dict[str, int] | None:
+    """What happened between two `read_sys_counters` (None if either is missing)."""
+    if before is None or after is None:
+        return None
+    return {k: after[k] - before.get(k, 0) for k in after}
 
 
 def start_broker(*, prefer: str = "auto", workdir: Path | None = None

@@ -24,6 +24,7 @@ from fleet._sim import (
     speedup,
     split_rule,
 )
+from fleet._traffic import table_cells
 from models import ConfigError, FedAsyncError
 from models._cli import add_version, log_level, make_parser
 from models._logging import setup_logging
@@ -244,7 +245,9 @@ def _run(args: argparse.Namespace) -> int:
     local = any(r.summary.get("local_accuracy") for r in results)
     print(f"{'rule':<16} {'final ' + metric[:3]:>9} {'time to ' + str(config.target_accuracy):>14} "
           f"{'versions':>8} {'updates':>8} {'Gini':>5}" + (f" {'local mean':>10} {'worst 10%':>9}"
-                                                          if local else ""))
+                                                          if local else "")
+          # Broker bytes out and in per merged update, all bytes per device per sim hour.
+          + f" {'out/upd':>9} {'in/upd':>8} {'per dev-h':>9}")
     for r in results:
         s = r.summary
         ttt = "not reached" if s["time_to_target_s"] is None else f"{s['time_to_target_s']:.1f}s"
@@ -253,7 +256,10 @@ def _run(args: argparse.Namespace) -> int:
         if local:
             la = s.get("local_accuracy") or {}
             line += f" {la.get('mean', 0):>10.3f} {la.get('worst_10pct', 0):>9.3f}"
-        print(line)
+        out_upd, in_upd, dev_h = table_cells(s.get("traffic"))
+        print(f"{line} {out_upd:>9} {in_upd:>8} {dev_h:>9}")
+    print("traffic: the broker's bytes sent (out) and received (in) per merged update, and both "
+          "per device per simulated hour; summary.json \"traffic\" splits them by kind")
     if summary["speedup_async_vs_sync"] is not None:
         print(f"speed-up of asynchronous over synchronous: {summary['speedup_async_vs_sync']}x")
     print(f"\nplot:    {args.out / 'accuracy.png'}\nsummary: {args.out / 'summary.json'}\n"

@@ -1,0 +1,285 @@
+"""Communication cost of the simulated fleet, the same way for any version of the code:
+
+    python -m fleet._bench_traffic --devices 50,200,1000 --seeds 1
+    python -m fleet._bench_traffic --code /path/to/an/older/checkout --json before.json
+
+Per device count and seed, one run of ``fedasync-sim --rule fedasync`` (the code under
+``--code``, by default this checkout) against a fresh private Mosquitto with $SYS every second,
+so its counters start at zero. Measured side by side on each run:
+
+- the broker's totals at the end (`read_sys_counters`): bytes and MQTT packets received and
+  sent, PUBLISH packets and their payload bytes;
+- a listener on ``fl/#`` that sees every message once as it was published, by kind
+  (`fleet._traffic.classify`): uplink as the devices sent it, and what the coordinator sent
+  (one snapshot per version, one ack per update). Its own share of the broker's output is
+  taken off the totals, exactly (QoS 0, so fixed header + topic length + topic + payload).
+  Delivered snapshots = PUBLISH packets the broker sent less everything else it forwarded
+  (updates and statuses to the coordinator, acks to their device, presence);
+- the run's summary.json: merged updates (accepted + buffered), versions, accuracy, and its
+  own ``traffic`` section where the code has one.
+
+Then per merged update and per device per simulated hour. With ``--accuracy-seeds`` it also runs
+``--compare fedasync,fedbuff,fedavg-sync`` (default duration) per seed for time to target and
+final accuracy. Runs are one at a time (they are CPU heavy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from fleet._broker import MosquittoBroker, read_sys_counters
+from fleet._traffic import KINDS, classify
+
+HERE = Path(__file__).resolve().parent.parent
+
+
+def _varint_len(n: int) -> int:
+    size = 1
+    while n >= 128:
+        n //= 128
+        size += 1
+    return size
+
+
+class Listener:
+    """Every message on ``fl/#`` once, by kind; and the bytes and packets the broker spent
+    sending them to this listener (to take off its totals)."""
+
+    def __init__(self, url: str) -> None:
+        from models._mqtt import BrokerAddress, make_client
+
+        self.counts: dict[str, dict[str, int]] = {k: {"messages": 0, "bytes": 0,
+                                                      "payload_bytes": 0} for k in KINDS}
+        self.wire_bytes = 0
+        self.packets = 0
+        self.payload_bytes = 0
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        address = BrokerAddress.parse(url)
+        self.client = make_client(address, client_id=f"traffic-listener-{os.getpid()}",
+                                  persistent=False)
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda c, *a: c.subscribe("fl/#", 0)
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.connect(address.host, address.port, keepalive=30)
+        self.client.loop_start()
+        if not self._subscribed.wait(30):
+            raise RuntimeError("the traffic listener could not subscribe")
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        topic_len, n = len(msg.topic.encode()), len(msg.payload)
+        remaining = 2 + topic_len + n  # QoS 0: no packet id
+        with self._lock:
+            c = self.counts[classify(msg.topic)]
+            c["messages"] += 1
+            c["bytes"] += topic_len + n
+            c["payload_bytes"] += n
+            self.wire_bytes += 1 + _varint_len(remaining) + remaining
+            self.packets += 1
+            self.payload_bytes += n
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def _per(value: float | None, by: float) -> float | None:
+    return None if value is None or by <= 0 else round(value / by, 1)
+
+
+def measure(*, code: Path, devices: int, seed: int, rule: str, duration: float, out: Path,
+            extra: list[str]) -> dict[str, Any]:
+    """One run of the simulator under `code` against a fresh broker, measured."""
+    run_dir = out / f"d{devices}-s{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    broker = MosquittoBroker(workdir=run_dir / "broker", persistence=False)
+    broker.start(timeout=30)
+    listener: Listener | None = None
+    try:
+        listener = Listener(broker.url)
+        cmd = [sys.executable, "-m", "fleet.cli", "run", "--devices", str(devices), "--rule",
+               rule, "--duration", f"{duration:g}", "--seed", str(seed), "--broker",
+               broker.url, "--out", str(run_dir / "sim"), *extra]
+        t0 = time.monotonic()
+        with (run_dir / "sim.log").open("wb") as log:
+            # cwd: the code under test, so `-m fleet.cli` cannot pick up another checkout's
+            # package from the current directory.
+            rc = subprocess.run(cmd, cwd=code, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                check=False, timeout=duration * 10 + 600).returncode
+        wall = time.monotonic() - t0
+        counters = read_sys_counters(broker.url, timeout=30)
+    finally:
+        if listener is not None:
+            listener.close()
+        broker.close()
+    summary_path = run_dir / "sim" / rule / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    merged = int(summary.get("updates_accepted", 0))
+    sim_hours = duration * float(summary.get("scale", 960.0)) / 3600
+    lc = listener.counts if listener else {}
+    broker_totals: dict[str, int] | None = None
+    if counters is not None and listener is not None:
+        # Off the totals: what the broker sent to the listener (and the listener's own CONNECT
+        # and SUBSCRIBE are a few dozen bytes, left in).
+        broker_totals = dict(counters)
+        broker_totals["bytes_sent"] -= listener.wire_bytes
+        broker_totals["messages_sent"] -= listener.packets
+        broker_totals["publish_messages_sent"] -= listener.packets
+        broker_totals["publish_bytes_sent"] -= listener.payload_bytes
+    published = {k: dict(v) for k, v in lc.items() if v["messages"]}
+    delivered_snapshots: dict[str, int] | None = None
+    if broker_totals is not None:
+        # The broker forwards updates, statuses and presence to the coordinator (one
+        # subscriber), each ack to its device; every other PUBLISH it sent is a snapshot
+        # delivered to a device (retained on subscribe, or live).
+        # Counted in payload bytes: Mosquitto 2.0's PUBLISH byte counters add up exactly to
+        # what the listener saw, its PUBLISH message counters do not (they miss some QoS 0
+        # messages), so the count is the bytes over the mean snapshot size.
+        forwarded = [lc[k] for k in ("update", "status", "ack", "other", "announce")]
+        payload = broker_totals["publish_bytes_sent"] - sum(c["payload_bytes"]
+                                                            for c in forwarded)
+        snap = lc["snapshot"]
+        mean = snap["payload_bytes"] / snap["messages"] if snap["messages"] else 0.0
+        delivered_snapshots = {"messages": round(payload / mean) if mean else 0,
+                               "payload_bytes": payload}
+    device_hours = devices * sim_hours
+    row: dict[str, Any] = {
+        "devices": devices, "seed": seed, "rule": rule, "duration_s": duration,
+        "sim_hours": round(sim_hours, 3), "exit_code": rc, "wall_s": round(wall, 1),
+        "merged_updates": merged, "versions": summary.get("versions"),
+        "updates_rejected": summary.get("updates_rejected"),
+        "final_accuracy": summary.get("final_metric"),
+        "time_to_target_s": summary.get("time_to_target_s"),
+        "rows_peak": summary.get("rows_peak"),
+        "broker": broker_totals,
+        "published_by_kind": published,
+        "delivered_snapshots": delivered_snapshots,
+    }
+    if broker_totals is not None:
+        sent, received = broker_totals["bytes_sent"], broker_totals["bytes_received"]
+        row["per_merged_update"] = {
+            "broker_bytes_sent": _per(sent, merged),
+            "broker_bytes_received": _per(received, merged),
+            "broker_messages_sent": _per(broker_totals["messages_sent"], merged),
+            "broker_messages_received": _per(broker_totals["messages_received"], merged),
+            "snapshots_delivered": _per(delivered_snapshots["messages"], merged)
+            if delivered_snapshots else None}
+        row["per_device_hour"] = {
+            "broker_bytes_sent": _per(sent, device_hours),
+            "broker_bytes_received": _per(received, device_hours),
+            "broker_messages_sent": _per(broker_totals["messages_sent"], device_hours),
+            "broker_messages_received": _per(broker_totals["messages_received"], device_hours)}
+    if "traffic" in summary:
+        row["sim_traffic"] = summary["traffic"]
+    return row
+
+
+def accuracy(*, code: Path, seed: int, devices: int, rules: str, out: Path,
+             extra: list[str]) -> dict[str, Any]:
+    run_dir = out / f"acc-s{seed}"
+    cmd = [sys.executable, "-m", "fleet.cli", "run", "--devices", str(devices), "--compare",
+           rules, "--seed", str(seed), "--out", str(run_dir), *extra]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / "sim.log").open("wb") as log:
+        rc = subprocess.run(cmd, cwd=code, env={**os.environ, "PYTHONPATH": str(code)},
+                            stdout=log, stderr=subprocess.STDOUT, check=False,
+                            timeout=3600).returncode
+    path = run_dir / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {"rules": {}}
+    return {"seed": seed, "exit_code": rc,
+            "speedup_async_vs_sync": summary.get("speedup_async_vs_sync"),
+            "rules": {r: {k: s.get(k) for k in ("time_to_target_s", "final_metric", "versions",
+                                                  "updates_accepted", "duration_s")}
+                      for r, s in summary["rules"].items()}}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _kb(v: float | None) -> str:
+    return "-" if v is None else f"{v / 1000:,.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fleet._bench_traffic", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--devices", type=_ints, default=[50, 200, 1000])
+    p.add_argument("--seeds", type=_ints, default=[1])
+    p.add_argument("--rule", default="fedasync")
+    p.add_argument("--duration", type=float, default=40.0, help="wall seconds per run (40)")
+    p.add_argument("--code", type=Path, default=HERE,
+                   help="the checkout whose simulator runs (default: this one)")
+    p.add_argument("--accuracy-seeds", type=_ints, default=[],
+                   help="also --compare the rules on 50 devices for these seeds")
+    p.add_argument("--accuracy-devices", type=int, default=50)
+    p.add_argument("--accuracy-rules", default="fedasync,fedbuff,fedavg-sync")
+    p.add_argument("--out", type=Path, default=Path("runs/traffic"))
+    p.add_argument("--json", type=Path, help="write the results here too")
+    p.add_argument("sim_args", nargs="*", help="after --: more fedasync-sim flags")
+    args = p.parse_args(argv)
+    code = args.code.resolve()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    which = subprocess.run([sys.executable, "-c", "import fleet; print(fleet.__file__)"],
+                           cwd=code, env={**os.environ, "PYTHONPATH": str(code)},
+                           capture_output=True, text=True, check=True).stdout.strip()
+    commit = subprocess.run(["git", "-C", str(code), "rev-parse", "HEAD"], capture_output=True,
+                            text=True, check=False).stdout.strip() or None
+    print(f"code: {which} (commit {commit})", file=sys.stderr)
+    result: dict[str, Any] = {
+        "code_commit": commit, "fleet_package": which,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform()},
+        "settings": {"rule": args.rule, "duration_s": args.duration, "fleet": "synthetic "
+                     "default (logistic on digits, Dirichlet 0.5)", "sim_args": args.sim_args},
+        "runs": [], "accuracy": []}
+
+    def save() -> None:
+        text = json.dumps(result, indent=1)
+        (out / "traffic.json").write_text(text)
+        if args.json:
+            args.json.write_text(text + "\n")
+
+    for devices in args.devices:
+        for seed in args.seeds:
+            print(f"{devices} devices, seed {seed} ...", file=sys.stderr, flush=True)
+            row = measure(code=code, devices=devices, seed=seed, rule=args.rule,
+                          duration=args.duration, out=out, extra=args.sim_args)
+            result["runs"].append(row)
+            save()
+    for seed in args.accuracy_seeds:
+        print(f"accuracy, seed {seed} ...", file=sys.stderr, flush=True)
+        result["accuracy"].append(accuracy(code=code, seed=seed, devices=args.accuracy_devices,
+                                           rules=args.accuracy_rules, out=out,
+                                           extra=args.sim_args))
+        save()
+    print(f"{'devices':>7} {'seed':>4} {'merged':>7} {'kB sent/upd':>11} {'kB recv/upd':>11} "
+          f"{'snap/upd':>8} {'kB sent/dev-h':>13} {'kB recv/dev-h':>13} {'rc':>3}")
+    for r in result["runs"]:
+        pm, ph = r.get("per_merged_update") or {}, r.get("per_device_hour") or {}
+        print(f"{r['devices']:>7} {r['seed']:>4} {r['merged_updates']:>7} "
+              f"{_kb(pm.get('broker_bytes_sent')):>11} {_kb(pm.get('broker_bytes_received')):>11} "
+              f"{pm.get('snapshots_delivered', '-')!s:>8} "
+              f"{_kb(ph.get('broker_bytes_sent')):>13} {_kb(ph.get('broker_bytes_received')):>13} "
+              f"{r['exit_code']:>3}")
+    for a in result["accuracy"]:
+        for rule, s in a["rules"].items():
+            print(f"seed {a['seed']} {rule:<12} time to target {s['time_to_target_s']} "
+                  f"final {s['final_metric']}")
+    print(f"results: {out / 'traffic.json'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

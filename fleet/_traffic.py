@@ -1,0 +1,167 @@
+"""Communication cost of a fleet run: messages and bytes by topic kind, counted at the clients,
+next to the broker's own totals (`fleet._broker.read_sys_counters`).
+
+Kinds follow the topic layout of `models._topics.Topics` (``<root>/<fleet>/<kind>[/<device>]``):
+uplink is what devices send toward the coordinator (``update``, ``status``), downlink what the
+coordinator sends toward devices (``snapshot``: the model topic and anything under it,
+``announce``, ``ack``); ``other`` is the rest (the coordinator's presence, foreign topics).
+
+A counted byte is one of the topic (UTF-8) or the payload: what a message costs whatever the
+protocol. The MQTT framing on top (fixed header, topic length, packet id, PUBACK, pings) shows
+only in the broker's totals.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from models._topics import Topics
+
+UPLINK = ("update", "status")
+DOWNLINK = ("snapshot", "announce", "ack")
+KINDS = (*UPLINK, *DOWNLINK, "other")
+
+# The level after ``<root>/<fleet>/`` that names each kind, taken from the topic layout itself.
+_PROBE = Topics("f")
+_LEVELS = {
+    _PROBE.update("d").split("/")[2]: "update",
+    _PROBE.status("d").split("/")[2]: "status",
+    _PROBE.ack("d").split("/")[2]: "ack",
+    _PROBE.model.split("/")[2]: "snapshot",
+    "announce": "announce",
+}
+
+
+def classify(topic: str, root: str = _PROBE.root) -> str:
+    """The kind of a topic: one of `KINDS`. ``fl/acc/update/pi-1`` is "update", ``fl/acc/model``
+    (and ``fl/acc/model/<anything>``) "snapshot", ``fl/acc/coordinator/status`` "other"."""
+    parts = topic.split("/")
+    if len(parts) < 3 or parts[0] != root or not parts[1]:
+        return "other"
+    kind = _LEVELS.get(parts[2], "other")
+    if kind in ("update", "status", "ack"):  # per-device topics: exactly one device level
+        return kind if len(parts) == 4 and parts[3] else "other"
+    if kind == "announce" and len(parts) != 3:
+        return "other"
+    return kind
+
+
+def direction(kind: str) -> str:
+    """"uplink", "downlink" or "other"."""
+    return "uplink" if kind in UPLINK else "downlink" if kind in DOWNLINK else "other"
+
+
+class TrafficCounter:
+    """Messages and bytes (topic + payload) sent and received, by kind. Thread-safe: a paho
+    client publishes from one thread and receives on another."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+
+    def count(self, way: str, topic: str, payload_len: int) -> None:
+        """`way` is "sent" or "received" (from the counting client's side)."""
+        kind = classify(topic)
+        n = payload_len + len(topic.encode())
+        with self._lock:
+            self._counts[f"{way}_{kind}_msgs"] += 1
+            self._counts[f"{way}_{kind}_bytes"] += n
+
+    def stats(self) -> dict[str, int]:
+        """Flat counts, e.g. ``{"sent_update_msgs": 3, "sent_update_bytes": 8400, ...}``: sums of
+        these over clients are the fleet's counts."""
+        with self._lock:
+            return dict(self._counts)
+
+
+def attach(client: Any, counter: TrafficCounter | None = None) -> TrafficCounter:
+    """Count everything `client` (a paho ``mqtt.Client``) publishes and every message it
+    receives, however it dispatches them (``on_message`` or per-topic callbacks: paho hands
+    each incoming PUBLISH to ``_handle_on_message``). Attach once, before it connects."""
+    counter = counter or TrafficCounter()
+    publish: Callable[..., Any] = client.publish
+    handle: Callable[[Any], None] = client._handle_on_message
+
+    def counted_publish(topic: str, payload: Any = None, *args: Any, **kwargs: Any) -> Any:
+        size = 0 if payload is None else len(payload.encode() if isinstance(payload, str)
+                                             else bytes(payload))
+        counter.count("sent", topic, size)
+        return publish(topic, payload, *args, **kwargs)
+
+    def counted_handle(message: Any) -> None:
+        counter.count("received", message.topic, len(message.payload))
+        handle(message)
+
+    client.publish = counted_publish
+    client._handle_on_message = counted_handle
+    return counter
+
+
+def _split(counts: Mapping[str, int], way: str) -> dict[str, dict[str, int]]:
+    return {k: {"messages": int(counts.get(f"{way}_{k}_msgs", 0)),
+                "bytes": int(counts.get(f"{way}_{k}_bytes", 0))}
+            for k in KINDS if counts.get(f"{way}_{k}_msgs", 0)}
+
+
+def _total(split: Mapping[str, Mapping[str, int]], kinds: tuple[str, ...], key: str) -> int:
+    return sum(split.get(k, {}).get(key, 0) for k in kinds)
+
+
+def summarize_traffic(devices: Mapping[str, int], *, broker: Mapping[str, int] | None,
+                      coordinator: Mapping[str, int] | None = None, merged_updates: int,
+                      n_devices: int, sim_hours: float) -> dict[str, Any]:
+    """summary.json's ``traffic``: the broker's totals (None when they could not be read), what
+    the devices sent (uplink) and received (downlink) by kind, what the coordinator sent and
+    received, and the main figures per merged update and per device per simulated hour."""
+    sent, received = _split(devices, "sent"), _split(devices, "received")
+    uplink_b, uplink_m = _total(sent, UPLINK, "bytes"), _total(sent, UPLINK, "messages")
+    down_b, down_m = _total(received, DOWNLINK, "bytes"), _total(received, DOWNLINK, "messages")
+    figures: dict[str, int | None] = {
+        "uplink_bytes": uplink_b, "uplink_messages": uplink_m,
+        "downlink_bytes": down_b, "downlink_messages": down_m,
+        "broker_bytes_received": None if broker is None else broker.get("bytes_received"),
+        "broker_bytes_sent": None if broker is None else broker.get("bytes_sent"),
+        "broker_messages_received": None if broker is None else broker.get("messages_received"),
+        "broker_messages_sent": None if broker is None else broker.get("messages_sent"),
+    }
+    device_hours = n_devices * sim_hours
+
+    def per(d: float) -> dict[str, float | None]:
+        return {k: None if v is None or d <= 0 else round(v / d, 2) for k, v in figures.items()}
+
+    out: dict[str, Any] = {
+        "broker": None if broker is None else dict(broker),
+        "devices": {"uplink": sent, "downlink": received},
+        **figures,
+        "merged_updates": merged_updates, "device_hours": round(device_hours, 3),
+        "per_merged_update": per(merged_updates),
+        "per_device_hour": per(device_hours),
+    }
+    if coordinator is not None:
+        out["coordinator"] = {"sent": _split(coordinator, "sent"),
+                              "received": _split(coordinator, "received")}
+    return out
+
+
+def table_cells(traffic: Mapping[str, Any] | None) -> tuple[str, str, str]:
+    """The comparison table's traffic columns: broker bytes sent per merged update, received
+    per merged update, and all broker bytes per device per simulated hour (client-counted
+    bytes when the broker's totals are missing)."""
+    if not traffic:
+        return "-", "-", "-"
+    pm, ph = traffic["per_merged_update"], traffic["per_device_hour"]
+    sent = pm.get("broker_bytes_sent")
+    recv = pm.get("broker_bytes_received")
+    hourly = (None if ph.get("broker_bytes_sent") is None else
+              ph["broker_bytes_sent"] + (ph.get("broker_bytes_received") or 0))
+    if sent is None:  # no $SYS: what the clients counted
+        sent, recv = pm.get("downlink_bytes"), pm.get("uplink_bytes")
+        hourly = (ph.get("downlink_bytes") or 0) + (ph.get("uplink_bytes") or 0)
+    return (_kb(sent), _kb(recv), _kb(hourly))
+
+
+def _kb(v: float | None) -> str:
+    return "-" if v is None else f"{v / 1000:,.1f}k"
