@@ -1,9 +1,24 @@
 """The edge agent's logic, independent of how it reaches the broker.
 
-`Agent` reacts to three things: a model snapshot, an ack, and `poll()` (called every few
-seconds). A `Link` carries its messages; `agent._runner` gives it a paho client for a real
-device, the fleet simulator gives many agents a shared one. Nothing finished is ever lost: an
-update is spooled to disk before it is published and leaves the spool only when acked.
+`Agent` reacts to four things: a model announcement, a model snapshot, an ack, and `poll()`
+(called every few seconds). A `Link` carries its messages; `agent._runner` gives it a paho
+client for a real device, the fleet simulator gives many agents a shared one. Nothing finished
+is ever lost: an update is spooled to disk before it is published and leaves the spool only
+when acked.
+
+Models on demand (docs/architecture.md): with a link that can subscribe (`Subscribes`), the
+agent does not receive every snapshot the coordinator publishes. It listens to the small
+retained announcement (version, sha256, size, cohort) while it wants a model: eligible and due
+to train, or its model last checked `model_refresh_s` ago (or none yet). When the announcement
+names something newer that it would use, it fetches the snapshot (subscribes to the model
+topic, takes the retained message, unsubscribes), verifies it as always, and trains. Both
+subscriptions are QoS 0, so a persistent session never queues snapshots or announcements while
+the device is offline; a subscription made again after a reconnect brings the retained message.
+On a metered network (the policy's network check fails) it fetches nothing unless
+``fetch_on_metered``. ``model_refresh_s = 0`` follows every version instead (subscribed to the
+model topic whenever the network allows). `wake`, when set, is called when something arrived
+that may let the agent train now (a newer model), so its owner can step it at once rather than
+at its next poll; it is called on the network thread and must only hand the work over.
 
 Site control (`agent._hooks`): eligibility hooks are extra checks in the gate; an approval hook,
 when configured, sees each finished update's metadata before it is spooled, and a refused update
@@ -13,6 +28,7 @@ is never sent: it is dropped or held for an operator (`agent._held`), as ``on_re
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -35,11 +51,23 @@ from agent._spool import Spool
 from agent._trainer import train_update
 from models import FedAsyncError, Topics, WireError
 from models import _signing as signing
-from models._wire import Snapshot, UpdateMessage, decode_ack, decode_snapshot, encode_update
+from models._wire import (
+    Announcement,
+    Snapshot,
+    UpdateMessage,
+    decode_ack,
+    decode_announcement,
+    decode_snapshot,
+    encode_update,
+)
 
 log = logging.getLogger("fedasync.agent")
 
 Trainer = Callable[..., "UpdateMessage | None"]
+
+# A fetch whose retained snapshot has not arrived by then is given up (and retried at a later
+# check): the broker may have lost it, or an ACL may hide it.
+FETCH_TIMEOUT_S = 120.0
 
 
 class Link(Protocol):
@@ -50,6 +78,17 @@ class Link(Protocol):
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
                 ) -> None: ...
+
+
+@runtime_checkable
+class Subscribes(Protocol):
+    """A link the agent may subscribe through (agent._runner.PahoLink, the simulator's
+    SimLink): then it fetches models on demand. A link without these methods delivers whatever
+    it subscribed to itself, as links did before models on demand."""
+
+    def subscribe(self, topic: str, qos: int = 0) -> None: ...
+
+    def unsubscribe(self, topic: str) -> None: ...
 
 
 @runtime_checkable
@@ -115,11 +154,43 @@ class Agent:
         self._progress = self._load_progress()
         self._last_train_at = -float("inf")
         self._backoff_until = -float("inf")  # monotonic; set by a rejection with retry_after_s
+        # Models on demand (module docstring). All of it under self._lock: announcements and
+        # snapshots arrive on the network thread, polls run on the agent's own.
+        subscribes = isinstance(link, Subscribes)
+        self._follow = subscribes and config.model_refresh_s == 0
+        self._on_demand = subscribes and config.model_refresh_s > 0
+        self.wake: Callable[[], None] | None = None
+        self.model_wait_s = 10.0  # how long `poll` waits for an announcement or a fetch
+        self.announcement: Announcement | None = None
+        self._fresh = False  # an announcement arrived since the current subscription
+        self._subscribed: set[str] = set()
+        self._fetching_since: float | None = None  # monotonic
+        self._refused_sha: str | None = None  # a snapshot refused: not fetched again
+        self._checked_at = -float("inf")  # monotonic: when the model was last known newest
+        self._in_flight = False  # training, or (simulator) its update not yet delivered
+        self.fetches = 0
+        self.fetched_bytes = 0
+        self.last_fetch: dict[str, Any] | None = None
+        self._news = threading.Event()  # set when an announcement or a snapshot arrives
         self._load_saved_snapshot()
 
     # -- inputs ------------------------------------------------------------------------------
     def on_connected(self) -> None:
-        """Send everything still in the spool (the broker or coordinator may never have got it)."""
+        """Send everything still in the spool (the broker or coordinator may never have got it),
+        and subscribe again to what the agent wants now."""
+        if isinstance(self.link, Subscribes) and (self._on_demand or self._follow):
+            if self.decision is None:
+                self.check()  # the network check decides whether fetching is allowed
+            with self._lock:
+                # A clean slate: what the broker session kept (an older agent's QoS 1 model
+                # subscription, a fetch cut short by the disconnect) goes; the wanted
+                # subscriptions are made again, which brings their retained messages.
+                for topic in (self.topics.announce, self.topics.model):
+                    self.link.unsubscribe(topic)
+                self._subscribed.clear()
+                self._fresh = False
+                self._fetching_since = None
+                self._sync()
         entries = self.spool.entries()
         if entries:
             log.info("reconnected: republishing %d spooled update(s)", len(entries))
@@ -130,31 +201,70 @@ class Agent:
                 continue  # acked and removed meanwhile
         self.publish_status()
 
+    def on_announce(self, payload: bytes) -> None:
+        """The coordinator's announcement of the snapshot the broker holds: fetch it if this
+        agent would use it now (network thread: only subscriptions change here)."""
+        try:
+            announcement = decode_announcement(payload)
+        except WireError as exc:
+            log.warning("ignored a model announcement that does not decode: %s", exc)
+            return
+        with self._lock:
+            self.announcement = announcement
+            if self.topics.announce in self._subscribed:
+                self._fresh = True
+            self._sync()
+        self._news.set()
+
     def on_model(self, payload: bytes) -> None:
+        with self._lock:
+            fetched = self._fetching_since is not None
+            if fetched:  # a fetch takes one snapshot: the retained one
+                self._end_fetch()
+            self.fetches += 1
+            self.fetched_bytes += len(payload)
         try:
             frame = (self._verifier.verify(payload) if self._verifier is not None
                      else signing.split(payload)[0])
             snapshot = decode_snapshot(frame)
         except WireError as exc:
+            with self._lock:
+                # Not fetched again: the same bytes would be refused again (a newer
+                # announcement, naming other bytes, is fetched as usual).
+                self._refused_sha = hashlib.sha256(payload).hexdigest()
+                self.last_fetch = {"version": None, "bytes": len(payload),
+                                   "at": self.clock(), "refused": True}
+                self._sync()
             self.model_rejection = str(exc)
             log.warning("refused a model snapshot, keeping version %s: %s",
                         None if self.snapshot is None else self.snapshot.version, exc)
+            self._news.set()
             self.publish_status()
             return
         with self._lock:
+            self.last_fetch = {"version": snapshot.version, "bytes": len(payload),
+                               "at": self.clock(), "refused": False}
+            self._checked_at = self.monotonic()  # the broker's newest, as of now
             current = self.snapshot
             if current is not None and snapshot.spec == current.spec and (
                 snapshot.version < current.version
                 or (snapshot.version == current.version and snapshot.cohort == current.cohort)
             ):
+                self._sync()
+                self._news.set()
                 return  # nothing new (a same-version snapshot may widen a round's cohort)
             self.snapshot = snapshot
             self.model_rejection = None
             _atomic_write(self.state_dir / "model.snapshot", frame)
-        log.info("new model version %d%s", snapshot.version,
+            self._sync()
+        log.info("new model version %d%s%s", snapshot.version,
                  f" (accuracy {snapshot.metrics['accuracy']:.3f})"
-                 if "accuracy" in snapshot.metrics else "")
+                 if "accuracy" in snapshot.metrics else "",
+                 f", fetched ({len(payload)} bytes)" if fetched else "")
+        self._news.set()
         self.publish_status()
+        if self.wake is not None:
+            self.wake()
 
     def on_ack(self, payload: bytes) -> None:
         try:
@@ -175,7 +285,9 @@ class Agent:
             log.log(logging.INFO if routine else logging.WARNING, "update %s rejected: %s %s",
                     ack.update_id, ack.reason, ack.detail)
             if ack.retry_after_s is not None:
-                self._backoff_until = self.monotonic() + ack.retry_after_s
+                with self._lock:
+                    self._backoff_until = self.monotonic() + ack.retry_after_s
+                    self._sync()  # backing off: no model wanted for training meanwhile
                 log.info("coordinator asks for no new update for %.0f s: backing off",
                          ack.retry_after_s)
         elif removed:
@@ -186,8 +298,11 @@ class Agent:
 
     # -- the periodic step -------------------------------------------------------------------
     def poll(self) -> Decision:
-        """Re-read the device, and train + send one update if everything allows it."""
+        """Re-read the device, and train + send one update if everything allows it. When it
+        wants a model, it waits (at most `model_wait_s`) for the announcement and the fetch it
+        starts, so that it trains on the newest model (blocking: the simulator never polls)."""
         decision = self.check()
+        self._await_model()
         if self.should_train(decision):
             self.train_once()
         return decision
@@ -195,6 +310,8 @@ class Agent:
     def check(self) -> Decision:
         previous = self.decision
         self.decision = self.gate.update(self.reader.read(), now=self.monotonic())
+        with self._lock:
+            self._sync()
         if previous is None or previous.eligible != self.decision.eligible:
             log.info("eligible: %s (%s)", "yes" if self.decision.eligible else "no",
                      self.decision.reason)
@@ -207,7 +324,116 @@ class Agent:
                 # A synchronous round names the devices it wants; the others sit it out.
                 (snapshot.cohort is None or self.config.device_id in snapshot.cohort) and
                 self.monotonic() - self._last_train_at >= self.config.min_train_interval_s and
-                self.monotonic() >= self._backoff_until)
+                self.monotonic() >= self._backoff_until and self.model_is_newest())
+
+    def model_is_newest(self) -> bool:
+        """Whether the held model is the newest this agent would train on. Fetching on demand
+        and connected, it must have heard the announcement since it last subscribed, and that
+        must name nothing newer (nor a fetch be under way): an agent back from idle must not
+        train on a model it fetched hours ago. Offline it trains on what it has, as always."""
+        with self._lock:
+            if not self._on_demand or not self.link.connected:
+                return True
+            a = self.announcement
+            return (self._fresh and self._fetching_since is None and a is not None
+                    and (not self._newer(a) or a.sha256 == self._refused_sha))
+
+    # -- models on demand (under self._lock) -------------------------------------------------
+    def _network_allows_fetching(self) -> bool:
+        if self.config.fetch_on_metered:
+            return True
+        d = self.decision  # metered: no interface the policy allows is up
+        return d is not None and any(c.passed for c in d.checks if c.name == "network")
+
+    def _due(self) -> bool:
+        now = self.monotonic()
+        return (now - self._last_train_at >= self.config.min_train_interval_s
+                and now >= self._backoff_until)
+
+    def _refresh_due(self) -> bool:
+        return (self.snapshot is None
+                or self.monotonic() - self._checked_at >= self.config.model_refresh_s)
+
+    def _newer(self, a: Announcement) -> bool:
+        """Whether `a` names a model this agent does not hold: a later version, or the same
+        version with a round's cohort widened to invite this device."""
+        s = self.snapshot
+        if s is None or a.version != s.version:
+            return s is None or a.version > s.version
+        me = self.config.device_id
+        return (a.cohort is not None and me in a.cohort
+                and s.cohort is not None and me not in s.cohort)
+
+    def _sync(self) -> None:
+        """Subscribe to what the agent wants now, unsubscribe from the rest, start or end a
+        fetch. Cheap when nothing changes; called on every check and every arrival."""
+        if not (self._on_demand or self._follow) or not self.link.connected:
+            return
+        allowed = self._network_allows_fetching()
+        if self._follow:
+            self._subscribe(self.topics.model, allowed)
+            return
+        a = self.announcement
+        if (self._fresh and a is not None and self._fetching_since is None
+                and (not self._newer(a) or a.sha256 == self._refused_sha)):
+            self._checked_at = self.monotonic()  # heard the newest: the model is current
+        d = self.decision
+        train = allowed and d is not None and d.eligible and self._due()
+        refresh = allowed and self._refresh_due()
+        self._subscribe(self.topics.announce, train or refresh)
+        if self._fetching_since is not None:
+            if not allowed:
+                log.info("model fetch cancelled: the network is metered now")
+                self._end_fetch()
+            elif self.monotonic() - self._fetching_since > FETCH_TIMEOUT_S:
+                log.warning("no model snapshot arrived in %.0f s after subscribing to %s; "
+                            "trying again later", FETCH_TIMEOUT_S, self.topics.model)
+                self._end_fetch()
+            return
+        if not (self._fresh and a is not None and self._newer(a)
+                and a.sha256 != self._refused_sha):
+            return
+        me = self.config.device_id
+        if refresh or (train and not self._in_flight and (a.cohort is None or me in a.cohort)):
+            log.info("fetching model version %d (%d bytes) for %s", a.version, a.size,
+                     "training" if train else "inference (refresh)")
+            self._fetching_since = self.monotonic()
+            self._subscribe(self.topics.model, True)
+
+    def _end_fetch(self) -> None:
+        self._fetching_since = None
+        self._subscribe(self.topics.model, False)
+
+    def _subscribe(self, topic: str, wanted: bool) -> None:
+        """QoS 0 (module docstring): nothing queues in the session while offline."""
+        link = self.link
+        if not isinstance(link, Subscribes) or wanted == (topic in self._subscribed):
+            return
+        if wanted:
+            self._subscribed.add(topic)
+            if topic == self.topics.announce:
+                self._fresh = False  # until the retained announcement arrives
+            link.subscribe(topic, 0)
+        else:
+            self._subscribed.discard(topic)
+            if topic == self.topics.announce:
+                self._fresh = False  # announcements are no longer heard
+            link.unsubscribe(topic)
+
+    def _await_model(self) -> None:
+        """Wait (at most `model_wait_s`) while an announcement or a fetch the agent wants is
+        on its way; returns at once when there is none."""
+        deadline = time.monotonic() + self.model_wait_s
+        while True:
+            self._news.clear()
+            with self._lock:
+                pending = self.link.connected and (
+                    self._fetching_since is not None
+                    or (self.topics.announce in self._subscribed and not self._fresh))
+            left = deadline - time.monotonic()
+            if not pending or left <= 0:
+                return
+            self._news.wait(left)
 
     def train_once(self) -> UpdateMessage | None:
         """Train from the newest snapshot, then spool and publish. None if skipped/stopped."""
@@ -238,21 +464,30 @@ class Agent:
         self._last_train_at = self.monotonic()
         log.info("training on %d samples (%d new) from model version %d", n, max(new, 0),
                  snapshot.version)
+        # Until the update is delivered (or aborted) the agent fetches no model for training.
+        self._set_in_flight(True)
         try:
             update = self.trainer(snapshot, X, y, device_id=self.config.device_id,
                                   config=self.config.training, rng=self.rng,
                                   should_stop=self._stop_training, now=self.clock())
         except FedAsyncError as exc:
             log.error("training failed: %s", exc)
+            self._set_in_flight(False)
             return None
         if update is None:
             self.abort(self.decision.reason if self.decision else "stopped")
         return update
 
+    def _set_in_flight(self, value: bool) -> None:
+        with self._lock:
+            self._in_flight = value
+            self._sync()  # done: a newer model already announced is fetched now
+
     def abort(self, reason: str) -> None:
         """Training was cut short (the device stopped allowing it): nothing is sent."""
         self.counters.aborted += 1
         log.info("training stopped early: %s", reason)
+        self._set_in_flight(False)
 
     def deliver(self, update: UpdateMessage) -> None:
         """Ask the approval hook (if any), then spool (durably) and publish; the spool keeps it
@@ -274,6 +509,7 @@ class Agent:
         if send and self.link.connected:
             self.link.publish(self.topics.update(self.config.device_id), payload, qos=1)
             self.counters.sent += 1
+        self._set_in_flight(False)
         self.publish_status()
 
     def _ask_approval(self, update: UpdateMessage, payload: bytes) -> Approval | None:
@@ -309,6 +545,14 @@ class Agent:
             "reason": None if d is None else d.reason,
             "checks": None if d is None else d.to_dict()["checks"],
             "model_version": None if self.snapshot is None else self.snapshot.version,
+            # What the agent knows of newer models (models on demand): the last announcement
+            # heard, and the last snapshot it received (version, bytes, wall time, refused).
+            "models": ("follow" if self._follow else "on demand" if self._on_demand
+                       else "link"),
+            "announced_version": None if self.announcement is None else self.announcement.version,
+            "last_fetch": self.last_fetch,
+            "fetches": self.fetches,
+            "fetched_bytes": self.fetched_bytes,
             "spool_depth": len(self.spool),
             "spool_dropped": self.spool.dropped,
             "trained": self.counters.trained,

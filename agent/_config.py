@@ -33,6 +33,12 @@ class AgentConfig:
     retrain_on_new_model: bool = True  # a newer global model alone justifies training
     min_train_interval_s: float = 60.0
     check_interval_s: float = 15.0
+    # Models on demand (docs/architecture.md): the full snapshot is fetched when the agent is
+    # about to train on a newer version, or when its inference model was last checked this long
+    # ago. 0 follows every version as it is published.
+    model_refresh_s: float = 3600.0
+    # A metered network (no interface the policy allows is up) fetches nothing unless true.
+    fetch_on_metered: bool = False
     spool_max_count: int = 100
     spool_max_bytes: int = 64 * 1024 * 1024
     train_in_subprocess: bool = True
@@ -61,7 +67,10 @@ class AgentConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or value < (1 if key.startswith("spool") else 0):
                 raise ConfigError(f"{key} must be a non-negative integer", key=key)
-        for key in ("min_train_interval_s", "check_interval_s"):
+        if not isinstance(self.fetch_on_metered, bool):
+            raise ConfigError(f"fetch_on_metered must be true or false, got "
+                              f"{self.fetch_on_metered!r}", key="fetch_on_metered")
+        for key in ("min_train_interval_s", "check_interval_s", "model_refresh_s"):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{key} must be a non-negative number of seconds", key=key)

@@ -63,6 +63,13 @@ class PahoLink:
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         self.client.publish(topic, payload, qos=qos, retain=retain)
 
+    def subscribe(self, topic: str, qos: int = 0) -> None:
+        """For the agent's models on demand (agent._agent): announcements and snapshots."""
+        self.client.subscribe(topic, qos)
+
+    def unsubscribe(self, topic: str) -> None:
+        self.client.unsubscribe(topic)
+
     def start(self) -> None:
         self.connection.start()
 
@@ -75,7 +82,9 @@ class PahoLink:
         self.connection.stop()
 
     def _on_online(self, client: mqtt.Client, session_present: bool) -> None:
-        client.subscribe([(self.topics.model, 1), (self.topics.ack(self.device_id), 1)])
+        # Acks at QoS 1 in the persistent session: the broker keeps them while the device is
+        # away. Announcements and snapshots are the agent's to subscribe to, when it wants them.
+        client.subscribe(self.topics.ack(self.device_id), 1)
         if self.agent is not None:
             self.agent.on_connected()
 
@@ -93,6 +102,8 @@ class PahoLink:
             return
         if msg.topic == self.topics.model:
             self.agent.on_model(bytes(msg.payload))
+        elif msg.topic == self.topics.announce:
+            self.agent.on_announce(bytes(msg.payload))
         else:
             self.agent.on_ack(bytes(msg.payload))
 
@@ -106,20 +117,27 @@ class AgentRunner:
                            trainer=_trainer_for(config))
         self.link.agent = self.agent
         self._stop = threading.Event()
+        # Set on paho's thread when a newer model arrived: the loop polls (and trains) at once
+        # instead of at its next check. Training never runs on the network thread.
+        self._wake = threading.Event()
+        self.agent.wake = self._wake.set
 
     def run(self) -> None:
-        """Until `stop()`: poll the device every `check_interval_s` and train when allowed."""
+        """Until `stop()`: poll the device every `check_interval_s`, or at once when a newer
+        model arrives, and train when allowed."""
         self.link.start()
         log.info("agent %s for fleet %r started", self.config.device_id, self.config.fleet)
         try:
             while not self._stop.is_set():
                 self.agent.poll()
-                self._stop.wait(self.config.check_interval_s)
+                self._wake.wait(self.config.check_interval_s)
+                self._wake.clear()  # before the poll: a wake during it is seen next time
         finally:
             self.link.stop()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
 
 def _trainer_for(config: AgentConfig) -> Any:

@@ -42,7 +42,7 @@ from coordinator._store import Params, Store
 from models import FedAsyncError, StateError, Topics, build_model
 from models._mqtt import BrokerAddress, Connection, describe_error, make_client
 from models._signing import Signer
-from models._wire import Snapshot, encode_ack, encode_snapshot
+from models._wire import Announcement, Snapshot, encode_ack, encode_announcement, encode_snapshot
 
 log = logging.getLogger("fedasync.coordinator")
 
@@ -95,6 +95,9 @@ class CoordinatorService:
         self._cohorts = (CohortSelector(rule.cohort_size, rule.over_selection, rule.deadline_s)
                          if rule.name == "fedavg-sync" else None)
         self._last_snapshot: bytes | None = None
+        # The announcement of the newest snapshot the broker acknowledged (models on demand):
+        # set only after that PUBACK, so it never names a snapshot the broker does not hold.
+        self._last_announcement: bytes | None = None
         self._threads: list[threading.Thread] = []
         self._http: StatusServer | None = None
         self._started_at = clock()
@@ -270,6 +273,11 @@ class CoordinatorService:
                        qos=1, retain=True)
         if self._last_snapshot is not None:  # a broker without persistence forgot it
             client.publish(self.topics.model, self._last_snapshot, qos=1, retain=True)
+        if self._last_announcement is not None:
+            # After the snapshot on the same connection: the broker handles one client's
+            # packets in order, so it holds that snapshot (or a newer one) before it stores
+            # this announcement, which names an acknowledged, never a newer, version.
+            client.publish(self.topics.announce, self._last_announcement, qos=1, retain=True)
         self.metrics.connected.set(1)
 
     def _on_offline(self) -> None:
@@ -444,19 +452,22 @@ class CoordinatorService:
             onnx = export_onnx(self._adapter)
         cohort = (None if self._cohorts is None
                   else self._cohorts.for_version(version, time.monotonic()))
-        payload = encode_snapshot(Snapshot(version=version, spec=self.config.model,
-                                           weights=np.asarray(params), onnx=onnx,
-                                           created_at=time.time(), metrics=metrics,
-                                           cohort=cohort))
+        snapshot = Snapshot(version=version, spec=self.config.model,
+                            weights=np.asarray(params), onnx=onnx, created_at=time.time(),
+                            metrics=metrics, cohort=cohort)
+        payload = encode_snapshot(snapshot)
         if self._signer is not None:
             payload = self._signer.sign(payload)
         self._last_snapshot = payload
         self._sent_version = version
-        self._deliver_snapshot(version, payload)
+        self._deliver_snapshot(version, payload,
+                               encode_announcement(Announcement.of(payload, snapshot)))
 
-    def _deliver_snapshot(self, version: int, payload: bytes) -> None:
-        """Publish until the broker has it (its PUBACK): only then is it "published". A clean
-        stop still hands the broker the snapshot being published, for a few seconds."""
+    def _deliver_snapshot(self, version: int, payload: bytes, announcement: bytes) -> None:
+        """Publish until the broker has it (its PUBACK): only then is it "published", and only
+        then is it announced (retained on the announce topic, where agents that fetch models
+        on demand learn of it). A clean stop still hands the broker the snapshot being
+        published, for a few seconds."""
         stopping_since: float | None = None
         while self._failure is None:
             if not self._link.online:
@@ -481,6 +492,10 @@ class CoordinatorService:
                 # version twice is harmless: agents keep the first).
                 continue
             self._published_version = version
+            self._last_announcement = announcement
+            # QoS 1 without waiting: paho resends it after a reconnect, and _on_online
+            # republishes the newest one anyway.
+            self._client.publish(self.topics.announce, announcement, qos=1, retain=True)
             self.metrics.snapshots.inc()
             log.info("published snapshot of version %d (%d bytes)", version, len(payload))
             return

@@ -67,6 +67,13 @@ class SimLink:
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         self.client.publish(topic, payload, qos=qos, retain=retain)
 
+    def subscribe(self, topic: str, qos: int = 0) -> None:
+        """The agent fetches models on demand through these, as on a real device."""
+        self.client.subscribe(topic, qos)
+
+    def unsubscribe(self, topic: str) -> None:
+        self.client.unsubscribe(topic)
+
 
 class SimDevice:
     def __init__(self, trace: DeviceTrace, *, X: Features, y: Labels, spec: WorkerSpec,
@@ -98,13 +105,17 @@ class SimDevice:
         self.online = False
         self.job: UpdateMessage | None = None
         self.job_token = 0
+        # A newer model arrived: step at once rather than at the next poll (120 sim s by
+        # default, most of a fast fleet's wall time at --scale 1).
+        self.agent.wake = lambda: net.call_later(0, self._step)
 
     # -- MQTT --------------------------------------------------------------------------------
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                     properties: Any) -> None:
         if reason.is_failure:
             return
-        client.subscribe([(self.topics.model, 1), (self.topics.ack(self.trace.device_id), 1)])
+        # Acks only: announcements and snapshots are the agent's to subscribe to (on demand).
+        client.subscribe(self.topics.ack(self.trace.device_id), 1)
         self.link.connected = True
         self.agent.on_connected()
 
@@ -114,6 +125,8 @@ class SimDevice:
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if msg.topic == self.topics.model:
             self.agent.on_model(bytes(msg.payload))
+        elif msg.topic == self.topics.announce:
+            self.agent.on_announce(bytes(msg.payload))
         else:
             self.agent.on_ack(self._sim_seconds(bytes(msg.payload)))
 
@@ -156,6 +169,16 @@ class SimDevice:
     def _poll(self) -> None:
         if not self.online:
             return
+        self._step()
+        # Jitter: devices polling in lockstep would be an artefact of the simulation.
+        jitter = 0.75 + 0.5 * self.agent.rng.random()
+        self._at_sim(self.clock.sim_now() + self.spec.check_interval_s * jitter, self._poll)
+
+    def _step(self) -> None:
+        """Check the device; start training (real CPU now, delivered after the trace's compute
+        time) when the agent should."""
+        if not self.online:
+            return
         t = self.clock.sim_now()
         decision = self.agent.check()
         if self.job is not None and not decision.eligible:
@@ -169,9 +192,6 @@ class SimDevice:
                                                       self.spec.training.local_epochs)
                 token = self.job_token
                 self._at_sim(done, lambda: self._deliver(token))
-        # Jitter: devices polling in lockstep would be an artefact of the simulation.
-        jitter = 0.75 + 0.5 * self.agent.rng.random()
-        self._at_sim(t + self.spec.check_interval_s * jitter, self._poll)
 
     def _deliver(self, token: int) -> None:
         if self.job is None or token != self.job_token:
@@ -181,6 +201,8 @@ class SimDevice:
             return
         job, self.job = self.job, None
         self.agent.deliver(job)
+        # Finished: a newer model that came meanwhile is trained on now, not at the next poll.
+        self.net.call_later(0, self._step)
 
     def _abort(self, reason: str) -> None:
         if self.job is not None:

@@ -42,6 +42,12 @@ class Topics:
         return f"{self.prefix}/model"
 
     @property
+    def announce(self) -> str:
+        """The retained announcement of the snapshot on `model` (version, sha256, size, time,
+        cohort): tens of bytes, so agents fetch the full snapshot only when they use it."""
+        return f"{self.prefix}/announce"
+
+    @property
     def coordinator_status(self) -> str:
         return f"{self.prefix}/coordinator/status"
 

@@ -534,3 +534,71 @@ def decode_ack(data: bytes) -> Ack:
     return Ack(update_id=obj["update_id"], status=obj["status"], reason=obj["reason"],
                version=obj["version"], detail=obj["detail"],
                retry_after_s=obj.get("retry_after_s"))
+
+
+# ---------------------------------------------------------------------------- announcements
+
+MAX_ANNOUNCEMENT_BYTES = 64 * 1024  # a full cohort of 900 ids fits; without one, ~150 bytes
+_ANNOUNCEMENT_KEYS = frozenset({"schema", "kind", "version", "sha256", "size", "created_at"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Announcement:
+    """What the coordinator says about the snapshot the broker holds, in tens of bytes, so an
+    agent can decide whether to fetch it (docs/architecture.md, "Models on demand").
+
+    `sha256` is the digest of the snapshot message exactly as published (signature included),
+    `size` its length in bytes. `cohort` copies the snapshot's: a synchronous round names the
+    devices it invites, and only they need the snapshot to train. The announcement is never
+    trusted for the model itself: the fetched snapshot is verified as always.
+    """
+
+    version: int
+    sha256: str
+    size: int
+    created_at: float
+    cohort: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _int(self.version, "version", 0)
+        if not isinstance(self.sha256, str) or not _SHA256.fullmatch(self.sha256):
+            raise WireError(f"sha256 must be 64 lowercase hex digits, got {_show(self.sha256)}")
+        _int(self.size, "size", 1, MAX_SNAPSHOT_BYTES + 1024)  # + the signature trailer
+        object.__setattr__(self, "created_at", _timestamp(self.created_at))
+        if self.cohort is not None:
+            if not isinstance(self.cohort, tuple) or len(self.cohort) > MAX_COHORT:
+                raise WireError(f"cohort must be a list of at most {MAX_COHORT} device ids")
+            for device in self.cohort:
+                validate_id(device, "cohort device id")
+
+    @classmethod
+    def of(cls, payload: bytes, snapshot: Snapshot) -> Announcement:
+        """The announcement of `snapshot`, published as the bytes `payload`."""
+        return cls(version=snapshot.version, sha256=hashlib.sha256(payload).hexdigest(),
+                   size=len(payload), created_at=snapshot.created_at, cohort=snapshot.cohort)
+
+
+def encode_announcement(a: Announcement) -> bytes:
+    """Compact UTF-8 JSON, readable with mosquitto_sub."""
+    obj: dict[str, Any] = {"schema": SCHEMA, "kind": "announce", "version": a.version,
+                           "sha256": a.sha256, "size": a.size, "created_at": a.created_at}
+    if a.cohort is not None:  # absent while anyone may train, as in the snapshot
+        obj["cohort"] = list(a.cohort)
+    raw = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    if len(raw) > MAX_ANNOUNCEMENT_BYTES:  # cannot happen within MAX_COHORT; guards edits
+        raise WireError(f"announcement is {len(raw)} bytes; the limit is "
+                        f"{MAX_ANNOUNCEMENT_BYTES}")
+    return raw
+
+
+def decode_announcement(data: bytes) -> Announcement:
+    """Parse an announcement from the network. Raises `WireError` / `UnsupportedSchema`."""
+    obj = _json_object(_bytes(data, MAX_ANNOUNCEMENT_BYTES, "announcement"), "announcement")
+    _check_header(obj, ("announce",), "announce")
+    _check_keys(obj, _ANNOUNCEMENT_KEYS)
+    cohort = obj.get("cohort")
+    if cohort is not None and not isinstance(cohort, list):
+        raise WireError(f"cohort must be a list of device ids, got {_show(cohort)}")
+    return Announcement(version=obj["version"], sha256=obj["sha256"], size=obj["size"],
+                        created_at=obj["created_at"],
+                        cohort=None if cohort is None else tuple(cohort))

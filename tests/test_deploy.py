@@ -928,7 +928,9 @@ def test_shipped_conf_and_acl_say_what_the_brief_needs() -> None:
         assert re.search(rf"^{re.escape(line)}$", conf, re.M), line
     acl = [line for line in SHIPPED_ACL.read_text().splitlines()
            if line.strip() and not line.startswith("#")]
-    assert acl[:5] == ["pattern read fl/+/model", "pattern read fl/+/coordinator/status",
+    assert acl[:6] == ["pattern read fl/+/model", "pattern read fl/+/announce",
+                       "pattern read fl/+/coordinator/status",
                        "pattern read fl/+/ack/%u", "pattern write fl/+/update/%u",
                        "pattern write fl/+/status/%u"]
-    assert acl[5] == "user coordinator"
+    assert acl[6] == "user coordinator"
+    assert "topic write fl/+/announce" in acl[6:]
