@@ -17,6 +17,11 @@ optional trace CSVs of ``start,end`` intervals (online, Wi-Fi, charging, owner b
 
 Paths inside a fleet file are relative to the fleet file's directory. Times in trace CSVs are sim
 seconds since the run's start, or ISO-8601 timestamps when the fleet file sets ``[run] start``.
+
+Besides the devices, a TOML or JSON fleet file may set the run (``[run]``, ``[model]``) and what
+every simulated device's agent does: ``[agent]`` (its poll ``check_interval_s`` and
+``min_train_interval_s``, sim seconds) and ``[policy]`` (the keys of the agent's
+`PolicyConfig`, checked by it, over the simulator's default policy).
 """
 
 from __future__ import annotations
@@ -35,11 +40,12 @@ from typing import Any
 
 import numpy as np
 
+from agent._policy import PolicyConfig
 from fleet._fairness import XY
 from fleet._sim import Fleet, SimConfig, build_fleet, model_spec
 from fleet._traces import _TOPIC_UNSAFE, Battery, DeviceTrace, Intervals, Span
 from models import MODEL_KINDS, ConfigError, FedAsyncError, ModelSpec
-from models._config import load_toml
+from models._config import check_layer, load_toml
 from models._datasets import Dataset
 from models._files import load_xy, save_npz
 
@@ -52,15 +58,19 @@ _BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0"
 
 class FleetFileError(ConfigError):
     """A fleet file (or a file it names) with problems; `problems` lists every one of them,
-    each starting with the entry it is about."""
+    each starting with the entry it is about. One problem is one line: ``fleet file F:
+    problem``; more are listed under a count."""
 
     def __init__(self, path: Path, problems: Sequence[str]) -> None:
         self.path = path
         self.problems = tuple(problems)
         n = len(self.problems)
-        lines = "".join(f"\n  - {p}" for p in self.problems)
-        super().__init__(f"fleet file {path}: {n} problem{'s' if n != 1 else ''}:{lines}",
-                         key="fleet_file")
+        if n == 1:
+            message = f"fleet file {path}: {self.problems[0]}"
+        else:
+            lines = "".join(f"\n  - {p}" for p in self.problems)
+            message = f"fleet file {path}: {n} problems:{lines}"
+        super().__init__(message, key="fleet_file")
 
 
 class _Bad(Exception):
@@ -91,16 +101,26 @@ class RunSettings:
     over_selection: float | None = None
     fedasync_alpha: float | None = None
     fedbuff_k: int | None = None
+    # [agent]: the simulated agents' intervals, sim seconds.
+    check_interval_s: float | None = None
+    min_train_interval_s: float | None = None
+    # [policy]: the PolicyConfig keys given (checked), applied over the simulator's policy.
+    policy: Mapping[str, Any] | None = None
 
-    def overrides(self) -> dict[str, Any]:
-        """The settings given, as `SimConfig` fields."""
-        names = {"target": "target_accuracy", "deadline_min": "round_deadline_sim_s"}
+    def overrides(self, policy: PolicyConfig | None = None) -> dict[str, Any]:
+        """The settings given, as `SimConfig` fields; ``[policy]`` over `policy` (default: the
+        simulator's default policy)."""
+        names = {"target": "target_accuracy", "deadline_min": "round_deadline_sim_s",
+                 "check_interval_s": "check_interval_sim_s",
+                 "min_train_interval_s": "min_train_interval_sim_s"}
         out: dict[str, Any] = {}
         for key in self.__dataclass_fields__:
             value = getattr(self, key)
             if value is None:
                 continue
-            if key == "deadline_min":
+            if key == "policy":
+                value = replace(policy or SimConfig().policy, **value)
+            elif key == "deadline_min":
                 value = value * 60.0
             elif key == "test_file":
                 value = str(value)
@@ -196,6 +216,11 @@ _RUN_KEYS: dict[str, tuple[str, str]] = {
     "fedasync_alpha": ("fedasync_alpha", "positive"), "fedbuff_k": ("fedbuff_k", "count"),
 }
 _RUN_ONLY = ("label", "start")  # [run] keys that are about reading the files, not SimConfig
+_AGENT_KEYS: dict[str, tuple[str, str]] = {  # the simulated agents' intervals, sim seconds
+    "check_interval_s": ("check_interval_s", "positive"),
+    "min_train_interval_s": ("min_train_interval_s", "non_negative"),
+}
+_TABLES = ("run", "model", "agent", "policy")
 
 
 def _typed(value: object, kind: str, *, text: bool = False) -> Any:
@@ -268,7 +293,8 @@ def parse_fleet_file(path: Path) -> FleetFile:
         top = _read_toml_or_json(path, suffix)
         entries = _table_entries(path, top, problems)
     base = path.parent
-    settings, label, start = _settings(top, base, problems)
+    lines = _table_key_lines(path) if suffix == ".toml" else {}
+    settings, label, start = _settings(top, base, problems, lines)
     start_minutes = (_DEFAULT_START_MINUTES if start is None
                      else start.hour * 60 + start.minute)
     start_at = start if isinstance(start, datetime) else None
@@ -312,10 +338,10 @@ def _read_toml_or_json(path: Path, suffix: str) -> dict[str, Any]:
 
 
 def _table_entries(path: Path, top: Mapping[str, Any], problems: list[str]) -> list[Entry]:
-    unknown = sorted(set(top) - {"run", "model", "devices"})
+    unknown = sorted(set(top) - {*_TABLES, "devices"})
     if unknown:
         problems.append(f"unknown top-level key(s) {', '.join(unknown)} "
-                        f"(expected [run], [model] and [[devices]])")
+                        f"(expected [run], [model], [agent], [policy] and [[devices]])")
     raw = top.get("devices", [])
     if not isinstance(raw, list):
         problems.append("devices must be a list of tables ([[devices]] in TOML)")
@@ -386,12 +412,36 @@ def _csv_rows(f: Any) -> Iterator[tuple[int, list[str]]]:
         yield reader.line_num, row
 
 
-def _settings(top: Mapping[str, Any], base: Path, problems: list[str]
+def _table_key_lines(path: Path) -> dict[tuple[str, str], int]:
+    """(table, key) -> the line of ``key =`` under ``[table]`` in a TOML file: tomllib keeps no
+    line numbers, and a problem is easier to find with one."""
+    header = re.compile(r"^\s*\[\s*([A-Za-z0-9_-]+)\s*\]")
+    assignment = re.compile(r"^\s*([A-Za-z0-9_-]+)\s*=")
+    found: dict[tuple[str, str], int] = {}
+    table: str | None = None
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, start=1):
+            if line.lstrip().startswith("["):
+                match = header.match(line)  # [[devices]] does not match: no table of ours
+                table = match.group(1) if match else None
+            elif table is not None and (match := assignment.match(line)):
+                found.setdefault((table, match.group(1)), n)
+    return found
+
+
+def _settings(top: Mapping[str, Any], base: Path, problems: list[str],
+              lines: Mapping[tuple[str, str], int]
               ) -> tuple[RunSettings, str, datetime | dtime | None]:
-    """The ``[run]`` and ``[model]`` tables: (settings, CSV label column, start)."""
+    """The ``[run]``, ``[model]``, ``[agent]`` and ``[policy]`` tables: (settings, CSV label
+    column, start). Problems name the table, the key and (TOML) its line."""
+
+    def named(table: str, key: str) -> str:
+        line = lines.get((table, key))
+        return f"{key} (line {line})" if line is not None else key
+
     values: dict[str, Any] = {}
     label, start = "label", None
-    for table, keys in (("model", _MODEL_KEYS), ("run", _RUN_KEYS)):
+    for table, keys in (("model", _MODEL_KEYS), ("run", _RUN_KEYS), ("agent", _AGENT_KEYS)):
         raw = top.get(table, {})
         if not isinstance(raw, dict):
             problems.append(f"[{table}] must be a table, got {raw!r}")
@@ -399,7 +449,8 @@ def _settings(top: Mapping[str, Any], base: Path, problems: list[str]
         extra = _RUN_ONLY if table == "run" else ()
         unknown = sorted(set(raw) - set(keys) - set(extra))
         if unknown:
-            problems.append(f"[{table}]: unknown key(s) {', '.join(unknown)}; known: "
+            problems.append(f"[{table}]: unknown key(s) "
+                            f"{', '.join(named(table, k) for k in unknown)}; known: "
                             f"{', '.join([*keys, *extra])}")
         for key, value in raw.items():
             if key not in keys:
@@ -408,23 +459,64 @@ def _settings(top: Mapping[str, Any], base: Path, problems: list[str]
             try:
                 typed = _typed(value, kind)
             except _Bad as exc:
-                problems.append(f"[{table}] {key} {exc}")
+                problems.append(f"[{table}] {named(table, key)} {exc}")
                 continue
             values[name] = base / typed if kind == "path" else typed
         if table == "run":
             try:
                 label = _typed(raw.get("label", "label"), "str")
             except _Bad as exc:
-                problems.append(f"[run] label {exc}")
+                problems.append(f"[run] {named('run', 'label')} {exc}")
             try:
                 start = _start(raw.get("start"))
             except _Bad as exc:
-                problems.append(f"[run] start {exc}")
+                problems.append(f"[run] {named('run', 'start')} {exc}")
     if "test_file" in values and not values["test_file"].is_file():
-        problems.append(f"[run] test_file: {values['test_file']} does not exist")
+        problems.append(f"[run] {named('run', 'test_file')}: {values['test_file']} does not "
+                        f"exist")
     if values.get("over_selection", 1.0) < 1.0:
-        problems.append("[run] over_selection must be >= 1")
+        problems.append(f"[run] {named('run', 'over_selection')} must be >= 1")
+    policy = _policy(top.get("policy", {}), problems, named)
+    if policy:
+        values["policy"] = policy
     return RunSettings(**values), label, start
+
+
+def _policy(raw: object, problems: list[str], named: Callable[[str, str], str]
+            ) -> dict[str, Any] | None:
+    """``[policy]``: the `PolicyConfig` keys given, each of its field's type and together
+    passing its checks (over the simulator's default policy); None after adding problems."""
+    if not isinstance(raw, dict):
+        problems.append(f"[policy] must be a table, got {raw!r}")
+        return None
+    before = len(problems)
+    known = list(PolicyConfig.__dataclass_fields__)
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        problems.append(f"[policy]: unknown key(s) "
+                        f"{', '.join(named('policy', k) for k in unknown)}; known: "
+                        f"{', '.join(known)}")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            continue
+        try:  # the agent's own config loader: lists become tuples, integers floats
+            values.update(check_layer(PolicyConfig, {key: value}, source="policy"))
+        except ConfigError as exc:
+            problems.append(f"[policy] {named('policy', key)}"
+                            f"{str(exc).removeprefix(f'policy: {key}')}")
+    if len(problems) > before:
+        return None
+    try:
+        replace(SimConfig().policy, **values)  # its range checks, one at a time
+    except ConfigError as exc:
+        key = exc.key or ""
+        message = str(exc)
+        if key and message.startswith(key):
+            message = named("policy", key) + message[len(key):]
+        problems.append(f"[policy] {message}")
+        return None
+    return values
 
 
 def _start(value: object) -> datetime | dtime | None:
@@ -593,10 +685,11 @@ def _trace_time(cell: str, start: datetime | None, *, what: str) -> float:
 
 
 def replay_config(path: Path, base: SimConfig | None = None, **flags: Any) -> SimConfig:
-    """The `SimConfig` of a replay: `base` (defaults) < the fleet file's [run]/[model] < `flags`
-    (the command line's, given ones only)."""
+    """The `SimConfig` of a replay: `base` (defaults) < the fleet file's [run]/[model]/[agent]/
+    [policy] < `flags` (the command line's, given ones only). ``[policy]`` changes only the keys
+    it gives of `base`'s policy."""
     fleet_file = parse_fleet_file(path)
-    settings = {**fleet_file.settings.overrides(), **flags}
+    settings = {**fleet_file.settings.overrides((base or SimConfig()).policy), **flags}
     return replace(base or SimConfig(), **settings, fleet_file=str(path),
                    devices=len(fleet_file.devices))
 
@@ -774,12 +867,43 @@ def export_fleet(config: SimConfig, out: Path) -> Path:
         f"batch_size = {config.batch_size}",
         f"hidden = [{', '.join(str(h) for h in config.hidden)}]",
         f"l2 = {config.l2!r}",
+        "",
+        "[agent]                 # every device's agent; sim seconds",
+        f"check_interval_s = {config.check_interval_sim_s!r}  # the poll",
+        f"min_train_interval_s = {config.min_train_interval_sim_s!r}",
+        "",
+        "[policy]                # when a device may train (the agent's [policy] keys)",
+        *_policy_lines(config.policy),
     ]
     for trace, (X, y), local in zip(fleet.traces, fleet.parts, fleet.local_tests, strict=True):
         lines += ["", *_export_device(out, trace, X, y, local)]
     path = out / "fleet.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _policy_lines(policy: PolicyConfig) -> list[str]:
+    """Every key of `policy`, as ``[policy]`` lines that load back the same."""
+    lines = []
+    for name in policy.__dataclass_fields__:
+        value = getattr(policy, name)
+        if value is None:  # time_window: TOML has no null; leaving it out means the same
+            lines.append(f"# {name} = [start, end]  # minutes since midnight; unset: any time")
+        else:
+            lines.append(f"{name} = {_toml_value(value)}")
+    return lines
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return _toml_str(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, float):
+        return repr(value)  # shortest round-trip text; inf/nan are TOML's too
+    return str(value)
 
 
 def _export_device(out: Path, trace: DeviceTrace, X: Any, y: Any, local: XY | None

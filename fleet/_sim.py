@@ -83,7 +83,8 @@ class SimConfig:
     test_file: str | None = None
     encoding: str = "float32"
     dirichlet_alpha: float = 0.5
-    check_interval_sim_s: float = 120.0
+    check_interval_sim_s: float = 120.0  # the agents' poll
+    min_train_interval_sim_s: float = 0.0  # the agents' least time between two trainings
     workers: int = 0  # 0: one per core, less one for the coordinator, at least 1
     broker: str | None = None  # URL of an existing broker; None: start one
     broker_kind: str = "auto"  # auto | mosquitto | embedded
@@ -131,6 +132,8 @@ class SimConfig:
             raise ConfigError("correlate_labels shapes the synthetic fleet; a fleet file has "
                               "its own traces", key="correlate_labels")
         _int("local_test_size", self.local_test_size, 1, math.inf)
+        _num("check_interval_sim_s", self.check_interval_sim_s, 0.0, math.inf, lo_open=True)
+        _num("min_train_interval_sim_s", self.min_train_interval_sim_s, 0.0, math.inf)
         _num("constrained_slowdown", self.constrained_slowdown, 0.0, math.inf, lo_open=True)
         _num("participation_window_sim_s", self.participation_window_sim_s, 0.0, math.inf,
              lo_open=True)
@@ -387,7 +390,8 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet | None
                 state_root=str(state_root / "devices"), policy=config.policy,
                 training=TrainConfig(local_epochs=config.local_epochs,
                                      encoding=config.encoding),  # type: ignore[arg-type]
-                check_interval_s=config.check_interval_sim_s, seed=config.seed)
+                check_interval_s=config.check_interval_sim_s, seed=config.seed,
+                min_train_interval_s=config.min_train_interval_sim_s)
             p = ctx.Process(target=run_worker, args=(spec, go, start_at, stop, reports),
                             daemon=True, name=f"fleet-worker-{w}")
             p.start()
@@ -597,7 +601,9 @@ def _summarize(config: SimConfig, rule: str, fleet: Fleet,
 
 def fleet_summary(config: SimConfig, fleet: Fleet) -> dict[str, Any]:
     stats = summarize(fleet.traces, config.duration_sim_s, policy=config.policy,
-                      step_s=max(300.0, config.duration_sim_s / 100))
+                      # At least 10 samples: a run may be shorter than 300 sim seconds.
+                      step_s=min(max(300.0, config.duration_sim_s / 100),
+                                 config.duration_sim_s / 10))
     sizes = [len(y) for _, y in fleet.parts]
     return {**{k: (round(v, 3) if isinstance(v, float) else v) for k, v in stats.items()},
             "samples_per_device_median": int(np.median(sizes)),

@@ -49,6 +49,7 @@ class WorkerSpec:
     training: TrainConfig
     check_interval_s: float  # sim
     seed: int
+    min_train_interval_s: float = 0.0  # sim; the agent's, between two trainings
 
 
 class ArraySource:
@@ -91,7 +92,7 @@ class SimDevice:
             device_id=trace.device_id, fleet=spec.fleet,
             state_dir=str(Path(spec.state_root) / trace.device_id),
             min_samples=1, min_new_samples=10**9, retrain_on_new_model=True,
-            min_train_interval_s=0.0, check_interval_s=spec.check_interval_s,
+            min_train_interval_s=spec.min_train_interval_s, check_interval_s=spec.check_interval_s,
             policy=spec.policy, training=spec.training, train_in_subprocess=False)
         self.agent = Agent(config, link=self.link, reader=SimReader(trace, clock),
                            data=ArraySource(X, y), clock=clock.wall, monotonic=clock.sim_now,

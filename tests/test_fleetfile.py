@@ -4,6 +4,7 @@ export round trip, local evaluation, and a replayed 3-device fleet on a real bro
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 from dataclasses import replace
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from agent._policy import PolicyConfig
 from fleet._fleetfile import (
     FleetFileError,
     export_fleet,
@@ -21,7 +23,7 @@ from fleet._fleetfile import (
     read_trace,
     replay_config,
 )
-from fleet._sim import SimConfig, build_fleet, local_evaluation, metric_of
+from fleet._sim import SimConfig, build_fleet, fleet_summary, local_evaluation, metric_of
 from fleet._traces import Battery, Intervals
 from fleet.cli import compare, main
 from models import ConfigError
@@ -225,7 +227,7 @@ def test_a_malformed_fleet_file_reports_every_problem_with_its_entry(tmp_path) -
 
     problems = e.value.problems
     expected = [
-        "[model] kind must be one of logistic, mlp, linear, got 'forest'",
+        "[model] kind (line 3) must be one of logistic, mlp, linear, got 'forest'",
         'devices[1] (id "two-speeds", line 8): give one of epoch_seconds and epoch_multiplier',
         "devices[2] (no id, line 13): epoch_seconds must be > 0, got -1",
         "devices[2] (no id, line 13): id is required",
@@ -282,7 +284,7 @@ def test_a_malformed_csv_fleet_file_names_its_lines(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(("name", "text", "expected"), [
-    ("f.toml", "[run]\nstart = 1\n", "[run] start must be an ISO date-time"),
+    ("f.toml", "[run]\nstart = 1\n", "[run] start (line 2) must be an ISO date-time"),
     ("f.toml", "[[devices]]\n", "devices[0] (no id, line 1): id is required"),
     ("f.toml", "[runs]\n", "unknown top-level key(s) runs"),
     ("f.toml", "[run]\nduration = 3\n", "[run]: unknown key(s) duration"),
@@ -305,6 +307,152 @@ def test_unreadable_fleet_files(tmp_path, name: str, text: str | None, expected:
     path = tmp_path / name if text is None else write(tmp_path / name, text)
     with pytest.raises(ConfigError, match=expected):
         parse_fleet_file(path)
+
+
+# Two always-online, mains-powered devices and no traces: eligible from the start, so when they
+# train is up to the policy's dwell and the agent's poll.
+MAINS = """{tables}
+[run]
+test_file = "data/test.csv"
+
+[[devices]]
+id = "a"
+data = "data/a.csv"
+epoch_seconds = 2
+
+[[devices]]
+id = "c"
+data = "data/c.csv"
+epoch_seconds = 2
+"""
+ALWAYS_ON = """
+[agent]
+check_interval_s = 5
+min_train_interval_s = 60
+
+[policy]
+min_dwell_s = 0
+allowed_interfaces = ["eth*", "wlan*"]
+max_temperature_c = 60
+"""
+
+
+def test_agent_and_policy_tables_set_every_devices_agent_over_the_sim_defaults(tmp_path) -> None:
+    d = fleet_dir(tmp_path)
+    sim = SimConfig()
+
+    config = replay_config(write(d / "fleet.toml", MAINS.format(tables=ALWAYS_ON)))
+    plain = replay_config(write(d / "plain.toml", MAINS.format(tables="")))
+    js = replay_config(write(d / "fleet.json", json.dumps({
+        "run": {"test_file": "data/test.csv"},
+        "agent": {"check_interval_s": 5, "min_train_interval_s": 60},
+        "policy": {"min_dwell_s": 0, "allowed_interfaces": ["eth*", "wlan*"],
+                   "max_temperature_c": 60},
+        "devices": [{"id": "a", "data": "data/a.csv", "epoch_seconds": 2}]})))
+
+    # Only the keys given change; the rest stay the simulator's (its dwell is 300 s, not 60).
+    assert config.policy == replace(sim.policy, min_dwell_s=0.0, max_temperature_c=60.0,
+                                    allowed_interfaces=("eth*", "wlan*"))
+    assert (config.check_interval_sim_s, config.min_train_interval_sim_s) == (5.0, 60.0)
+    assert (js.policy, js.check_interval_sim_s, js.min_train_interval_sim_s) == (
+        config.policy, 5.0, 60.0)
+    # Absent, nothing changes.
+    assert plain.policy == sim.policy and plain.policy.min_dwell_s == 300.0
+    assert (plain.check_interval_sim_s, plain.min_train_interval_sim_s) == (
+        sim.check_interval_sim_s, sim.min_train_interval_sim_s)
+    # Over a caller's base policy, the same: only the keys given.
+    base = replace(sim, policy=PolicyConfig(max_cpu_percent=55.0))
+    assert replay_config(d / "fleet.toml", base).policy == replace(
+        base.policy, min_dwell_s=0.0, max_temperature_c=60.0,
+        allowed_interfaces=("eth*", "wlan*"))
+    # A night window: TOML's array becomes the policy's (start, end) minutes.
+    night = replay_config(write(d / "night.toml", MAINS.format(
+        tables="[policy]\ntime_window = [1320, 360]\n")))
+    assert night.policy == replace(sim.policy, time_window=(1320, 360))
+
+
+@pytest.mark.parametrize(("tables", "expected"), [
+    ("[policy]\nmin_dwel_s = 0\n",
+     "[policy]: unknown key(s) min_dwel_s (line 2); known: min_battery_percent, "),
+    ('[policy]\nmin_dwell_s = "soon"\n',
+     '[policy] min_dwell_s (line 2) must be a number (e.g. 60.0), got string "soon"'),
+    ("[policy]\nmax_cpu_percent = 30\nmin_dwell_s = -5\n",
+     "[policy] min_dwell_s (line 3) must be a number in [0, inf], got -5"),
+    ("[policy]\ntime_window = [60]\n",
+     "[policy] time_window (line 2) must be an array of 2 integers, got array [60]"),
+    ("[policy]\nrequire_charging = 1\n",
+     "[policy] require_charging (line 2) must be true or false, got integer 1"),
+    ("[policy]\nallowed_interfaces = []\n",
+     "[policy] allowed_interfaces (line 2) is empty: the device could never train"),
+    ("policy = 3\n", "[policy] must be a table, got 3"),
+    ("[agent]\ncheck_interval_s = 0\n", "[agent] check_interval_s (line 2) must be > 0, got 0"),
+    ("[agent]\nmin_train_interval_s = -1\n",
+     "[agent] min_train_interval_s (line 2) must be >= 0, got -1"),
+    ("[agent]\npoll_s = 5\n",
+     "[agent]: unknown key(s) poll_s (line 2); known: check_interval_s, min_train_interval_s"),
+])
+def test_a_bad_policy_or_agent_key_is_one_line_naming_the_key_and_file(
+        tmp_path, tables: str, expected: str) -> None:
+    path = write(fleet_dir(tmp_path) / "fleet.toml", MAINS.format(tables=tables))
+
+    with pytest.raises(FleetFileError) as e:
+        parse_fleet_file(path)
+
+    assert e.value.problems[0].startswith(expected), e.value.problems
+    assert str(e.value) == f"fleet file {path}: {e.value.problems[0]}"  # one problem, one line
+    assert "\n" not in str(e.value)
+
+
+def test_the_cli_stops_on_a_bad_policy_key_with_one_line_and_status_2(tmp_path, capsys) -> None:
+    path = write(fleet_dir(tmp_path) / "fleet.toml",
+                 MAINS.format(tables="[policy]\nmin_dwell = 0\n"))
+
+    assert main(["--fleet-file", str(path), "--out", str(tmp_path / "out")]) == 2
+
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: fleet file {path}: [policy]: unknown key(s) min_dwell (line "
+                          f"2); known: ") and "min_dwell_s" in err
+    assert err.count("\n") == 1
+    assert not (tmp_path / "out").exists()  # stopped before anything ran
+
+
+def test_a_json_fleet_files_policy_problems_name_the_key_without_a_line(tmp_path) -> None:
+    d = fleet_dir(tmp_path)
+    path = write(d / "fleet.json", json.dumps({
+        "policy": {"cpu_margin": -1, "min_dwel_s": 0},
+        "devices": [{"id": "a", "data": "data/a.csv", "epoch_seconds": 2}]}))
+
+    with pytest.raises(FleetFileError) as e:
+        parse_fleet_file(path)
+
+    assert e.value.problems[0].startswith("[policy]: unknown key(s) min_dwel_s; known: ")
+    assert len(e.value.problems) == 1  # the range checks wait until the keys are right
+    fixed = write(d / "fixed.json", path.read_text().replace(', "min_dwel_s": 0', ""))
+    with pytest.raises(FleetFileError) as e:
+        parse_fleet_file(fixed)
+    assert e.value.problems == ("[policy] cpu_margin must be a number in [0, inf], got -1.0",)
+
+
+def test_a_run_shorter_than_300_sim_seconds_is_summarised(tmp_path) -> None:
+    # `fedasync-sim --fleet-file F --scale 1 --duration 200` stopped here: "step_s must be a
+    # number in (0, 200], got 300.0". Device a is online for the run's first 50 sim seconds.
+    d = fleet_dir(tmp_path)
+    write(d / "traces" / "a-online.csv", "start,end\n0,50\n")
+    path = write(d / "fleet.toml", MAINS.format(tables="").replace(
+        'id = "a"\n', 'id = "a"\nonline = "traces/a-online.csv"\n'))
+    for duration_s, scale in ((200.0, 1.0), (2.0, 100.0), (0.5, 1.0)):
+        config = replay_config(path, duration_s=duration_s, scale=scale)
+
+        summary = fleet_summary(config, build_fleet(config))
+
+        assert summary["duration_s"] == config.duration_sim_s < 300.0
+        assert summary["online"] == pytest.approx(
+            (min(50.0, config.duration_sim_s) / config.duration_sim_s + 1.0) / 2)
+        if config.duration_sim_s == 200.0:
+            # Sampled every 20 sim s (10 points, not one at 100 s): a is eligible at 10 and 30.
+            assert summary["eligible"] == pytest.approx((2 / 10 + 1.0) / 2)
+            assert summary["eligible_devices_min"] == 1
+            assert summary["eligible_devices_mean"] == pytest.approx(1.2)
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -429,6 +577,18 @@ def test_the_shipped_example_fleet_loads() -> None:
     assert config.cohort_size == 2 and config.round_deadline_sim_s == 900.0
     assert fleet.traces[0].wifi.spans == ((0.0, 3600.0), (4800.0, INF))
     assert sum(t is not None for t in fleet.local_tests) == 2
+    assert config.policy == SimConfig().policy  # no [policy]: the simulator's
+
+
+def test_the_shipped_always_on_example_sets_the_agents_policy() -> None:
+    config = replay_config(EXAMPLE.with_name("always-on.toml"))
+    fleet = build_fleet(config)
+
+    assert config.policy == replace(SimConfig().policy, min_dwell_s=0.0)
+    assert (config.check_interval_sim_s, config.min_train_interval_sim_s) == (5.0, 0.0)
+    assert all(t.battery is None and t.online == t.wifi == Intervals.always()
+               and not t.busy.spans for t in fleet.traces)
+    assert fleet_summary(config, fleet)["eligible"] == 1.0
 
 
 # -- export ------------------------------------------------------------------------------------
@@ -463,8 +623,27 @@ def test_an_exported_synthetic_fleet_loads_back_the_same(tmp_path) -> None:
     for a, b in zip(original.local_tests, loaded.local_tests, strict=True):
         assert a is not None and b is not None
         assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert config.policy == SimConfig().policy  # written in full, read back the same
+    assert config.check_interval_sim_s == SimConfig().check_interval_sim_s
     with pytest.raises(ConfigError, match="takes no fleet file"):
         export_fleet(config, tmp_path / "again")
+
+
+def test_export_writes_the_agent_and_policy_tables_and_they_load_back(tmp_path) -> None:
+    policy = PolicyConfig(min_dwell_s=0.0, require_charging=True, time_window=(1320, 360),
+                          allowed_interfaces=("eth*",), denied_interfaces=(),
+                          max_temperature_c=62.5)
+    config = SimConfig(devices=3, seed=4, policy=policy, check_interval_sim_s=7.5,
+                       min_train_interval_sim_s=40.0)
+
+    path = export_fleet(config, tmp_path / "out")
+    loaded = replay_config(path)
+
+    assert loaded.policy == policy
+    assert (loaded.check_interval_sim_s, loaded.min_train_interval_sim_s) == (7.5, 40.0)
+    text = path.read_text()
+    assert "\n[policy]" in text and "\nmin_dwell_s = 0.0\n" in text
+    assert "\ntime_window = [1320, 360]\n" in text and "\ndenied_interfaces = []\n" in text
 
 
 # -- local evaluation --------------------------------------------------------------------------
@@ -531,3 +710,34 @@ def test_a_replayed_fleet_runs_and_an_offline_device_sends_nothing(broker, tmp_p
         rows = list(csv.DictReader((r.out_dir / "updates.csv").open()))
         assert len(rows) == len(r.arrivals)
     assert summary["fleet"]["n_devices"] == 3 and summary["fleet"]["dirichlet_alpha"] is None
+
+
+@pytest.mark.broker
+def test_an_always_available_fleet_trains_at_once_in_a_run_under_300_sim_seconds(
+        broker, tmp_path) -> None:
+    # 4 wall s x 50 = 200 sim s, through the command line as a user runs it. Under the
+    # simulator's policy a device must pass its checks for 300 sim s before it trains, so no
+    # update can arrive; with [policy] min_dwell_s = 0 and a 5 s poll they train at once.
+    d = fleet_dir(tmp_path)
+    runs = {}
+    for name, tables in (("default", ""), ("always-on", ALWAYS_ON)):
+        path = write(d / f"{name}.toml", MAINS.format(tables=tables))
+        out = tmp_path / name
+        assert main(["--fleet-file", str(path), "--duration", "4", "--scale", "50",
+                     "--rule", "fedasync", "--workers", "1", "--broker", broker.url,
+                     "--out", str(out)]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["fleet"]["duration_s"] == 200.0
+        runs[name] = list(csv.DictReader((out / "fedasync" / "updates.csv").open()))
+
+    assert runs["default"] == []
+    arrivals = runs["always-on"]
+    assert {a["device_id"] for a in arrivals} == {"a", "c"}, arrivals
+    # min_train_interval_s = 60: a device starts training at least 60 sim s after it last
+    # did. Arrivals also carry the real training's and the network's wall time (x 50 here):
+    # allow 0.3 wall s of that. Without the interval the gaps here are about 25 sim s.
+    slack = 0.3 * 50
+    for device in ("a", "c"):
+        times = sorted(float(a["sim_s"]) for a in arrivals if a["device_id"] == device)
+        assert len(times) >= 2, (device, times)
+        assert all(b - a >= 60.0 - slack for a, b in itertools.pairwise(times)), (device, times)
