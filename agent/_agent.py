@@ -68,6 +68,10 @@ Trainer = Callable[..., "UpdateMessage | None"]
 # A fetch whose retained snapshot has not arrived by then is given up (and retried at a later
 # check): the broker may have lost it, or an ACL may hide it.
 FETCH_TIMEOUT_S = 120.0
+# Listening this long without hearing the retained announcement means the coordinator does not
+# announce (it predates models on demand, or the broker's ACL hides the topic): follow every
+# snapshot instead, so an agent upgraded before its coordinator keeps training.
+ANNOUNCE_WAIT_S = 30.0
 
 
 class Link(Protocol):
@@ -163,6 +167,8 @@ class Agent:
         self.model_wait_s = 10.0  # how long `poll` waits for an announcement or a fetch
         self.announcement: Announcement | None = None
         self._fresh = False  # an announcement arrived since the current subscription
+        self._listening_since: float | None = None  # monotonic: announce subscribed, unheard
+        self._unannounced = False  # no announcement ever heard: following snapshots instead
         self._subscribed: set[str] = set()
         self._fetching_since: float | None = None  # monotonic
         self._refused_sha: str | None = None  # a snapshot refused: not fetched again
@@ -189,6 +195,7 @@ class Agent:
                     self.link.unsubscribe(topic)
                 self._subscribed.clear()
                 self._fresh = False
+                self._listening_since = None
                 self._fetching_since = None
                 self._sync()
         entries = self.spool.entries()
@@ -213,6 +220,10 @@ class Agent:
             self.announcement = announcement
             if self.topics.announce in self._subscribed:
                 self._fresh = True
+            if self._unannounced:
+                log.info("the coordinator announces models now: fetching on demand again")
+                self._unannounced = False
+                self._subscribe(self.topics.model, False)
             self._sync()
         self._news.set()
 
@@ -332,7 +343,7 @@ class Agent:
         must name nothing newer (nor a fetch be under way): an agent back from idle must not
         train on a model it fetched hours ago. Offline it trains on what it has, as always."""
         with self._lock:
-            if not self._on_demand or not self.link.connected:
+            if not self._on_demand or not self.link.connected or self._unannounced:
                 return True
             a = self.announcement
             return (self._fresh and self._fetching_since is None and a is not None
@@ -372,6 +383,21 @@ class Agent:
         allowed = self._network_allows_fetching()
         if self._follow:
             self._subscribe(self.topics.model, allowed)
+            return
+        if self._unannounced:  # still listening, in case the coordinator starts announcing
+            self._subscribe(self.topics.announce, True)
+            self._subscribe(self.topics.model, allowed)
+            return
+        since = self._listening_since
+        if (since is not None and self.announcement is None
+                and self.monotonic() - since >= ANNOUNCE_WAIT_S):
+            log.warning("no model announcement on %s in %.0f s: the coordinator does not "
+                        "announce (older than this agent, or the broker's ACL hides the topic); "
+                        "following every snapshot on %s instead", self.topics.announce,
+                        ANNOUNCE_WAIT_S, self.topics.model)
+            self._unannounced = True
+            self._fetching_since = None
+            self._sync()
             return
         a = self.announcement
         if (self._fresh and a is not None and self._fetching_since is None
@@ -413,11 +439,13 @@ class Agent:
             self._subscribed.add(topic)
             if topic == self.topics.announce:
                 self._fresh = False  # until the retained announcement arrives
+                self._listening_since = self.monotonic()
             link.subscribe(topic, 0)
         else:
             self._subscribed.discard(topic)
             if topic == self.topics.announce:
                 self._fresh = False  # announcements are no longer heard
+                self._listening_since = None
             link.unsubscribe(topic)
 
     def _await_model(self) -> None:
@@ -547,8 +575,9 @@ class Agent:
             "model_version": None if self.snapshot is None else self.snapshot.version,
             # What the agent knows of newer models (models on demand): the last announcement
             # heard, and the last snapshot it received (version, bytes, wall time, refused).
-            "models": ("follow" if self._follow else "on demand" if self._on_demand
-                       else "link"),
+            "models": ("follow" if self._follow
+                       else "follow (the coordinator does not announce)" if self._unannounced
+                       else "on demand" if self._on_demand else "link"),
             "announced_version": None if self.announcement is None else self.announcement.version,
             "last_fetch": self.last_fetch,
             "fetches": self.fetches,

@@ -173,6 +173,34 @@ def test_follow_mode_subscribes_to_the_model_while_the_network_allows(tmp_path: 
     assert topics_of(agent) == set()
 
 
+def test_without_announcements_the_agent_follows_snapshots_until_one_is_heard(
+        tmp_path: Path) -> None:
+    """An agent upgraded before its coordinator (which announces nothing) must keep training."""
+    import agent._agent as agent_module
+
+    now = [0.0]
+    config = AgentConfig(device_id="pi-1", state_dir=str(tmp_path), policy=OPEN,
+                         min_train_interval_s=0.0, train_in_subprocess=False)
+    agent = Agent(config, link=RecordingLink(), reader=StaticReader(readings()),
+                  data=CallableSource(lambda: (np.zeros((0, 4)), np.zeros(0))),
+                  monotonic=lambda: now[0])
+    agent.on_connected()
+    decision = agent.check()
+    assert topics_of(agent) == {"announce"}
+    now[0] = agent_module.ANNOUNCE_WAIT_S - 1
+    agent.check()
+    assert topics_of(agent) == {"announce"}  # not yet: the retained one may be on its way
+    now[0] = agent_module.ANNOUNCE_WAIT_S + 1
+    agent.check()
+    assert topics_of(agent) == {"announce", "model"}  # follows, and still listens
+    assert agent.status()["models"].startswith("follow (")
+    agent.on_model(small_snapshot(3))
+    assert agent.snapshot is not None and agent.should_train(decision)
+    # The coordinator is upgraded: back to fetching on demand.
+    agent.on_announce(announce(small_snapshot(3), 3))
+    assert topics_of(agent) == {"announce"} and agent.status()["models"] == "on demand"
+
+
 def test_bad_settings_are_refused() -> None:
     from models import ConfigError
 
@@ -330,6 +358,27 @@ def test_an_ineligible_agent_gets_no_snapshot_then_fetches_only_the_newest(
     finally:
         stop_agent(runner, thread)
         service.stop()
+
+
+@pytest.mark.broker
+def test_an_agent_trains_under_a_coordinator_that_does_not_announce(
+        broker, fleet_name, tmp_path, monkeypatch) -> None:
+    import agent._agent as agent_module
+
+    monkeypatch.setattr(agent_module, "ANNOUNCE_WAIT_S", 0.5)  # 30 s in production
+    old = Listener(broker.url, [Topics(fleet_name).ack("old-coordinator")])
+    try:  # what an older coordinator leaves: a retained snapshot and no announcement
+        weights = np.zeros(N_DIGITS, np.float32)
+        old.publish(Topics(fleet_name).model, encode_snapshot(
+            Snapshot(version=4, spec=DIGITS, weights=weights)), retain=True)
+    finally:
+        old.close()
+    runner, _, thread = start_agent(broker, fleet_name, tmp_path / "a", StaticReader(readings()))
+    try:
+        assert wait_for(lambda: runner.agent.counters.trained >= 1, timeout=60)
+        assert runner.agent.snapshot is not None and runner.agent.snapshot.version == 4
+    finally:
+        stop_agent(runner, thread)
 
 
 @pytest.mark.broker
