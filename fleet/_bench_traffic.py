@@ -7,12 +7,14 @@ Per device count and seed, one run of ``fedasync-sim --rule fedasync`` (the code
 ``--code``, by default this checkout) against a fresh private Mosquitto with $SYS every second,
 so its counters start at zero. Measured side by side on each run:
 
-- the broker's totals at the end (`read_sys_counters`): bytes and MQTT packets received and
-  sent, PUBLISH packets and their payload bytes;
+- the broker's $SYS totals (every second, followed from the start; the values after two
+  fresh ticks once the run has ended): bytes and MQTT packets received and sent, PUBLISH
+  packets and their payload bytes;
 - a listener on ``fl/#`` that sees every message once as it was published, by kind
   (`fleet._traffic.classify`): uplink as the devices sent it, and what the coordinator sent
-  (one snapshot per version, one ack per update). Its own share of the broker's output is
-  taken off the totals, exactly (QoS 0, so fixed header + topic length + topic + payload).
+  (one snapshot per version, one ack per update). Its own share of the broker's output (these
+  messages and the $SYS ones) is taken off the totals, exactly (QoS 0: fixed header + topic
+  length + topic + payload).
   Delivered snapshots = PUBLISH packets the broker sent less everything else it forwarded
   (updates and statuses to the coordinator, acks to their device, presence);
 - the run's summary.json: merged updates (accepted + buffered), versions, accuracy, and its
@@ -26,6 +28,7 @@ final accuracy. Runs are one at a time (they are CPU heavy).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
@@ -36,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fleet._broker import MosquittoBroker, read_sys_counters
+from fleet._broker import MosquittoBroker
 from fleet._traffic import KINDS, classify
 
 HERE = Path(__file__).resolve().parent.parent
@@ -51,10 +54,12 @@ def _varint_len(n: int) -> int:
 
 
 class Listener:
-    """Every message on ``fl/#`` once, by kind; and the bytes and packets the broker spent
-    sending them to this listener (to take off its totals)."""
+    """Every message on ``fl/#`` once, by kind; the broker's $SYS counters as they tick; and
+    the bytes and packets the broker spent sending all that to this listener (to take off its
+    totals)."""
 
     def __init__(self, url: str) -> None:
+        from fleet._broker import SYS_COUNTERS
         from models._mqtt import BrokerAddress, make_client
 
         self.counts: dict[str, dict[str, int]] = {k: {"messages": 0, "bytes": 0,
@@ -62,13 +67,17 @@ class Listener:
         self.wire_bytes = 0
         self.packets = 0
         self.payload_bytes = 0
+        self.sys: dict[str, int] = {}
+        self.ticks: list[float] = []  # when each fresh $SYS uptime came
+        self._names = SYS_COUNTERS
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         address = BrokerAddress.parse(url)
         self.client = make_client(address, client_id=f"traffic-listener-{os.getpid()}",
                                   persistent=False)
         self.client.on_message = self._on_message
-        self.client.on_connect = lambda c, *a: c.subscribe("fl/#", 0)
+        self.client.on_connect = lambda c, *a: c.subscribe(
+            [("fl/#", 0), *((f"$SYS/broker/{t}", 0) for t in (*SYS_COUNTERS, "uptime"))])
         self.client.on_subscribe = lambda *a: self._subscribed.set()
         self.client.connect(address.host, address.port, keepalive=30)
         self.client.loop_start()
@@ -79,13 +88,49 @@ class Listener:
         topic_len, n = len(msg.topic.encode()), len(msg.payload)
         remaining = 2 + topic_len + n  # QoS 0: no packet id
         with self._lock:
+            self.wire_bytes += 1 + _varint_len(remaining) + remaining
+            self.packets += 1
+            self.payload_bytes += n
+            if msg.topic.startswith("$SYS/"):
+                name = msg.topic.removeprefix("$SYS/broker/")
+                if name == "uptime":
+                    if not msg.retain:
+                        self.ticks.append(time.monotonic())
+                elif name in self._names:
+                    self.sys[self._names[name]] = int(float(msg.payload.decode()))
+                return
             c = self.counts[classify(msg.topic)]
             c["messages"] += 1
             c["bytes"] += topic_len + n
             c["payload_bytes"] += n
-            self.wire_bytes += 1 + _varint_len(remaining) + remaining
-            self.packets += 1
-            self.payload_bytes += n
+
+    def final(self, timeout: float = 60.0) -> tuple[dict[str, int] | None, dict[str, Any]]:
+        """The broker's totals less this listener's share, after two fresh ticks from now
+        (or, if they do not come in `timeout`, as of the last tick seen); and how fresh."""
+        since = time.monotonic()
+        deadline = since + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if sum(t > since for t in self.ticks) >= 2:
+                    break
+            time.sleep(0.1)
+        with self._lock:
+            fresh = sum(t > since for t in self.ticks)
+            info = {"ticks_after_end": fresh, "ticks": len(self.ticks),
+                    "last_tick_age_s": round(time.monotonic() - self.ticks[-1], 1)
+                    if self.ticks else None,
+                    "longest_tick_gap_s": round(max((b - a for a, b in
+                                                     zip(self.ticks, self.ticks[1:],
+                                                         strict=False)),
+                                                    default=0.0), 1)}
+            if not all(k in self.sys for k in self._names.values()):
+                return None, info
+            totals = dict(self.sys)
+            totals["bytes_sent"] -= self.wire_bytes
+            totals["messages_sent"] -= self.packets
+            totals["publish_messages_sent"] -= self.packets
+            totals["publish_bytes_sent"] -= self.payload_bytes
+            return totals, info
 
     def close(self) -> None:
         self.client.disconnect()
@@ -117,25 +162,20 @@ def measure(*, code: Path, devices: int, seed: int, rule: str, duration: float, 
             rc = subprocess.run(cmd, cwd=code, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 check=False, timeout=duration * 10 + 600).returncode
         wall = time.monotonic() - t0
-        counters = read_sys_counters(broker.url, timeout=30)
+        broker_totals, sys_info = listener.final()
     finally:
         if listener is not None:
             listener.close()
         broker.close()
     summary_path = run_dir / "sim" / rule / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    merged = int(summary.get("updates_accepted", 0))
+    # Merged: what lineage recorded as accepted or buffered by the coordinator's stop (the
+    # window the broker's totals cover); summary.json's updates_accepted is sampled at the end.
+    lineage = run_dir / "sim" / rule / "updates.csv"
+    merged = (sum(1 for r in csv.DictReader(lineage.open()) if r["outcome"] != "rejected")
+              if lineage.exists() else int(summary.get("updates_accepted", 0)))
     sim_hours = duration * float(summary.get("scale", 960.0)) / 3600
     lc = listener.counts if listener else {}
-    broker_totals: dict[str, int] | None = None
-    if counters is not None and listener is not None:
-        # Off the totals: what the broker sent to the listener (and the listener's own CONNECT
-        # and SUBSCRIBE are a few dozen bytes, left in).
-        broker_totals = dict(counters)
-        broker_totals["bytes_sent"] -= listener.wire_bytes
-        broker_totals["messages_sent"] -= listener.packets
-        broker_totals["publish_messages_sent"] -= listener.packets
-        broker_totals["publish_bytes_sent"] -= listener.payload_bytes
     published = {k: dict(v) for k, v in lc.items() if v["messages"]}
     delivered_snapshots: dict[str, int] | None = None
     if broker_totals is not None:
@@ -143,8 +183,8 @@ def measure(*, code: Path, devices: int, seed: int, rule: str, duration: float, 
         # subscriber), each ack to its device; every other PUBLISH it sent is a snapshot
         # delivered to a device (retained on subscribe, or live).
         # Counted in payload bytes: Mosquitto 2.0's PUBLISH byte counters add up exactly to
-        # what the listener saw, its PUBLISH message counters do not (they miss some QoS 0
-        # messages), so the count is the bytes over the mean snapshot size.
+        # what the listener saw, its PUBLISH message counters do not (retained publishes are
+        # missing from them), so the count is the bytes over the mean snapshot size.
         forwarded = [lc[k] for k in ("update", "status", "ack", "other", "announce")]
         payload = broker_totals["publish_bytes_sent"] - sum(c["payload_bytes"]
                                                             for c in forwarded)
@@ -156,12 +196,13 @@ def measure(*, code: Path, devices: int, seed: int, rule: str, duration: float, 
     row: dict[str, Any] = {
         "devices": devices, "seed": seed, "rule": rule, "duration_s": duration,
         "sim_hours": round(sim_hours, 3), "exit_code": rc, "wall_s": round(wall, 1),
-        "merged_updates": merged, "versions": summary.get("versions"),
+        "merged_updates": merged, "updates_accepted_at_end": summary.get("updates_accepted"),
+        "versions": summary.get("versions"),
         "updates_rejected": summary.get("updates_rejected"),
         "final_accuracy": summary.get("final_metric"),
         "time_to_target_s": summary.get("time_to_target_s"),
         "rows_peak": summary.get("rows_peak"),
-        "broker": broker_totals,
+        "broker": broker_totals, "broker_sys": sys_info,
         "published_by_kind": published,
         "delivered_snapshots": delivered_snapshots,
     }
@@ -211,6 +252,40 @@ def _kb(v: float | None) -> str:
     return "-" if v is None else f"{v / 1000:,.1f}"
 
 
+_FIGURES = (("merged updates", None, "merged_updates"),
+            ("broker B sent / merged update", "per_merged_update", "broker_bytes_sent"),
+            ("broker B received / merged update", "per_merged_update", "broker_bytes_received"),
+            ("snapshots delivered / merged update", "per_merged_update", "snapshots_delivered"),
+            ("broker B sent / device / sim h", "per_device_hour", "broker_bytes_sent"),
+            ("broker B received / device / sim h", "per_device_hour", "broker_bytes_received"))
+
+
+def _compare(before: dict[str, Any], after: dict[str, Any]) -> None:
+    """Each figure of runs with the same devices and seed: before, after, after/before."""
+    old = {(r["devices"], r["seed"]): r for r in before.get("runs", [])}
+    print(f"\n{'devices':>7} {'seed':>4} {'figure':<36} {'before':>12} {'after':>12} "
+          f"{'ratio':>7}")
+    for r in after["runs"]:
+        b = old.get((r["devices"], r["seed"]))
+        if b is None:
+            continue
+        for name, group, key in _FIGURES:
+            x = b.get(key) if group is None else (b.get(group) or {}).get(key)
+            y = r.get(key) if group is None else (r.get(group) or {}).get(key)
+            ratio = "-" if not x or y is None else f"{y / x:.3f}"
+            print(f"{r['devices']:>7} {r['seed']:>4} {name:<36} {x!s:>12} {y!s:>12} {ratio:>7}")
+    acc_before = {a["seed"]: a for a in before.get("accuracy", [])}
+    for a in after.get("accuracy", []):
+        b = acc_before.get(a["seed"])
+        if b is None:
+            continue
+        for rule, s in a["rules"].items():
+            sb = b["rules"].get(rule, {})
+            print(f"accuracy seed {a['seed']} {rule:<12} time to target "
+                  f"{sb.get('time_to_target_s')} -> {s['time_to_target_s']}, final "
+                  f"{sb.get('final_metric')} -> {s['final_metric']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fleet._bench_traffic", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -226,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--accuracy-rules", default="fedasync,fedbuff,fedavg-sync")
     p.add_argument("--out", type=Path, default=Path("runs/traffic"))
     p.add_argument("--json", type=Path, help="write the results here too")
+    p.add_argument("--compare-to", type=Path,
+                   help="an earlier result (e.g. docs/communication-before.json): print its "
+                        "figures next to these, with the ratios")
     p.add_argument("sim_args", nargs="*", help="after --: more fedasync-sim flags")
     args = p.parse_args(argv)
     code = args.code.resolve()
@@ -277,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         for rule, s in a["rules"].items():
             print(f"seed {a['seed']} {rule:<12} time to target {s['time_to_target_s']} "
                   f"final {s['final_metric']}")
+    if args.compare_to:
+        _compare(json.loads(args.compare_to.read_text()), result)
     print(f"results: {out / 'traffic.json'}", file=sys.stderr)
     return 0
 

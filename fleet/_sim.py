@@ -40,7 +40,13 @@ from coordinator._guards import GuardConfig
 from coordinator._participation import ParticipationConfig
 from coordinator._rules import RuleConfig
 from coordinator._service import CoordinatorService
-from fleet._broker import EmbeddedBroker, MosquittoBroker, start_broker
+from fleet._broker import (
+    EmbeddedBroker,
+    MosquittoBroker,
+    diff_counters,
+    read_sys_counters,
+    start_broker,
+)
 from fleet._fairness import (
     XY,
     constrained_devices,
@@ -50,6 +56,8 @@ from fleet._fairness import (
     worst_fraction_mean,
 )
 from fleet._traces import DeviceTrace, FleetProfile, _int, _num, generate_device, summarize
+from fleet._traffic import attach as count_traffic
+from fleet._traffic import summarize_traffic
 from fleet._worker import WorkerSpec, run_worker
 from models import ConfigError, ModelSpec, build_model
 from models._datasets import Dataset, dirichlet_partition, load_digits, make_synthetic
@@ -350,6 +358,12 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet | None
     reports: Any = ctx.Queue()
     procs: list[Any] = []
     service: CoordinatorService | None = None
+    # Traffic: the workers' latest counts, the broker's $SYS totals at both ends (our own
+    # broker starts at zero; an existing one is diffed; None: no $SYS, e.g. the embedded one).
+    latest: dict[int, dict[str, int]] = {}
+    sys_start: dict[str, int] | None = None
+    sys_end: dict[str, int] | None = None
+    sampled = False
     try:
         if config.broker is None:
             broker = start_broker(prefer=config.broker_kind, workdir=state_root / "broker")
@@ -376,6 +390,10 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet | None
             participation=participation_config(config, rule), keep_checkpoints=_KEEP,
             guards=GuardConfig(max_norm=10.0, max_staleness=50),
             snapshots=SnapshotConfig(min_interval_s=0.5)), evaluator=evaluate)
+        # What the coordinator publishes (snapshots, acks) and receives, as the devices count.
+        coordinator_traffic = count_traffic(service._client)
+        sys_start = ({} if isinstance(broker, MosquittoBroker) else None if broker is not None
+                     else read_sys_counters(url, timeout=5))
         service.start()
         if not service.wait_connected(15):
             raise ConfigError(f"coordinator could not connect to {url}")
@@ -403,15 +421,20 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet | None
         start_at.value = start
         go.set()
         rows = _sample(service, reports, start=start, config=config, rule=rule,
-                       out_dir=out_dir, progress=progress, n_devices=n_devices)
+                       out_dir=out_dir, progress=progress, n_devices=n_devices,
+                       latest=latest)
+        sampled = True
     finally:
         stop.set()
         for p in procs:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
+        _drain(reports, latest)  # each worker's final counts, sent as it stopped
         if service is not None:
             service.stop()
+        if sampled and sys_start is not None:  # everything has stopped but the broker
+            sys_end = read_sys_counters(url, timeout=30)
         if broker is not None:
             broker.close()
         shutil.rmtree(state_root, ignore_errors=True)
@@ -426,13 +449,20 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet | None
     summary["local_accuracy"] = None if local is None else {
         k: round(v, 4) if isinstance(v, float) else v for k, v in local.items()}
     summary["participation"] = _participation(fleet, arrivals, scores, metric)
+    summary["traffic"] = summarize_traffic(
+        _device_traffic(latest), broker=diff_counters(sys_start, sys_end),
+        coordinator=coordinator_traffic.stats(),
+        merged_updates=sum(1 for a in arrivals if a.outcome != "rejected"),
+        n_devices=len(fleet.traces), sim_hours=config.duration_sim_s / 3600)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return RunResult(rule, out_dir, evals, summary, arrivals)
 
 
 def _sample(service: CoordinatorService, reports: Any, *, start: float, config: SimConfig,
-            rule: str, out_dir: Path, progress: bool, n_devices: int) -> list[dict[str, Any]]:
-    latest: dict[int, dict[str, int]] = {}
+            rule: str, out_dir: Path, progress: bool, n_devices: int,
+            latest: dict[int, dict[str, int]]) -> list[dict[str, Any]]:
+    """metrics.csv, a row a second, until the run's end; `latest` keeps each worker's last
+    report."""
     rows: list[dict[str, Any]] = []
     end = start + config.duration_s
     fields = ["time_s", "sim_hours", "version", "accuracy", "loss", "accepted", "buffered",
@@ -478,6 +508,23 @@ def _sample(service: CoordinatorService, reports: Any, *, start: float, config: 
         if progress:
             print(file=sys.stderr)
     return rows
+
+
+def _drain(reports: Any, latest: dict[int, dict[str, int]]) -> None:
+    """The reports still queued (the workers' final ones), into `latest`."""
+    with contextlib.suppress(queue.Empty, OSError, ValueError):
+        while True:
+            index, _, totals = reports.get_nowait()
+            if totals is not None:
+                latest[index] = totals
+
+
+def _device_traffic(latest: dict[int, dict[str, int]]) -> dict[str, int]:
+    """The fleet's traffic counts (fleet/_traffic.py): the sum of the workers'."""
+    out: Counter[str] = Counter()
+    for totals in latest.values():
+        out.update({k: v for k, v in totals.items() if k.startswith(("sent_", "received_"))})
+    return dict(out)
 
 
 class _Usage:

@@ -25,6 +25,7 @@ from agent._policy import PolicyConfig
 from agent._trainer import TrainConfig
 from fleet._netloop import NetLoop
 from fleet._traces import DeviceTrace, SimClock, SimReader
+from fleet._traffic import attach as count_traffic
 from models import Topics, UpdateMessage, WireError, decode_ack, encode_ack
 from models._files import Features, Labels
 from models._mqtt import BrokerAddress, make_client
@@ -87,6 +88,7 @@ class SimDevice:
         self.topics = Topics(spec.fleet)
         client = make_client(address, client_id=f"sim-{spec.fleet}-{trace.device_id}",
                              persistent=True)
+        self.traffic = count_traffic(client)  # messages and bytes by kind (fleet/_traffic.py)
         self.link = SimLink(client)
         config = AgentConfig(
             device_id=trace.device_id, fleet=spec.fleet,
@@ -216,7 +218,8 @@ class SimDevice:
         return {"online": int(self.online), "connected": int(self.link.connected),
                 "eligible": int(bool(self.online and d is not None and d.eligible)),
                 "training": int(self.job is not None), "trained": c.trained,
-                "accepted": c.accepted, "rejected": c.rejected, "aborted": c.aborted}
+                "accepted": c.accepted, "rejected": c.rejected, "aborted": c.aborted,
+                **self.traffic.stats()}
 
 
 def run_worker(spec: WorkerSpec, go: multiprocessing.synchronize.Event, start: Any,
@@ -251,5 +254,6 @@ def run_worker(spec: WorkerSpec, go: multiprocessing.synchronize.Event, start: A
     net.call_later(0.5, report)
     try:
         net.run(until=stop.is_set)
+        report()  # the final counts, traffic to the end; the parent drains them after `stop`
     finally:
         net.close()
