@@ -162,9 +162,10 @@ def test_a_small_run_reports_its_traffic(tmp_path) -> None:
     # Each update is acknowledged; a device receives at most what the coordinator sent.
     assert coordinator["sent"]["ack"]["messages"] >= lineage
     assert 1 <= down["ack"]["messages"] <= coordinator["sent"]["ack"]["messages"]
-    # Snapshots: each device gets the retained one at least, and each carries the weights.
+    # Snapshots (broadcast, or fetched on demand by the devices that train): each carries the
+    # weights.
     snapshots = down["snapshot"]["messages"]
-    assert snapshots >= config.devices
+    assert snapshots >= 1
     weights = build_model(fleet.spec).n_params * 4  # float32
     assert down["snapshot"]["bytes"] >= snapshots * weights
     assert coordinator["sent"]["snapshot"]["bytes"] >= (
