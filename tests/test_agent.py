@@ -59,7 +59,7 @@ def coordinator(broker: MosquittoBroker, fleet: str, state: Path) -> Coordinator
         evaluation=EvalConfig(test_file="builtin:digits")),
         evaluator=None)
     service.start()
-    assert service.wait_connected(10)
+    assert service.wait_connected(30)
     return service
 
 

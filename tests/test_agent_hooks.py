@@ -529,7 +529,7 @@ def test_a_refused_update_never_reaches_the_broker(broker: Any, fleet_name: str,
     listener = Listener(broker.url, [Topics(fleet_name).update("pi-1")])
     link.start()
     try:
-        assert link.wait_connected(10)
+        assert link.wait_connected(30)
         refused, approved = make_update(), make_update()
         site_hooks.ANSWER["approve"] = False
         agent.deliver(refused)

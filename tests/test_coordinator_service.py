@@ -35,7 +35,7 @@ def make_service(broker: MosquittoBroker, fleet: str, state: Path, **changes) ->
         snapshots=SnapshotConfig(min_interval_s=0.0), **changes)
     service = CoordinatorService(config)
     service.start()
-    assert service.wait_connected(10)
+    assert service.wait_connected(30)
     return service
 
 

@@ -396,12 +396,12 @@ def test_queue_and_inflight_limits_carry_a_coordinator_outage_and_a_whole_batch(
     coordinator = session()
     try:
         # Without acks the broker sends exactly max_inflight_messages: the batch size cap.
-        assert _wait(lambda: got.qsize() >= inflight, 10)
+        assert _wait(lambda: got.qsize() >= inflight, 30)
         time.sleep(SILENCE_S)
         assert got.qsize() == inflight
         seen = []
         while len(seen) < burst + 1:
-            msg = got.get(timeout=10)
+            msg = got.get(timeout=30)
             seen.append(bytes(msg.payload))
             coordinator.ack(msg.mid, msg.qos)  # the commit: the broker sends the next ones
         assert seen == [b"%d" % i for i in range(burst)] + [b"last"]  # all of it, in order

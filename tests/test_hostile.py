@@ -735,7 +735,7 @@ def _service(broker: MosquittoBroker, fleet: str, state: Path) -> CoordinatorSer
         snapshots=SnapshotConfig(min_interval_s=0.2, include_onnx=False),
         max_message_bytes=MAX_BYTES))
     service.start()
-    assert service.wait_connected(10)
+    assert service.wait_connected(30)
     return service
 
 
