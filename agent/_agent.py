@@ -225,7 +225,12 @@ class Agent:
                 self._unannounced = False
                 self._subscribe(self.topics.model, False)
             self._sync()
+            # Heard, and nothing to fetch: the model held is the newest, which may be all that
+            # kept an eligible agent from training (a fetch wakes it when the model arrives).
+            current = self._fresh and self._fetching_since is None
         self._news.set()
+        if current and self.wake is not None:
+            self.wake()
 
     def on_model(self, payload: bytes) -> None:
         with self._lock:

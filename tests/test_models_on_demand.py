@@ -153,6 +153,23 @@ def test_the_agent_listens_fetches_and_stops_as_it_should(tmp_path: Path) -> Non
     assert topics_of(agent) == set()
 
 
+def test_an_announcement_that_the_held_model_is_newest_wakes_the_agent(tmp_path: Path) -> None:
+    """An eligible agent waits for the announcement before training; hearing that its model is
+    the newest must step it at once (the simulator never polls in between)."""
+    agent = offline_agent(tmp_path, StaticReader(readings()))
+    woken: list[str] = []
+    agent.wake = lambda: woken.append("wake")
+    v1 = small_snapshot(1)
+    agent.on_connected()
+    agent.on_announce(announce(v1, 1))  # newer than nothing: a fetch starts, no wake yet
+    assert topics_of(agent) == {"announce", "model"} and woken == []
+    agent.on_model(v1)
+    assert woken == ["wake"]  # the new model
+    decision = agent.check()
+    agent.on_announce(announce(v1, 1))  # the same version again: current
+    assert woken == ["wake", "wake"] and agent.should_train(decision)
+
+
 def test_a_metered_agent_subscribes_to_nothing_unless_configured(tmp_path: Path) -> None:
     metered = offline_agent(tmp_path / "a", StaticReader(METERED))
     metered.on_connected()
