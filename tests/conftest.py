@@ -36,3 +36,17 @@ def private_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
     b.start(timeout=30)  # a busy machine may take a while to start a process
     yield b
     b.close()
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """A CLI's main() installs a root handler on the sys.stderr of its moment, which is a test's
+    capture: restored after each test, so a later test's logging never writes to a closed one
+    (it printed '--- Logging error ---' into that later test's captured stderr)."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
