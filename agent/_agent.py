@@ -11,7 +11,11 @@ agent does not receive every snapshot the coordinator publishes. It listens to t
 retained announcement (version, sha256, size, cohort) while it wants a model: eligible and due
 to train, or its model last checked `model_refresh_s` ago (or none yet). When the announcement
 names something newer that it would use, it fetches the snapshot (subscribes to the model
-topic, takes the retained message, unsubscribes), verifies it as always, and trains. Both
+topic, takes the retained message, unsubscribes), verifies it as always, and trains. When the
+announcement names a compact snapshot (a newer coordinator), it fetches that instead, from the
+weights topic, and the model's template (the ONNX graph without weights) from the template topic
+only when it is not cached in ``state_dir/templates``: it trains from the weights (float32) and
+`agent.Predictor` builds the ONNX model from template + weights. Both
 subscriptions are QoS 0, so a persistent session never queues snapshots or announcements while
 the device is offline; a subscription made again after a reconnect brings the retained message.
 On a metered network (the policy's network check fails) it fetches nothing unless
@@ -54,11 +58,15 @@ from models import _signing as signing
 from models._wire import (
     Announcement,
     Snapshot,
+    TemplateMessage,
     UpdateMessage,
     decode_ack,
     decode_announcement,
     decode_snapshot,
+    decode_template,
+    decode_weights,
     encode_update,
+    frame_kind,
 )
 
 log = logging.getLogger("fedasync.agent")
@@ -72,6 +80,14 @@ FETCH_TIMEOUT_S = 120.0
 # announce (it predates models on demand, or the broker's ACL hides the topic): follow every
 # snapshot instead, so an agent upgraded before its coordinator keeps training.
 ANNOUNCE_WAIT_S = 30.0
+TEMPLATES_DIR = "templates"  # under state_dir: <template id>.template, verified frames
+# A compact snapshot (or its template) that does not arrive in FETCH_TIMEOUT_S (a broker whose
+# ACL predates them hides both topics) makes the agent fetch full snapshots for this long.
+COMPACT_RETRY_S = 3600.0
+
+
+class _NoTemplate(Exception):
+    """Compact weights arrived whose template is not cached (yet): fetch it, refuse nothing."""
 
 
 class Link(Protocol):
@@ -138,6 +154,7 @@ class Agent:
         self.rng = rng or np.random.default_rng()
         self.state_dir = Path(config.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.templates_dir = self.state_dir / TEMPLATES_DIR
         self.spool = Spool(self.state_dir / "spool", max_count=config.spool_max_count,
                            max_bytes=config.spool_max_bytes)
         self.held = HeldUpdates(self.state_dir / "held", max_count=config.spool_max_count,
@@ -172,6 +189,7 @@ class Agent:
         self._subscribed: set[str] = set()
         self._fetching_since: float | None = None  # monotonic
         self._refused_sha: str | None = None  # a snapshot refused: not fetched again
+        self._compact_off_until = -float("inf")  # monotonic: full snapshots only until then
         self._checked_at = -float("inf")  # monotonic: when the model was last known newest
         self._in_flight = False  # training, or (simulator) its update not yet delivered
         self.fetches = 0
@@ -191,7 +209,8 @@ class Agent:
                 # A clean slate: what the broker session kept (an older agent's QoS 1 model
                 # subscription, a fetch cut short by the disconnect) goes; the wanted
                 # subscriptions are made again, which brings their retained messages.
-                for topic in (self.topics.announce, self.topics.model):
+                for topic in (self.topics.announce, self.topics.model, self.topics.template,
+                              self.topics.weights):
                     self.link.unsubscribe(topic)
                 self._subscribed.clear()
                 self._fresh = False
@@ -233,6 +252,76 @@ class Agent:
             self.wake()
 
     def on_model(self, payload: bytes) -> None:
+        """A full snapshot (model topic): weights and, when the coordinator includes it, ONNX."""
+        self._receive(payload, "model", lambda frame: (decode_snapshot(frame), frame))
+
+    def on_weights(self, payload: bytes) -> None:
+        """A compact snapshot (weights topic): trained from as float32, predicted with through
+        the cached template it names."""
+        self._receive(payload, "weights", self._compact)
+
+    def _compact(self, frame: bytes) -> tuple[Snapshot, bytes]:
+        weights = decode_weights(frame)
+        template = self.cached_template(weights.template_id)
+        if template is None:
+            raise _NoTemplate(weights.template_id)
+        if template.spec != weights.spec or template.template.n_params != weights.weights.size:
+            raise WireError(f"weights of version {weights.version} do not fit their template "
+                            f"{weights.template_id[:12]} (another spec or size)")
+        return weights.snapshot(), frame
+
+    def on_template(self, payload: bytes) -> None:
+        """The model's template (template topic): verified and cached on disk by its id; a
+        fetch under way goes on to the weights."""
+        with self._lock:
+            self.fetches += 1
+            self.fetched_bytes += len(payload)
+        try:
+            frame = self._verified(payload)
+            template = decode_template(frame)
+        except WireError as exc:
+            with self._lock:
+                if self._fetching_since is not None:
+                    self._end_fetch()
+                a = self.announcement
+                # Not fetched again for this announcement: the same bytes would be refused.
+                self._refused_sha = (a.weights_sha256 if a is not None and a.compact
+                                     else hashlib.sha256(payload).hexdigest())
+                self.last_fetch = {"version": None, "bytes": len(payload), "kind": "template",
+                                   "at": self.clock(), "refused": True}
+                self._sync()
+            self._refuse(f"model template: {exc}")
+            return
+        with self._lock:
+            a = self.announcement
+            if a is None or a.template != template.id:
+                log.info("ignored model template %s: not the announced one", template.id[:12])
+                return
+            self.templates_dir.mkdir(parents=True, exist_ok=True)
+            _atomic_write(self.templates_dir / f"{template.id}.template", frame)
+            log.info("cached model template %s (%d bytes)", template.id[:12], len(payload))
+            if self.topics.template in self._subscribed and self._fetching_since is not None:
+                self._subscribe(self.topics.template, False)
+                self._fetching_since = self.monotonic()
+                self._subscribe(self.topics.weights, True)
+
+    def cached_template(self, template_id: str) -> TemplateMessage | None:
+        """The cached template `template_id`, None when missing or unreadable (fetched again)."""
+        return load_template(self.templates_dir, template_id)
+
+    def _verified(self, payload: bytes) -> bytes:
+        return (self._verifier.verify(payload) if self._verifier is not None
+                else signing.split(payload)[0])
+
+    def _refuse(self, why: str) -> None:
+        self.model_rejection = why
+        log.warning("refused a model, keeping version %s: %s",
+                    None if self.snapshot is None else self.snapshot.version, why)
+        self._news.set()
+        self.publish_status()
+
+    def _receive(self, payload: bytes, kind: str,
+                 decode: Callable[[bytes], tuple[Snapshot, bytes]]) -> None:
         with self._lock:
             fetched = self._fetching_since is not None
             if fetched:  # a fetch takes one snapshot: the retained one
@@ -240,25 +329,24 @@ class Agent:
             self.fetches += 1
             self.fetched_bytes += len(payload)
         try:
-            frame = (self._verifier.verify(payload) if self._verifier is not None
-                     else signing.split(payload)[0])
-            snapshot = decode_snapshot(frame)
+            snapshot, frame = decode(self._verified(payload))
+        except _NoTemplate as exc:
+            log.info("model weights name template %s, not cached: fetching it", str(exc)[:12])
+            with self._lock:
+                self._sync()
+            return
         except WireError as exc:
             with self._lock:
                 # Not fetched again: the same bytes would be refused again (a newer
                 # announcement, naming other bytes, is fetched as usual).
                 self._refused_sha = hashlib.sha256(payload).hexdigest()
-                self.last_fetch = {"version": None, "bytes": len(payload),
+                self.last_fetch = {"version": None, "bytes": len(payload), "kind": kind,
                                    "at": self.clock(), "refused": True}
                 self._sync()
-            self.model_rejection = str(exc)
-            log.warning("refused a model snapshot, keeping version %s: %s",
-                        None if self.snapshot is None else self.snapshot.version, exc)
-            self._news.set()
-            self.publish_status()
+            self._refuse(str(exc))
             return
         with self._lock:
-            self.last_fetch = {"version": snapshot.version, "bytes": len(payload),
+            self.last_fetch = {"version": snapshot.version, "bytes": len(payload), "kind": kind,
                                "at": self.clock(), "refused": False}
             self._checked_at = self.monotonic()  # the broker's newest, as of now
             current = self.snapshot
@@ -276,7 +364,8 @@ class Agent:
         log.info("new model version %d%s%s", snapshot.version,
                  f" (accuracy {snapshot.metrics['accuracy']:.3f})"
                  if "accuracy" in snapshot.metrics else "",
-                 f", fetched ({len(payload)} bytes)" if fetched else "")
+                 f", fetched ({len(payload)} bytes{', compact' if kind == 'weights' else ''})"
+                 if fetched else "")
         self._news.set()
         self.publish_status()
         if self.wake is not None:
@@ -352,7 +441,7 @@ class Agent:
                 return True
             a = self.announcement
             return (self._fresh and self._fetching_since is None and a is not None
-                    and (not self._newer(a) or a.sha256 == self._refused_sha))
+                    and (not self._newer(a) or self._is_refused(a)))
 
     # -- models on demand (under self._lock) -------------------------------------------------
     def _network_allows_fetching(self) -> bool:
@@ -406,7 +495,7 @@ class Agent:
             return
         a = self.announcement
         if (self._fresh and a is not None and self._fetching_since is None
-                and (not self._newer(a) or a.sha256 == self._refused_sha)):
+                and (not self._newer(a) or self._is_refused(a))):
             self._checked_at = self.monotonic()  # heard the newest: the model is current
         d = self.decision
         train = allowed and d is not None and d.eligible and self._due()
@@ -416,24 +505,49 @@ class Agent:
             if not allowed:
                 log.info("model fetch cancelled: the network is metered now")
                 self._end_fetch()
-            elif self.monotonic() - self._fetching_since > FETCH_TIMEOUT_S:
-                log.warning("no model snapshot arrived in %.0f s after subscribing to %s; "
-                            "trying again later", FETCH_TIMEOUT_S, self.topics.model)
-                self._end_fetch()
-            return
-        if not (self._fresh and a is not None and self._newer(a)
-                and a.sha256 != self._refused_sha):
+                return
+            if self.monotonic() - self._fetching_since <= FETCH_TIMEOUT_S:
+                return
+            waited = self._subscribed - {self.topics.announce}
+            log.warning("no model snapshot arrived in %.0f s after subscribing to %s; "
+                        "trying again later", FETCH_TIMEOUT_S, ", ".join(sorted(waited)))
+            self._end_fetch()
+            if not waited & {self.topics.template, self.topics.weights}:
+                return
+            # Compact: the broker may hide its topics (an ACL that predates them). On to the
+            # full snapshot at once, and for a while.
+            log.warning("fetching full snapshots for %.0f s instead of compact ones (does the "
+                        "broker's ACL let devices read %s and %s?)", COMPACT_RETRY_S,
+                        self.topics.template, self.topics.weights)
+            self._compact_off_until = self.monotonic() + COMPACT_RETRY_S
+        if not (self._fresh and a is not None and self._newer(a) and not self._is_refused(a)):
             return
         me = self.config.device_id
         if refresh or (train and not self._in_flight and (a.cohort is None or me in a.cohort)):
-            log.info("fetching model version %d (%d bytes) for %s", a.version, a.size,
-                     "training" if train else "inference (refresh)")
+            why = "training" if train else "inference (refresh)"
             self._fetching_since = self.monotonic()
-            self._subscribe(self.topics.model, True)
+            if (a.template is None or a.weights_size is None  # an older coordinator
+                    or self.monotonic() < self._compact_off_until):
+                log.info("fetching model version %d (%d bytes) for %s", a.version, a.size, why)
+                self._subscribe(self.topics.model, True)
+            elif self.cached_template(a.template) is None:
+                log.info("fetching model template %s, then version %d (%d bytes) for %s",
+                         a.template[:12], a.version, a.weights_size, why)
+                self._subscribe(self.topics.template, True)
+            else:
+                log.info("fetching model version %d (%d bytes, compact) for %s", a.version,
+                         a.weights_size, why)
+                self._subscribe(self.topics.weights, True)
+
+    def _is_refused(self, a: Announcement) -> bool:
+        """Whether what `a` names was refused already (the same bytes would be again)."""
+        return self._refused_sha is not None and self._refused_sha in (a.sha256,
+                                                                       a.weights_sha256)
 
     def _end_fetch(self) -> None:
         self._fetching_since = None
-        self._subscribe(self.topics.model, False)
+        for topic in (self.topics.model, self.topics.template, self.topics.weights):
+            self._subscribe(topic, False)
 
     def _subscribe(self, topic: str, wanted: bool) -> None:
         """QoS 0 (module docstring): nothing queues in the session while offline."""
@@ -626,10 +740,33 @@ class Agent:
         path = self.state_dir / "model.snapshot"
         if path.exists():
             try:
-                self.snapshot = decode_snapshot(path.read_bytes())
+                self.snapshot = decode_saved(path.read_bytes())
                 log.info("loaded saved model version %d", self.snapshot.version)
             except (OSError, WireError) as exc:
                 log.warning("ignored the saved model: %s", exc)
+
+
+def decode_saved(data: bytes) -> Snapshot:
+    """The snapshot in a saved ``model.snapshot``: a full snapshot or a compact one (weights)."""
+    if frame_kind(data) == "weights":
+        return decode_weights(data).snapshot()
+    return decode_snapshot(data)
+
+
+def load_template(directory: Path, template_id: str) -> TemplateMessage | None:
+    """The template `template_id` cached in `directory`, None when missing or unreadable."""
+    path = directory / f"{template_id}.template"
+    try:
+        template = decode_template(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, WireError) as exc:
+        log.warning("ignored the cached model template %s: %s", path, exc)
+        return None
+    if template.id != template_id:
+        log.warning("ignored the cached model template %s: it holds %s", path, template.id)
+        return None
+    return template
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -5,6 +5,9 @@ For the device's own application::
     from agent import Predictor
     predictor = Predictor("/var/lib/fedasync-agent")
     labels = predictor.predict(features)      # reloads by itself when a newer model arrives
+
+The saved model is a full snapshot (its ONNX) or a compact one (weights), which is turned into
+an ONNX model with the template it names, cached in ``<state_dir>/templates``.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from agent._agent import TEMPLATES_DIR, load_template
 from models import ModelError
-from models._wire import decode_snapshot
+from models._wire import decode_snapshot, decode_weights, frame_kind
 
 SNAPSHOT_FILE = "model.snapshot"
 
@@ -40,11 +44,25 @@ class Predictor:
                              "a snapshot?)") from exc
         with self._lock:
             if mtime != self._mtime:
-                snapshot = decode_snapshot(self.path.read_bytes())
-                if not snapshot.onnx:
-                    raise ModelError(f"model version {snapshot.version} carries no ONNX")
-                self._model = OnnxModel.from_bytes(snapshot.onnx)
-                self._mtime, self.version = mtime, snapshot.version
+                data = self.path.read_bytes()
+                if frame_kind(data) == "weights":  # a compact snapshot: template + weights
+                    weights = decode_weights(data)
+                    template = load_template(self.path.parent / TEMPLATES_DIR,
+                                             weights.template_id)
+                    if template is None:
+                        raise ModelError(f"model version {weights.version} needs template "
+                                         f"{weights.template_id}, which is not cached (the "
+                                         "agent fetches it with the next model)")
+                    self._model = OnnxModel.from_template(
+                        template.template.graph, template.template.bindings, weights.weights)
+                    version = weights.version
+                else:
+                    snapshot = decode_snapshot(data)
+                    if not snapshot.onnx:
+                        raise ModelError(f"model version {snapshot.version} carries no ONNX")
+                    self._model = OnnxModel.from_bytes(snapshot.onnx)
+                    version = snapshot.version
+                self._mtime, self.version = mtime, version
             return self._model
 
     def predict(self, X: ArrayLike) -> np.ndarray[Any, Any]:

@@ -104,6 +104,10 @@ class PahoLink:
             self.agent.on_model(bytes(msg.payload))
         elif msg.topic == self.topics.announce:
             self.agent.on_announce(bytes(msg.payload))
+        elif msg.topic == self.topics.weights:
+            self.agent.on_weights(bytes(msg.payload))
+        elif msg.topic == self.topics.template:
+            self.agent.on_template(bytes(msg.payload))
         else:
             self.agent.on_ack(bytes(msg.payload))
 

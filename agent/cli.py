@@ -159,15 +159,15 @@ def _features(path: Path, load_xy: Any, label: str) -> Any:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from agent._agent import decode_saved
     from agent._held import HeldUpdates
     from agent._spool import Spool
-    from models._wire import decode_snapshot
 
     config = _config(args, need_id=False)
     state = Path(config.state_dir)
     out: dict[str, Any] = {"state_dir": str(state)}
     try:
-        snap = decode_snapshot((state / "model.snapshot").read_bytes())
+        snap = decode_saved((state / "model.snapshot").read_bytes())  # full or compact
         out["model_version"] = snap.version
         out["model_metrics"] = dict(snap.metrics)
     except (OSError, FedAsyncError):

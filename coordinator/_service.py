@@ -42,7 +42,17 @@ from coordinator._store import Params, Store
 from models import FedAsyncError, StateError, Topics, build_model
 from models._mqtt import BrokerAddress, Connection, describe_error, make_client
 from models._signing import Signer
-from models._wire import Announcement, Snapshot, encode_ack, encode_announcement, encode_snapshot
+from models._wire import (
+    Announcement,
+    Snapshot,
+    TemplateMessage,
+    WeightsMessage,
+    encode_ack,
+    encode_announcement,
+    encode_snapshot,
+    encode_template,
+    encode_weights,
+)
 
 log = logging.getLogger("fedasync.coordinator")
 
@@ -95,6 +105,11 @@ class CoordinatorService:
         self._cohorts = (CohortSelector(rule.cohort_size, rule.over_selection, rule.deadline_s)
                          if rule.name == "fedavg-sync" else None)
         self._last_snapshot: bytes | None = None
+        # Compact snapshots (docs/wire.md): the template of the spec, published once per id,
+        # and per version the weights. None until made; False when the model has no template.
+        self._template: tuple[str, bytes] | bool | None = None  # (id, published bytes)
+        self._template_acked: str | None = None  # the id whose PUBACK the broker sent
+        self._last_weights: bytes | None = None
         # The announcement of the newest snapshot the broker acknowledged (models on demand):
         # set only after that PUBACK, so it never names a snapshot the broker does not hold.
         self._last_announcement: bytes | None = None
@@ -271,6 +286,10 @@ class CoordinatorService:
                           (self.topics.coordinator_status, 0)])
         client.publish(self.topics.coordinator_status, self.identity.presence("online").to_json(),
                        qos=1, retain=True)
+        if isinstance(self._template, tuple) and self._template_acked is not None:
+            client.publish(self.topics.template, self._template[1], qos=1, retain=True)
+        if self._last_weights is not None:
+            client.publish(self.topics.weights, self._last_weights, qos=1, retain=True)
         if self._last_snapshot is not None:  # a broker without persistence forgot it
             client.publish(self.topics.model, self._last_snapshot, qos=1, retain=True)
         if self._last_announcement is not None:
@@ -455,50 +474,94 @@ class CoordinatorService:
         snapshot = Snapshot(version=version, spec=self.config.model,
                             weights=np.asarray(params), onnx=onnx, created_at=time.time(),
                             metrics=metrics, cohort=cohort)
-        payload = encode_snapshot(snapshot)
-        if self._signer is not None:
-            payload = self._signer.sign(payload)
+        payload = self._signed(encode_snapshot(snapshot))
+        template = self._template_of_spec()
+        weights = None
+        if template is not None:
+            weights = self._signed(encode_weights(WeightsMessage.of(snapshot, template[0])))
         self._last_snapshot = payload
+        self._last_weights = weights
         self._sent_version = version
-        self._deliver_snapshot(version, payload,
-                               encode_announcement(Announcement.of(payload, snapshot)))
+        announcement = encode_announcement(Announcement.of(
+            payload, snapshot, weights=weights,
+            template_id=None if template is None else template[0]))
+        if template is not None and self._template_acked != template[0]:
+            # Once per template id, before any weights that name it.
+            if not self._deliver(self.topics.template, template[1]):
+                return
+            self._template_acked = template[0]
+            log.info("published the model template %s (%d bytes)", template[0][:12],
+                     len(template[1]))
+        self._deliver_snapshot(version, payload, announcement, weights)
 
-    def _deliver_snapshot(self, version: int, payload: bytes, announcement: bytes) -> None:
-        """Publish until the broker has it (its PUBACK): only then is it "published", and only
-        then is it announced (retained on the announce topic, where agents that fetch models
-        on demand learn of it). A clean stop still hands the broker the snapshot being
-        published, for a few seconds."""
+    def _signed(self, frame: bytes) -> bytes:
+        return frame if self._signer is None else self._signer.sign(frame)
+
+    def _template_of_spec(self) -> tuple[str, bytes] | None:
+        """(id, published bytes) of the spec's template, made on first use (the graph depends
+        only on the spec, fixed for this coordinator); None, said once, when the model cannot
+        have one: then only full snapshots are published, as before."""
+        if self._template is None:
+            from models._onnx import export_template  # skl2onnx is heavy: load on first use
+
+            try:
+                made = export_template(self._adapter)
+            except FedAsyncError as exc:
+                log.warning("no compact snapshots (publishing full ones only): %s", exc)
+                self._template = False
+            else:
+                message = TemplateMessage(spec=self.config.model, template=made)
+                self._template = (made.id, self._signed(encode_template(message)))
+        return self._template if isinstance(self._template, tuple) else None
+
+    def _deliver_snapshot(self, version: int, payload: bytes, announcement: bytes,
+                          weights: bytes | None = None) -> None:
+        """Publish the compact `weights` (when given) and the full snapshot until the broker
+        has both (their PUBACKs): only then is the version "published", and only then is it
+        announced (retained on the announce topic, where agents that fetch models on demand
+        learn of it). A clean stop still hands the broker what is being published, for a few
+        seconds."""
+        if weights is not None and not self._deliver(self.topics.weights, weights):
+            return
+        if not self._deliver(self.topics.model, payload):
+            return
+        self._published_version = version
+        self._last_announcement = announcement
+        # QoS 1 without waiting: paho resends it after a reconnect, and _on_online
+        # republishes the newest one anyway.
+        self._client.publish(self.topics.announce, announcement, qos=1, retain=True)
+        self.metrics.snapshots.inc()
+        log.info("published snapshot of version %d (%d bytes%s)", version, len(payload),
+                 "" if weights is None else f"; compact {len(weights)} bytes")
+
+    def _deliver(self, topic: str, payload: bytes) -> bool:
+        """Publish `payload` retained on `topic` until the broker acknowledges it; False when
+        that stopped (after a few seconds of a clean stop, or on a failure)."""
         stopping_since: float | None = None
         while self._failure is None:
             if not self._link.online:
                 if self._stop.is_set():
-                    return
+                    return False
                 self._note_waiting()
                 self._link.wait_online(1.0)
                 continue
-            info = self._client.publish(self.topics.model, payload, qos=1, retain=True)
+            info = self._client.publish(topic, payload, qos=1, retain=True)
             try:
                 while not info.is_published():
                     if self._stop.is_set():
                         stopping_since = stopping_since or time.monotonic()
                         if time.monotonic() - stopping_since > 5.0:
-                            return
+                            return False
                     if self._failure is not None:
-                        return
+                        return False
                     info.wait_for_publish(timeout=1.0)
             except RuntimeError:
                 # Handed to paho just as the connection dropped: paho sends it after the
                 # reconnect, but this handle will never say so. Again once online (the same
                 # version twice is harmless: agents keep the first).
                 continue
-            self._published_version = version
-            self._last_announcement = announcement
-            # QoS 1 without waiting: paho resends it after a reconnect, and _on_online
-            # republishes the newest one anyway.
-            self._client.publish(self.topics.announce, announcement, qos=1, retain=True)
-            self.metrics.snapshots.inc()
-            log.info("published snapshot of version %d (%d bytes)", version, len(payload))
-            return
+            return True
+        return False
 
     def _note_waiting(self) -> None:
         """Say once per version that its snapshot waits, when the broker cannot be reached

@@ -3,8 +3,9 @@ next to the broker's own totals (`fleet._broker.read_sys_counters`).
 
 Kinds follow the topic layout of `models._topics.Topics` (``<root>/<fleet>/<kind>[/<device>]``):
 uplink is what devices send toward the coordinator (``update``, ``status``), downlink what the
-coordinator sends toward devices (``snapshot``: the model topic and anything under it,
-``announce``, ``ack``); ``other`` is the rest (the coordinator's presence, foreign topics).
+coordinator sends toward devices (``snapshot``: the model topic and anything under it, and the
+compact snapshot's ``weights`` and ``template`` topics; ``announce``; ``ack``); ``other`` is
+the rest (the coordinator's presence, foreign topics).
 
 A counted byte is one of the topic (UTF-8) or the payload: what a message costs whatever the
 protocol. The MQTT framing on top (fixed header, topic length, packet id, PUBACK, pings) shows
@@ -31,6 +32,8 @@ _LEVELS = {
     _PROBE.status("d").split("/")[2]: "status",
     _PROBE.ack("d").split("/")[2]: "ack",
     _PROBE.model.split("/")[2]: "snapshot",
+    _PROBE.weights.split("/")[2]: "snapshot",  # compact snapshots and their template
+    _PROBE.template.split("/")[2]: "snapshot",
     "announce": "announce",
 }
 

@@ -42,6 +42,18 @@ class Topics:
         return f"{self.prefix}/model"
 
     @property
+    def template(self) -> str:
+        """The retained template of the model spec (its ONNX graph without weights), published
+        once per template id; devices fetch it once and cache it."""
+        return f"{self.prefix}/template"
+
+    @property
+    def weights(self) -> str:
+        """The retained compact snapshot of the version on `model`: its weights (float16 when
+        they fit) and the id of the template that turns them into an ONNX model."""
+        return f"{self.prefix}/weights"
+
+    @property
     def announce(self) -> str:
         """The retained announcement of the snapshot on `model` (version, sha256, size, time,
         cohort): tens of bytes, so agents fetch the full snapshot only when they use it."""

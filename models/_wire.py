@@ -40,6 +40,7 @@ from numpy.typing import NDArray
 
 from models._errors import ModelError, UnsupportedSchema, WireError
 from models._spec import ModelSpec
+from models._template import OnnxTemplate, parse_bindings
 
 MAGIC = b"FAIO"
 FRAME_VERSION = 1
@@ -66,7 +67,7 @@ AckStatus = Literal["accepted", "buffered", "duplicate", "rejected"]
 ACK_STATUSES: tuple[AckStatus, ...] = get_args(AckStatus)
 
 _PREFIX = struct.Struct("<4sBI")
-_FRAME_KINDS = ("update", "snapshot")
+_FRAME_KINDS = ("update", "snapshot", "template", "weights")
 _ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _REASON = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -509,6 +510,190 @@ def decode_snapshot(data: bytes, *, max_message_bytes: int = MAX_SNAPSHOT_BYTES,
                     cohort=None if cohort is None else tuple(cohort))
 
 
+# ---------------------------------------------------------------------------- compact snapshots
+# A model version in two parts (docs/wire.md): the weight-free ONNX graph of its spec, sent once
+# per spec as a *template*, and per version only the weights (float16 when they fit).
+
+MAX_TEMPLATE_BYTES = 64 * 1024 * 1024
+_TEMPLATE_KEYS = frozenset({"schema", "kind", "spec", "bindings", "graph_len", "sha256"})
+_WEIGHTS_KEYS = frozenset({"schema", "kind", "version", "spec", "template", "n_params",
+                           "encoding", "created_at", "metrics", "sha256"})
+WeightsEncoding = Literal["float16", "float32"]
+_F16_MAX = float(np.finfo(np.float16).max)
+
+
+def _spec_of(value: object) -> ModelSpec:
+    try:
+        return ModelSpec.from_dict(value)
+    # ModelSpec.from_dict lets OverflowError through (a huge int learning_rate); convert here.
+    except (ModelError, TypeError, ValueError, ArithmeticError, RecursionError) as exc:
+        raise WireError(f"bad model spec: {str(exc)[:200]}") from exc
+
+
+def _sha256_of(header: Mapping[str, Any], what: str = "sha256") -> str:
+    value = header[what]
+    if not isinstance(value, str) or not _SHA256.fullmatch(value):
+        raise WireError(f"{what} must be 64 lowercase hex digits")
+    return value
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class TemplateMessage:
+    """The template of one model spec (`models._template.OnnxTemplate`) with the spec it
+    belongs to. Its id is the SHA-256 of the graph, which embeds the bindings."""
+
+    spec: ModelSpec
+    template: OnnxTemplate
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.spec, ModelSpec):
+            raise WireError("spec must be a ModelSpec")
+        if not isinstance(self.template, OnnxTemplate):
+            raise WireError("template must be an OnnxTemplate")
+
+    @property
+    def id(self) -> str:
+        return self.template.id
+
+
+def encode_template(t: TemplateMessage) -> bytes:
+    """The wire bytes of `t`: bindings in the header, the graph as the body."""
+    header = {"schema": SCHEMA, "kind": "template", "spec": t.spec.to_dict(),
+              "bindings": t.template.bindings_json(), "graph_len": len(t.template.graph),
+              "sha256": t.id}
+    return _frame(header, t.template.graph)
+
+
+def decode_template(data: bytes, *, max_message_bytes: int = MAX_TEMPLATE_BYTES
+                    ) -> TemplateMessage:
+    """Parse a template from the network, verifying its sha256 (its id) and its bindings (which
+    `OnnxModel.from_template` checks again against the graph). Raises `WireError` /
+    `UnsupportedSchema`."""
+    header, body = _unframe(data, max_message_bytes, "template")
+    _check_keys(header, _TEMPLATE_KEYS)
+    graph_len = _int(header["graph_len"], "graph_len", 1)
+    sha256 = _sha256_of(header)
+    spec = _spec_of(header["spec"])
+    _check_body(body, graph_len)
+    if hashlib.sha256(body).hexdigest() != sha256:
+        raise WireError("template body does not match its sha256")
+    try:
+        bindings = parse_bindings(header["bindings"])
+        template = OnnxTemplate(graph=bytes(body), bindings=bindings)
+    except ModelError as exc:
+        raise WireError(f"bad template bindings: {str(exc)[:200]}") from exc
+    return TemplateMessage(spec=spec, template=template)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class WeightsMessage:
+    """A compact snapshot: one version's weights (float32 here, whatever travelled) and the id of
+    the template that turns them into an ONNX model. `encoding` is what travels: float16 unless
+    a weight does not fit (|w| > 65504), then float32."""
+
+    version: int
+    spec: ModelSpec
+    template_id: str
+    weights: NDArray[np.float32]
+    encoding: WeightsEncoding = "float16"
+    created_at: float = field(default_factory=time.time)
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    cohort: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        # The checks of a Snapshot (version, spec, finite weights, metrics, cohort).
+        self.snapshot()
+        if not isinstance(self.template_id, str) or not _SHA256.fullmatch(self.template_id):
+            raise WireError(f"template id must be 64 lowercase hex digits, got "
+                            f"{_show(self.template_id)}")
+        if self.encoding not in ("float16", "float32"):
+            raise WireError(f"encoding must be float16 or float32, got {_show(self.encoding)}")
+
+    @classmethod
+    def of(cls, snapshot: Snapshot, template_id: str) -> WeightsMessage:
+        """The compact form of `snapshot`: float16 if every weight fits, else float32."""
+        w = snapshot.weights
+        fits = bool(np.all(np.abs(w) <= _F16_MAX))  # finite already (a Snapshot's weights are)
+        return cls(version=snapshot.version, spec=snapshot.spec, template_id=template_id,
+                   weights=w, encoding="float16" if fits else "float32",
+                   created_at=snapshot.created_at, metrics=snapshot.metrics,
+                   cohort=snapshot.cohort)
+
+    def snapshot(self) -> Snapshot:
+        """The Snapshot an agent trains from: these (float32) weights, no ONNX."""
+        return Snapshot(version=self.version, spec=self.spec, weights=self.weights,
+                        created_at=self.created_at, metrics=self.metrics, cohort=self.cohort)
+
+
+def encode_weights(m: WeightsMessage) -> bytes:
+    """The wire bytes of `m`; float16 refuses a weight it would turn into inf."""
+    if m.encoding == "float16":
+        with np.errstate(over="ignore"):
+            body = m.weights.astype("<f2")
+        if not np.isfinite(body).all():
+            raise WireError("weights have values beyond float16 range (|w| > 65504)")
+    else:
+        body = m.weights.astype("<f4", copy=False)
+    raw = body.tobytes()
+    header: dict[str, Any] = {
+        "schema": SCHEMA, "kind": "weights", "version": m.version, "spec": m.spec.to_dict(),
+        "template": m.template_id, "n_params": int(m.weights.size), "encoding": m.encoding,
+        "created_at": m.created_at, "metrics": dict(m.metrics),
+        "sha256": hashlib.sha256(raw).hexdigest(),
+    }
+    if m.cohort is not None:
+        header["cohort"] = list(m.cohort)
+    return _frame(header, raw)
+
+
+def decode_weights(data: bytes, *, max_message_bytes: int = MAX_SNAPSHOT_BYTES,
+                   max_params: int = MAX_PARAMS) -> WeightsMessage:
+    """Parse a compact snapshot from the network, verifying its sha256 and that the weights are
+    finite; they come back float32. Raises `WireError` / `UnsupportedSchema`."""
+    header, body = _unframe(data, max_message_bytes, "weights")
+    _check_keys(header, _WEIGHTS_KEYS)
+    encoding = header["encoding"]
+    if not isinstance(encoding, str):
+        raise WireError(f"encoding must be a string, got {_show(encoding)}")
+    if encoding not in ("float16", "float32"):
+        raise UnsupportedSchema(f"weights encoding {_show(encoding)} is not supported",
+                                schema=encoding)
+    cohort = header.get("cohort")
+    if cohort is not None and (not isinstance(cohort, list) or len(cohort) > MAX_COHORT):
+        raise WireError(f"cohort must be a list of at most {MAX_COHORT} device ids")
+    version = _int(header["version"], "version", 0)
+    n = _int(header["n_params"], "n_params", 1, max_params)
+    created_at = _timestamp(header["created_at"])
+    metrics = _metrics(header["metrics"])
+    sha256 = _sha256_of(header)
+    template_id = _sha256_of(header, "template")
+    spec = _spec_of(header["spec"])
+    _check_body(body, n * _BODY_BYTES_PER_PARAM[encoding])
+    if hashlib.sha256(body).hexdigest() != sha256:
+        raise WireError("weights body does not match its sha256")
+    weights = np.frombuffer(body, "<f2" if encoding == "float16" else "<f4").astype(np.float32)
+    if not np.isfinite(weights).all():
+        raise WireError("weights must be finite")
+    return WeightsMessage(version=version, spec=spec, template_id=template_id, weights=weights,
+                          encoding=encoding,  # type: ignore[arg-type]
+                          created_at=created_at, metrics=metrics,
+                          cohort=None if cohort is None else tuple(cohort))
+
+
+def frame_kind(data: bytes) -> str | None:
+    """The ``kind`` a frame's header names (``"snapshot"``, ``"weights"``, ...), None when it is
+    not a readable frame. Only a hint for choosing a decoder, which checks everything."""
+    try:
+        magic, _, header_len = _PREFIX.unpack_from(data)
+        if magic != MAGIC or header_len > MAX_HEADER_BYTES:
+            return None
+        header = json.loads(bytes(data[_PREFIX.size:_PREFIX.size + header_len]))
+    except (struct.error, ValueError):
+        return None
+    kind = header.get("kind") if isinstance(header, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
 # ---------------------------------------------------------------------------- acks
 
 
@@ -558,12 +743,28 @@ class Announcement:
     size: int
     created_at: float
     cohort: tuple[str, ...] | None = None
+    # The compact snapshot of the same version (`WeightsMessage` on the weights topic), when
+    # the coordinator publishes one: its sha256 and size as published, and its template's id.
+    # All three or none; an older coordinator sends none (the agent then fetches the model).
+    weights_sha256: str | None = None
+    weights_size: int | None = None
+    template: str | None = None
 
     def __post_init__(self) -> None:
         _int(self.version, "version", 0)
         if not isinstance(self.sha256, str) or not _SHA256.fullmatch(self.sha256):
             raise WireError(f"sha256 must be 64 lowercase hex digits, got {_show(self.sha256)}")
         _int(self.size, "size", 1, MAX_SNAPSHOT_BYTES + 1024)  # + the signature trailer
+        compact = (self.weights_sha256, self.weights_size, self.template)
+        if any(v is not None for v in compact):
+            if any(v is None for v in compact):
+                raise WireError("weights_sha256, weights_size and template come together")
+            for value, what in ((self.weights_sha256, "weights_sha256"),
+                                (self.template, "template")):
+                if not isinstance(value, str) or not _SHA256.fullmatch(value):
+                    raise WireError(f"{what} must be 64 lowercase hex digits, got "
+                                    f"{_show(value)}")
+            _int(self.weights_size, "weights_size", 1, MAX_SNAPSHOT_BYTES + 1024)
         object.__setattr__(self, "created_at", _timestamp(self.created_at))
         if self.cohort is not None:
             if not isinstance(self.cohort, tuple) or len(self.cohort) > MAX_COHORT:
@@ -571,11 +772,21 @@ class Announcement:
             for device in self.cohort:
                 validate_id(device, "cohort device id")
 
+    @property
+    def compact(self) -> bool:
+        """Whether it names a compact snapshot (weights + template) besides the full one."""
+        return self.weights_sha256 is not None
+
     @classmethod
-    def of(cls, payload: bytes, snapshot: Snapshot) -> Announcement:
-        """The announcement of `snapshot`, published as the bytes `payload`."""
+    def of(cls, payload: bytes, snapshot: Snapshot, *, weights: bytes | None = None,
+           template_id: str | None = None) -> Announcement:
+        """The announcement of `snapshot`, published as the bytes `payload`, and of its compact
+        form `weights` (published bytes) of the template `template_id`, when given."""
         return cls(version=snapshot.version, sha256=hashlib.sha256(payload).hexdigest(),
-                   size=len(payload), created_at=snapshot.created_at, cohort=snapshot.cohort)
+                   size=len(payload), created_at=snapshot.created_at, cohort=snapshot.cohort,
+                   weights_sha256=None if weights is None else hashlib.sha256(weights).hexdigest(),
+                   weights_size=None if weights is None else len(weights),
+                   template=None if weights is None else template_id)
 
 
 def encode_announcement(a: Announcement) -> bytes:
@@ -584,6 +795,9 @@ def encode_announcement(a: Announcement) -> bytes:
                            "sha256": a.sha256, "size": a.size, "created_at": a.created_at}
     if a.cohort is not None:  # absent while anyone may train, as in the snapshot
         obj["cohort"] = list(a.cohort)
+    if a.compact:  # optional keys: older agents ignore them and fetch the full snapshot
+        obj.update(weights_sha256=a.weights_sha256, weights_size=a.weights_size,
+                   template=a.template)
     raw = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
     if len(raw) > MAX_ANNOUNCEMENT_BYTES:  # cannot happen within MAX_COHORT; guards edits
         raise WireError(f"announcement is {len(raw)} bytes; the limit is "
@@ -601,4 +815,6 @@ def decode_announcement(data: bytes) -> Announcement:
         raise WireError(f"cohort must be a list of device ids, got {_show(cohort)}")
     return Announcement(version=obj["version"], sha256=obj["sha256"], size=obj["size"],
                         created_at=obj["created_at"],
-                        cohort=None if cohort is None else tuple(cohort))
+                        cohort=None if cohort is None else tuple(cohort),
+                        weights_sha256=obj.get("weights_sha256"),
+                        weights_size=obj.get("weights_size"), template=obj.get("template"))

@@ -275,10 +275,13 @@ def test_device_update_reaches_coordinator_but_a_forged_one_is_dropped(
 
 
 @pytest.mark.broker
-def test_device_cannot_publish_the_model_live_or_retained(peers: dict[str, Peer],
-                                                          fleet: str) -> None:
+@pytest.mark.parametrize("kind", ["model", "template", "weights"])
+def test_device_cannot_publish_the_model_live_or_retained(peers: dict[str, Peer], fleet: str,
+                                                          kind: str) -> None:
+    """The full snapshot, and the compact one's template and weights: devices read them, only
+    the coordinator writes them."""
     coordinator, a, b = peers[COORDINATOR_USER], peers["devA"], peers["devB"]
-    model = f"fl/{fleet}/model"
+    model = f"fl/{fleet}/{kind}"
     b.subscribe(model)
     assert a.publish(model, b"evil live")
     assert a.publish(model, b"evil retained", retain=True)
@@ -928,9 +931,11 @@ def test_shipped_conf_and_acl_say_what_the_brief_needs() -> None:
         assert re.search(rf"^{re.escape(line)}$", conf, re.M), line
     acl = [line for line in SHIPPED_ACL.read_text().splitlines()
            if line.strip() and not line.startswith("#")]
-    assert acl[:6] == ["pattern read fl/+/model", "pattern read fl/+/announce",
-                       "pattern read fl/+/coordinator/status",
+    assert acl[:8] == ["pattern read fl/+/model", "pattern read fl/+/announce",
+                       "pattern read fl/+/coordinator/status", "pattern read fl/+/template",
+                       "pattern read fl/+/weights",
                        "pattern read fl/+/ack/%u", "pattern write fl/+/update/%u",
                        "pattern write fl/+/status/%u"]
-    assert acl[6] == "user coordinator"
-    assert "topic write fl/+/announce" in acl[6:]
+    assert acl[8] == "user coordinator"
+    for topic in ("announce", "template", "weights"):
+        assert f"topic write fl/+/{topic}" in acl[8:]

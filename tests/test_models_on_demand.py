@@ -28,12 +28,13 @@ from coordinator._rules import RuleConfig
 from coordinator._service import CoordinatorService
 from fleet._broker import MosquittoBroker
 from models import ModelSpec, Snapshot, Topics, UnsupportedSchema, WireError, encode_snapshot
-from models._signing import generate_keypair
+from models._signing import generate_keypair, split
 from models._wire import (
     Ack,
     Announcement,
     decode_announcement,
     decode_snapshot,
+    decode_weights,
     encode_ack,
     encode_announcement,
 )
@@ -244,16 +245,22 @@ class CountingLink(PahoLink):
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         kind = msg.topic.split("/")[2]
         version = None
-        if kind == "model":
+        if kind in ("model", "weights"):
+            frame = split(bytes(msg.payload))[0]
             try:
-                version = decode_snapshot(bytes(msg.payload)).version
+                version = (decode_snapshot(frame) if kind == "model"
+                           else decode_weights(frame)).version
             except WireError:
                 version = None
         self.received.append((kind, len(msg.payload), version))
         super()._on_message(client, userdata, msg)
 
     def models(self) -> list[int | None]:
-        return [v for kind, _, v in self.received if kind == "model"]
+        """The version of each snapshot received, full (model) or compact (weights)."""
+        return [v for kind, _, v in self.received if kind in ("model", "weights")]
+
+    def bytes_of(self, *kinds: str) -> int:
+        return sum(n for kind, n, _ in self.received if kind in kinds)
 
     def sentinel(self, broker: MosquittoBroker, fleet: str) -> None:
         """Publish an ack to this device and wait for it: the broker sends one client its
@@ -275,7 +282,8 @@ def coordinator(broker: MosquittoBroker, fleet: str, state: Path, **changes: Any
         model=changes.pop("model", DIGITS), broker=broker.url, fleet=fleet,
         state_dir=str(state), client_id=f"coord-{fleet}", http="",
         rule=RuleConfig(name="fedasync", alpha=0.5),
-        snapshots=SnapshotConfig(min_interval_s=0, include_onnx=False), **changes))
+        snapshots=changes.pop("snapshots", SnapshotConfig(min_interval_s=0, include_onnx=False)),
+        **changes))
     service.start()
     assert service.wait_connected(30)
     assert wait_for(lambda: service.status()["published_version"] >= 0, timeout=30)
@@ -462,7 +470,9 @@ def test_a_wrongly_signed_snapshot_fetched_on_demand_is_refused(broker, fleet_na
         assert bad.agent.snapshot is None and not (tmp_path / "bad" / "model.snapshot").exists()
         assert bad.agent.status()["last_fetch"]["refused"] is True
         bad_link.sentinel(broker, fleet_name)
-        assert len(bad_link.models()) == 1  # refused once, not fetched again and again
+        # Refused once (the template of the compact snapshot), not fetched again and again.
+        assert [kind for kind, _, _ in bad_link.received
+                if kind in ("model", "template", "weights")] == ["template"]
     finally:
         stop_agent(good, good_thread)
         stop_agent(bad, bad_thread)

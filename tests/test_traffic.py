@@ -31,6 +31,7 @@ def test_classify_follows_the_topic_layout() -> None:
     assert classify(t.ack("pi-1")) == "ack"
     assert classify(t.model) == "snapshot"
     assert classify(f"{t.model}/v12") == "snapshot"  # anything under the model topic
+    assert classify(t.weights) == classify(t.template) == "snapshot"  # compact snapshots
     assert classify(f"{t.prefix}/announce") == "announce"
     assert classify(t.coordinator_status) == "other"
     assert classify(Topics("acc", root="x").update("d")) == "other"  # another root
