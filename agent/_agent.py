@@ -140,6 +140,7 @@ class Agent:
         data: DataSource,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        net_clock: Callable[[], float] = time.monotonic,
         trainer: Trainer = train_update,
         rng: np.random.Generator | None = None,
     ) -> None:
@@ -150,6 +151,9 @@ class Agent:
         self.data = data
         self.clock = clock
         self.monotonic = monotonic
+        # Waits on the network (a fetch, an announcement) are wall time even where the device's
+        # own clock is simulated: a 120 s fetch timeout on a clock 960x faster gave up in 0.1 s.
+        self.net_clock = net_clock
         self.trainer = trainer
         self.rng = rng or np.random.default_rng()
         self.state_dir = Path(config.state_dir)
@@ -184,12 +188,12 @@ class Agent:
         self.model_wait_s = 10.0  # how long `poll` waits for an announcement or a fetch
         self.announcement: Announcement | None = None
         self._fresh = False  # an announcement arrived since the current subscription
-        self._listening_since: float | None = None  # monotonic: announce subscribed, unheard
+        self._listening_since: float | None = None  # net_clock: announce subscribed, unheard
         self._unannounced = False  # no announcement ever heard: following snapshots instead
         self._subscribed: set[str] = set()
-        self._fetching_since: float | None = None  # monotonic
+        self._fetching_since: float | None = None  # net_clock
         self._refused_sha: str | None = None  # a snapshot refused: not fetched again
-        self._compact_off_until = -float("inf")  # monotonic: full snapshots only until then
+        self._compact_off_until = -float("inf")  # net_clock: full snapshots only until then
         self._checked_at = -float("inf")  # monotonic: when the model was last known newest
         self._in_flight = False  # training, or (simulator) its update not yet delivered
         self.fetches = 0
@@ -244,9 +248,12 @@ class Agent:
                 self._unannounced = False
                 self._subscribe(self.topics.model, False)
             self._sync()
-            # Heard, and nothing to fetch: the model held is the newest, which may be all that
-            # kept an eligible agent from training (a fetch wakes it when the model arrives).
-            current = self._fresh and self._fetching_since is None
+            # Heard, and nothing to fetch: the model held is the newest. If it has not trained
+            # on it yet, that may be all that kept it from training (a fetch wakes it when the
+            # model arrives); woken on a model it already trained on, it would train again.
+            untrained = (self.snapshot is not None and self.snapshot.version
+                         > self._progress.get("last_base_version", -1))
+            current = self._fresh and self._fetching_since is None and untrained
         self._news.set()
         if current and self.wake is not None:
             self.wake()
@@ -302,7 +309,7 @@ class Agent:
             log.info("cached model template %s (%d bytes)", template.id[:12], len(payload))
             if self.topics.template in self._subscribed and self._fetching_since is not None:
                 self._subscribe(self.topics.template, False)
-                self._fetching_since = self.monotonic()
+                self._fetching_since = self.net_clock()
                 self._subscribe(self.topics.weights, True)
 
     def cached_template(self, template_id: str) -> TemplateMessage | None:
@@ -484,7 +491,7 @@ class Agent:
             return
         since = self._listening_since
         if (since is not None and self.announcement is None
-                and self.monotonic() - since >= ANNOUNCE_WAIT_S):
+                and self.net_clock() - since >= ANNOUNCE_WAIT_S):
             log.warning("no model announcement on %s in %.0f s: the coordinator does not "
                         "announce (older than this agent, or the broker's ACL hides the topic); "
                         "following every snapshot on %s instead", self.topics.announce,
@@ -506,7 +513,7 @@ class Agent:
                 log.info("model fetch cancelled: the network is metered now")
                 self._end_fetch()
                 return
-            if self.monotonic() - self._fetching_since <= FETCH_TIMEOUT_S:
+            if self.net_clock() - self._fetching_since <= FETCH_TIMEOUT_S:
                 return
             waited = self._subscribed - {self.topics.announce}
             log.warning("no model snapshot arrived in %.0f s after subscribing to %s; "
@@ -519,15 +526,15 @@ class Agent:
             log.warning("fetching full snapshots for %.0f s instead of compact ones (does the "
                         "broker's ACL let devices read %s and %s?)", COMPACT_RETRY_S,
                         self.topics.template, self.topics.weights)
-            self._compact_off_until = self.monotonic() + COMPACT_RETRY_S
+            self._compact_off_until = self.net_clock() + COMPACT_RETRY_S
         if not (self._fresh and a is not None and self._newer(a) and not self._is_refused(a)):
             return
         me = self.config.device_id
         if refresh or (train and not self._in_flight and (a.cohort is None or me in a.cohort)):
             why = "training" if train else "inference (refresh)"
-            self._fetching_since = self.monotonic()
+            self._fetching_since = self.net_clock()
             if (a.template is None or a.weights_size is None  # an older coordinator
-                    or self.monotonic() < self._compact_off_until):
+                    or self.net_clock() < self._compact_off_until):
                 log.info("fetching model version %d (%d bytes) for %s", a.version, a.size, why)
                 self._subscribe(self.topics.model, True)
             elif self.cached_template(a.template) is None:
@@ -558,7 +565,7 @@ class Agent:
             self._subscribed.add(topic)
             if topic == self.topics.announce:
                 self._fresh = False  # until the retained announcement arrives
-                self._listening_since = self.monotonic()
+                self._listening_since = self.net_clock()
             link.subscribe(topic, 0)
         else:
             self._subscribed.discard(topic)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import struct
 import time
@@ -279,6 +280,10 @@ def test_wrongly_signed_template_or_weights_are_refused_and_the_model_kept(
     good, evil = Signer.from_file(private), Signer.from_file(other_private)
     agent = offline_agent(tmp_path / "agent", StaticReader(UNPLUGGED),
                           coordinator_public_keys=(str(public),), model_refresh_s=1e-6)
+    # Each reading of the device's clock a second later: a refresh is always due (on the real
+    # clock two readings can be less than the 1 us refresh interval apart).
+    ticks = itertools.count()
+    agent.monotonic = lambda: float(next(ticks))
     agent.on_connected()
     full = good.sign(encode_snapshot(Snapshot(version=1, spec=SMALL,
                                               weights=np.zeros(15, np.float32))))
@@ -480,7 +485,7 @@ def test_a_compact_fetch_that_never_arrives_falls_back_to_full_snapshots(
 
     now = [1000.0]
     agent = offline_agent(tmp_path, StaticReader(UNPLUGGED))
-    agent.monotonic = lambda: now[0]
+    agent.monotonic = agent.net_clock = lambda: now[0]
     agent.on_connected()
     full = encode_snapshot(Snapshot(version=1, spec=SMALL, weights=np.zeros(15, np.float32)))
     w1 = weights_bytes(small_template, 1, np.full(15, 0.1, np.float32))
