@@ -142,10 +142,15 @@ def test_updates_survive_a_broker_outage(private_broker, fleet_name, tmp_path,
         service.stop()
 
 
+@pytest.mark.timeout(600)  # above the sum of the bounded waits below
 def test_killed_agent_delivers_its_spool_after_restart(broker, fleet_name, tmp_path,
                                                        digits_dir) -> None:
     coord_state = tmp_path / "coord"
-    coordinator(broker, fleet_name, coord_state).stop()  # leaves a retained model + a session
+    first_run = coordinator(broker, fleet_name, coord_state)
+    # Stopped once the broker has its snapshot (and so its announcement): a retained model and
+    # a session are left behind.
+    assert wait_for(lambda: first_run.status()["published_version"] >= 0, timeout=60)
+    first_run.stop()
     config = tmp_path / "agent.toml"
     config.write_text(
         f'device_id = "pi-9"\nbroker = "{broker.url}"\nfleet = "{fleet_name}"\n'
@@ -160,7 +165,7 @@ def test_killed_agent_delivers_its_spool_after_restart(broker, fleet_name, tmp_p
     first = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
     try:
         assert wait_for(lambda: spool.is_dir() and len(list(spool.glob("*.upd"))) >= 2,
-                        timeout=60)
+                        timeout=120)
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(10)

@@ -354,6 +354,7 @@ SEED = 20240611
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # above the sum of the bounded waits below
 def test_coordinator_sigkill_mid_stream_loses_nothing_and_merges_nothing_twice(
         broker: MosquittoBroker, fleet_name: str, tmp_path: Path) -> None:
     """SIGKILL the coordinator three times at seeded points (counted in accepted acks the agents
@@ -372,14 +373,14 @@ def test_coordinator_sigkill_mid_stream_loses_nothing_and_merges_nothing_twice(
     pacer: Pacer | None = None
     crashes: list[tuple[int, int, int, np.ndarray]] = []  # (acks, sent, version, params)
     try:
-        assert wait_for(fleet.ready, timeout=30), coordinator.log_text()[-2000:]
+        assert wait_for(fleet.ready, timeout=90), coordinator.log_text()[-2000:]
         pacer = Pacer(fleet, rounds=10, every=0.15)  # 200 updates over ~1.5 s
 
         seen = 0
         for point in kill_points:
             # Once the restarted process has answered something, not while it starts.
             want = max(point, seen + 1)
-            assert wait_for(lambda w=want: fleet.accepted() >= w, timeout=30)
+            assert wait_for(lambda w=want: fleet.accepted() >= w, timeout=90)
             coordinator.kill()
             seen = fleet.accepted()
             crashes.append((seen, len(fleet.produced), *committed_state(state)))
@@ -390,7 +391,7 @@ def test_coordinator_sigkill_mid_stream_loses_nothing_and_merges_nothing_twice(
         total = len(fleet.produced)
         snapshot = retained_snapshot(broker.url, fleet_name, version=total)
         # The last restart may still be loading when everything was delivered already.
-        assert wait_for(coordinator.ready, timeout=30), coordinator.log_text()[-2000:]
+        assert wait_for(coordinator.ready, timeout=90), coordinator.log_text()[-2000:]
         assert coordinator.stop() == 0
     finally:
         if pacer is not None:
