@@ -486,9 +486,11 @@ def test_a_wrongly_signed_snapshot_fetched_on_demand_is_refused(broker, fleet_na
 def test_an_eligible_agent_trains_on_a_new_version_at_once(broker, fleet_name,
                                                            tmp_path) -> None:
     service = coordinator(broker, fleet_name, tmp_path / "coord")
-    # A poll an hour apart: every training after the first comes from an announcement.
+    # A poll an hour apart: every training after the first comes from an announcement. No new
+    # data ever counts as enough: only a newer model is a reason to train (as in the simulator).
     runner, _, thread = start_agent(broker, fleet_name, tmp_path / "agent",
-                                    StaticReader(readings()), check_interval_s=3600.0)
+                                    StaticReader(readings()), check_interval_s=3600.0,
+                                    min_new_samples=10**9, retrain_on_new_model=True)
     try:
         lineage = lambda: service.store.lineage(device_id=runner.config.device_id)  # noqa: E731
         started = time.monotonic()
