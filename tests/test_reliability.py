@@ -380,7 +380,8 @@ def test_coordinator_sigkill_mid_stream_loses_nothing_and_merges_nothing_twice(
         for point in kill_points:
             # Once the restarted process has answered something, not while it starts.
             want = max(point, seen + 1)
-            assert wait_for(lambda w=want: fleet.accepted() >= w, timeout=90)
+            assert wait_for(lambda w=want: fleet.accepted() >= w, timeout=90), \
+                coordinator.log_text()[-3000:]
             coordinator.kill()
             seen = fleet.accepted()
             crashes.append((seen, len(fleet.produced), *committed_state(state)))
