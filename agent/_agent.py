@@ -231,6 +231,13 @@ class Agent:
                 continue  # acked and removed meanwhile
         self.publish_status()
 
+    def on_message(self, topic: str, payload: bytes) -> None:
+        """A message on one of the agent's topics, handed to its handler (the ack otherwise)."""
+        handler = {self.topics.model: self.on_model, self.topics.announce: self.on_announce,
+                   self.topics.weights: self.on_weights,
+                   self.topics.template: self.on_template}.get(topic, self.on_ack)
+        handler(payload)
+
     def on_announce(self, payload: bytes) -> None:
         """The coordinator's announcement of the snapshot the broker holds: fetch it if this
         agent would use it now (network thread: only subscriptions change here)."""

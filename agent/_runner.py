@@ -100,16 +100,7 @@ class PahoLink:
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if self.agent is None:
             return
-        if msg.topic == self.topics.model:
-            self.agent.on_model(bytes(msg.payload))
-        elif msg.topic == self.topics.announce:
-            self.agent.on_announce(bytes(msg.payload))
-        elif msg.topic == self.topics.weights:
-            self.agent.on_weights(bytes(msg.payload))
-        elif msg.topic == self.topics.template:
-            self.agent.on_template(bytes(msg.payload))
-        else:
-            self.agent.on_ack(bytes(msg.payload))
+        self.agent.on_message(msg.topic, bytes(msg.payload))
 
 
 class AgentRunner:

@@ -126,16 +126,10 @@ class SimDevice:
         self.link.connected = False
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        if msg.topic == self.topics.model:
-            self.agent.on_model(bytes(msg.payload))
-        elif msg.topic == self.topics.announce:
-            self.agent.on_announce(bytes(msg.payload))
-        elif msg.topic == self.topics.weights:
-            self.agent.on_weights(bytes(msg.payload))
-        elif msg.topic == self.topics.template:
-            self.agent.on_template(bytes(msg.payload))
-        else:
-            self.agent.on_ack(self._sim_seconds(bytes(msg.payload)))
+        payload = bytes(msg.payload)
+        if msg.topic == self.topics.ack(self.trace.device_id):
+            payload = self._sim_seconds(payload)
+        self.agent.on_message(msg.topic, payload)
 
     def _sim_seconds(self, ack: bytes) -> bytes:
         """The coordinator runs on wall seconds (its window is the sim window / scale), the agent
