@@ -82,8 +82,11 @@ def test_agent_trains_and_its_update_moves_the_version(broker, fleet_name, tmp_p
         assert wait_for(lambda: service.engine.version >= 2, timeout=30)
         lineage = service.store.lineage(device_id="pi-1")
         assert lineage[0].outcome == "accepted" and lineage[0].base_version == 0
-        assert wait_for(lambda: len(runner.agent.spool) == 0 and runner.agent.counters.accepted)
-        assert runner.agent.snapshot is not None and runner.agent.snapshot.version >= 1
+        assert wait_for(lambda: runner.agent.counters.accepted >= 1, timeout=60)
+        # Models on demand: the agent holds a newer version only once it fetches again (right
+        # before its next training), and its first two updates may both be built on version 0.
+        assert wait_for(lambda: runner.agent.snapshot is not None
+                        and runner.agent.snapshot.version >= 1, timeout=60)
     finally:
         runner.stop()
         thread.join(10)
