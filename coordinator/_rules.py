@@ -76,8 +76,9 @@ class PendingLike(Protocol):
 class Merge:
     """A new global model: ``params = model + scale * sum(weights[i] * included[i].delta)``.
 
-    `weights` are each contribution's share: normalised to sum 1 for FedBuff and FedAvg (whose
-    `scale` is the server rate), the mixing weight a_t itself for FedAsync (scale 1).
+    `weights` are each contribution's share: n_i / sum(n) for FedAvg and n_i s(t_i) p_i /
+    sum(n) for FedBuff (at most 1 in sum when p = 1; `scale` is the server rate), the mixing
+    weight a_t itself for FedAsync (scale 1).
     """
 
     params: Params
@@ -230,12 +231,22 @@ class FedAsync(_Buffered):
 
 
 class FedBuff(_Buffered):
-    """Buffer `buffer_size` updates, then ``x <- x + eta_g * sum(w_i p_i delta_i) / sum(w_i)``
-    with w_i = n_i * s(t_i) (n_i = 1 when not `weight_by_samples`). (Nguyen et al. 2022)
+    """Buffer `buffer_size` updates, then
+    ``x <- x + eta_g * sum(n_i s(t_i) p_i delta_i) / sum(n_i)`` (n_i = 1 when not
+    `weight_by_samples`): Nguyen et al. 2022 (FedBuff, AISTATS), Algorithm 1, which scales each
+    delta by s(t_i) and divides the sum by the buffer's size, not by the sum of the s(t_i).
+
+    s therefore damps the step, not only the mix: a buffer of uniformly stale updates moves the
+    model less. Normalising by sum(n_i s(t_i)) instead (this rule until issue 15) made every
+    buffer move a full eta_g step however stale, and on a fast fleet, where devices train from
+    a base several versions old, the model overshot and fell to 0.3 held-out accuracy for tens
+    of seconds (bench/robustness.py).
 
     p_i is the participation factor (1 unless reweighting is on). It stays out of the
     denominator on purpose: normalising it away would let a buffer filled by the most frequent
     devices move the model as far as any other buffer, which is the bias being corrected.
+    With ``memory_s`` > 0 the step is the weighted mean of the remembered updates, normalised
+    by their n_i s(t_i) as before (that correction is unchanged).
 
     t_i is the staleness measured at arrival. That is exact: the version only moves when the
     buffer is emptied, so a buffered update cannot grow staler before it is merged.
@@ -266,9 +277,10 @@ class FedBuff(_Buffered):
                                                 memory_s=self.memory_s, scale=self.server_lr,
                                                 weigh=weigh)
         else:
-            w = weigh(cs, [c.staleness for c in cs])
+            n = np.array([float(c.n_samples) if self.weight_by_samples else 1.0 for c in cs])
+            s = np.array([self.staleness(c.staleness) for c in cs])
             p = np.array([c.participation for c in cs])
-            merge = _merge(model, cs, list(w * p / w.sum()), scale=self.server_lr)
+            merge = _merge(model, cs, list(n * s * p / n.sum()), scale=self.server_lr)
         self._buffer = []
         return merge
 
@@ -336,12 +348,23 @@ class RuleConfig:
 
     Maps one to one onto the service's ``[rule]`` table; `staleness` may be given as its text,
     ``"hinge:10,4"``, or as a table ``{kind = "hinge", a = 10, b = 4}``.
+
+    The defaults (alpha 0.6, K = 5, s(t) = 1 / (1 + t)) are meant to work at any fleet speed
+    without tuning: measured from one device training at a time to 100 at once, and on fleets
+    fast compared with the system's latency (``python -m bench.robustness``).
     """
 
     name: RuleName = "fedasync"
-    staleness: Staleness = field(default_factory=lambda: Staleness(kind="polynomial", a=0.5))
-    alpha: float = 0.5  # fedasync
-    buffer_size: int = 10  # fedbuff
+    # s(t) = 1 / (1 + t): the staleness-aware step of Zhang, Gupta, Lian, Liu 2016
+    # ("Staleness-aware Async-SGD for Distributed Deep Learning", IJCAI), which divides the
+    # step by the staleness. With N devices training at once the staleness is about N - 1, so
+    # the steps of N arrivals add up to about alpha whatever N is; (1 + t)^-0.5 (the default
+    # until issue 15) let them grow as alpha sqrt(N), and a fast fleet, whose devices train from
+    # bases several versions old, oscillated and collapsed (bench/robustness.py). A fleet with
+    # one device training at a time sees t = 0 and the same step as before.
+    staleness: Staleness = field(default_factory=lambda: Staleness(kind="polynomial", a=1.0))
+    alpha: float = 0.6  # fedasync
+    buffer_size: int = 5  # fedbuff
     weight_by_samples: bool = True  # fedbuff
     server_lr: float = 1.0  # fedbuff, fedavg-sync
     cohort_size: int = 10  # fedavg-sync

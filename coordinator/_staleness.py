@@ -4,6 +4,10 @@ t = current_version - base_version >= 0; s(0) = 1 and s never increases with t:
     constant    s(t) = 1
     polynomial  s(t) = (1 + t)^-a
     hinge       s(t) = 1 if t <= b else 1 / (a (t - b) + 1)
+
+polynomial with a = 1, s(t) = 1 / (1 + t), is the rules' default: it divides the step by the
+staleness, as staleness-aware async SGD does (Zhang, Gupta, Lian, Liu 2016, IJCAI), so the sum of
+the steps of N concurrent devices stays near alpha however large N grows (RuleConfig).
 """
 
 from __future__ import annotations

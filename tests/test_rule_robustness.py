@@ -1,0 +1,170 @@
+"""Issue 15: the merge rules' defaults stay stable however many devices train at once.
+
+Pure rule code on a quadratic (streams of stale updates), the summed step under concurrency, and
+the in-process harness (bench/robustness.py) on a small fast fleet with the system's latency.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from bench.robustness import FleetSpec, LogisticSGD, _Data, run
+from coordinator._rules import Contribution, FedAsync, FedBuff, MergeRule, RuleConfig, build_rule
+from coordinator._staleness import Staleness
+from models import build_model
+
+FEDASYNC = RuleConfig(name="fedasync")
+FEDBUFF = RuleConfig(name="fedbuff")
+SYNC = RuleConfig(name="fedavg-sync", cohort_size=5, min_updates=2)
+
+
+def old_fedasync() -> FedAsync:
+    """FedAsync as fedasync-sim ran it before issue 15: alpha 0.6, s(t) = (1 + t)^-0.5."""
+    return FedAsync(alpha=0.6, staleness=Staleness(kind="polynomial", a=0.5))
+
+
+def pipeline(rule: MergeRule, devices: int, arrivals: int, *, d: int = 8, c: float = 0.5,
+             seed: int = 0) -> tuple[list[float], list[int]]:
+    """`devices` train at once on the quadratic ||x - x*||^2: each arrival's delta moves its base
+    `c` of the way to x*, then its device restarts from the newest model. Round robin, so the
+    staleness settles at the number of versions made while one device trains (devices - 1 for
+    FedAsync). Returns the distance to x* after every arrival and each update's staleness."""
+    rng = np.random.default_rng(seed)
+    opt = rng.normal(size=d)
+    model = np.zeros(d, dtype=np.float32)
+    version = 0
+    bases = [(0, model.copy())] * devices
+    dist, stale = [float(np.linalg.norm(model - opt))], []
+    for k in range(arrivals):
+        i = k % devices
+        base_version, base = bases[i]
+        stale.append(version - base_version)
+        merge = rule.offer(model, Contribution(
+            update_id=str(k), device_id=f"d{i}", base_version=base_version,
+            staleness=version - base_version, n_samples=10,
+            delta=(c * (opt - base)).astype(np.float32)), now=float(k))
+        if merge is not None:
+            model, version = merge.params, version + 1
+        bases[i] = (version, model.copy())
+        dist.append(float(np.linalg.norm(model - opt)))
+    return dist, stale
+
+
+@pytest.mark.parametrize("config", [FEDASYNC, FEDBUFF], ids=["fedasync", "fedbuff"])
+@pytest.mark.parametrize("devices", [1, 5, 20, 50, 200])
+def test_default_rules_converge_under_any_concurrency(config: RuleConfig, devices: int) -> None:
+    dist, stale = pipeline(build_rule(config), devices, 20 * devices)
+
+    assert max(dist) <= dist[0] * 1.2  # never thrown far past the optimum
+    assert dist[-1] < 0.15 * dist[0]
+    if config.name == "fedasync":
+        assert np.median(stale) == devices - 1
+
+
+def test_the_old_fedasync_default_diverged_on_50_concurrent_stale_updates() -> None:
+    # What the new default fixes: (1 + t)^-0.5 lets N concurrent steps add up to alpha sqrt(N).
+    dist, stale = pipeline(old_fedasync(), 50, 1000)
+
+    assert np.median(stale) == 49
+    assert dist[-1] > 10 * dist[0]
+
+
+@pytest.mark.parametrize("devices", [1, 2, 10, 50, 1000])
+def test_fedasync_summed_step_of_one_round_stays_near_alpha(devices: int) -> None:
+    # N devices at once: each arrival's staleness is N - 1; the N mixing weights of one
+    # "round" add up to alpha (the old default: alpha sqrt(N)).
+    rule = build_rule(FEDASYNC)
+    model = np.zeros(1, dtype=np.float32)
+    total = 0.0
+    for k in range(devices):
+        merge = rule.offer(model, Contribution(
+            update_id=str(k), device_id=f"d{k}", base_version=0, staleness=devices - 1,
+            n_samples=1, delta=np.ones(1, dtype=np.float32)), now=0.0)
+        total += sum(merge.weights) * merge.scale
+
+    assert total == pytest.approx(FEDASYNC.alpha)
+
+
+@pytest.mark.parametrize("devices", [5, 20, 100, 1000])
+def test_fedbuff_summed_step_of_one_round_stays_near_server_lr(devices: int) -> None:
+    # N devices at once, buffers of K: N / K versions while one trains, so staleness N / K - 1;
+    # a uniformly stale buffer is damped by s(t) (not renormalised), so the N / K merges of one
+    # round move the model by about server_lr, not N / K times it.
+    k = FEDBUFF.buffer_size
+    rule = build_rule(FEDBUFF)
+    model = np.zeros(1, dtype=np.float32)
+    total = 0.0
+    for i in range(devices):
+        merge = rule.offer(model, Contribution(
+            update_id=str(i), device_id=f"d{i}", base_version=0, staleness=devices // k - 1,
+            n_samples=1 + i % 7, delta=np.ones(1, dtype=np.float32)), now=0.0)
+        if merge is not None:
+            total += sum(merge.weights) * merge.scale
+
+    assert total == pytest.approx(FEDBUFF.server_lr)
+
+
+def test_a_uniformly_stale_fedbuff_buffer_moves_less_than_a_fresh_one() -> None:
+    def step(staleness: int) -> float:
+        rule = FedBuff(buffer_size=3, server_lr=1.0, staleness=Staleness(kind="polynomial",
+                                                                         a=1.0))
+        merge = None
+        for i in range(3):
+            merge = rule.offer(np.zeros(2, dtype=np.float32), Contribution(
+                update_id=str(i), device_id="d", base_version=0, staleness=staleness,
+                n_samples=5, delta=np.ones(2, dtype=np.float32)), now=0.0)
+        assert merge is not None
+        return float(np.linalg.norm(merge.params))
+
+    assert step(3) == pytest.approx(step(0) / 4)
+
+
+def test_logistic_sgd_is_the_adapter_arithmetic() -> None:
+    data = _Data(FleetSpec(seed=3))
+    adapter, fast = build_model(data.spec), LogisticSGD(data.spec)
+    start = (np.random.default_rng(0).normal(size=adapter.n_params) * 0.3).astype(np.float32)
+    for X, y in data.parts[:3]:
+        adapter.set_params_vector(start)
+        adapter.partial_fit(X, y, epochs=2)
+        expected = adapter.get_params_vector() - start
+
+        np.testing.assert_allclose(fast.delta(start, X, y, 2), expected, atol=1e-6)
+
+
+# A small fast fleet with the system's latency: the conditions of issue 15's collapse.
+FAST = FleetSpec(devices=20, epoch_min_s=0.14, epoch_max_s=1.2, snapshot_interval_s=1.0,
+                 poll_s=0.5, publish_delay_s=1.0, duration_s=30.0, evaluations=30, seed=1)
+
+
+@pytest.fixture(scope="module")
+def fast_data() -> _Data:
+    return _Data(FAST)
+
+
+def test_harness_is_deterministic(fast_data: _Data) -> None:
+    fleet = replace(FAST, duration_s=8.0, evaluations=8)
+    a, b = run(fleet, FEDASYNC, data=fast_data), run(fleet, FEDASYNC, data=fast_data)
+
+    assert a.evaluations == b.evaluations
+    assert {k: v for k, v in a.summary.items() if k != "wall_s"} == {
+        k: v for k, v in b.summary.items() if k != "wall_s"}
+
+
+@pytest.mark.parametrize("config", [FEDASYNC, FEDBUFF], ids=["fedasync", "fedbuff"])
+def test_default_rules_do_not_collapse_on_a_fast_fleet(config: RuleConfig,
+                                                      fast_data: _Data) -> None:
+    result = run(FAST, config, data=fast_data).summary
+
+    assert result["min_after_0.8"] is not None and result["min_after_0.8"] >= 0.5
+    assert result["final"] >= 0.9
+    assert result["time_to_target_s"] is not None
+
+
+def test_the_harness_sees_the_old_collapse(fast_data: _Data) -> None:
+    # Guards the previous test against a harness too gentle to show anything.
+    result = run(FAST, FEDASYNC, data=fast_data, merger=old_fedasync()).summary
+
+    assert result["min_after_0.8"] is not None and result["min_after_0.8"] < 0.5
