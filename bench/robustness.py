@@ -40,7 +40,18 @@ from typing import Any
 
 import numpy as np
 
-from coordinator._rules import Contribution, FedAvgSync, MergeRule, RuleConfig, build_rule
+from coordinator._guards import Params
+from coordinator._rules import (
+    Contribution,
+    FedAvgSync,
+    FedBuff,
+    Merge,
+    MergeRule,
+    RuleConfig,
+    _merge,
+    _weights,
+    build_rule,
+)
 from coordinator._staleness import Staleness
 from models import ModelSpec, build_model
 from models._datasets import dirichlet_partition, load_digits
@@ -423,6 +434,30 @@ def _summarize(fleet: FleetSpec, evals: list[tuple[float, float]],
 
 # --- rule settings compared ---------------------------------------------------------------------
 
+class RenormalisedFedBuff(FedBuff):
+    """FedBuff as it was before issue 15, for comparison: weights n_i s(t_i) / sum(n_j s(t_j)),
+    so a buffer moves a full server_lr step however stale it is."""
+
+    def poll(self, model: Params, *, now: float) -> Merge | None:
+        if len(self._buffer) < self.buffer_size:
+            return None
+        cs = self._buffer
+        w = _weights(cs, [c.staleness for c in cs], self.staleness,
+                     by_samples=self.weight_by_samples)
+        merge = _merge(model, cs, list(w / w.sum()), scale=self.server_lr)
+        self._buffer = []
+        return merge
+
+
+def merger_for(name: str, rule: RuleConfig) -> MergeRule:
+    """The rule object the map runs for `name`: RenormalisedFedBuff for 'fedbuff (renorm.)'."""
+    if name.endswith("(renorm.)"):
+        return RenormalisedFedBuff(buffer_size=rule.buffer_size, server_lr=rule.server_lr,
+                                   staleness=rule.staleness,
+                                   weight_by_samples=rule.weight_by_samples)
+    return build_rule(rule)
+
+
 def rules_before() -> dict[str, RuleConfig]:
     """What the issue measured: fedasync-sim's tuned settings on the rules as they were
     (FedBuff renormalised by sum n_i s(t_i))."""
@@ -430,7 +465,8 @@ def rules_before() -> dict[str, RuleConfig]:
     return {
         "fedavg-sync": RuleConfig(name="fedavg-sync", cohort_size=5, min_updates=2),
         "fedasync": RuleConfig(name="fedasync", alpha=0.6, staleness=poly),
-        "fedbuff": RuleConfig(name="fedbuff", buffer_size=5, server_lr=1.0, staleness=poly),
+        "fedbuff (renorm.)": RuleConfig(name="fedbuff", buffer_size=5, server_lr=1.0,
+                                        staleness=poly),
     }
 
 
@@ -477,7 +513,8 @@ def robustness_map(rules: dict[str, RuleConfig], fleets: dict[str, FleetSpec],
         out[fname] = {}
         datas = {s: _Data(replace(base, seed=s)) for s in seeds}
         for rname, rule in rules.items():
-            runs = [run(replace(base, seed=s), rule, label=rname, data=datas[s]) for s in seeds]
+            runs = [run(replace(base, seed=s), rule, label=rname, data=datas[s],
+                        merger=merger_for(rname, rule)) for s in seeds]
             out[fname][rname] = _median_of(runs)
             if progress:
                 r = out[fname][rname]
@@ -605,7 +642,7 @@ def fast_fleet_report(seed: int = 1) -> dict[str, Any]:
             for rname, rule in rules.items():
                 if tag == "now" and rname == "fedavg-sync":
                     continue
-                r = run(fleet, rule, label=rname, data=data)
+                r = run(fleet, rule, label=rname, data=data, merger=merger_for(rname, rule))
                 out[f"{vname} | {tag} {rname}"] = r.summary
                 s = r.summary
                 print(f"{vname:28s} {tag:6s} {rname:12s} final {s['final']:.3f} "
