@@ -11,31 +11,39 @@ import json
 import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from coordinator._control import service_token, token_matches
+from coordinator._control import token_matches
+from coordinator._lock import StateLock
 from models import FedAsyncError
-
-if TYPE_CHECKING:
-    from coordinator._service import CoordinatorService
 
 log = logging.getLogger("fedasync.coordinator.http")
 
 
+class Service(Protocol):
+    """What the endpoints read and change (the coordinator service)."""
+
+    def status(self) -> dict[str, Any]: ...
+    def devices(self) -> dict[str, Any]: ...
+    def rollback(self, to_version: int) -> int: ...
+
+
 class StatusServer:
-    def __init__(self, address: tuple[str, int], service: CoordinatorService) -> None:
-        # The service holds the state directory's lock by now (its store took it), so a token
-        # it generates cannot replace the file of another running coordinator.
-        token = service_token(service.config)
-        handler = type("Handler", (_Handler,), {"service": service, "token": token})
+    """Serves `service` on `address`; `lock` (the state directory's, held by the service) is
+    where it notes its address for `fedasync-coordinator rollback`."""
+
+    def __init__(self, address: tuple[str, int], service: Service, *, token: str,
+                 registry: CollectorRegistry, lock: StateLock | None) -> None:
+        handler = type("Handler", (_Handler,),
+                       {"service": service, "token": token, "registry": registry})
         self._server = ThreadingHTTPServer(address, handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         name="coordinator-http", daemon=True)
-        self._lock = service.store.lock
+        self._lock = lock
 
     @property
     def address(self) -> tuple[str, int]:
@@ -56,13 +64,14 @@ class StatusServer:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    service: CoordinatorService
+    service: Service
     token: str
+    registry: CollectorRegistry
 
     def do_GET(self) -> None:
         path = urlsplit(self.path).path
         if path == "/metrics":
-            self._reply(200, generate_latest(self.service.metrics.registry), CONTENT_TYPE_LATEST)
+            self._reply(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
         elif path in ("/status", "/"):
             self._json(200, self.service.status())
         elif path == "/devices":

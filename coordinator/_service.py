@@ -33,6 +33,7 @@ import paho.mqtt.client as mqtt
 
 from coordinator._cohort import CohortSelector, parse_status
 from coordinator._config import CoordinatorConfig
+from coordinator._control import service_token
 from coordinator._engine import Engine, Evaluator, Incoming, Outcome
 from coordinator._http import StatusServer
 from coordinator._identity import HOST, Identity, LookTimeout, Presence, look
@@ -150,7 +151,11 @@ class CoordinatorService:
             t.start()
             self._threads.append(t)
         if self.config.http_address is not None:
-            self._http = StatusServer(self.config.http_address, self)
+            # The store holds the state directory's lock by now, so a token generated here
+            # cannot replace the file of another running coordinator.
+            self._http = StatusServer(self.config.http_address, self,
+                                      token=service_token(self.config),
+                                      registry=self.metrics.registry, lock=self.store.lock)
             self._http.start()
             log.info("metrics and status on http://%s:%d/", *self._http.address)
         self._link.start()
