@@ -128,6 +128,11 @@ class _Counters:
     aborted: int = 0
     approved: int = 0  # by the approval hook
     refused: int = 0
+    # Model fetches started on demand, by why: to train on a newer version, or to refresh the
+    # inference model (none held, or last checked model_refresh_s ago). A template and the
+    # weights it precedes are one fetch; a fetch that times out and is started again is two.
+    fetched_for_training: int = 0
+    fetched_for_refresh: int = 0
 
 
 class Agent:
@@ -537,8 +542,13 @@ class Agent:
         if not (self._fresh and a is not None and self._newer(a) and not self._is_refused(a)):
             return
         me = self.config.device_id
-        if refresh or (train and not self._in_flight and (a.cohort is None or me in a.cohort)):
-            why = "training" if train else "inference (refresh)"
+        for_training = train and not self._in_flight and (a.cohort is None or me in a.cohort)
+        if refresh or for_training:
+            why = "training" if for_training else "inference (refresh)"
+            if for_training:
+                self.counters.fetched_for_training += 1
+            else:
+                self.counters.fetched_for_refresh += 1
             self._fetching_since = self.net_clock()
             if (a.template is None or a.weights_size is None  # an older coordinator
                     or self.net_clock() < self._compact_off_until):

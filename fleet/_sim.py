@@ -57,8 +57,14 @@ from fleet._fairness import (
 )
 from fleet._traces import DeviceTrace, FleetProfile, _int, _num, generate_device, summarize
 from fleet._traffic import attach as count_traffic
-from fleet._traffic import summarize_traffic
-from fleet._worker import WorkerSpec, run_worker
+from fleet._traffic import (
+    device_downlink_bytes,
+    downlink_bound,
+    snapshot_downloads,
+    summarize_per_device,
+    summarize_traffic,
+)
+from fleet._worker import DEVICE_PREFIX, WorkerSpec, run_worker
 from models import ConfigError, ModelSpec, build_model
 from models._datasets import Dataset, dirichlet_partition, load_digits, make_synthetic
 
@@ -93,6 +99,12 @@ class SimConfig:
     dirichlet_alpha: float = 0.5
     check_interval_sim_s: float = 120.0  # the agents' poll
     min_train_interval_sim_s: float = 0.0  # the agents' least time between two trainings
+    # The agents' model_refresh_s (sim s): how old their inference model may grow before they
+    # fetch a newer one without training; 0 follows every version (every snapshot published).
+    model_refresh_sim_s: float = 3600.0
+    # The coordinator's snapshots.min_interval_s (wall s): at most one snapshot per this long
+    # (the coordinator's own default is 1 s).
+    snapshot_interval_s: float = 0.5
     workers: int = 0  # 0: one per core, less one for the coordinator, at least 1
     broker: str | None = None  # URL of an existing broker; None: start one
     broker_kind: str = "auto"  # auto | mosquitto | embedded
@@ -142,6 +154,8 @@ class SimConfig:
         _int("local_test_size", self.local_test_size, 1, math.inf)
         _num("check_interval_sim_s", self.check_interval_sim_s, 0.0, math.inf, lo_open=True)
         _num("min_train_interval_sim_s", self.min_train_interval_sim_s, 0.0, math.inf)
+        _num("model_refresh_sim_s", self.model_refresh_sim_s, 0.0, math.inf)
+        _num("snapshot_interval_s", self.snapshot_interval_s, 0.0, math.inf)
         _num("constrained_slowdown", self.constrained_slowdown, 0.0, math.inf, lo_open=True)
         _num("participation_window_sim_s", self.participation_window_sim_s, 0.0, math.inf,
              lo_open=True)
@@ -389,7 +403,8 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet | None
             client_id=f"coordinator-{fleet_name}", http="", rule=rule_config(config, rule),
             participation=participation_config(config, rule), keep_checkpoints=_KEEP,
             guards=GuardConfig(max_norm=10.0, max_staleness=50),
-            snapshots=SnapshotConfig(min_interval_s=0.5)), evaluator=evaluate)
+            snapshots=SnapshotConfig(min_interval_s=config.snapshot_interval_s)),
+            evaluator=evaluate)
         # What the coordinator publishes (snapshots, acks) and receives, as the devices count.
         coordinator_traffic = count_traffic(service._client)
         sys_start = ({} if isinstance(broker, MosquittoBroker) else None if broker is not None
@@ -409,7 +424,8 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet | None
                 training=TrainConfig(local_epochs=config.local_epochs,
                                      encoding=config.encoding),  # type: ignore[arg-type]
                 check_interval_s=config.check_interval_sim_s, seed=config.seed,
-                min_train_interval_s=config.min_train_interval_sim_s)
+                min_train_interval_s=config.min_train_interval_sim_s,
+                model_refresh_s=config.model_refresh_sim_s)
             p = ctx.Process(target=run_worker, args=(spec, go, start_at, stop, reports),
                             daemon=True, name=f"fleet-worker-{w}")
             p.start()
@@ -454,6 +470,12 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet | None
         coordinator=coordinator_traffic.stats(),
         merged_updates=sum(1 for a in arrivals if a.outcome != "rejected"),
         n_devices=len(fleet.traces), sim_hours=config.duration_sim_s / 3600)
+    # Each device's own downlink against its own trainings and refreshes; a row per device in
+    # downlink.csv. Published snapshots: the coordinator's announcements (one per snapshot).
+    per_device = _per_device(latest, [t.device_id for t in fleet.traces])
+    summary["traffic"]["per_device"] = summarize_per_device(
+        per_device, published=coordinator_traffic.stats().get("sent_announce_msgs", 0))
+    _write_downlink(out_dir / "downlink.csv", per_device)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return RunResult(rule, out_dir, evals, summary, arrivals)
 
@@ -525,6 +547,29 @@ def _device_traffic(latest: dict[int, dict[str, int]]) -> dict[str, int]:
     for totals in latest.values():
         out.update({k: v for k, v in totals.items() if k.startswith(("sent_", "received_"))})
     return dict(out)
+
+
+def _per_device(latest: dict[int, dict[str, int]], device_ids: Sequence[str]
+                ) -> dict[str, dict[str, int]]:
+    """Each device's own counts (`SimDevice.downlink`), from the workers' reports' flat
+    ``device/<id>/<key>`` entries; a device never reported has empty counts."""
+    out: dict[str, dict[str, int]] = {d: {} for d in device_ids}
+    for totals in latest.values():
+        for k, v in totals.items():
+            if k.startswith(DEVICE_PREFIX):
+                device, _, key = k[len(DEVICE_PREFIX):].rpartition("/")
+                out.setdefault(device, {})[key] = v
+    return out
+
+
+def _write_downlink(path: Path, per_device: dict[str, dict[str, int]]) -> None:
+    keys = sorted({k for counts in per_device.values() for k in counts})
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["device_id", "downlink_bytes", "snapshot_downloads", "bound", *keys])
+        for device, counts in per_device.items():
+            writer.writerow([device, device_downlink_bytes(counts), snapshot_downloads(counts),
+                             downlink_bound(counts), *(counts.get(k, 0) for k in keys)])
 
 
 class _Usage:

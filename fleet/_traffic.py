@@ -168,3 +168,107 @@ def table_cells(traffic: Mapping[str, Any] | None) -> tuple[str, str, str]:
 
 def _kb(v: float | None) -> str:
     return "-" if v is None else f"{v / 1000:,.1f}k"
+
+
+# -- each device's own downlink ----------------------------------------------------------------
+
+# The per-device counts a simulated device reports (fleet/_worker.py `SimDevice.downlink`), by
+# the topic level they came on: a snapshot download is a full snapshot (model) or a compact one
+# (weights); templates come once per model spec.
+_DOWNLOADS = ("model", "weights")
+
+
+def snapshot_downloads(counts: Mapping[str, int]) -> int:
+    """Full and compact snapshots one device received."""
+    return sum(int(counts.get(f"received_{k}_msgs", 0)) for k in _DOWNLOADS)
+
+
+def downlink_bound(counts: Mapping[str, int]) -> int:
+    """What models on demand allow one device to download: one snapshot per training it
+    started, one per refresh of its inference model, and one more (the model it holds at the
+    end, fetched for a training or a refresh the run cut short)."""
+    return (int(counts.get("trainings", 0)) + int(counts.get("fetched_for_refresh", 0)) + 1)
+
+
+def device_downlink_bytes(counts: Mapping[str, int]) -> int:
+    """All bytes (topic + payload) one device received from the coordinator's topics."""
+    return sum(int(v) for k, v in counts.items()
+               if k.startswith("received_") and k.endswith("_bytes")
+               and k[len("received_"):-len("_bytes")] in (*_DOWNLOADS, "template", "announce",
+                                                          "ack"))
+
+
+def _spread(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {"median": 0.0, "p90": 0.0, "max": 0.0}
+    ordered = sorted(values)
+    return {"median": round(float(_quantile(ordered, 0.5)), 1),
+            "p90": round(float(_quantile(ordered, 0.9)), 1), "max": float(ordered[-1])}
+
+
+def _quantile(ordered: list[int], q: float) -> float:
+    """Linear interpolation between order statistics (numpy's default)."""
+    pos = q * (len(ordered) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def summarize_per_device(devices: Mapping[str, Mapping[str, int]], *, published: int
+                         ) -> dict[str, Any]:
+    """summary.json's ``traffic.per_device``: each device's downlink against its own work.
+
+    `devices` maps a device id to its counts (`SimDevice.downlink`), `published` is how many
+    snapshots the coordinator published (its announcements). Median, p90 and max over devices
+    of downlink bytes, snapshot downloads, announcements and acks received, trainings started,
+    updates sent and refreshes; ``over_bound``: the devices whose snapshot downloads exceed
+    trainings + refreshes + 1 (0 when models come on demand), the first few named; and what
+    following every version would have cost a device (``follow_bytes``: published snapshots x
+    the full snapshot's size; ``follow_compact_bytes`` with compact ones)."""
+    rows = list(devices.values())
+
+    def col(key: str) -> list[int]:
+        return [int(r.get(key, 0)) for r in rows]
+
+    downloads = [snapshot_downloads(r) for r in rows]
+    down_bytes = [device_downlink_bytes(r) for r in rows]
+    over = sorted((dev for dev, r in devices.items() if snapshot_downloads(r) > downlink_bound(r)))
+    full = max(col("announced_snapshot_bytes"), default=0)
+    compact = max(col("announced_weights_bytes"), default=0)
+    median_bytes = _spread(down_bytes)["median"]
+    follow = published * full
+    return {
+        "devices": len(rows),
+        "snapshots_published": published,
+        "downlink_bytes": _spread(down_bytes),
+        "snapshot_downloads": _spread(downloads),
+        "template_downloads": _spread(col("received_template_msgs")),
+        "announcements": _spread(col("received_announce_msgs")),
+        "acks": _spread(col("received_ack_msgs")),
+        "trainings": _spread(col("trainings")),
+        "updates_sent": _spread(col("updates_sent")),
+        "refreshes": _spread(col("fetched_for_refresh")),
+        "over_bound": len(over),
+        "over_bound_devices": over[:10],
+        "snapshot_bytes": full,
+        "weights_bytes": compact,
+        "follow_bytes": follow,
+        "follow_compact_bytes": published * compact,
+        "median_vs_follow": None if follow <= 0 else round(median_bytes / follow, 4),
+    }
+
+
+def per_device_line(per_device: Mapping[str, Any] | None) -> str:
+    """One line of `summarize_per_device` for the end of a run."""
+    if not per_device or not per_device.get("devices"):
+        return "per device: -"
+    b, s, t = (per_device["downlink_bytes"], per_device["snapshot_downloads"],
+               per_device["trainings"])
+    ratio = per_device.get("median_vs_follow")
+    return (f"per device downlink median/p90/max {_kb(b['median'])}/{_kb(b['p90'])}/"
+            f"{_kb(b['max'])}B; snapshots {s['median']:g}/{s['p90']:g}/{s['max']:g} of "
+            f"{per_device['snapshots_published']} published"
+            + ("" if ratio is None else f" ({ratio:.1%} of following every version)")
+            + f"; trainings {t['median']:g}/{t['p90']:g}/{t['max']:g}, refreshes "
+            f"{per_device['refreshes']['median']:g}/{per_device['refreshes']['max']:g} "
+            f"(median/max); over trainings + refreshes + 1: {per_device['over_bound']} devices")

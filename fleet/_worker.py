@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import multiprocessing.synchronize
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ from models._wire import MAX_RETRY_AFTER_S
 
 log = logging.getLogger("fedasync.fleet.worker")
 
+DEVICE_PREFIX = "device/"  # a worker report's per-device keys: device/<id>/<key>
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerSpec:
@@ -51,6 +54,7 @@ class WorkerSpec:
     check_interval_s: float  # sim
     seed: int
     min_train_interval_s: float = 0.0  # sim; the agent's, between two trainings
+    model_refresh_s: float = 3600.0  # sim; the agent's (0: follow every version)
 
 
 class ArraySource:
@@ -95,7 +99,8 @@ class SimDevice:
             state_dir=str(Path(spec.state_root) / trace.device_id),
             min_samples=1, min_new_samples=10**9, retrain_on_new_model=True,
             min_train_interval_s=spec.min_train_interval_s, check_interval_s=spec.check_interval_s,
-            policy=spec.policy, training=spec.training, train_in_subprocess=False)
+            model_refresh_s=spec.model_refresh_s, policy=spec.policy, training=spec.training,
+            train_in_subprocess=False)
         self.agent = Agent(config, link=self.link, reader=SimReader(trace, clock),
                            data=ArraySource(X, y), clock=clock.wall, monotonic=clock.sim_now,
                            rng=np.random.default_rng([spec.seed, spec.index, len(trace.device_id)]))
@@ -108,6 +113,10 @@ class SimDevice:
         self.online = False
         self.job: UpdateMessage | None = None
         self.job_token = 0
+        self.started = 0  # trainings started (delivered, aborted or still running at the end)
+        # What this device received, by the topic's kind level (model, weights, template,
+        # announce, ack): `per_device` in summary.json's traffic.
+        self.received: Counter[str] = Counter()
         # A newer model arrived: step at once rather than at the next poll (120 sim s by
         # default, most of a fast fleet's wall time at --scale 1).
         self.agent.wake = lambda: net.call_later(0, self._step)
@@ -127,6 +136,10 @@ class SimDevice:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         payload = bytes(msg.payload)
+        parts = msg.topic.split("/")
+        level = parts[2] if len(parts) > 2 else "other"
+        self.received[f"{level}_msgs"] += 1
+        self.received[f"{level}_bytes"] += len(payload) + len(msg.topic.encode())
         if msg.topic == self.topics.ack(self.trace.device_id):
             payload = self._sim_seconds(payload)
         self.agent.on_message(msg.topic, payload)
@@ -187,6 +200,7 @@ class SimDevice:
         elif self.job is None and self.link.connected and self.agent.should_train(decision):
             update = self.agent.prepare_update()  # real training, now
             if update is not None:
+                self.started += 1
                 self.job = update
                 self.job_token += 1
                 done = t + self.trace.compute_seconds(update.n_samples,
@@ -219,6 +233,20 @@ class SimDevice:
                 "accepted": c.accepted, "rejected": c.rejected, "aborted": c.aborted,
                 **self.traffic.stats()}
 
+    def downlink(self) -> dict[str, int]:
+        """This device's own counts (`fleet._sim.per_device_downlink`): messages and bytes
+        received by topic kind (``received_<kind>_msgs|bytes``), trainings started and updates
+        sent, and the agent's model fetches by reason."""
+        c = self.agent.counters
+        a = self.agent.announcement  # the sizes of what following every version would cost
+        return {**{f"received_{k}": v for k, v in self.received.items()},
+                "trainings": self.started, "updates_sent": c.sent,
+                "fetched_for_training": c.fetched_for_training,
+                "fetched_for_refresh": c.fetched_for_refresh,
+                "announced_snapshot_bytes": 0 if a is None else a.size,
+                "announced_weights_bytes": 0 if a is None or a.weights_size is None
+                else a.weights_size}
+
 
 def run_worker(spec: WorkerSpec, go: multiprocessing.synchronize.Event, start: Any,
                stop: multiprocessing.synchronize.Event, reports: Any,
@@ -246,6 +274,9 @@ def run_worker(spec: WorkerSpec, go: multiprocessing.synchronize.Event, start: A
         for d in devices:
             for k, v in d.stats().items():
                 totals[k] = totals.get(k, 0) + v
+            # Each device's own downlink, flat: "device/<id>/<key>" (ids have no "/").
+            for k, v in d.downlink().items():
+                totals[f"{DEVICE_PREFIX}{d.trace.device_id}/{k}"] = v
         reports.put((spec.index, time.time(), totals))
         net.call_later(1.0, report)
 

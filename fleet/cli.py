@@ -24,7 +24,7 @@ from fleet._sim import (
     speedup,
     split_rule,
 )
-from fleet._traffic import table_cells
+from fleet._traffic import per_device_line, table_cells
 from models import ConfigError, FedAsyncError
 from models._cli import add_version, log_level, make_parser
 from models._logging import setup_logging
@@ -62,7 +62,8 @@ _FIELDS = (("devices", "devices"), ("duration", "duration_s"), ("scale", "scale"
            ("fedbuff_lr", "fedbuff_server_lr"),
            ("correlate", "correlate_labels"), ("window", "participation_window_sim_s"),
            ("cap", "participation_cap"), ("reweight_max", "reweight_max_factor"),
-           ("reweight_boost", "reweight_max_boost"))
+           ("reweight_boost", "reweight_max_boost"), ("model_refresh", "model_refresh_sim_s"),
+           ("snapshot_interval", "snapshot_interval_s"))
 _SYNTHETIC_ONLY = {"devices": "--devices", "dataset": "--dataset", "dirichlet_alpha": "--alpha",
                    "correlate_labels": "--correlate"}
 
@@ -131,6 +132,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     f.add_argument("--reweight-boost", type=float,
                    help=f"+reweight: a rare device gets at most this times its weight "
                         f"({d.reweight_max_boost:g}: no boost)")
+    c = p.add_argument_group("communication")
+    c.add_argument("--model-refresh", type=float,
+                   help=f"the agents' model_refresh_s, sim seconds: fetch a newer model without "
+                        f"training when the held one is this old; 0 follows every version "
+                        f"({d.model_refresh_sim_s:g})")
+    c.add_argument("--snapshot-interval", type=float,
+                   help=f"the coordinator's snapshots.min_interval_s, wall seconds: at most one "
+                        f"snapshot per this long ({d.snapshot_interval_s:g})")
     p.add_argument("--broker", help="use this broker (mqtt://host:port) instead of starting one")
     p.add_argument("--embedded-broker", action="store_true",
                    help="use the pure-Python broker even if Mosquitto is installed")
@@ -260,6 +269,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{line} {out_upd:>9} {in_upd:>8} {dev_h:>9}")
     print("traffic: the broker's bytes sent (out) and received (in) per merged update, and both "
           "per device per simulated hour; summary.json \"traffic\" splits them by kind")
+    for r in results:  # each device's downlink against its own trainings and refreshes
+        print(f"{r.rule}: {per_device_line((r.summary.get('traffic') or {}).get('per_device'))}")
     if summary["speedup_async_vs_sync"] is not None:
         print(f"speed-up of asynchronous over synchronous: {summary['speedup_async_vs_sync']}x")
     print(f"\nplot:    {args.out / 'accuracy.png'}\nsummary: {args.out / 'summary.json'}\n"
