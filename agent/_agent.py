@@ -519,7 +519,10 @@ class Agent:
         d = self.decision
         train = allowed and d is not None and d.eligible and self._due()
         refresh = allowed and self._refresh_due()
-        self._subscribe(self.topics.announce, train or refresh)
+        # Not while training: the announcements heard then would all be stale by its end, and
+        # were most of an always-eligible device's downlink. Subscribing again afterwards
+        # brings the retained (newest) one at once.
+        self._subscribe(self.topics.announce, (train and not self._in_flight) or refresh)
         if self._fetching_since is not None:
             if not allowed:
                 log.info("model fetch cancelled: the network is metered now")

@@ -110,11 +110,13 @@ class SimConfig:
     broker_kind: str = "auto"  # auto | mosquitto | embedded
     profile: FleetProfile = field(default_factory=lambda: FleetProfile(speed_median_s=1200.0))
     policy: PolicyConfig = field(default_factory=lambda: PolicyConfig(min_dwell_s=300.0))
-    # Rule settings: the best of `fedasync-sim tune --seed 100` (a seed not reported):
+    # Rule settings: the best of `fedasync-sim tune --seed 100` (a seed not reported), which
+    # are also the coordinator's defaults; the staleness function is the coordinator's default
+    # (1/(1+t), stable however many devices train at once: coordinator/_rules.py RuleConfig).
     fedasync_alpha: float = 0.6
     fedbuff_k: int = 5
     fedbuff_server_lr: float = 1.0
-    staleness: str = "polynomial:0.5"
+    staleness: str = "polynomial:1.0"
     cohort_size: int = 5
     over_selection: float = 1.3
     round_deadline_sim_s: float = 1800.0
