@@ -7,7 +7,8 @@ are fed to the merge rules of `coordinator._rules` directly, as `coordinator._en
 Every random draw comes from seeded generators, so a run is a pure function of its settings.
 
 Time is simulated. A device's epoch takes a fixed duration of its own (log-uniform between
-`epoch_min_s` and `epoch_max_s`, jittered by 10 % per training). The system's latency is
+`epoch_min_s` and `epoch_max_s`, or log-normal around `epoch_median_s` clipped to them; jittered
+by 10 % per training). The system's latency is
 modelled by two settings, both 0 by default (the rules alone):
 
 - `snapshot_interval_s`: a new version is published (visible to devices) at most this often,
@@ -68,6 +69,10 @@ class FleetSpec:
     devices: int = 20
     epoch_min_s: float = 0.14
     epoch_max_s: float = 1.2
+    # > 0: epochs log-normal around this median (sigma `epoch_sigma`), clipped to
+    # [epoch_min_s, epoch_max_s], as the synthetic fleet's are; 0: log-uniform between them
+    epoch_median_s: float = 0.0
+    epoch_sigma: float = 1.0
     idle_mean_s: float = 0.0  # mean pause between two trainings of a device (exp.); 0: none
     snapshot_interval_s: float = 0.0
     publish_delay_s: float = 0.0  # from a version's publication to devices seeing it
@@ -91,7 +96,7 @@ class FleetSpec:
 
     @property
     def median_epoch_s(self) -> float:
-        return math.sqrt(self.epoch_min_s * self.epoch_max_s)
+        return self.epoch_median_s or math.sqrt(self.epoch_min_s * self.epoch_max_s)
 
     @property
     def concurrency(self) -> float:
@@ -211,7 +216,11 @@ def run(fleet: FleetSpec, rule: RuleConfig, *, label: str | None = None,
     n = fleet.devices
     rng = np.random.default_rng([fleet.seed, 15])
     log_lo, log_hi = math.log(fleet.epoch_min_s), math.log(fleet.epoch_max_s)
-    epoch_s = np.exp(rng.uniform(log_lo, log_hi, size=n))
+    if fleet.epoch_median_s:
+        epoch_s = np.clip(np.exp(rng.normal(math.log(fleet.epoch_median_s), fleet.epoch_sigma,
+                                            size=n)), fleet.epoch_min_s, fleet.epoch_max_s)
+    else:
+        epoch_s = np.exp(rng.uniform(log_lo, log_hi, size=n))
     jitter = np.random.default_rng([fleet.seed, 16])
     pause = np.random.default_rng([fleet.seed, 17])
     pick = np.random.default_rng([fleet.seed, 18])
@@ -501,7 +510,21 @@ def map_fleets(updates: int = 1500) -> dict[str, FleetSpec]:
         "x5 of 20 compressed": speed_fleet(1.0, concurrency=5.0, updates=updates),
         "x1 of 20 compressed": speed_fleet(1.0, concurrency=1.0, updates=updates // 2),
         "x0.1 of 20 compressed": speed_fleet(1.0, concurrency=0.1, updates=updates // 3),
+        "50 always-on real (21s)": always_on_fleet(),
     }
+
+
+def always_on_fleet(**kw: Any) -> FleetSpec:
+    """The real-time run of docs/communication-realtime.json: 50 always-available devices, epochs
+    4-275 s (median 21 s; the exported synthetic fleet's quartiles are 12.6 and 40 s, a
+    log-normal sigma of about 0.95), 2 local epochs, the agents' 5 s poll, no dwell, at most
+    one snapshot a second, about 0.1 s from publication to a device. 400 s: about 800 updates;
+    the real system reached 0.85 at 82 s with s(t) = (1 + t)^-0.5 and 216 s with 1 / (1 + t)."""
+    spec: dict[str, Any] = {
+        "devices": 50, "epoch_min_s": 4.0, "epoch_max_s": 275.0, "epoch_median_s": 21.0,
+        "epoch_sigma": 0.95, "local_epochs": 2, "snapshot_interval_s": 1.0, "poll_s": 5.0,
+        "publish_delay_s": 0.1, "duration_s": 400.0, "evaluations": 80}
+    return FleetSpec(**{**spec, **kw})
 
 
 def robustness_map(rules: dict[str, RuleConfig], fleets: dict[str, FleetSpec],
