@@ -444,11 +444,7 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet | None
         sampled = True
     finally:
         stop.set()
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-        _drain(reports, latest)  # each worker's final counts, sent as it stopped
+        _join_reading(procs, reports, latest)
         if service is not None:
             service.stop()
         if sampled and sys_start is not None:  # everything has stopped but the broker
@@ -534,10 +530,29 @@ def _sample(service: CoordinatorService, reports: Any, *, start: float, config: 
     return rows
 
 
-def _drain(reports: Any, latest: dict[int, dict[str, int]]) -> None:
-    """The reports still queued (the workers' final ones), into `latest`."""
+def _join_reading(procs: Sequence[Any], reports: Any, latest: dict[int, dict[str, int]],
+                  timeout: float = 60.0) -> None:
+    """Wait for the workers to exit, reading their reports meanwhile (the final ones, with
+    every device's counts, into `latest`). A process does not exit before its queue's feeder
+    has written everything to the pipe: joined without reading, a large final report filled
+    the pipe, the join timed out, the kill left half a message, and reading it hung the run."""
+    deadline = time.monotonic() + timeout
+    while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+        with contextlib.suppress(queue.Empty):
+            index, _, totals = reports.get(timeout=0.2)
+            if totals is not None:
+                latest[index] = totals
+    killed = [p.name for p in procs if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+        p.join(timeout=10)
+    if killed:  # what they left in the pipe may be cut short: not read
+        log.warning("workers %s did not stop in %.0f s and were killed: their last counts are "
+                    "missing", ", ".join(killed), timeout)
+        return
     with contextlib.suppress(queue.Empty, OSError, ValueError):
-        while True:
+        while True:  # written before they exited
             index, _, totals = reports.get_nowait()
             if totals is not None:
                 latest[index] = totals
