@@ -479,6 +479,15 @@ def rules_before() -> dict[str, RuleConfig]:
     }
 
 
+def rules_staleness(rule: str, texts: Sequence[str]) -> dict[str, RuleConfig]:
+    """`rule` ('fedasync' or 'fedbuff', otherwise defaults) under each staleness function of
+    `texts` (``polynomial:0.85``, ``hinge:0.6,0``...), with synchronous FedAvg for reference."""
+    out = {"fedavg-sync": rules_default()["fedavg-sync"]}
+    for text in texts:
+        out[f"{rule} {text}"] = RuleConfig(name=rule, staleness=text)  # type: ignore[arg-type]
+    return out
+
+
 def rules_default() -> dict[str, RuleConfig]:
     """The rules with RuleConfig's defaults (only the rule name, and the sync cohort, set)."""
     return {
@@ -685,6 +694,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--updates", type=int, default=1500, help="async updates per run (about)")
     p.add_argument("--before", action="store_true", help="also map the settings as they were")
+    p.add_argument("--staleness", nargs="+", default=None, metavar="S",
+                   help="map --rule under each staleness function S (e.g. polynomial:0.85 "
+                        "hinge:0.6,0) instead of the defaults")
+    p.add_argument("--rule", choices=("fedasync", "fedbuff"), default="fedasync",
+                   help="the rule --staleness varies")
     p.add_argument("--json", type=Path, default=None, help="write the map(s) here")
     p.add_argument("--png", type=Path, default=None, help="plot the map(s) here")
     args = p.parse_args(argv)
@@ -695,6 +709,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     fleets = map_fleets(args.updates)
     tables: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+    if args.staleness:
+        rules = rules_staleness(args.rule, args.staleness)
+        tables["staleness"] = robustness_map(rules, fleets, args.seeds)
+        print_map(tables["staleness"], f"{args.rule} by staleness function")
+        if args.json:
+            args.json.write_text(json.dumps({
+                "fleets": {k: asdict(f) for k, f in fleets.items()}, "seeds": args.seeds,
+                "rules": {k: str(v) for k, v in rules.items()}, "maps": tables}, indent=1,
+                default=str))
+        return 0
     if args.before:
         tables["before"] = robustness_map(rules_before(), fleets, args.seeds)
         print_map(tables["before"], "before (the issue's settings, FedBuff renormalised)")
