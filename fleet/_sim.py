@@ -404,7 +404,7 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet | None
             model=fleet.spec, broker=url, fleet=fleet_name, state_dir=str(coord_state),
             client_id=f"coordinator-{fleet_name}", http="", rule=rule_config(config, rule),
             participation=participation_config(config, rule), keep_checkpoints=_KEEP,
-            guards=GuardConfig(max_norm=10.0, max_staleness=50),
+            guards=GuardConfig(max_norm=10.0),
             snapshots=SnapshotConfig(min_interval_s=config.snapshot_interval_s)),
             evaluator=evaluate)
         # What the coordinator publishes (snapshots, acks) and receives, as the devices count.

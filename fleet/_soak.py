@@ -80,7 +80,7 @@ def _coordinator_toml(path: Path, *, broker: str, fleet: str, state: Path, spec:
         f"classes = [{classes}]\nhidden = [{hidden}]\nlearning_rate = {spec.learning_rate}\n"
         f"seed = {spec.seed}\n"
         '[rule]\nname = "fedbuff"\nbuffer_size = 5\nstaleness = "polynomial:1.0"\n'
-        "[guards]\nmax_norm = 10.0\nmax_staleness = 50\n"
+        "[guards]\nmax_norm = 10.0\n"
         "[snapshots]\nmin_interval_s = 0.5\n"
         '[evaluation]\ntest_file = "builtin:digits"\n')
 

@@ -16,7 +16,7 @@ EXAMPLES = Path(__file__).parents[1] / "examples"
 def test_shipped_examples_load() -> None:
     c = load_coordinator(EXAMPLES / "coordinator.toml", environ={})
     a = load_agent(EXAMPLES / "agent.toml", environ={})
-    assert (c.rule.name, c.rule.buffer_size, c.model.hidden) == ("fedbuff", 10, (32,))
+    assert (c.rule.name, c.rule.buffer_size, c.model.hidden) == ("fedbuff", 5, (32,))
     assert (a.training.encoding, a.policy.denied_interfaces[0]) == ("int8", "wwan*")
 
 

@@ -29,7 +29,7 @@ def reason_of(delta: object, *, n_params: int = 2, staleness: int = 0,
 def test_defaults_are_valid() -> None:
     config = GuardConfig()
 
-    assert (config.max_norm, config.norm_policy, config.max_staleness) == (10.0, "clip", 20)
+    assert (config.max_norm, config.norm_policy, config.max_staleness) == (10.0, "clip", 1000)
 
 
 @pytest.mark.parametrize(("key", "value"), [
