@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from fleet._compare import compare
 from fleet._sim import RULES, SimConfig, build_fleet, run_rule
 
 
@@ -36,8 +37,6 @@ def _say(msg: str) -> None:
 
 def run_bench(config: SimConfig, *, out: Path, seeds: list[int], quick: bool = False
               ) -> dict[str, Any]:
-    from fleet.cli import compare
-
     out.mkdir(parents=True, exist_ok=True)
     if quick:
         config = replace(config, duration_s=min(config.duration_s, 15.0))
