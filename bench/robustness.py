@@ -188,7 +188,7 @@ class LogisticSGD:
 
 
 class _Data:
-    """Digits split non-IID across the devices (as fleet._sim.build_fleet does)."""
+    """Digits split non-IID across the devices (as fleet._sim.synthetic_fleet does)."""
 
     def __init__(self, fleet: FleetSpec) -> None:
         train, test = load_digits(seed=fleet.seed)

@@ -11,7 +11,8 @@ from fleet._fleetfile import (
     parse_fleet_file,
     replay_config,
 )
-from fleet._sim import Fleet, RunResult, SimConfig, build_fleet, local_evaluation, run_rule
+from fleet._fleets import build_fleet
+from fleet._sim import Fleet, RunResult, SimConfig, local_evaluation, run_rule
 from fleet._traces import DeviceTrace, FleetProfile, Intervals, SimClock, generate_fleet
 
 __all__ = [

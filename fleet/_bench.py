@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from fleet._compare import compare
-from fleet._sim import RULES, SimConfig, build_fleet, run_rule
+from fleet._fleets import build_fleet
+from fleet._sim import RULES, SimConfig, run_rule
 
 
 def _stats(values: list[float]) -> dict[str, float] | None:
@@ -119,7 +120,7 @@ def run_bench(config: SimConfig, *, out: Path, seeds: list[int], quick: bool = F
     scale_cfg = replace(config, devices=devices, dataset="synthetic", seed=seeds[0],
                         duration_s=20.0 if quick else 60.0, check_interval_sim_s=600.0,
                         profile=present)
-    r = run_rule(scale_cfg, "fedbuff", out / "scale")
+    r = run_rule(scale_cfg, "fedbuff", out / "scale", fleet=build_fleet(scale_cfg))
     rows = r.summary.get("rows_peak", {})
     result["scale"] = {"devices": devices, **rows, "final_accuracy":
                        r.summary["final_accuracy"], "updates": r.summary["updates_accepted"]}

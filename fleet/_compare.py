@@ -8,11 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fleet._fleets import build_fleet
 from fleet._plot import plot_accuracy
 from fleet._sim import (
     RunResult,
     SimConfig,
-    build_fleet,
     fleet_summary,
     metric_of,
     run_rule,

@@ -10,9 +10,9 @@ optional trace CSVs of ``start,end`` intervals (online, Wi-Fi, charging, owner b
   together as one `FleetFileError`, each naming its entry (``devices[2] (id "pi-kitchen", line
   14)`` or ``fleet.csv line 4 (id "pi-kitchen")``) and, inside a trace CSV, ``file:line``.
 - `load_fleet`: data and test files read, compute times resolved (``epoch_multiplier`` is timed
-  here, on this machine), into the simulator's `Fleet`, the same object `build_fleet` makes for
+  here, on this machine), into the simulator's `Fleet`, the same object `synthetic_fleet` makes for
   the synthetic fleet, so nothing downstream can tell the difference.
-- `export_fleet`: `build_fleet`'s synthetic fleet written as a fleet file plus data and trace
+- `export_fleet`: the synthetic fleet written as a fleet file plus data and trace
   files; loading it back gives the same traces and data.
 
 Paths inside a fleet file are relative to the fleet file's directory. Times in trace CSVs are sim
@@ -42,7 +42,7 @@ import numpy as np
 
 from agent._policy import PolicyConfig
 from fleet._fairness import XY
-from fleet._sim import Fleet, SimConfig, build_fleet, model_spec
+from fleet._sim import Fleet, SimConfig, model_spec, synthetic_fleet
 from fleet._traces import _TOPIC_UNSAFE, Battery, DeviceTrace, Intervals, Span
 from models import MODEL_KINDS, ConfigError, FedAsyncError, ModelSpec
 from models._config import check_layer, load_toml
@@ -824,7 +824,7 @@ def measure_epoch_s(spec: ModelSpec, X: Any, y: Any, *,
 
 
 def export_fleet(config: SimConfig, out: Path) -> Path:
-    """Write `build_fleet(config)` (the synthetic fleet) as a fleet file: ``out/fleet.toml``,
+    """Write `synthetic_fleet(config)` as a fleet file: ``out/fleet.toml``,
     ``out/data/<id>.npz`` (training data), ``out/data/test.npz`` (the coordinator's test set)
     and ``out/traces/<id>-<kind>.csv``. Returns the fleet file's path. Files of the same name
     are overwritten.
@@ -837,7 +837,7 @@ def export_fleet(config: SimConfig, out: Path) -> Path:
     if config.fleet_file is not None:
         raise ConfigError("export-fleet writes the synthetic fleet; it takes no fleet file",
                           key="fleet_file")
-    fleet = build_fleet(config)
+    fleet = synthetic_fleet(config)
     (out / "data").mkdir(parents=True, exist_ok=True)
     (out / "traces").mkdir(parents=True, exist_ok=True)
     save_npz(out / "data" / "test.npz", fleet.test.X, fleet.test.y)

@@ -199,13 +199,9 @@ def metric_of(spec: ModelSpec) -> str:
     return "accuracy" if spec.is_classifier else "r2"
 
 
-def build_fleet(config: SimConfig) -> Fleet:
-    """The devices, their data and the held-out set: a pure function of the config (and, with
-    ``fleet_file``, of the files it names)."""
-    if config.fleet_file is not None:
-        from fleet._fleetfile import load_fleet, parse_fleet_file
-
-        return load_fleet(parse_fleet_file(Path(config.fleet_file)), config)
+def synthetic_fleet(config: SimConfig) -> Fleet:
+    """The synthetic fleet (devices, their data and the held-out set) the config describes: a
+    pure function of it. `fleet.build_fleet` also reads a user's fleet file."""
     profile = replace(config.profile, n_devices=config.devices, seed=config.seed,
                       duration_s=config.duration_sim_s)
     if config.dataset == "digits":
@@ -355,10 +351,10 @@ def time_to_target(evals: list[tuple[float, int, float, float]], target: float,
     return None
 
 
-def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet | None = None,
+def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet,
              progress: bool = True) -> RunResult:
-    """Run the fleet under one rule for `config.duration_s`; write metrics.csv + summary.json."""
-    fleet = fleet or build_fleet(config)
+    """Run `fleet` (`fleet.build_fleet(config)`) under one rule for `config.duration_s`; write
+    metrics.csv + summary.json."""
     if config.devices != len(fleet.traces):
         # A fleet file decides how many devices there are; the rule settings and the summary
         # must agree with it even when the config was not made by `replay_config`.

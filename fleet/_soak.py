@@ -41,7 +41,8 @@ import psutil
 
 from agent._trainer import TrainConfig
 from fleet._broker import MosquittoBroker, free_port
-from fleet._sim import SimConfig, build_fleet
+from fleet._fleets import build_fleet
+from fleet._sim import SimConfig
 from fleet._traces import FleetProfile
 from fleet._worker import WorkerSpec, run_worker
 from models import ConfigError, ModelSpec

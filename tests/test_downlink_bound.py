@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fleet import build_fleet
 from fleet._broker import MosquittoBroker
 from fleet._fleetfile import replay_config
-from fleet._sim import build_fleet, run_rule
+from fleet._sim import run_rule
 from fleet._traffic import (
     downlink_bound,
     per_device_line,

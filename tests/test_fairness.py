@@ -91,7 +91,8 @@ def test_rule_variants_parse_and_map_to_participation_settings() -> None:
 def test_correlated_fleet_changes_only_the_constrained_devices() -> None:
     from dataclasses import replace
 
-    from fleet._sim import SimConfig, build_fleet
+    from fleet import build_fleet
+    from fleet._sim import SimConfig
 
     plain = build_fleet(SimConfig(devices=30, seed=2))
     tied = build_fleet(replace(SimConfig(devices=30, seed=2), correlate_labels=(0, 1, 2)))
@@ -125,6 +126,7 @@ def test_a_capped_run_holds_every_device_to_the_cap_and_agents_back_off(broker, 
     1300-2800 sim s, makes it try 3-5 times per 2-hour window against a cap of 2."""
     from dataclasses import replace
 
+    from fleet import build_fleet
     from fleet._sim import SimConfig, run_rule
 
     profile = FleetProfile(speed_median_s=300.0, mains_fraction=1.0, cellular_fraction=0.0,
@@ -135,7 +137,8 @@ def test_a_capped_run_holds_every_device_to_the_cap_and_agents_back_off(broker, 
     config = replace(SimConfig(), devices=6, duration_s=18.0, scale=1000.0, broker=broker.url,
                      workers=1, profile=profile, participation_window_sim_s=window,
                      participation_cap=cap)
-    result = run_rule(config, "fedasync+cap", tmp_path, progress=False)
+    result = run_rule(config, "fedasync+cap", tmp_path, fleet=build_fleet(config),
+                      progress=False)
 
     arrivals = result.arrivals
     capped = [a for a in arrivals if a.reason == "participation_cap"]

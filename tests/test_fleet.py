@@ -11,9 +11,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from fleet import build_fleet
 from fleet._broker import EmbeddedBroker
 from fleet._netloop import NetLoop
-from fleet._sim import SimConfig, build_fleet, time_to_target
+from fleet._sim import SimConfig, time_to_target
 from fleet._traces import FleetProfile
 from fleet.cli import compare
 from models._mqtt import BrokerAddress, make_client

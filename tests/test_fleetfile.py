@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from agent._policy import PolicyConfig
+from fleet import build_fleet
 from fleet._fleetfile import (
     FleetFileError,
     export_fleet,
@@ -23,7 +24,7 @@ from fleet._fleetfile import (
     read_trace,
     replay_config,
 )
-from fleet._sim import SimConfig, build_fleet, fleet_summary, local_evaluation, metric_of
+from fleet._sim import SimConfig, fleet_summary, local_evaluation, metric_of
 from fleet._traces import Battery, Intervals
 from fleet.cli import compare, main
 from models import ConfigError

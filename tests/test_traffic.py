@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from fleet import build_fleet
 from fleet._broker import MosquittoBroker, diff_counters, read_sys_counters
-from fleet._sim import SimConfig, build_fleet, run_rule
+from fleet._sim import SimConfig, run_rule
 from fleet._traces import FleetProfile
 from fleet._traffic import (
     KINDS,
