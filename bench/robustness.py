@@ -86,7 +86,9 @@ class FleetSpec:
     l2: float = 1e-4
     dirichlet_alpha: float = 0.5
     clip_norm: float = 5.0  # the agent's TrainConfig default
-    max_staleness: int = 50  # the simulator's guard
+    # The simulator's guard when the committed map was made; the coordinator's default is 1,000 now
+    # (a larger bound accepts more of the most concurrent fleets' updates, at tiny weights).
+    max_staleness: int = 50
     deadline_s: float = 0.0  # fedavg-sync round deadline; 0: 10 x epoch_max_s
     target: float = TARGET
     # "numpy": `LogisticSGD`, the logistic adapter's exact arithmetic without scikit-learn's
