@@ -131,8 +131,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                         f"training when the held one is this old; 0 follows every version "
                         f"({d.model_refresh_sim_s:g})")
     c.add_argument("--snapshot-interval", type=float,
-                   help=f"the coordinator's snapshots.min_interval_s, wall seconds: at most one "
-                        f"snapshot per this long ({d.snapshot_interval_s:g})")
+                   help="the coordinator's snapshots.min_interval_s, wall seconds: at most one "
+                        "snapshot per this long (1 simulated second, at least 0.05)")
     p.add_argument("--broker", help="use this broker (mqtt://host:port) instead of starting one")
     p.add_argument("--embedded-broker", action="store_true",
                    help="use the pure-Python broker even if Mosquitto is installed")
