@@ -212,8 +212,6 @@ class Agent:
         """Send everything still in the spool (the broker or coordinator may never have got it),
         and subscribe again to what the agent wants now."""
         if isinstance(self.link, Subscribes) and (self._on_demand or self._follow):
-            if self.decision is None:
-                self.check()  # the network check decides whether fetching is allowed
             with self._lock:
                 # A clean slate: what the broker session kept (an older agent's QoS 1 model
                 # subscription, a fetch cut short by the disconnect) goes; the wanted
@@ -225,6 +223,12 @@ class Agent:
                 self._fresh = False
                 self._listening_since = None
                 self._fetching_since = None
+            # Only then the first check (the network decides whether fetching is allowed),
+            # whose sync subscribes: before the slate, its subscription was made twice and the
+            # retained snapshot arrived twice.
+            if self.decision is None:
+                self.check()
+            with self._lock:
                 self._sync()
         entries = self.spool.entries()
         if entries:
