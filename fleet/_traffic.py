@@ -19,6 +19,8 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
+
 from models._topics import Topics
 
 UPLINK = ("update", "status")
@@ -201,17 +203,8 @@ def device_downlink_bytes(counts: Mapping[str, int]) -> int:
 def _spread(values: list[int]) -> dict[str, float]:
     if not values:
         return {"median": 0.0, "p90": 0.0, "max": 0.0}
-    ordered = sorted(values)
-    return {"median": round(float(_quantile(ordered, 0.5)), 1),
-            "p90": round(float(_quantile(ordered, 0.9)), 1), "max": float(ordered[-1])}
-
-
-def _quantile(ordered: list[int], q: float) -> float:
-    """Linear interpolation between order statistics (numpy's default)."""
-    pos = q * (len(ordered) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+    median, p90, top = np.percentile(values, [50, 90, 100])
+    return {"median": round(float(median), 1), "p90": round(float(p90), 1), "max": float(top)}
 
 
 def summarize_per_device(devices: Mapping[str, Mapping[str, int]], *, published: int
