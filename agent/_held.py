@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ class HeldUpdates:
         self.directory = directory
         self._bounds = (max_count, max_bytes)
         self._spool: Spool | None = None
+        self._lock = threading.Lock()  # the agent's status (network thread) counts them too
 
     def __len__(self) -> int:
         spool = self._existing()
@@ -75,11 +77,12 @@ class HeldUpdates:
     # -- internals ---------------------------------------------------------------------------
     def _ensure(self) -> Spool:
         """The spool of held updates, created on first use: most devices never need one."""
-        if self._spool is None:
-            max_count, max_bytes = self._bounds
-            self._spool = Spool(self.directory, max_count=max_count, max_bytes=max_bytes,
-                                label="held")
-        return self._spool
+        with self._lock:
+            if self._spool is None:
+                max_count, max_bytes = self._bounds
+                self._spool = Spool(self.directory, max_count=max_count, max_bytes=max_bytes,
+                                    label="held")
+            return self._spool
 
     def _existing(self) -> Spool | None:
         return self._ensure() if self._spool is not None or self.directory.is_dir() else None

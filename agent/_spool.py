@@ -2,7 +2,9 @@
 
 One file per update, written atomically (temp file, fsync, rename, fsync directory), named
 ``<sequence>-<update_id>.upd`` so that a directory listing is the send order and survives
-restarts. Bounded by count and bytes: when full, the oldest updates are dropped with a warning
+restarts. A temp file carries its writer's pid: opening a spool removes only those whose writer is
+gone (a crash mid-write), never one that a live agent is writing while an operator command (or a
+second handle in the same process) opens the directory. Bounded by count and bytes: when full, the oldest updates are dropped with a warning
 (the newest carry the most current training).
 """
 
@@ -21,6 +23,20 @@ from models import StateError
 log = logging.getLogger("fedasync.agent.spool")
 
 _NAME = re.compile(r"^(\d{20})-([A-Za-z0-9_.-]{1,64})\.upd$")
+_TMP_PID = re.compile(r"\.(\d+)\.tmp$")
+
+
+def _writer_alive(tmp: Path) -> bool:
+    m = _TMP_PID.search(tmp.name)
+    if m is None:
+        return False
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process, or not a pid: leave it
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +63,9 @@ class Spool:
         try:
             directory.mkdir(parents=True, exist_ok=True)
             for tmp in directory.glob("*.tmp"):  # a crash mid-write leaves only these
-                tmp.unlink()
+                if not _writer_alive(tmp):
+                    with contextlib.suppress(FileNotFoundError):
+                        tmp.unlink()
         except OSError as exc:
             raise StateError(f"cannot use spool directory {directory}: {exc}") from exc
         entries = self.entries()
@@ -74,7 +92,7 @@ class Spool:
         with self._lock:
             path = self.directory / f"{self._next:020d}-{update_id}.upd"
             self._next += 1
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
             try:
                 with tmp.open("wb") as f:
                     f.write(payload)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +35,22 @@ def test_survives_a_restart_and_keeps_order(tmp_path: Path) -> None:
 
     assert [e.update_id for e in spool.entries()] == ["first", "second"]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_opening_never_removes_a_temp_file_a_live_writer_is_writing(tmp_path: Path) -> None:
+    """An operator's `fedasync-agent status` (or a second handle in the agent) opens the spool
+    while the agent writes: only a dead writer's temp file is debris."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead = tmp_path / f"00000000000000000001-a.{int(gone.stdout)}.tmp"
+    live = tmp_path / f"00000000000000000002-b.{os.getpid()}.tmp"
+    for f in (dead, live):
+        f.write_bytes(b"half written")
+
+    Spool(tmp_path)
+
+    assert not dead.exists()
+    assert live.read_bytes() == b"half written"
 
 
 def test_bounded_by_count_drops_oldest_with_warning(tmp_path: Path, caplog) -> None:
