@@ -1,1 +1,4 @@
-"""Deterministic, in-process benchmarks of the merge rules (no broker, no wall clock)."""
+"""Runnable benchmarks, each ``python -m bench.<name>``: coordinator ingest (`ingest`), the
+agent's footprint (`agent`), participation accounting (`participation`), snapshot encodings
+(`snapshot`), communication cost (`traffic`), the memory soak (`soak`) and the merge rules'
+robustness across fleet speeds (`robustness`, deterministic and in process)."""

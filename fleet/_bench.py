@@ -3,8 +3,8 @@
 - time to target and final accuracy per rule, on several seeds (median, min, max), and the
   speed-up of the best asynchronous rule over synchronous FedAvg, per seed and its median;
 - update size per encoding with the final accuracy each reaches (FedBuff, same fleet);
-- the coordinator's ingest ratio (fleet._bench_ingest) and the agent's footprint
-  (fleet._bench_agent);
+- the coordinator's ingest ratio (bench.ingest) and the agent's footprint
+  (bench.agent);
 - the largest fleet kept connected on one broker, with its CPU and memory.
 """
 
@@ -94,7 +94,7 @@ def run_bench(config: SimConfig, *, out: Path, seeds: list[int], quick: bool = F
 
     # 3. Coordinator ingest and agent footprint.
     _say("coordinator ingest benchmark")
-    from fleet._bench_ingest import run as run_ingest
+    from bench.ingest import run as run_ingest
 
     ingest = run_ingest(updates=600 if quick else 3000)
     result["coordinator_ingest"] = ingest
@@ -103,7 +103,7 @@ def run_bench(config: SimConfig, *, out: Path, seeds: list[int], quick: bool = F
     _say("agent footprint")
     # In a fresh process: ru_maxrss of children would otherwise include the sim's workers.
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "fleet._bench_agent", "--json",
+        subprocess.run([sys.executable, "-m", "bench.agent", "--json",
                         f"{tmp}/agent.json"], check=True, stdout=subprocess.DEVNULL)
         agent = json.loads(Path(f"{tmp}/agent.json").read_text())
     result.update({k: agent[k] for k in ("agent_idle_rss_mb", "agent_idle_cpu_percent",

@@ -780,9 +780,9 @@ SOAK_MINUTES = float(os.environ.get("SOAK_MINUTES", "10"))
                     reason="a soak takes minutes: set RUN_SOAK=1 (and SOAK_MINUTES, default 10)")
 @pytest.mark.timeout(SOAK_MINUTES * 60 + 300)
 def test_soak_memory_stays_flat(tmp_path: Path) -> None:
-    """`python -m fleet._soak --minutes 10` as a test: RSS of the coordinator, the workers and
+    """`python -m bench.soak --minutes 10` as a test: RSS of the coordinator, the workers and
     Mosquitto grows by at most 20% from just after warm-up to the end."""
-    from fleet._soak import SoakConfig, run_soak
+    from bench.soak import SoakConfig, run_soak
 
     minutes = SOAK_MINUTES
     result = run_soak(SoakConfig(minutes=minutes), out=tmp_path)

@@ -408,7 +408,7 @@ def test_discovery_refuses_an_initializer_mixing_weights_and_constants() -> None
 def test_benchmark_quantisation_errors_stay_within_half_a_step(
     templates: dict[str, OnnxTemplate],
 ) -> None:
-    from fleet._bench_snapshot import quantised
+    from bench.snapshot import quantised
 
     t = templates["mlp-2"]
     w = _adapter("mlp-2", seed=10).get_params_vector()
@@ -431,7 +431,7 @@ def test_benchmark_quantisation_errors_stay_within_half_a_step(
 
 
 def test_benchmark_measures_the_logistic_case_side_by_side() -> None:
-    from fleet._bench_snapshot import CASES, measure, report
+    from bench.snapshot import CASES, measure, report
 
     row = measure(CASES[0], repeats=2, steps=2, seeds=1)
 

@@ -1,6 +1,6 @@
 """Snapshot size: today's weights + full ONNX against a per-spec template + weights per version.
 
-    python -m fleet._bench_snapshot [--repeats 30] [--steps 40] [--seeds 3] [--json OUT]
+    python -m bench.snapshot [--repeats 30] [--steps 40] [--seeds 3] [--json OUT]
 
 Per model kind (logistic 64x10 and MLPs 64-32-10, 64-64-32-10 on digits; a linear regressor on
 64 synthetic features), all in one run on this machine:

@@ -1,7 +1,7 @@
 """Communication cost of the simulated fleet, the same way for any version of the code:
 
-    python -m fleet._bench_traffic --devices 50,200,1000 --seeds 1
-    python -m fleet._bench_traffic --code /path/to/an/older/checkout --json before.json
+    python -m bench.traffic --devices 50,200,1000 --seeds 1
+    python -m bench.traffic --code /path/to/an/older/checkout --json before.json
 
 Per device count and seed, one run of ``fedasync-sim --rule fedasync`` (the code under
 ``--code``, by default this checkout) against a fresh private Mosquitto with $SYS every second,
@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fleet._broker import MosquittoBroker
+from fleet import MosquittoBroker
 from fleet._traffic import KINDS, classify
 
 HERE = Path(__file__).resolve().parent.parent
@@ -287,7 +287,7 @@ def _compare(before: dict[str, Any], after: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fleet._bench_traffic", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.traffic", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devices", type=_ints, default=[50, 200, 1000])
     p.add_argument("--seeds", type=_ints, default=[1])

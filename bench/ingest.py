@@ -1,6 +1,6 @@
 """Coordinator ingest against a bare MQTT subscriber, side by side on one private broker (issue 3).
 
-    python -m fleet._bench_ingest [--updates N] [--devices D] [--rule fedasync|fedbuff|both]
+    python -m bench.ingest [--updates N] [--devices D] [--rule fedasync|fedbuff|both]
                                   [--publisher raw|paho|both] [--repeats R] [--json OUT]
 
 Load: D device connections in a child process publish N pre-encoded float32 updates of the MLP on
@@ -63,7 +63,8 @@ from coordinator._engine import Incoming
 from coordinator._guards import GuardConfig
 from coordinator._rules import RuleConfig
 from coordinator._service import CoordinatorService
-from fleet._broker import MosquittoBroker, mosquitto_path
+from fleet import MosquittoBroker
+from fleet._broker import mosquitto_path
 from models import ModelSpec, Topics, UpdateMessage, decode_ack, encode_update
 from models._mqtt import BrokerAddress, make_client
 
@@ -606,7 +607,7 @@ def _table(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m fleet._bench_ingest",
+        prog="python -m bench.ingest",
         description="Durably merged-and-acked updates per second of the coordinator against a "
                     "bare paho subscriber's receive rate, side by side on one private Mosquitto.")
     p.add_argument("--updates", type=int, default=10_000,

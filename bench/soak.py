@@ -1,7 +1,7 @@
 """Soak: a fleet runs for minutes while the memory of every process is sampled; resident memory
 must not keep growing once warmed up.
 
-    python -m fleet._soak --minutes 10 [--devices 50] [--bound 0.2] [--out runs/soak]
+    python -m bench.soak --minutes 10 [--devices 50] [--bound 0.2] [--out runs/soak]
 
 What runs: a private Mosquitto (loopback, free port); the real coordinator as its own process
 (``python -m coordinator.cli run --config soak.toml``: FedBuff, held-out evaluation, ONNX
@@ -40,10 +40,8 @@ import numpy as np
 import psutil
 
 from agent._trainer import TrainConfig
-from fleet._broker import MosquittoBroker, free_port
-from fleet._fleets import build_fleet
-from fleet._sim import SimConfig
-from fleet._traces import FleetProfile
+from fleet import FleetProfile, MosquittoBroker, SimConfig, build_fleet
+from fleet._broker import free_port
 from fleet._worker import WorkerSpec, run_worker
 from models import ConfigError, ModelSpec
 
@@ -257,7 +255,7 @@ def _sample(config: SoakConfig, *, start: float, duration: float, http: str, rep
 
 def main(argv: list[str] | None = None) -> int:
     d = SoakConfig()
-    p = argparse.ArgumentParser(prog="python -m fleet._soak", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n")[0])
     p.add_argument("--minutes", type=float, default=d.minutes)
     p.add_argument("--devices", type=int, default=d.devices)
     p.add_argument("--seed", type=int, default=d.seed)

@@ -1,6 +1,6 @@
 """What participation accounting costs the coordinator's single writer, measured side by side.
 
-``python -m fleet._bench_participation`` times `Engine.process` on the same batches of real
+``python -m bench.participation`` times `Engine.process` on the same batches of real
 encoded updates (FedAsync, MLP-sized deltas, 200 devices, durable commits on real SQLite) with
 the ledger's bookkeeping only (the default), with the cap and reweighting on, and the ledger's
 own calls alone; runs alternate so a noisy machine affects every variant alike. It prints

@@ -1,6 +1,6 @@
 """Agent footprint: idle memory and CPU waiting for a model, peak memory while training.
 
-    python -m fleet._bench_agent [--samples 500] [--json OUT]
+    python -m bench.agent [--samples 500] [--json OUT]
 
 Measured on this machine, side by side in one run: (1) a real ``fedasync-agent run`` process
 connected to a private Mosquitto with no coordinator (idle, waiting for a model); (2) training the
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from fleet._broker import MosquittoBroker
+from fleet import MosquittoBroker
 from models import ModelSpec
 
 MIB = 1024 * 1024
