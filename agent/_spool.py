@@ -4,7 +4,8 @@ One file per update, written atomically (temp file, fsync, rename, fsync directo
 ``<sequence>-<update_id>.upd`` so that a directory listing is the send order and survives
 restarts. A temp file carries its writer's pid: opening a spool removes only those whose writer is
 gone (a crash mid-write), never one that a live agent is writing while an operator command (or a
-second handle in the same process) opens the directory. Bounded by count and bytes: when full, the oldest updates are dropped with a warning
+second handle in the same process) opens the directory.
+Bounded by count and bytes: when full, the oldest updates are dropped with a warning
 (the newest carry the most current training).
 """
 
