@@ -2,7 +2,9 @@
 
 Threads: paho's network loop (queues incoming updates), the writer (batches, commits, then
 PUBACKs and sends end-to-end acks), the snapshot publisher (exports ONNX off the hot path,
-coalescing versions) and the HTTP server (metrics, status, rollback).
+coalescing versions) and the HTTP server (metrics, status, rollback). A *driven* service (the
+simulator's virtual clock, fleet/_virtual.py) has neither writer nor publisher: whoever drives it
+calls `step` to do their work, at the times `next_due` names or when messages have arrived.
 
 An update is PUBACKed only after its batch is committed. Until then the broker keeps it in our
 persistent session and redelivers it after a crash; the engine recognises it by update_id.
@@ -75,8 +77,17 @@ class CoordinatorService:
         *,
         evaluator: Evaluator | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        driven: bool = False,
     ) -> None:
         self.config = config
+        self._clock = clock
+        self._monotonic = monotonic
+        self._driven = driven
+        # Driven mode: what `step` published, to wait for the broker's PUBACKs before it returns.
+        self._outgoing: list[mqtt.MQTTMessageInfo] = []
+        self._last_publish = -float("inf")  # monotonic
+        self._frozen = False
         self.topics = Topics(config.fleet, config.topic_root)
         self.address = BrokerAddress.parse(config.broker, ca_file=config.ca_file,
                                            cert_file=config.cert_file, key_file=config.key_file)
@@ -117,7 +128,7 @@ class CoordinatorService:
         self._threads: list[threading.Thread] = []
         self._http: StatusServer | None = None
         self._started_at = clock()
-        self.identity = Identity(config.fleet)
+        self.identity = Identity(config.fleet, clock=clock)
         self._failure: StateError | None = None
         self._on_failure: Callable[[], None] | None = None
         self._standby = threading.Event()  # set while waiting for another coordinator to stop
@@ -129,7 +140,7 @@ class CoordinatorService:
         # updates the broker sends us (that is the broker's max_inflight_messages). 0 means no
         # window: with one, paho rescans every outgoing message on each PUBACK it receives
         # (Client._update_inflight), quadratic in the acks of a batch; that was ~5% of the CPU
-        # (fleet/_bench_ingest.py). Memory is the same either way: paho keeps every unacked
+        # (bench/ingest.py). Memory is the same either way: paho keeps every unacked
         # QoS 1 publish until its PUBACK, in or out of the window.
         self._client.will_set(self.topics.coordinator_status,
                               self.identity.presence("offline").to_json(), qos=1, retain=True)
@@ -146,7 +157,8 @@ class CoordinatorService:
                  self.config.fleet, self.engine.version, self.config.rule.name,
                  self.address.redacted(), self.config.mqtt_client_id)
         self.identity.register()
-        for target, name in ((self._writer, "writer"), (self._publisher, "snapshots")):
+        for target, name in (() if self._driven else
+                             ((self._writer, "writer"), (self._publisher, "snapshots"))):
             t = threading.Thread(target=target, name=f"coordinator-{name}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -335,7 +347,7 @@ class CoordinatorService:
             return
         if self._failure is not None:
             return  # not ours to merge any more; unacked, the broker keeps it
-        self._inbox.put(Incoming(self.topics.device_of(topic), bytes(msg.payload), time.time(),
+        self._inbox.put(Incoming(self.topics.device_of(topic), bytes(msg.payload), self._clock(),
                                  _Token(self._generation, msg.mid, msg.qos), topic=topic))
 
     def _on_foreign(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
@@ -419,8 +431,8 @@ class CoordinatorService:
         # window would hold the ack back while the PUBACK goes out.
         token = outcome.token
         if outcome.device_id is not None:
-            self._client.publish(self.topics.ack(outcome.device_id), encode_ack(outcome.ack),
-                                 qos=1)
+            self._track(self._client.publish(self.topics.ack(outcome.device_id),
+                                             encode_ack(outcome.ack), qos=1))
         if isinstance(token, _Token) and token.qos > 0 and token.generation == self._generation:
             self._client.ack(token.mid, token.qos)
 
@@ -429,19 +441,21 @@ class CoordinatorService:
         with self._snapshot_wanted:
             self._snapshot_wanted.notify_all()
 
+    def _snapshot_wait(self) -> float | None:
+        """Seconds until a snapshot is due (0: now); None while none is wanted."""
+        now = self._monotonic()
+        if self.engine.version == self._sent_version and not (
+                self._cohorts is not None and self._cohorts.due(self.engine.version, now)):
+            return None
+        # Rate limit: later versions coalesce into one snapshot.
+        return max(0.0, self._last_publish + self.config.snapshots.min_interval_s - now)
+
     def _publisher(self) -> None:
-        last_publish = 0.0
-        frozen = False
         while not self._stop.is_set():
             with self._snapshot_wanted:
-                if self.engine.version == self._sent_version and not (
-                        self._cohorts is not None and self._cohorts.due(
-                            self.engine.version, time.monotonic())):
-                    self._snapshot_wanted.wait(timeout=1.0)
-                    continue
-                wait = last_publish + self.config.snapshots.min_interval_s - time.monotonic()
-                if wait > 0:  # rate limit: later versions coalesce into one snapshot
-                    self._snapshot_wanted.wait(timeout=wait)
+                wait = self._snapshot_wait()
+                if wait is None or wait > 0:
+                    self._snapshot_wanted.wait(timeout=1.0 if wait is None else wait)
                     continue
             if self._failure is not None:  # the fleet's model is another coordinator's now
                 self._stop.wait(1.0)
@@ -450,22 +464,64 @@ class CoordinatorService:
                 self._note_waiting()
                 self._link.wait_online(1.0)
                 continue
-            with self._engine_lock:
-                version, params = self.engine.version, self.engine.params
-                metrics = self.engine.metrics
-            try:
-                self._publish_snapshot(version, params, metrics)
-            except FedAsyncError:
-                log.exception("could not build the snapshot of version %d", version)
-            last_publish = time.monotonic()
-            if not frozen:
-                # Everything alive now (numpy, scikit-learn, and skl2onnx/onnx, which the first
-                # export just imported: ~135k objects) stays alive: take it out of the cyclic
-                # collector's reach. Otherwise every full collection rescans it, ~40-80 ms of
-                # GIL about once per 3000 updates, ~8% of the writer's time under load
-                # (fleet/_bench_ingest.py). Acyclic garbage is still freed by refcounting.
-                gc.freeze()
-                frozen = True
+            self._publish_newest()
+
+    def _publish_newest(self) -> None:
+        with self._engine_lock:
+            version, params = self.engine.version, self.engine.params
+            metrics = self.engine.metrics
+        try:
+            self._publish_snapshot(version, params, metrics)
+        except FedAsyncError:
+            log.exception("could not build the snapshot of version %d", version)
+        self._last_publish = self._monotonic()
+        if not self._frozen:
+            # Everything alive now (numpy, scikit-learn, and skl2onnx/onnx, which the first
+            # export just imported: ~135k objects) stays alive: take it out of the cyclic
+            # collector's reach. Otherwise every full collection rescans it, ~40-80 ms of
+            # GIL about once per 3000 updates, ~8% of the writer's time under load
+            # (bench/ingest.py). Acyclic garbage is still freed by refcounting.
+            gc.freeze()
+            self._frozen = True
+
+    # -- driven mode (a virtual clock) -------------------------------------------------------
+    def step(self, *, timeout: float = 60.0) -> bool:
+        """Merge everything received so far, in a fixed order (whatever order the network
+        delivered it in), close what time has completed and publish a due snapshot; return
+        once the broker has acknowledged all of it. True if anything happened."""
+        batch: list[Incoming] = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                batch.append(self._inbox.get_nowait())
+        batch.sort(key=lambda i: (i.topic, i.payload))
+        before = self.engine.version
+        for at in range(0, len(batch), self.config.batch_max):
+            self._guarded(functools.partial(self._process, batch[at:at + self.config.batch_max]))
+        self._guarded(self._tick)
+        published = self._snapshot_wait() == 0 and self._link.online
+        if published:
+            self._publish_newest()
+        for info in self._outgoing:
+            info.wait_for_publish(timeout=timeout)
+            if not info.is_published():
+                raise StateError(f"the broker did not acknowledge a publish in {timeout:g} s")
+        self._outgoing.clear()
+        return bool(batch) or published or self.engine.version != before
+
+    def next_due(self) -> float | None:
+        """The time (on the service's clock: a driven service runs on one clock) at which
+        `step` has work without a new message: a snapshot held back by the interval, a round's
+        deadline; None if there is none."""
+        times = [self.engine.rule.next_deadline()]
+        if self.engine.version != self._sent_version:
+            times.append(self._last_publish + self.config.snapshots.min_interval_s)
+        if self._cohorts is not None and self._cohorts.cohort is not None:
+            times.append(self._cohorts.chosen_at + self._cohorts.deadline_s)
+        return min((t for t in times if t is not None), default=None)
+
+    def _track(self, info: mqtt.MQTTMessageInfo) -> None:
+        if self._driven:
+            self._outgoing.append(info)
 
     def _publish_snapshot(self, version: int, params: Params, metrics: dict[str, float]) -> None:
         onnx = b""
@@ -475,9 +531,9 @@ class CoordinatorService:
             self._adapter.set_params_vector(params)
             onnx = export_onnx(self._adapter)
         cohort = (None if self._cohorts is None
-                  else self._cohorts.for_version(version, time.monotonic()))
+                  else self._cohorts.for_version(version, self._monotonic()))
         snapshot = Snapshot(version=version, spec=self.config.model,
-                            weights=np.asarray(params), onnx=onnx, created_at=time.time(),
+                            weights=np.asarray(params), onnx=onnx, created_at=self._clock(),
                             metrics=metrics, cohort=cohort)
         payload = self._signed(encode_snapshot(snapshot))
         template = self._template_of_spec()
@@ -534,7 +590,7 @@ class CoordinatorService:
         self._last_announcement = announcement
         # QoS 1 without waiting: paho resends it after a reconnect, and _on_online
         # republishes the newest one anyway.
-        self._client.publish(self.topics.announce, announcement, qos=1, retain=True)
+        self._track(self._client.publish(self.topics.announce, announcement, qos=1, retain=True))
         self.metrics.snapshots.inc()
         log.info("published snapshot of version %d (%d bytes%s)", version, len(payload),
                  "" if weights is None else f"; compact {len(weights)} bytes")
@@ -603,8 +659,8 @@ class CoordinatorService:
             "pending": len(e.rule.pending()),
             "devices_seen": self.store.devices_seen(),
             "counts": self.metrics.counts(),
-            "participation": self.engine.ledger.report(now=time.time()).summary(),
-            "uptime_s": round(time.time() - self._started_at, 1),
+            "participation": self.engine.ledger.report(now=self._clock()).summary(),
+            "uptime_s": round(self._clock() - self._started_at, 1),
             "foreign_messages": self._foreign,
         }
 
@@ -617,7 +673,7 @@ class CoordinatorService:
 
     def devices(self) -> dict[str, Any]:
         """The participation report: the fairness summary and one row per device seen."""
-        return self.engine.ledger.report(now=time.time()).to_dict()
+        return self.engine.ledger.report(now=self._clock()).to_dict()
 
 
 def _log_standby(rival: Presence, fleet: str) -> None:

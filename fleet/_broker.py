@@ -283,12 +283,13 @@ def diff_counters(before: dict[str, int] | None, after: dict[str, int] | None
     return {k: after[k] - before.get(k, 0) for k in after}
 
 
-def start_broker(*, prefer: str = "auto", workdir: Path | None = None
+def start_broker(*, prefer: str = "auto", workdir: Path | None = None, max_inflight: int = 1000
                  ) -> MosquittoBroker | EmbeddedBroker:
-    """Mosquitto when installed (or asked for), else the embedded amqtt broker; started."""
+    """Mosquitto when installed (or asked for), else the embedded amqtt broker; started.
+    `max_inflight`: Mosquitto's max_inflight_messages (0: no window)."""
     broker: MosquittoBroker | EmbeddedBroker
     if prefer == "mosquitto" or (prefer == "auto" and mosquitto_path() is not None):
-        broker = MosquittoBroker(workdir=workdir)
+        broker = MosquittoBroker(workdir=workdir, max_inflight=max_inflight)
     else:
         broker = EmbeddedBroker()
     broker.start()

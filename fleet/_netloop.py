@@ -93,9 +93,16 @@ class NetLoop:
         with contextlib.suppress(KeyError, ValueError):
             self._selector.modify(sock, selectors.EVENT_READ, client)
 
+    def watch(self, fileobj: Any, on_readable: Callable[[], None]) -> None:
+        """Call `on_readable` on this loop's thread whenever `fileobj` (anything with a
+        ``fileno``: a pipe to the parent process, say) has something to read."""
+        self._selector.register(fileobj, selectors.EVENT_READ, on_readable)
+
     # -- running -----------------------------------------------------------------------------
-    def run(self, until: Callable[[], bool], *, misc_every: float = 1.0) -> None:
-        """Serve sockets and timers until `until()` is true (checked at least every 0.2 s)."""
+    def run(self, until: Callable[[], bool], *, misc_every: float = 1.0,
+            after_io: Callable[[], None] | None = None) -> None:
+        """Serve sockets and timers until `until()` is true (checked at least every 0.2 s);
+        `after_io` after each round of socket events."""
         next_misc = time.monotonic()
         while not until():
             now = time.monotonic()
@@ -114,6 +121,9 @@ class NetLoop:
                                    if self._timers else 0.2))
             for key, events in self._selector.select(timeout):
                 client = key.data
+                if not isinstance(client, mqtt.Client):
+                    client()
+                    continue
                 try:
                     if events & selectors.EVENT_READ:
                         client.loop_read()
@@ -121,6 +131,8 @@ class NetLoop:
                         client.loop_write()
                 except OSError:
                     log.debug("socket error", exc_info=True)
+            if after_io is not None:
+                after_io()
 
     def close(self) -> None:
         self._stopping = True

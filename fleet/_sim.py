@@ -64,7 +64,8 @@ from fleet._traffic import (
     summarize_per_device,
     summarize_traffic,
 )
-from fleet._worker import DEVICE_PREFIX, WorkerSpec, run_worker
+from fleet._virtual import EPOCH, Controller, VirtualClock
+from fleet._worker import DEVICE_PREFIX, WorkerSpec, run_virtual_worker, run_worker
 from models import ConfigError, ModelSpec, build_model
 from models._datasets import Dataset, dirichlet_partition, load_digits, make_synthetic
 
@@ -74,6 +75,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedasync.fleet")
 
 RULES = ("fedasync", "fedbuff", "fedavg-sync")
+# An existing broker (`broker`) must be a Mosquitto too, whose max_inflight_messages no phase
+# of the run fills (the markers would overtake messages it holds back).
+_VIRTUAL_NEEDS_MOSQUITTO = ("the virtual clock needs Mosquitto (it relies on Mosquitto's "
+                            "ordering of each connection's messages): install it (apt-get "
+                            "install mosquitto), or use clock = wall (--clock wall)")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -108,6 +114,10 @@ class SimConfig:
     # (time to 0.85 on the default fleet, seed 1: 18.1 s at 0.5 s, 6.7 s at 0.05 s).
     snapshot_interval_s: float | None = None
     workers: int = 0  # 0: one per core, less one for the coordinator, at least 1
+    # "virtual": time moves when the system is quiescent, the same seed gives the same run at
+    # any load (fleet/_virtual.py); "wall": the wall clock compressed by `scale`, for live demos
+    # and soak tests.
+    clock: str = "virtual"
     broker: str | None = None  # URL of an existing broker; None: start one
     broker_kind: str = "auto"  # auto | mosquitto | embedded
     profile: FleetProfile = field(default_factory=lambda: FleetProfile(speed_median_s=1200.0))
@@ -140,6 +150,10 @@ class SimConfig:
             raise ConfigError("devices must be >= 1", key="devices")
         if self.duration_s <= 0 or self.scale <= 0:
             raise ConfigError("duration_s and scale must be positive")
+        if self.clock not in ("virtual", "wall"):
+            raise ConfigError(f"clock must be virtual or wall, got {self.clock!r}", key="clock")
+        if self.clock == "virtual" and self.broker_kind == "embedded":
+            raise ConfigError(_VIRTUAL_NEEDS_MOSQUITTO, key="clock")
         if self.dataset not in ("digits", "synthetic"):
             raise ConfigError("dataset must be digits or synthetic", key="dataset")
         if self.model not in ("logistic", "mlp", "linear"):
@@ -349,6 +363,9 @@ class RunResult:
     evaluations: list[tuple[float, int, float, float]]
     summary: dict[str, Any]
     arrivals: list[Arrival] = field(default_factory=list)
+    # The machine's side of the run (run.json): wall time, memory, CPU, the broker's totals.
+    # Apart from summary.json, which a virtual-clock run reproduces exactly.
+    machine: dict[str, Any] = field(default_factory=dict)
 
 
 def time_to_target(evals: list[tuple[float, int, float, float]], target: float,
@@ -375,10 +392,8 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet,
     state_root = Path(tempfile.mkdtemp(prefix="fedasync-sim-",
                                        dir=shm if shm.is_dir() else None))
     broker: MosquittoBroker | EmbeddedBroker | None = None
-    ctx = mp.get_context("spawn")
-    stop = ctx.Event()
-    reports: Any = ctx.Queue()
-    procs: list[Any] = []
+    virtual = config.clock == "virtual"
+    vclock = VirtualClock(config.scale) if virtual else None
     service: CoordinatorService | None = None
     # Traffic: the workers' latest counts, the broker's $SYS totals at both ends (our own
     # broker starts at zero; an existing one is diffed; None: no $SYS, e.g. the embedded one).
@@ -386,15 +401,21 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet,
     sys_start: dict[str, int] | None = None
     sys_end: dict[str, int] | None = None
     sampled = False
+    wall_started = time.monotonic()
+    machine: dict[str, Any] = {"clock": config.clock}
     try:
         if config.broker is None:
-            broker = start_broker(prefer=config.broker_kind, workdir=state_root / "broker")
+            # No in-flight window: the virtual clock's markers must not overtake held messages.
+            broker = start_broker(prefer=config.broker_kind, workdir=state_root / "broker",
+                                  max_inflight=0 if virtual else 1000)
+        if virtual and isinstance(broker, EmbeddedBroker):
+            raise ConfigError(_VIRTUAL_NEEDS_MOSQUITTO, key="clock")
         url = config.broker or (broker.url if broker else "")
         if progress:
             kind = ("existing broker" if broker is None else "private Mosquitto"
                     if isinstance(broker, MosquittoBroker) else "embedded amqtt broker "
                     "(Mosquitto not installed)")
-            print(f"[{rule:>11}] broker: {kind} at {url}", file=sys.stderr)
+            print(f"[{rule:>11}] broker: {kind} at {url}; {config.clock} clock", file=sys.stderr)
         fleet_name = f"sim-{rule.replace('+', '-')}-{config.seed}-{os.getpid()}"
         coord_state = out_dir / "coordinator-state"
         shutil.rmtree(coord_state, ignore_errors=True)
@@ -406,13 +427,15 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet,
             evaluator_model.set_params_vector(params)
             return dict(evaluator_model.evaluate(test.X, test.y))
 
+        clocks: dict[str, Any] = ({} if vclock is None else
+                                  {"clock": vclock.wall, "monotonic": vclock.wall, "driven": True})
         service = CoordinatorService(CoordinatorConfig(
             model=fleet.spec, broker=url, fleet=fleet_name, state_dir=str(coord_state),
             client_id=f"coordinator-{fleet_name}", http="", rule=rule_config(config, rule),
             participation=participation_config(config, rule), keep_checkpoints=_KEEP,
             guards=GuardConfig(max_norm=10.0),
             snapshots=SnapshotConfig(min_interval_s=config.snapshot_wall_s)),
-            evaluator=evaluate)
+            evaluator=evaluate, **clocks)
         # What the coordinator publishes (snapshots, acks) and receives, as the devices count.
         coordinator_traffic = count_traffic(service._client)
         sys_start = ({} if isinstance(broker, MosquittoBroker) else None if broker is not None
@@ -420,37 +443,30 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet,
         service.start()
         if not service.wait_connected(15):
             raise ConfigError(f"coordinator could not connect to {url}")
-        go, start_at = ctx.Event(), ctx.Value("d", 0.0)
-        shards = np.array_split(np.arange(n_devices), _workers(config, n_devices))
-        for w, shard in enumerate(shards):
-            spec = WorkerSpec(
-                index=w, broker_url=url, fleet=fleet_name,
-                traces=tuple(fleet.traces[i] for i in shard),
-                data=tuple(fleet.parts[i] for i in shard),
-                scale=config.scale, duration_s=config.duration_sim_s,
-                state_root=str(state_root / "devices"), policy=config.policy,
-                training=TrainConfig(local_epochs=config.local_epochs,
-                                     encoding=config.encoding),  # type: ignore[arg-type]
-                check_interval_s=config.check_interval_sim_s, seed=config.seed,
-                min_train_interval_s=config.min_train_interval_sim_s,
-                model_refresh_s=config.model_refresh_sim_s)
-            p = ctx.Process(target=run_worker, args=(spec, go, start_at, stop, reports),
-                            daemon=True, name=f"fleet-worker-{w}")
-            p.start()
-            procs.append(p)
-        # Sim time 0 starts when every worker has loaded its devices, not while they spawn.
-        for _ in procs:
-            reports.get(timeout=120)
-        start = time.time() + 0.2
-        start_at.value = start
-        go.set()
-        rows = _sample(service, reports, start=start, config=config, rule=rule,
-                       out_dir=out_dir, progress=progress, n_devices=n_devices,
-                       latest=latest)
+        shards = [tuple(int(i) for i in shard) for shard in
+                  np.array_split(np.arange(n_devices), _workers(config, n_devices))]
+        specs = [WorkerSpec(
+            index=w, broker_url=url, fleet=fleet_name,
+            traces=tuple(fleet.traces[i] for i in shard),
+            data=tuple(fleet.parts[i] for i in shard),
+            scale=config.scale, duration_s=config.duration_sim_s,
+            state_root=str(state_root / "devices"), policy=config.policy,
+            training=TrainConfig(local_epochs=config.local_epochs,
+                                 encoding=config.encoding),  # type: ignore[arg-type]
+            check_interval_s=config.check_interval_sim_s, seed=config.seed,
+            min_train_interval_s=config.min_train_interval_sim_s,
+            model_refresh_s=config.model_refresh_sim_s) for w, shard in enumerate(shards)]
+        if vclock is not None:
+            start = EPOCH
+            rows = _run_virtual(service, specs, vclock, config=config, rule=rule, url=url,
+                                fleet_name=fleet_name, out_dir=out_dir, progress=progress,
+                                n_devices=n_devices, latest=latest, machine=machine)
+        else:
+            start, rows = _run_wall(service, specs, config=config, rule=rule,
+                                    out_dir=out_dir, progress=progress, n_devices=n_devices,
+                                    latest=latest)
         sampled = True
     finally:
-        stop.set()
-        _join_reading(procs, reports, latest)
         if service is not None:
             service.stop()
         if sampled and sys_start is not None:  # everything has stopped but the broker
@@ -469,9 +485,16 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet,
     summary["local_accuracy"] = None if local is None else {
         k: round(v, 4) if isinstance(v, float) else v for k, v in local.items()}
     summary["participation"] = _participation(fleet, arrivals, scores, metric)
+    broker_totals = diff_counters(sys_start, sys_end)
+    coordinator_stats = coordinator_traffic.stats()
+    if virtual:  # its presence messages name its pid and host: the machine's side
+        machine["coordinator_presence"] = {k: coordinator_stats.pop(k) for k in
+                                           list(coordinator_stats) if "_other_" in k}
+    # Under the virtual clock the broker also carried the clock's markers and keepalives that
+    # depend on wall time: its totals go with the machine's figures, not the reproducible ones.
     summary["traffic"] = summarize_traffic(
-        _device_traffic(latest), broker=diff_counters(sys_start, sys_end),
-        coordinator=coordinator_traffic.stats(),
+        _device_traffic(latest), broker=None if virtual else broker_totals,
+        coordinator=coordinator_stats,
         merged_updates=sum(1 for a in arrivals if a.outcome != "rejected"),
         n_devices=len(fleet.traces), sim_hours=config.duration_sim_s / 3600)
     # Each device's own downlink against its own trainings and refreshes; a row per device in
@@ -481,7 +504,146 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet,
         per_device, published=coordinator_traffic.stats().get("sent_announce_msgs", 0))
     _write_downlink(out_dir / "downlink.csv", per_device)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    return RunResult(rule, out_dir, evals, summary, arrivals)
+    machine.update(
+        wall_s=round(time.monotonic() - wall_started, 2),
+        peak_rss_mb=max((r["rss_mb"] for r in rows), default=0),
+        mean_cpu_percent=round(float(np.mean([r["cpu_percent"] for r in rows[2:]])), 1)
+        if len(rows) > 2 else None,
+        broker=broker_totals)
+    (out_dir / "run.json").write_text(json.dumps(machine, indent=1))
+    return RunResult(rule, out_dir, evals, summary, arrivals, machine)
+
+
+def _spawn_workers(specs: Sequence[WorkerSpec], target: Any, args: Any) -> list[Any]:
+    ctx = mp.get_context("spawn")
+    procs = []
+    for spec in specs:
+        p = ctx.Process(target=target, args=(spec, *args(spec)), daemon=True,
+                        name=f"fleet-worker-{spec.index}")
+        p.start()
+        procs.append(p)
+    return procs
+
+
+def _run_wall(service: CoordinatorService, specs: Sequence[WorkerSpec], *, config: SimConfig,
+              rule: str, out_dir: Path, progress: bool, n_devices: int,
+              latest: dict[int, dict[str, int]]) -> tuple[float, list[dict[str, Any]]]:
+    """The wall-clock mode: workers run on their own, reporting every second; rows a second.
+    Returns the wall time of sim time 0 and the rows."""
+    ctx = mp.get_context("spawn")
+    stop, go, start_at = ctx.Event(), ctx.Event(), ctx.Value("d", 0.0)
+    reports: Any = ctx.Queue()
+    procs: list[Any] = []
+    try:
+        procs = _spawn_workers(specs, run_worker, lambda _: (go, start_at, stop, reports))
+        # Sim time 0 starts when every worker has loaded its devices, not while they spawn.
+        for _ in procs:
+            reports.get(timeout=120)
+        start = time.time() + 0.2
+        start_at.value = start
+        go.set()
+        return start, _sample(service, reports, start=start, config=config, rule=rule,
+                              out_dir=out_dir, progress=progress, n_devices=n_devices,
+                              latest=latest)
+    finally:
+        stop.set()
+        _join_reading(procs, reports, latest)
+
+
+def _run_virtual(service: CoordinatorService, specs: Sequence[WorkerSpec], vclock: VirtualClock,
+                 *, config: SimConfig, rule: str, url: str, fleet_name: str, out_dir: Path,
+                 progress: bool, n_devices: int, latest: dict[int, dict[str, int]],
+                 machine: dict[str, Any]) -> list[dict[str, Any]]:
+    """The virtual-clock mode (fleet/_virtual.py): a row every `scale` sim seconds (one second
+    of the run's clock), as in the wall-clock mode."""
+    ctx = mp.get_context("spawn")
+    pipes = [ctx.Pipe() for _ in specs]
+    procs: list[Any] = []
+    controller: Controller | None = None
+    rows: list[dict[str, Any]] = []
+    usage = _Usage()
+    fields = [*_ROW_FIELDS]
+    try:
+        procs = _spawn_workers(specs, run_virtual_worker,
+                               lambda spec: (pipes[spec.index][1],))
+        for parent, _ in pipes:
+            if not parent.poll(120) or parent.recv() != ("ready",):
+                raise ConfigError("a simulator worker did not start")
+        controller = Controller(service, [p for p, _ in pipes], vclock, broker_url=url,
+                                fleet=fleet_name)
+        shown = [time.monotonic()]
+        with (out_dir / "metrics.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+
+            def sample(t: float) -> None:
+                assert controller is not None
+                latest.update(enumerate(controller.report()))
+                row = _row(service, t / config.scale, config, latest, usage)
+                writer.writerow(row)
+                rows.append(row)
+
+            def show() -> None:
+                if progress and time.monotonic() - shown[0] >= 1.0:
+                    shown[0] = time.monotonic()
+                    _progress(service, rule, config, vclock.t / config.scale, rows, n_devices)
+
+            controller.run(config.duration_sim_s, every=config.scale, on_sample=sample,
+                           on_instant=show)
+        latest.update(enumerate(controller.report(final=True)))
+        if progress:
+            _progress(service, rule, config, config.duration_s, rows, n_devices)
+            print(file=sys.stderr)
+        machine.update(phases=controller.phases, markers=controller.markers)
+        return rows
+    finally:
+        if controller is not None:
+            with contextlib.suppress(OSError, ValueError):
+                controller.stop()
+            controller.close()
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+
+
+_ROW_FIELDS = ("time_s", "sim_hours", "version", "accuracy", "loss", "accepted", "buffered",
+               "rejected", "online", "connected", "eligible", "training", "aborted",
+               "rss_mb", "cpu_percent")
+
+
+def _row(service: CoordinatorService, t: float, config: SimConfig,
+         latest: dict[int, dict[str, int]], usage: _Usage) -> dict[str, Any]:
+    """A metrics.csv row at `t` (the run's seconds). The metric column keeps its name for the
+    regressor too (R^2 there); summary.json says which."""
+    counts = service.metrics.counts()
+    fleet_totals = {k: sum(t.get(k, 0) for t in latest.values())
+                    for k in ("online", "connected", "eligible", "training", "aborted")}
+    metrics = service.engine.metrics
+    rejected = sum(v for k, v in counts.items() if k.startswith("rejected:"))
+    return {"time_s": round(t, 2), "sim_hours": round(max(t, 0) * config.scale / 3600, 3),
+            "version": service.engine.version,
+            "accuracy": metrics.get(metric_of(service.config.model), ""),
+            "loss": metrics.get("loss", ""),
+            "accepted": counts.get("accepted", 0), "buffered": counts.get("buffered", 0),
+            "rejected": rejected, **fleet_totals, **usage.sample()}
+
+
+def _progress(service: CoordinatorService, rule: str, config: SimConfig, t: float,
+              rows: list[dict[str, Any]], n_devices: int) -> None:
+    metric = metric_of(service.config.model)
+    acc = service.engine.metrics.get(metric)
+    last = rows[-1] if rows else {}
+    rate = 0.0
+    if len(rows) >= 2:
+        done = [r["accepted"] + r["buffered"] for r in rows[-2:]]
+        rate = (done[1] - done[0]) / max(rows[-1]["time_s"] - rows[-2]["time_s"], 1e-6)
+    print(f"\r[{rule:>11}] {max(t, 0):5.1f}/{config.duration_s:.0f}s  "
+          f"sim {max(t, 0) * config.scale / 3600:5.1f}h  v{service.engine.version:<5} "
+          f"{metric[:3]} {'-' if acc is None else f'{acc:.3f}':>5}  "
+          f"eligible {last.get('eligible', 0):>4}/{n_devices}  "
+          f"online {last.get('online', 0):>4}  {rate:6.1f} upd/s",
+          end="", file=sys.stderr, flush=True)
 
 
 def _sample(service: CoordinatorService, reports: Any, *, start: float, config: SimConfig,
@@ -491,46 +653,21 @@ def _sample(service: CoordinatorService, reports: Any, *, start: float, config: 
     report."""
     rows: list[dict[str, Any]] = []
     end = start + config.duration_s
-    fields = ["time_s", "sim_hours", "version", "accuracy", "loss", "accepted", "buffered",
-              "rejected", "online", "connected", "eligible", "training", "aborted",
-              "rss_mb", "cpu_percent"]
     usage = _Usage()
-    # The column keeps its name for the regressor too (R^2 there); summary.json says which.
-    metric = metric_of(service.config.model)
     with (out_dir / "metrics.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+        writer = csv.DictWriter(f, fieldnames=list(_ROW_FIELDS))
         writer.writeheader()
-        last_accepted, last_t = 0, time.time()
         while (now := time.time()) < end:
             deadline = now + 1.0
             while (left := deadline - time.time()) > 0:
                 with contextlib.suppress(queue.Empty):
                     index, _, totals = reports.get(timeout=left)
                     latest[index] = totals
-            counts = service.metrics.counts()
-            fleet_totals = {k: sum(t.get(k, 0) for t in latest.values())
-                            for k in ("online", "connected", "eligible", "training", "aborted")}
-            metrics = service.engine.metrics
-            t = time.time() - start
-            rejected = sum(v for k, v in counts.items() if k.startswith("rejected:"))
-            row = {"time_s": round(t, 2), "sim_hours": round(max(t, 0) * config.scale / 3600, 3),
-                   "version": service.engine.version,
-                   "accuracy": metrics.get(metric, ""), "loss": metrics.get("loss", ""),
-                   "accepted": counts.get("accepted", 0), "buffered": counts.get("buffered", 0),
-                   "rejected": rejected, **fleet_totals, **usage.sample()}
+            row = _row(service, time.time() - start, config, latest, usage)
             writer.writerow(row)
             rows.append(row)
             if progress:
-                accepted = counts.get("accepted", 0) + counts.get("buffered", 0)
-                rate = (accepted - last_accepted) / max(time.time() - last_t, 1e-6)
-                last_accepted, last_t = accepted, time.time()
-                acc = metrics.get(metric)
-                print(f"\r[{rule:>11}] {max(t, 0):5.1f}/{config.duration_s:.0f}s  "
-                      f"sim {row['sim_hours']:5.1f}h  v{service.engine.version:<5} "
-                      f"{metric[:3]} {'-' if acc is None else f'{acc:.3f}':>5}  "
-                      f"eligible {fleet_totals['eligible']:>4}/{n_devices}  "
-                      f"online {fleet_totals['online']:>4}  {rate:6.1f} upd/s",
-                      end="", file=sys.stderr, flush=True)
+                _progress(service, rule, config, row["time_s"], rows, n_devices)
         if progress:
             print(file=sys.stderr)
     return rows
@@ -706,11 +843,8 @@ def _summarize(config: SimConfig, rule: str, fleet: Fleet,
         "mean_eligible_devices": round(float(np.mean([r["eligible"] for r in rows])), 2)
         if rows else 0,
         "rows_peak": {"max_connected": max((r["connected"] for r in rows), default=0),
-                      "max_online": max((r["online"] for r in rows), default=0),
-                      "peak_rss_mb": max((r["rss_mb"] for r in rows), default=0),
-                      "mean_cpu_percent": round(float(np.mean([r["cpu_percent"]
-                                                               for r in rows[2:]])), 1)
-                      if len(rows) > 2 else None},
+                      "max_online": max((r["online"] for r in rows), default=0)},
+        "clock": config.clock,
     }
 
 

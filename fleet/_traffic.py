@@ -23,6 +23,10 @@ import numpy as np
 
 from models._topics import Topics
 
+# The simulator's own control messages (its virtual clock's markers, fleet/_virtual.py) travel
+# on topics under this root: not the product's traffic, never counted.
+SIM_CONTROL_ROOT = "fedasync-sim/"
+
 UPLINK = ("update", "status")
 DOWNLINK = ("snapshot", "announce", "ack")
 KINDS = (*UPLINK, *DOWNLINK, "other")
@@ -69,6 +73,8 @@ class TrafficCounter:
 
     def count(self, way: str, topic: str, payload_len: int) -> None:
         """`way` is "sent" or "received" (from the counting client's side)."""
+        if topic.startswith(SIM_CONTROL_ROOT):
+            return
         kind = classify(topic)
         n = payload_len + len(topic.encode())
         with self._lock:

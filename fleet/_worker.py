@@ -5,6 +5,10 @@ Simulated compute time: a device trains for real (CPU) at the moment it starts, 
 delivered only after the trace's compute time for that work has passed on the sim clock; if the
 device stops allowing training in between (unplugged, Wi-Fi gone, left the fleet), the work is
 aborted, as `agent.Agent` does on a real device.
+
+Two clocks: the wall clock compressed by the scale (`run_worker`), or the virtual clock
+(`run_virtual_worker`, fleet/_virtual.py), where the parent process moves time and a device
+handles what it received only in its phase.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ import paho.mqtt.client as mqtt
 from agent._agent import Agent
 from agent._config import AgentConfig
 from agent._policy import PolicyConfig
-from agent._trainer import TrainConfig
+from agent._trainer import TrainConfig, train_update
 from fleet._netloop import NetLoop
 from fleet._traces import DeviceTrace, SimClock, SimReader
 from fleet._traffic import attach as count_traffic
+from fleet._virtual import DeviceTimers, Shard, Timers, VirtualClock, sync_topic
 from models import Topics, UpdateMessage, WireError, decode_ack, encode_ack
 from models._files import Features, Labels
 from models._mqtt import BrokerAddress, make_client
@@ -66,34 +71,81 @@ class ArraySource:
 
 
 class SimLink:
-    def __init__(self, client: mqtt.Client) -> None:
+    """The agent's link. Under the virtual clock it tells the shard of every packet the broker
+    has yet to acknowledge: a phase ends only when there is none (fleet/_virtual.py)."""
+
+    def __init__(self, client: mqtt.Client, shard: Shard | None = None) -> None:
         self.client = client
         self.connected = False
+        self.shard = shard
+        self._pending: set[int] = set()
+        if shard is not None:
+            client.on_publish = client.on_subscribe = client.on_unsubscribe = self._acked
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
-        self.client.publish(topic, payload, qos=qos, retain=retain)
+        # QoS 1 under the virtual clock: a QoS 0 message has no PUBACK to say the broker has it.
+        info = self.client.publish(topic, payload, qos=max(qos, 1) if self.shard else qos,
+                                   retain=retain)
+        self._sent(info.rc, info.mid)
 
     def subscribe(self, topic: str, qos: int = 0) -> None:
         """The agent fetches models on demand through these, as on a real device."""
-        self.client.subscribe(topic, qos)
+        self._sent(*self.client.subscribe(topic, qos))
 
     def unsubscribe(self, topic: str) -> None:
-        self.client.unsubscribe(topic)
+        self._sent(*self.client.unsubscribe(topic))
+
+    def _sent(self, rc: int, mid: int | None) -> None:
+        if self.shard is not None and rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+            self._pending.add(mid)
+            self.shard.sent()
+
+    def _acked(self, client: mqtt.Client, userdata: Any, mid: int, *args: Any) -> None:
+        if self.shard is not None and mid in self._pending:
+            self._pending.remove(mid)
+            self.shard.acknowledged()
+
+    def forget_pending(self) -> None:
+        """The connection closed: its unacknowledged packets will never be acknowledged."""
+        if self.shard is not None:
+            for _ in self._pending:
+                self.shard.acknowledged()
+        self._pending.clear()
+
+
+class WallTimers:
+    """Device timers on the wall clock, compressed by the scale."""
+
+    def __init__(self, net: NetLoop, clock: SimClock) -> None:
+        self.net = net
+        self.clock = clock
+
+    def at(self, sim_t: float, fn: Any) -> None:
+        self.net.call_at(time.monotonic() + (self.clock.to_wall(sim_t) - time.time()), fn)
+
+    def soon(self, fn: Any) -> None:
+        self.net.call_later(0, fn)
 
 
 class SimDevice:
     def __init__(self, trace: DeviceTrace, *, X: Features, y: Labels, spec: WorkerSpec,
-                 net: NetLoop, clock: SimClock, address: BrokerAddress) -> None:
+                 net: NetLoop, clock: SimClock, address: BrokerAddress, index: int = 0,
+                 timers: DeviceTimers | None = None, shard: Shard | None = None) -> None:
         self.trace = trace
+        self.index = index  # in its worker: the order of same-time events (virtual clock)
         self.net = net
         self.clock = clock
+        self.timers = timers or WallTimers(net, clock)
+        self.shard = shard
+        self.marker = -1  # the newest virtual-clock marker this connection has seen
         self.spec = spec
         self.address = address
         self.topics = Topics(spec.fleet)
         client = make_client(address, client_id=f"sim-{spec.fleet}-{trace.device_id}",
                              persistent=True)
         self.traffic = count_traffic(client)  # messages and bytes by kind (fleet/_traffic.py)
-        self.link = SimLink(client)
+        self.link = SimLink(client, shard)
+        ids = np.random.default_rng([spec.seed, *trace.device_id.encode()])
         config = AgentConfig(
             device_id=trace.device_id, fleet=spec.fleet,
             state_dir=str(Path(spec.state_root) / trace.device_id),
@@ -101,16 +153,27 @@ class SimDevice:
             min_train_interval_s=spec.min_train_interval_s, check_interval_s=spec.check_interval_s,
             model_refresh_s=spec.model_refresh_s, policy=spec.policy, training=spec.training,
             train_in_subprocess=False)
+
+        def trainer(*args: Any, **kwargs: Any) -> UpdateMessage | None:
+            # Seeded update ids: the lineage of a virtual-clock run is the same every time.
+            return train_update(*args, update_id=ids.bytes(16).hex(), **kwargs)
+
         self.agent = Agent(config, link=self.link, reader=SimReader(trace, clock),
                            data=ArraySource(X, y), clock=clock.wall, monotonic=clock.sim_now,
-                           rng=np.random.default_rng([spec.seed, spec.index, len(trace.device_id)]))
+                           rng=np.random.default_rng([spec.seed, spec.index, len(trace.device_id)]),
+                           trainer=trainer,
+                           **({} if shard is None else {"net_clock": clock.wall}))
         client.will_set(self.topics.status(trace.device_id), b'{"state": "offline"}', qos=1,
                         retain=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        if shard is not None:
+            client.message_callback_add(sync_topic(spec.fleet), self._on_marker)
         net.attach(client)
         self.online = False
+        self._closing = False
+        self._connecting = False
         self.job: UpdateMessage | None = None
         self.job_token = 0
         self.started = 0  # trainings started (delivered, aborted or still running at the end)
@@ -119,30 +182,51 @@ class SimDevice:
         self.received: Counter[str] = Counter()
         # A newer model arrived: step at once rather than at the next poll (120 sim s by
         # default, most of a fast fleet's wall time at --scale 1).
-        self.agent.wake = lambda: net.call_later(0, self._step)
+        self.agent.wake = lambda: self.timers.soon(self._step)
 
     # -- MQTT --------------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self.link.connected
+
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                     properties: Any) -> None:
+        if self.shard is not None and self._connecting:
+            self._connecting = False
+            self.shard.acknowledged()  # the CONNACK (`_presence` counted the connect)
         if reason.is_failure:
             return
         # Acks only: announcements and snapshots are the agent's to subscribe to (on demand).
-        client.subscribe(self.topics.ack(self.trace.device_id), 1)
+        self.link.subscribe(self.topics.ack(self.trace.device_id), 1)
+        if self.shard is not None:
+            self.link.subscribe(sync_topic(self.spec.fleet), 0)
         self.link.connected = True
         self.agent.on_connected()
 
     def _on_disconnect(self, *args: Any) -> None:
         self.link.connected = False
+        self.link.forget_pending()
+        if self.shard is not None and self._closing:
+            self._closing = False
+            self.shard.acknowledged()  # the close `_presence` asked for
+
+    def _on_marker(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self.marker = max(self.marker, int(msg.payload))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        payload = bytes(msg.payload)
-        parts = msg.topic.split("/")
+        if self.shard is not None:  # handled in this device's next phase
+            self.shard.received(self, msg.topic, bytes(msg.payload))
+        else:
+            self.handle(msg.topic, bytes(msg.payload))
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        parts = topic.split("/")
         level = parts[2] if len(parts) > 2 else "other"
         self.received[f"{level}_msgs"] += 1
-        self.received[f"{level}_bytes"] += len(payload) + len(msg.topic.encode())
-        if msg.topic == self.topics.ack(self.trace.device_id):
+        self.received[f"{level}_bytes"] += len(payload) + len(topic.encode())
+        if topic == self.topics.ack(self.trace.device_id):
             payload = self._sim_seconds(payload)
-        self.agent.on_message(msg.topic, payload)
+        self.agent.on_message(topic, payload)
 
     def _sim_seconds(self, ack: bytes) -> bytes:
         """The coordinator runs on wall seconds (its window is the sim window / scale), the agent
@@ -162,19 +246,25 @@ class SimDevice:
         self._at_sim(0.0, self._presence)
 
     def _at_sim(self, sim_t: float, fn: Any) -> None:
-        self.net.call_at(time.monotonic() + (self.clock.to_wall(sim_t) - time.time()), fn)
+        self.timers.at(sim_t, fn)
 
     def _presence(self) -> None:
         t = self.clock.sim_now()
         online = self.trace.online.contains(t)
         if online and not self.online:
             self.online = True
+            if self.shard is not None:
+                self._connecting = True
+                self.shard.sent()  # until the CONNACK
             self.net.connect(self.link.client, self.address.host, self.address.port)
             self._poll()
         elif not online and self.online:
             self.online = False
             self._abort("left the fleet")
             self.link.connected = False
+            if self.shard is not None and self.link.client.socket() is not None:
+                self._closing = True
+                self.shard.sent()  # until the socket has closed
             self.net.disconnect(self.link.client)
         change = self.trace.online.next_change(t)
         if change is not None and change < self.spec.duration_s:
@@ -217,7 +307,7 @@ class SimDevice:
         job, self.job = self.job, None
         self.agent.deliver(job)
         # Finished: a newer model that came meanwhile is trained on now, not at the next poll.
-        self.net.call_later(0, self._step)
+        self.timers.soon(self._step)
 
     def _abort(self, reason: str) -> None:
         if self.job is not None:
@@ -262,22 +352,12 @@ def run_worker(spec: WorkerSpec, go: multiprocessing.synchronize.Event, start: A
         return
     clock = SimClock(spec.scale, start.value)
     net = NetLoop(seed=spec.seed + spec.index)
-    address = BrokerAddress.parse(spec.broker_url)
-    devices = [SimDevice(trace, X=np.asarray(X, dtype=np.float32), y=np.asarray(y), spec=spec,
-                         net=net, clock=clock, address=address)
-               for trace, (X, y) in zip(spec.traces, spec.data, strict=True)]
+    devices = _load_devices(spec, net, clock)
     for d in devices:
         d.start()
 
     def report(*, final: bool = False) -> None:
-        totals: dict[str, int] = {}
-        for d in devices:
-            for k, v in d.stats().items():
-                totals[k] = totals.get(k, 0) + v
-            if final:  # each device's own downlink, flat: "device/<id>/<key>" (no "/" in ids)
-                for k, v in d.downlink().items():
-                    totals[f"{DEVICE_PREFIX}{d.trace.device_id}/{k}"] = v
-        reports.put((spec.index, time.time(), totals))
+        reports.put((spec.index, time.time(), _totals(devices, final=final)))
         if not final:
             net.call_later(1.0, report)
 
@@ -288,5 +368,49 @@ def run_worker(spec: WorkerSpec, go: multiprocessing.synchronize.Event, start: A
         # while it waits for this process to exit (per device only here: every second, a
         # worker of 500 devices pickled ~8,500 entries for nothing).
         report(final=True)
+    finally:
+        net.close()
+
+
+def _load_devices(spec: WorkerSpec, net: NetLoop, clock: SimClock, shard: Shard | None = None,
+                  timers: Timers | None = None) -> list[SimDevice]:
+    address = BrokerAddress.parse(spec.broker_url)
+    return [SimDevice(trace, X=np.asarray(X, dtype=np.float32), y=np.asarray(y), spec=spec,
+                      net=net, clock=clock, address=address, index=i, shard=shard,
+                      timers=None if timers is None else timers.of_device(i))
+            for i, (trace, (X, y)) in enumerate(zip(spec.traces, spec.data, strict=True))]
+
+
+def _totals(devices: list[SimDevice], *, final: bool) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for d in devices:
+        for k, v in d.stats().items():
+            totals[k] = totals.get(k, 0) + v
+        if final:  # each device's own downlink, flat: "device/<id>/<key>" (no "/" in ids)
+            for k, v in d.downlink().items():
+                totals[f"{DEVICE_PREFIX}{d.trace.device_id}/{k}"] = v
+    return totals
+
+
+def run_virtual_worker(spec: WorkerSpec, conn: Any, log_level: str = "WARNING") -> None:
+    """Process entry point under the virtual clock: load the shard, say ("ready",), then serve
+    the controller's commands on `conn` (fleet/_virtual.py) until it says stop."""
+    logging.basicConfig(level=log_level, format=f"worker{spec.index} %(levelname)s %(message)s")
+    import agent._trainer  # noqa: F401 - pay scikit-learn's import before the run starts
+    import models._adapters  # noqa: F401
+
+    clock = VirtualClock(spec.scale)
+    timers = Timers(clock)
+    net = NetLoop(seed=spec.seed + spec.index)
+    devices: list[SimDevice] = []
+    shard = Shard(conn, clock, timers, lambda final: _totals(devices, final=final))
+    devices.extend(_load_devices(spec, net, clock, shard, timers))
+    shard.devices.extend(devices)
+    for d in devices:
+        d.start()
+    net.watch(conn, shard.on_command)
+    conn.send(("ready",))
+    try:
+        net.run(until=lambda: shard.stopped, after_io=shard.check)
     finally:
         net.close()

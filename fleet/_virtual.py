@@ -1,0 +1,340 @@
+"""The simulator's virtual clock: the real agents, coordinator and broker, but time moves only
+when the whole system is quiescent, so one seed gives one result at any machine load.
+
+- Every component reads time from a `VirtualClock`: sim seconds, and a "wall" clock that is a
+  fixed epoch plus sim / scale. The scale is the wall-clock mode's, so every duration the
+  coordinator and the agents know (snapshot interval, retry-after, round deadline) keeps its
+  meaning and the outputs keep their units: a run's "45 s" is 45 s of that clock.
+- The controller (`Controller`, in the parent process, which hosts the coordinator) runs each
+  instant in phases. A device phase: every worker (`Shard`) fires its devices' timers that are
+  due and hands them the messages they received. A coordinator phase:
+  `CoordinatorService.step` merges what it received, sorted by topic and payload, and publishes
+  a due snapshot. Devices and coordinator never act at once, so which snapshot a fetch finds
+  retained, or which updates one batch holds, cannot depend on timing.
+- Quiescence between phases: a component reports its phase done only once the broker has
+  acknowledged everything it sent (PUBACK, SUBACK, UNSUBACK, CONNACK; Mosquitto handles one
+  connection's packets in order and queues a message to its subscribers before it
+  acknowledges it). Then a marker published to every connection arrives after everything the
+  broker queued for that connection before it (no in-flight window holds messages back:
+  `max_inflight_messages 0`), so once every connection has seen it, every message of the phase
+  sits in its receiver's inbox.
+- When an instant needs no more phases, the clock jumps to the earliest timer of any worker or
+  of the coordinator. Ties: by time, then device index, then the order they were set.
+
+Training stays real (real SGD on real data); how long it takes comes from the device's compute
+profile, as in the wall-clock mode (fleet/_worker.py).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+import paho.mqtt.client as mqtt
+
+from fleet._traces import SimClock
+from fleet._traffic import SIM_CONTROL_ROOT
+from models import StateError
+from models._mqtt import BrokerAddress, make_client
+
+if TYPE_CHECKING:
+    from coordinator._service import CoordinatorService
+
+log = logging.getLogger("fedasync.fleet.virtual")
+
+EPOCH = 1_767_225_600.0  # 2026-01-01T00:00:00Z: the virtual wall clock at sim time 0
+QUIET_TIMEOUT_S = 120.0  # wall seconds a phase or a marker may take before the run fails
+
+
+def sync_topic(fleet: str) -> str:
+    return f"{SIM_CONTROL_ROOT}{fleet}/sync"
+
+
+class VirtualClock(SimClock):
+    """A `SimClock` whose time is set, not read: ``t`` sim seconds."""
+
+    __slots__ = ("t",)
+
+    def __init__(self, scale: float) -> None:
+        self.t = 0.0
+        super().__init__(scale, EPOCH, wall=self._wall)
+
+    def _wall(self) -> float:
+        return EPOCH + self.t / self.scale
+
+    def sim_now(self) -> float:
+        return self.t
+
+    def sim_at(self, wall: float) -> float:
+        """The earliest sim time whose wall time is `wall` or later (exact: no rounding below
+        a due time, or the clock would stop just short of it)."""
+        t = (wall - EPOCH) * self.scale
+        while EPOCH + t / self.scale < wall:
+            t = math.nextafter(t, math.inf)
+        return t
+
+
+class DeviceTimers(Protocol):
+    """When a simulated device's code runs next: on the wall clock or the virtual one."""
+
+    def at(self, sim_t: float, fn: Callable[[], None]) -> None: ...
+
+    def soon(self, fn: Callable[[], None]) -> None: ...
+
+
+class Timers:
+    """A worker's timers on the virtual clock, released in (time, device, order set) order."""
+
+    def __init__(self, clock: VirtualClock) -> None:
+        self.clock = clock
+        self._heap: list[tuple[float, int, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+
+    def of_device(self, index: int) -> DeviceTimers:
+        return _OfDevice(self, index)
+
+    def at(self, index: int, sim_t: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self._heap, (max(sim_t, self.clock.t), index, next(self._seq), fn))
+
+    def pop_due(self) -> list[Callable[[], None]]:
+        due = []
+        while self._heap and self._heap[0][0] <= self.clock.t:
+            due.append(heapq.heappop(self._heap)[3])
+        return due
+
+    def next_time(self) -> float | None:
+        return self._heap[0][0] if self._heap else None
+
+
+class _OfDevice:
+    def __init__(self, timers: Timers, index: int) -> None:
+        self._timers = timers
+        self._index = index
+
+    def at(self, sim_t: float, fn: Callable[[], None]) -> None:
+        self._timers.at(self._index, sim_t, fn)
+
+    def soon(self, fn: Callable[[], None]) -> None:
+        self._timers.at(self._index, self._timers.clock.t, fn)
+
+
+class Device(Protocol):
+    """What a shard needs of a simulated device (fleet/_worker.py's SimDevice)."""
+
+    index: int
+    marker: int
+
+    @property
+    def connected(self) -> bool: ...
+
+    def handle(self, topic: str, payload: bytes) -> None: ...
+
+
+class Shard:
+    """A worker's side of the virtual clock: runs its devices' phases on command from the
+    controller (a pipe, served on the worker's network thread) and says when the broker has
+    everything they sent, and when every connection has seen a marker.
+
+    Commands: ("phase", t) -> ("done", did_io, queued, next_timer); ("marker", k) ->
+    ("synced", queued); ("report", final) -> ("report", totals); ("stop",)."""
+
+    def __init__(self, conn: Any, clock: VirtualClock, timers: Timers,
+                 report: Callable[[bool], dict[str, int]]) -> None:
+        self.conn = conn
+        self.clock = clock
+        self.timers = timers
+        self.devices: list[Device] = []
+        self.stopped = False
+        self._report = report
+        self._inbox: list[tuple[int, int, Device, str, bytes]] = []
+        self._arrival = itertools.count()
+        self._outstanding = 0  # packets sent and not yet acknowledged by the broker
+        self._io = False  # anything sent in this phase
+        self._awaiting: tuple[str, int] | None = None  # ("done", 0) or ("synced", marker)
+
+    # -- from the devices (network thread) ---------------------------------------------------
+    def sent(self) -> None:
+        self._outstanding += 1
+        self._io = True
+
+    def acknowledged(self) -> None:
+        self._outstanding -= 1
+
+    def received(self, device: Device, topic: str, payload: bytes) -> None:
+        self._inbox.append((device.index, next(self._arrival), device, topic, payload))
+
+    # -- commands ----------------------------------------------------------------------------
+    def on_command(self) -> None:
+        command = self.conn.recv()
+        kind = command[0]
+        if kind == "phase":
+            self.clock.t = command[1]
+            self._io = False
+            self._run_phase()
+            self._awaiting = ("done", 0)
+        elif kind == "marker":
+            self._awaiting = ("synced", command[1])
+        elif kind == "report":
+            self.conn.send(("report", self._report(command[1])))
+        elif kind == "stop":
+            self.stopped = True
+        self.check()
+
+    def _run_phase(self) -> None:
+        """Messages received (by device, in arrival order), then timers due, until neither is
+        left: handling one may set a timer for now, a timer may wake a device at once."""
+        while True:
+            inbox, self._inbox = sorted(self._inbox, key=lambda m: m[:2]), []
+            for _, _, device, topic, payload in inbox:
+                device.handle(topic, payload)
+            due = self.timers.pop_due()
+            for fn in due:
+                try:
+                    fn()
+                except Exception:  # one device's bug must not stop the fleet
+                    log.exception("timer callback failed")
+            if not inbox and not due:
+                return
+
+    def check(self) -> None:
+        """After every round of network events: answer what the controller waits for."""
+        if self._awaiting is None:
+            return
+        kind, marker = self._awaiting
+        if kind == "done" and self._outstanding == 0:
+            self._awaiting = None
+            self.conn.send(("done", self._io, len(self._inbox), self.timers.next_time()))
+        elif kind == "synced" and all(d.marker >= marker for d in self.devices if d.connected):
+            self._awaiting = None
+            self.conn.send(("synced", len(self._inbox)))
+
+
+class Controller:
+    """Drives a virtual-clock run from the parent process: the coordinator (driven mode), the
+    workers' shards (through `conns`) and the clock."""
+
+    def __init__(self, service: CoordinatorService, conns: Sequence[Any], clock: VirtualClock,
+                 *, broker_url: str, fleet: str) -> None:
+        self.service = service
+        self.conns = list(conns)
+        self.clock = clock
+        self.topic = sync_topic(fleet)
+        self._marker = 0
+        self._seen = -1
+        self._seen_changed = threading.Condition()
+        self._next_timer: list[float | None] = [0.0] * len(self.conns)
+        self._queued = [0] * len(self.conns)
+        self.phases = 0
+        self.markers = 0
+        # The coordinator's own connection carries its markers: ordered after what it got.
+        service._client.message_callback_add(self.topic, self._on_marker)
+        service._client.subscribe(self.topic, 0)
+        self._client = make_client(BrokerAddress.parse(broker_url),
+                                   client_id=f"sim-clock-{fleet}", persistent=False)
+        self._client.connect(*_host_port(broker_url))
+        self._client.loop_start()
+
+    def close(self) -> None:
+        self._client.loop_stop()
+        self._client.disconnect()
+
+    def _on_marker(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._seen_changed:
+            self._seen = max(self._seen, int(msg.payload))
+            self._seen_changed.notify_all()
+
+    # -- the clock ---------------------------------------------------------------------------
+    def run(self, end_t: float, *, every: float, on_sample: Callable[[float], None],
+            on_instant: Callable[[], None] | None = None) -> None:
+        """Run until sim time `end_t`; `on_sample(t)` at 0, `every`, 2 x `every`, ... (before
+        the instant at that time runs)."""
+        next_sample = 0.0
+        while True:
+            t = self._next_time()
+            while next_sample <= min(t, end_t):
+                self.clock.t = next_sample
+                on_sample(next_sample)
+                next_sample += every
+            if t > end_t:
+                self.clock.t = end_t
+                return
+            self.clock.t = t
+            self._instant(t)
+            if on_instant is not None:
+                on_instant()
+
+    def _next_time(self) -> float:
+        times = [x for x in self._next_timer if x is not None]
+        due = self.service.next_due()
+        if due is not None:
+            times.append(self.clock.sim_at(due))
+        return max(self.clock.t, min(times, default=math.inf))
+
+    def _instant(self, t: float) -> None:
+        """Phases at `t` until none has anything left to do."""
+        while True:
+            busy = False
+            replies = self._ask_all(("phase", t), "done")
+            self.phases += 1
+            self._next_timer = [r[3] for r in replies]
+            self._queued = [r[2] for r in replies]
+            if any(r[1] for r in replies):
+                self._quiesce()
+                busy = True
+            if self.service.step():
+                self._quiesce()
+                busy = True
+            if not busy and not any(self._queued) and not any(
+                    x is not None and x <= t for x in self._next_timer):
+                return
+
+    def _quiesce(self) -> None:
+        """Until every connection (the coordinator's, every device's) has seen a new marker."""
+        self._marker += 1
+        self.markers += 1
+        marker = self._marker
+        for conn in self.conns:
+            conn.send(("marker", marker))
+        deadline = time.monotonic() + QUIET_TIMEOUT_S
+        with self._seen_changed:
+            while self._seen < marker:
+                # Again every second: the first may precede the coordinator's subscription.
+                self._client.publish(self.topic, str(marker).encode(), qos=0)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise StateError(f"the coordinator did not see marker {marker} in "
+                                     f"{QUIET_TIMEOUT_S:g} s")
+                self._seen_changed.wait(min(1.0, left))
+        for i, conn in enumerate(self.conns):
+            self._queued[i] = self._recv(conn, "synced")[1]
+
+    def _ask_all(self, command: tuple[Any, ...], answer: str) -> list[tuple[Any, ...]]:
+        for conn in self.conns:
+            conn.send(command)
+        return [self._recv(conn, answer) for conn in self.conns]
+
+    def report(self, final: bool = False) -> list[dict[str, int]]:
+        return [r[1] for r in self._ask_all(("report", final), "report")]
+
+    def stop(self) -> None:
+        for conn in self.conns:
+            conn.send(("stop",))
+
+    def _recv(self, conn: Any, answer: str) -> tuple[Any, ...]:
+        if not conn.poll(QUIET_TIMEOUT_S):
+            raise StateError(f"a worker did not answer {answer!r} in {QUIET_TIMEOUT_S:g} s")
+        reply: tuple[Any, ...] = conn.recv()
+        if reply[0] != answer:
+            raise StateError(f"a worker answered {reply[0]!r}, expected {answer!r}")
+        return reply
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    address = BrokerAddress.parse(url)
+    return address.host, address.port
