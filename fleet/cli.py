@@ -56,7 +56,7 @@ _FIELDS = (("devices", "devices"), ("duration", "duration_s"), ("scale", "scale"
            ("correlate", "correlate_labels"), ("window", "participation_window_sim_s"),
            ("cap", "participation_cap"), ("reweight_max", "reweight_max_factor"),
            ("reweight_boost", "reweight_max_boost"), ("model_refresh", "model_refresh_sim_s"),
-           ("snapshot_interval", "snapshot_interval_s"))
+           ("snapshot_interval", "snapshot_interval_s"), ("clock", "clock"))
 _SYNTHETIC_ONLY = {"devices": "--devices", "dataset": "--dataset", "dirichlet_alpha": "--alpha",
                    "correlate_labels": "--correlate"}
 
@@ -75,9 +75,17 @@ def _ints(example: str) -> Callable[[str], tuple[int, ...]]:
 def _common(p: argparse.ArgumentParser) -> None:
     d = SimConfig()
     p.add_argument("--devices", type=int, help=f"simulated devices ({d.devices})")
-    p.add_argument("--duration", type=float, help=f"wall seconds per rule ({d.duration_s:g})")
+    p.add_argument("--duration", type=float,
+                   help=f"seconds per rule on the run's clock ({d.duration_s:g}); simulated "
+                        f"time is duration x scale")
     p.add_argument("--scale", type=float,
-                   help=f"simulated seconds per wall second ({d.scale:g}: 12 sim hours in 45 s)")
+                   help=f"simulated seconds per second of the run's clock ({d.scale:g}: 12 sim "
+                        f"hours in 45 s)")
+    p.add_argument("--clock", choices=["virtual", "wall"],
+                   help=f"virtual: time moves when every device and the coordinator are done, "
+                        f"the same seed gives the same run at any load, and a run takes as "
+                        f"long as its work; wall: the wall clock compressed by --scale, for live "
+                        f"demos and soak tests ({d.clock})")
     p.add_argument("--seed", type=int, help=f"({d.seed})")
     p.add_argument("--dataset", choices=["digits", "synthetic"], help=f"({d.dataset})")
     p.add_argument("--encoding", choices=["float32", "float16", "int8", "topk"],
@@ -235,8 +243,14 @@ def _run(args: argparse.Namespace) -> int:
             line += f" {la.get('mean', 0):>10.3f} {la.get('worst_10pct', 0):>9.3f}"
         out_upd, in_upd, dev_h = table_cells(s.get("traffic"))
         print(f"{line} {out_upd:>9} {in_upd:>8} {dev_h:>9}")
-    print("traffic: the broker's bytes sent (out) and received (in) per merged update, and both "
-          "per device per simulated hour; summary.json \"traffic\" splits them by kind")
+    if config.clock == "wall":
+        print("traffic: the broker's bytes sent (out) and received (in) per merged update, and "
+              "both per device per simulated hour; summary.json \"traffic\" splits them by kind")
+    else:
+        print("traffic: bytes to devices (out) and from them (in) per merged update, and both "
+              "per device per simulated hour, counted at the clients; summary.json \"traffic\" "
+              "splits them by kind (the broker's totals, which also carry the virtual clock's "
+              "markers: <rule>/run.json)")
     for r in results:  # each device's downlink against its own trainings and refreshes
         print(f"{r.rule}: {per_device_line((r.summary.get('traffic') or {}).get('per_device'))}")
     if summary["speedup_async_vs_sync"] is not None:
