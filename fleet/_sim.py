@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -419,6 +419,8 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet,
         fleet_name = f"sim-{rule.replace('+', '-')}-{config.seed}-{os.getpid()}"
         coord_state = out_dir / "coordinator-state"
         shutil.rmtree(coord_state, ignore_errors=True)
+        # The coordinator works on tmpfs too (each commit is fsync'd), copied out at the end.
+        run_state = state_root / "coordinator"
         test = fleet.test
         n_devices = len(fleet.traces)
         evaluator_model = build_model(fleet.spec)
@@ -430,7 +432,7 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet,
         clocks: dict[str, Any] = ({} if vclock is None else
                                   {"clock": vclock.wall, "monotonic": vclock.wall, "driven": True})
         service = CoordinatorService(CoordinatorConfig(
-            model=fleet.spec, broker=url, fleet=fleet_name, state_dir=str(coord_state),
+            model=fleet.spec, broker=url, fleet=fleet_name, state_dir=str(run_state),
             client_id=f"coordinator-{fleet_name}", http="", rule=rule_config(config, rule),
             participation=participation_config(config, rule), keep_checkpoints=_KEEP,
             guards=GuardConfig(max_norm=10.0),
@@ -458,9 +460,15 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet,
             model_refresh_s=config.model_refresh_sim_s) for w, shard in enumerate(shards)]
         if vclock is not None:
             start = EPOCH
+            def from_devices() -> int:
+                counts = coordinator_traffic.stats()
+                return counts.get("received_update_msgs", 0) + counts.get(
+                    "received_status_msgs", 0)
+
             rows = _run_virtual(service, specs, vclock, config=config, rule=rule, url=url,
                                 fleet_name=fleet_name, out_dir=out_dir, progress=progress,
-                                n_devices=n_devices, latest=latest, machine=machine)
+                                n_devices=n_devices, latest=latest, machine=machine,
+                                received=from_devices)
         else:
             start, rows = _run_wall(service, specs, config=config, rule=rule,
                                     out_dir=out_dir, progress=progress, n_devices=n_devices,
@@ -469,6 +477,7 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet,
     finally:
         if service is not None:
             service.stop()
+            shutil.copytree(run_state, coord_state)
         if sampled and sys_start is not None:  # everything has stopped but the broker
             sys_end = read_sys_counters(url, timeout=30)
         if broker is not None:
@@ -553,7 +562,8 @@ def _run_wall(service: CoordinatorService, specs: Sequence[WorkerSpec], *, confi
 def _run_virtual(service: CoordinatorService, specs: Sequence[WorkerSpec], vclock: VirtualClock,
                  *, config: SimConfig, rule: str, url: str, fleet_name: str, out_dir: Path,
                  progress: bool, n_devices: int, latest: dict[int, dict[str, int]],
-                 machine: dict[str, Any]) -> list[dict[str, Any]]:
+                 machine: dict[str, Any], received: Callable[[], int]
+                 ) -> list[dict[str, Any]]:
     """The virtual-clock mode (fleet/_virtual.py): a row every `scale` sim seconds (one second
     of the run's clock), as in the wall-clock mode."""
     ctx = mp.get_context("spawn")
@@ -570,7 +580,7 @@ def _run_virtual(service: CoordinatorService, specs: Sequence[WorkerSpec], vcloc
             if not parent.poll(120) or parent.recv() != ("ready",):
                 raise ConfigError("a simulator worker did not start")
         controller = Controller(service, [p for p, _ in pipes], vclock, broker_url=url,
-                                fleet=fleet_name)
+                                fleet=fleet_name, received=received)
         shown = [time.monotonic()]
         with (out_dir / "metrics.csv").open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields)

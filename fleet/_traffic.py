@@ -103,8 +103,10 @@ def attach(client: Any, counter: TrafficCounter | None = None) -> TrafficCounter
         return publish(topic, payload, *args, **kwargs)
 
     def counted_handle(message: Any) -> None:
-        counter.count("received", message.topic, len(message.payload))
+        # After handling: whoever waits for a count (the virtual clock) finds the message
+        # handled, queued in the coordinator's inbox say, once it is counted.
         handle(message)
+        counter.count("received", message.topic, len(message.payload))
 
     client.publish = counted_publish
     client._handle_on_message = counted_handle

@@ -17,7 +17,11 @@ when the whole system is quiescent, so one seed gives one result at any machine 
   acknowledges it). Then a marker published to every connection arrives after everything the
   broker queued for that connection before it (no in-flight window holds messages back:
   `max_inflight_messages 0`), so once every connection has seen it, every message of the phase
-  sits in its receiver's inbox.
+  sits in its receiver's inbox. A device phase that only published (updates, statuses: each
+  goes to the coordinator alone) needs no marker: the coordinator has everything once it has
+  received as many as the devices sent. Markers follow what may reach devices: the
+  coordinator's acks and snapshots, retained messages on a new subscription, a session's queue
+  on a reconnect.
 - When an instant needs no more phases, the clock jumps to the earliest timer of any worker or
   of the coordinator. Ties: by time, then device index, then the order they were set.
 
@@ -141,8 +145,8 @@ class Shard:
     controller (a pipe, served on the worker's network thread) and says when the broker has
     everything they sent, and when every connection has seen a marker.
 
-    Commands: ("phase", t) -> ("done", did_io, queued, next_timer); ("marker", k) ->
-    ("synced", queued); ("report", final) -> ("report", totals); ("stop",)."""
+    Commands: ("phase", t) -> ("done", needs_marker, published, queued, next_timer);
+    ("marker", k) -> ("synced", queued); ("report", final) -> ("report", totals); ("stop",)."""
 
     def __init__(self, conn: Any, clock: VirtualClock, timers: Timers,
                  report: Callable[[bool], dict[str, int]]) -> None:
@@ -155,13 +159,15 @@ class Shard:
         self._inbox: list[tuple[int, int, Device, str, bytes]] = []
         self._arrival = itertools.count()
         self._outstanding = 0  # packets sent and not yet acknowledged by the broker
-        self._io = False  # anything sent in this phase
+        self._published = 0  # in this phase (devices publish only to the coordinator)
+        self._needs_marker = False  # something in this phase may bring a device messages
         self._awaiting: tuple[str, int] | None = None  # ("done", 0) or ("synced", marker)
 
     # -- from the devices (network thread) ---------------------------------------------------
-    def sent(self) -> None:
+    def sent(self, *, published: bool = False, needs_marker: bool = True) -> None:
         self._outstanding += 1
-        self._io = True
+        self._published += published
+        self._needs_marker |= needs_marker and not published
 
     def acknowledged(self) -> None:
         self._outstanding -= 1
@@ -175,7 +181,7 @@ class Shard:
         kind = command[0]
         if kind == "phase":
             self.clock.t = command[1]
-            self._io = False
+            self._published, self._needs_marker = 0, False
             self._run_phase()
             self._awaiting = ("done", 0)
         elif kind == "marker":
@@ -209,7 +215,8 @@ class Shard:
         kind, marker = self._awaiting
         if kind == "done" and self._outstanding == 0:
             self._awaiting = None
-            self.conn.send(("done", self._io, len(self._inbox), self.timers.next_time()))
+            self.conn.send(("done", self._needs_marker, self._published, len(self._inbox),
+                            self.timers.next_time()))
         elif kind == "synced" and all(d.marker >= marker for d in self.devices if d.connected):
             self._awaiting = None
             self.conn.send(("synced", len(self._inbox)))
@@ -220,8 +227,11 @@ class Controller:
     workers' shards (through `conns`) and the clock."""
 
     def __init__(self, service: CoordinatorService, conns: Sequence[Any], clock: VirtualClock,
-                 *, broker_url: str, fleet: str) -> None:
+                 *, broker_url: str, fleet: str, received: Callable[[], int]) -> None:
+        """`received`: how many messages from devices the coordinator has received so far."""
         self.service = service
+        self._received = received
+        self._published = 0  # by the devices, so far
         self.conns = list(conns)
         self.clock = clock
         self.topic = sync_topic(fleet)
@@ -282,10 +292,15 @@ class Controller:
             busy = False
             replies = self._ask_all(("phase", t), "done")
             self.phases += 1
-            self._next_timer = [r[3] for r in replies]
-            self._queued = [r[2] for r in replies]
+            self._next_timer = [r[4] for r in replies]
+            self._queued = [r[3] for r in replies]
+            published = sum(r[2] for r in replies)
+            self._published += published
             if any(r[1] for r in replies):
                 self._quiesce()
+                busy = True
+            elif published:
+                self._wait_received()
                 busy = True
             if self.service.step():
                 self._quiesce()
@@ -313,6 +328,16 @@ class Controller:
                 self._seen_changed.wait(min(1.0, left))
         for i, conn in enumerate(self.conns):
             self._queued[i] = self._recv(conn, "synced")[1]
+
+    def _wait_received(self) -> None:
+        """Until the coordinator has received every message the devices published."""
+        deadline = time.monotonic() + QUIET_TIMEOUT_S
+        while self._received() < self._published:
+            if time.monotonic() > deadline:
+                raise StateError(f"the coordinator received {self._received()} of the "
+                                 f"{self._published} messages the devices sent in "
+                                 f"{QUIET_TIMEOUT_S:g} s")
+            time.sleep(0.0002)
 
     def _ask_all(self, command: tuple[Any, ...], answer: str) -> list[tuple[Any, ...]]:
         for conn in self.conns:

@@ -86,19 +86,20 @@ class SimLink:
         # QoS 1 under the virtual clock: a QoS 0 message has no PUBACK to say the broker has it.
         info = self.client.publish(topic, payload, qos=max(qos, 1) if self.shard else qos,
                                    retain=retain)
-        self._sent(info.rc, info.mid)
+        self._sent(info.rc, info.mid, published=True)  # an update or a status
 
     def subscribe(self, topic: str, qos: int = 0) -> None:
         """The agent fetches models on demand through these, as on a real device."""
-        self._sent(*self.client.subscribe(topic, qos))
+        self._sent(*self.client.subscribe(topic, qos))  # may bring a retained message
 
     def unsubscribe(self, topic: str) -> None:
-        self._sent(*self.client.unsubscribe(topic))
+        self._sent(*self.client.unsubscribe(topic), needs_marker=False)
 
-    def _sent(self, rc: int, mid: int | None) -> None:
+    def _sent(self, rc: int, mid: int | None, *, published: bool = False,
+              needs_marker: bool = True) -> None:
         if self.shard is not None and rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
             self._pending.add(mid)
-            self.shard.sent()
+            self.shard.sent(published=published, needs_marker=needs_marker)
 
     def _acked(self, client: mqtt.Client, userdata: Any, mid: int, *args: Any) -> None:
         if self.shard is not None and mid in self._pending:
