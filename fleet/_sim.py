@@ -84,11 +84,12 @@ _VIRTUAL_NEEDS_MOSQUITTO = ("the virtual clock needs Mosquitto (it relies on Mos
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SimConfig:
-    """A simulated fleet. Times are wall seconds unless named ``*_sim_s`` (sim seconds)."""
+    """A simulated fleet. Times are seconds of the run's clock (the wall clock, or the virtual
+    clock's wall: sim seconds / scale) unless named ``*_sim_s`` (sim seconds)."""
 
     devices: int = 50
     seed: int = 0
-    duration_s: float = 45.0  # wall seconds per rule
+    duration_s: float = 45.0  # per rule, on the run's clock
     scale: float = 960.0  # sim seconds per wall second (12 sim hours in 45 s)
     dataset: str = "digits"  # digits | synthetic; ignored with a fleet file
     model: str = "logistic"  # logistic | mlp | linear (linear: fleet files only)
