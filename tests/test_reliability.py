@@ -224,11 +224,24 @@ class AgentFleet:
         return all(link.connected for link in self.links) and all(
             a.snapshot is not None for a in self.agents)
 
-    def train_round(self) -> None:
-        """Each agent trains once (stub) and spools + publishes its update."""
+    def train_round(self, timeout: float = 60.0) -> None:
+        """Each agent trains once (stub) and spools + publishes its update.
+
+        One poll may decline, rightly: while the coordinator merges the others' updates, an
+        announcement of a newer version can arrive after the poll's wait for the model and
+        before its decision, and start a fetch; the agent trains on that model at a later poll
+        (a running agent is woken by its arrival). So each agent is polled until it trained,
+        within a bound; never twice."""
         for agent in self.agents:
             before = agent.counters.trained
-            agent.poll()
+
+            def trained(a: RecordingAgent = agent, b: int = before) -> bool:
+                a.poll()
+                return a.counters.trained > b
+
+            assert wait_for(trained, timeout=timeout), (
+                f"{agent.config.device_id} did not train in {timeout:g} s: "
+                f"{agent.status()}")
             assert agent.counters.trained == before + 1
 
     @property
@@ -342,6 +355,11 @@ class Pacer:
 
     def join(self, timeout: float) -> None:
         assert self.done.wait(timeout), "the agents did not finish their rounds"
+        self.raise_error()
+
+    def raise_error(self) -> None:
+        """What ended the stream early, if anything, raised in the test's thread: a stream that
+        stopped is not a coordinator that stopped answering."""
         if self.error is not None:
             raise self.error
 
@@ -377,15 +395,17 @@ def test_coordinator_sigkill_mid_stream_loses_nothing_and_merges_nothing_twice(
     crashes: list[tuple[int, int, int, np.ndarray]] = []  # (acks, sent, version, params)
     try:
         assert wait_for(fleet.ready, timeout=90), coordinator.log_text()[-2000:]
-        pacer = Pacer(fleet, rounds=10, every=0.15)  # 200 updates over ~1.5 s
+        pacer = stream = Pacer(fleet, rounds=10, every=0.15)  # 200 updates over ~1.5 s
 
         seen = 0
         for point in kill_points:
             # Once the restarted process has answered something, not while it starts.
             want = max(point, seen + 1)
-            assert wait_for(lambda w=want: fleet.merged() >= w, timeout=90), (
+            assert wait_for(lambda w=want: fleet.merged() >= w or stream.error is not None,
+                            timeout=90), (
                 f"{fleet.merged()} of {want} known merged; {undelivered(fleet, state)}\n"
                 + coordinator.log_text()[-3000:])
+            stream.raise_error()
             coordinator.kill()
             seen = fleet.merged()
             crashes.append((seen, len(fleet.produced), *committed_state(state)))
