@@ -600,18 +600,36 @@ class Agent:
 
     def _await_model(self) -> None:
         """Wait (at most `model_wait_s`) while an announcement or a fetch the agent wants is
-        on its way; returns at once when there is none."""
+        on its way; returns at once when there is none.
+
+        No announcement is awaited from a coordinator that does not announce: following its
+        snapshots (`_unannounced`), the announcement subscription only listens for a change of
+        coordinator, and waiting for it held every poll `model_wait_s`. Nor past ANNOUNCE_WAIT_S
+        of silence: the wait ends there, and the agent starts following snapshots at once
+        rather than at its next check."""
         deadline = time.monotonic() + self.model_wait_s
         while True:
             self._news.clear()
             with self._lock:
-                pending = self.link.connected and (
-                    self._fetching_since is not None
-                    or (self.topics.announce in self._subscribed and not self._fresh))
+                if self._announce_wait_left() == 0.0:
+                    self._sync()  # gives up on announcements: follows snapshots from now on
+                listening = (self.topics.announce in self._subscribed and not self._fresh
+                             and not self._unannounced)
+                pending = self.link.connected and (self._fetching_since is not None
+                                                   or listening)
+                give_up = self._announce_wait_left() if listening else None
             left = deadline - time.monotonic()
             if not pending or left <= 0:
                 return
-            self._news.wait(left)
+            self._news.wait(left if give_up is None else min(left, max(give_up, 0.01)))
+
+    def _announce_wait_left(self) -> float | None:
+        """Seconds (net_clock) until an unheard announcement subscription means the coordinator
+        does not announce, 0.0 once it does; None when no such wait is under way."""
+        since = self._listening_since
+        if since is None or self.announcement is not None or self._unannounced:
+            return None
+        return max(0.0, since + ANNOUNCE_WAIT_S - self.net_clock())
 
     def train_once(self) -> UpdateMessage | None:
         """Train from the newest snapshot, then spool and publish. None if skipped/stopped."""

@@ -219,6 +219,33 @@ def test_without_announcements_the_agent_follows_snapshots_until_one_is_heard(
     assert topics_of(agent) == {"announce"} and agent.status()["models"] == "on demand"
 
 
+def test_a_poll_waits_for_no_announcement_from_a_coordinator_that_does_not_announce(
+        tmp_path: Path) -> None:
+    """The poll's wait for the model ends where the announcement wait does, and once the agent
+    follows snapshots it waits for no announcement at all (it waited `model_wait_s`, every
+    poll)."""
+    import agent._agent as agent_module
+
+    offset = [0.0]
+    config = AgentConfig(device_id="pi-1", state_dir=str(tmp_path), policy=OPEN,
+                         min_train_interval_s=0.0, train_in_subprocess=False)
+    agent = Agent(config, link=RecordingLink(), reader=StaticReader(readings()),
+                  data=CallableSource(lambda: (np.zeros((0, 4)), np.zeros(0))),
+                  net_clock=lambda: time.monotonic() + offset[0])
+    agent.model_wait_s = 40.0
+    agent.on_connected()
+    assert topics_of(agent) == {"announce"}
+    offset[0] = agent_module.ANNOUNCE_WAIT_S - 0.2  # listening, unheard, for nearly as long
+    started = time.monotonic()
+    agent.poll()
+    assert time.monotonic() - started < 20.0  # ~0.2 s; the whole model_wait_s before
+    assert topics_of(agent) == {"announce", "model"}  # following, and still listening
+    agent.on_model(small_snapshot(3))
+    started = time.monotonic()
+    agent.poll()
+    assert time.monotonic() - started < 20.0
+
+
 def test_bad_settings_are_refused() -> None:
     from models import ConfigError
 
