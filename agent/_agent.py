@@ -205,6 +205,7 @@ class Agent:
         self.fetched_bytes = 0
         self.last_fetch: dict[str, Any] | None = None
         self._news = threading.Event()  # set when an announcement or a snapshot arrives
+        self._interrupted = False  # set by interrupt(): a poll's wait for the model ends
         self._load_saved_snapshot()
 
     # -- inputs ------------------------------------------------------------------------------
@@ -619,9 +620,16 @@ class Agent:
                                                    or listening)
                 give_up = self._announce_wait_left() if listening else None
             left = deadline - time.monotonic()
-            if not pending or left <= 0:
+            if not pending or left <= 0 or self._interrupted:
                 return
             self._news.wait(left if give_up is None else min(left, max(give_up, 0.01)))
+
+    def interrupt(self) -> None:
+        """End a poll's wait for the model at once, and every later one: the owner is stopping
+        (AgentRunner.stop, from a signal handler or another thread). A stopped agent waited up to
+        `model_wait_s` for an announcement before its loop could end."""
+        self._interrupted = True
+        self._news.set()
 
     def _announce_wait_left(self) -> float | None:
         """Seconds (net_clock) until an unheard announcement subscription means the coordinator

@@ -132,6 +132,7 @@ class AgentRunner:
 
     def stop(self) -> None:
         self._stop.set()
+        self.agent.interrupt()  # a poll waiting for a model returns now, not in model_wait_s
         self._wake.set()
 
 

@@ -246,6 +246,24 @@ def test_a_poll_waits_for_no_announcement_from_a_coordinator_that_does_not_annou
     assert time.monotonic() - started < 20.0
 
 
+def test_a_stopping_agent_ends_its_wait_for_the_model_at_once(tmp_path: Path) -> None:
+    """SIGTERM (AgentRunner.stop) while a poll waits for an announcement: the poll returns
+    then, not `model_wait_s` later, and so do later polls."""
+    agent = offline_agent(tmp_path, StaticReader(readings()))
+    agent.model_wait_s = 40.0
+    agent.on_connected()
+    assert topics_of(agent) == {"announce"}  # unheard: a poll would wait for it
+    poll = threading.Thread(target=agent.poll, daemon=True)
+    poll.start()
+    assert wait_for(lambda: agent._listening_since is not None, timeout=10)
+    agent.interrupt()
+    poll.join(20)
+    assert not poll.is_alive()
+    started = time.monotonic()
+    agent.poll()
+    assert time.monotonic() - started < 20.0
+
+
 def test_bad_settings_are_refused() -> None:
     from models import ConfigError
 
