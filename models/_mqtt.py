@@ -3,6 +3,7 @@ and `Connection`: a client's link to the broker, kept up and reported honestly."
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import socket
@@ -134,6 +135,18 @@ class Client(mqtt.Client):
             return
         self._attempted = False
         self._wake.wait(self.retry_delay)
+
+    def _create_socket_connection(self) -> socket.socket:
+        # Overrides paho-mqtt 2.x's private socket factory: paho leaves Nagle's algorithm on,
+        # and two small packets written back to back (a PUBACK, then an ack or a snapshot) then
+        # wait for the broker's delayed ACK: a 40 ms stall on Linux, in about 1 of 10 of the
+        # coordinator's publishes in a simulated run (1.8 s of 529 waits for a PUBACK; 74 ms
+        # with this). MQTT packets are whole messages: nothing gains from coalescing them.
+        # Should a later paho stop calling this, only the latency suffers.
+        sock = super()._create_socket_connection()
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
 
     def disconnect(self, reasoncode: ReasonCode | None = None,
                    properties: Properties | None = None) -> MQTTErrorCode:

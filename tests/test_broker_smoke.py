@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import socket
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -52,6 +53,20 @@ def test_retained_message_reaches_late_subscriber(broker: MosquittoBroker, fleet
     for c in (late, pub):
         c.loop_stop()
         c.disconnect()
+
+
+def test_our_clients_send_each_packet_at_once(broker: MosquittoBroker, fleet_name: str) -> None:
+    """TCP_NODELAY: with Nagle's algorithm (paho's default) a small packet written right after
+    another waited for the broker's delayed ACK, 40 ms, in 1 of 10 of the coordinator's
+    publishes."""
+    client = _connected(broker, f"{fleet_name}-nodelay")
+    try:
+        sock = client.socket()
+        assert sock is not None
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        client.loop_stop()
+        client.disconnect()
 
 
 def test_broker_address_parsing_redacts_password() -> None:
