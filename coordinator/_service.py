@@ -45,6 +45,7 @@ from coordinator._store import Params, Store
 from models import FedAsyncError, StateError, Topics, build_model
 from models._mqtt import BrokerAddress, Connection, describe_error, make_client
 from models._signing import Signer
+from models._template import OnnxTemplate
 from models._wire import (
     Announcement,
     Snapshot,
@@ -121,6 +122,7 @@ class CoordinatorService:
         # and per version the weights. None until made; False when the model has no template.
         self._template: tuple[str, bytes] | bool | None = None  # (id, published bytes)
         self._template_acked: str | None = None  # the id whose PUBACK the broker sent
+        self._onnx_template: OnnxTemplate | None = None  # fills each snapshot's full ONNX
         self._last_weights: bytes | None = None
         # The announcement of the newest snapshot the broker acknowledged (models on demand):
         # set only after that PUBACK, so it never names a snapshot the broker does not hold.
@@ -524,19 +526,22 @@ class CoordinatorService:
             self._outgoing.append(info)
 
     def _publish_snapshot(self, version: int, params: Params, metrics: dict[str, float]) -> None:
+        template = self._template_of_spec()
         onnx = b""
         if self.config.snapshots.include_onnx:
-            from models._onnx import export_onnx  # skl2onnx is heavy: load on first use
+            from models._onnx import bake_onnx, export_onnx  # heavy: loaded on first use
 
-            self._adapter.set_params_vector(params)
-            onnx = export_onnx(self._adapter)
+            if self._onnx_template is not None:  # the template filled: no conversion
+                onnx = bake_onnx(self._onnx_template, params)
+            else:
+                self._adapter.set_params_vector(params)
+                onnx = export_onnx(self._adapter)
         cohort = (None if self._cohorts is None
                   else self._cohorts.for_version(version, self._monotonic()))
         snapshot = Snapshot(version=version, spec=self.config.model,
                             weights=np.asarray(params), onnx=onnx, created_at=self._clock(),
                             metrics=metrics, cohort=cohort)
         payload = self._signed(encode_snapshot(snapshot))
-        template = self._template_of_spec()
         weights = None
         if template is not None:
             weights = self._signed(encode_weights(WeightsMessage.of(snapshot, template[0])))
@@ -573,6 +578,7 @@ class CoordinatorService:
             else:
                 message = TemplateMessage(spec=self.config.model, template=made)
                 self._template = (made.id, self._signed(encode_template(message)))
+                self._onnx_template = made
         return self._template if isinstance(self._template, tuple) else None
 
     def _deliver_snapshot(self, version: int, payload: bytes, announcement: bytes,

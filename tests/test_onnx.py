@@ -18,7 +18,7 @@ from models._adapters import ModelAdapter, build_model
 from models._datasets import Dataset, load_digits, make_synthetic
 from models._errors import ModelError
 from models._inference import OnnxModel
-from models._onnx import SPEC_METADATA_KEY, TARGET_OPSET, export_onnx
+from models._onnx import SPEC_METADATA_KEY, TARGET_OPSET, bake_onnx, export_onnx, export_template
 from models._spec import ModelSpec
 
 CASES = ("logistic", "logistic-binary", "mlp", "mlp-binary", "linear")
@@ -151,6 +151,29 @@ def test_onnx_predictions_match_sklearn(
         assert figures["max_rel_diff_to_scale"] < 1e-5
     assert model.n_features == adapter.spec.n_features
     assert model.is_classifier == adapter.spec.is_classifier
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_a_baked_model_predicts_as_the_export(
+    name: str, trained: dict[str, tuple[ModelAdapter, Dataset]]
+) -> None:
+    """The coordinator fills its template per snapshot instead of converting again."""
+    adapter, test = trained[name]
+    X = np.asarray(test.X)
+    fresh = build_model(adapter.spec)  # the template depends on the spec alone
+    baked = OnnxModel(bake_onnx(export_template(fresh), adapter.get_params_vector()))
+    exported = OnnxModel(export_onnx(adapter))
+
+    if adapter.spec.is_classifier:
+        np.testing.assert_array_equal(baked.predict(X), exported.predict(X))
+        assert np.max(np.abs(baked.predict_proba(X) - exported.predict_proba(X))) <= 1e-6
+    else:
+        np.testing.assert_allclose(baked.predict(X), exported.predict(X), rtol=1e-5,
+                                   atol=1e-6 * float(np.abs(exported.predict(X)).max()))
+    assert baked.metadata[SPEC_METADATA_KEY] == exported.metadata[SPEC_METADATA_KEY]
+    assert "fedasync.bindings" not in baked.metadata
+    with pytest.raises(ModelError, match="weights have"):
+        bake_onnx(export_template(fresh), adapter.get_params_vector()[:-1])
 
 
 @pytest.mark.parametrize("name", CASES)
