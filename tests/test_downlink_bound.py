@@ -115,7 +115,7 @@ def test_each_device_downloads_only_for_its_own_trainings_in_a_real_time_run(
     # machine; nothing here depends on how many times.
     # The wall clock: the real-time path, where polls and the snapshot interval run in real
     # seconds (the virtual clock, the simulator's default, is tested in test_virtual_clock.py).
-    config = replace(replay_config(_fleet_file(tmp_path)), duration_s=25.0, scale=1.0,
+    config = replace(replay_config(_fleet_file(tmp_path)), duration_s=45.0, scale=1.0,
                      workers=1, broker=broker.url, snapshot_interval_s=1.0, clock="wall")
     assert config.model_refresh_sim_s == 3600.0  # no refresh is due within the run
     fleet = build_fleet(config)
