@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -461,15 +461,9 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet,
             model_refresh_s=config.model_refresh_sim_s) for w, shard in enumerate(shards)]
         if vclock is not None:
             start = EPOCH
-            def from_devices() -> int:
-                counts = coordinator_traffic.stats()
-                return counts.get("received_update_msgs", 0) + counts.get(
-                    "received_status_msgs", 0)
-
             rows = _run_virtual(service, specs, vclock, config=config, rule=rule, url=url,
                                 fleet_name=fleet_name, out_dir=out_dir, progress=progress,
-                                n_devices=n_devices, latest=latest, machine=machine,
-                                received=from_devices)
+                                n_devices=n_devices, latest=latest, machine=machine)
         else:
             start, rows = _run_wall(service, specs, config=config, rule=rule,
                                     out_dir=out_dir, progress=progress, n_devices=n_devices,
@@ -563,8 +557,7 @@ def _run_wall(service: CoordinatorService, specs: Sequence[WorkerSpec], *, confi
 def _run_virtual(service: CoordinatorService, specs: Sequence[WorkerSpec], vclock: VirtualClock,
                  *, config: SimConfig, rule: str, url: str, fleet_name: str, out_dir: Path,
                  progress: bool, n_devices: int, latest: dict[int, dict[str, int]],
-                 machine: dict[str, Any], received: Callable[[], int]
-                 ) -> list[dict[str, Any]]:
+                 machine: dict[str, Any]) -> list[dict[str, Any]]:
     """The virtual-clock mode (fleet/_virtual.py): a row every `scale` sim seconds (one second
     of the run's clock), as in the wall-clock mode."""
     ctx = mp.get_context("spawn")
@@ -581,7 +574,7 @@ def _run_virtual(service: CoordinatorService, specs: Sequence[WorkerSpec], vcloc
             if not parent.poll(120) or parent.recv() != ("ready",):
                 raise ConfigError("a simulator worker did not start")
         controller = Controller(service, [p for p, _ in pipes], vclock, broker_url=url,
-                                fleet=fleet_name, received=received)
+                                fleet=fleet_name)
         shown = [time.monotonic()]
         with (out_dir / "metrics.csv").open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields)

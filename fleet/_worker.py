@@ -175,6 +175,7 @@ class SimDevice:
         self.online = False
         self._closing = False
         self._connecting = False
+        self._up = False
         self.job: UpdateMessage | None = None
         self.job_token = 0
         self.started = 0  # trainings started (delivered, aborted or still running at the end)
@@ -188,7 +189,8 @@ class SimDevice:
     # -- MQTT --------------------------------------------------------------------------------
     @property
     def connected(self) -> bool:
-        return self.link.connected
+        """The MQTT connection is up (the agent may already count itself offline)."""
+        return self._up
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                     properties: Any) -> None:
@@ -201,11 +203,11 @@ class SimDevice:
         self.link.subscribe(self.topics.ack(self.trace.device_id), 1)
         if self.shard is not None:
             self.link.subscribe(sync_topic(self.spec.fleet), 0)
-        self.link.connected = True
+        self.link.connected = self._up = True
         self.agent.on_connected()
 
     def _on_disconnect(self, *args: Any) -> None:
-        self.link.connected = False
+        self.link.connected = self._up = False
         self.link.forget_pending()
         if self.shard is not None and self._closing:
             self._closing = False
@@ -263,13 +265,23 @@ class SimDevice:
             self.online = False
             self._abort("left the fleet")
             self.link.connected = False
-            if self.shard is not None and self.link.client.socket() is not None:
-                self._closing = True
-                self.shard.sent()  # until the socket has closed
-            self.net.disconnect(self.link.client)
+            if self.shard is None:
+                self.net.disconnect(self.link.client)
+            else:
+                self.shard.at_next_phase(self._close)
         change = self.trace.online.next_change(t)
         if change is not None and change < self.spec.duration_s:
             self._at_sim(change, self._presence)
+
+    def _close(self) -> None:
+        """Under the virtual clock: disconnect, counted until the socket has closed."""
+        if self.online:  # back already
+            return
+        if self.link.client.socket() is not None:
+            assert self.shard is not None
+            self._closing = True
+            self.shard.sent()
+        self.net.disconnect(self.link.client)
 
     def _poll(self) -> None:
         if not self.online:
