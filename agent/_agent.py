@@ -39,12 +39,13 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from agent._budget import WorkBudget
 from agent._config import AgentConfig
 from agent._data import DataSource
 from agent._held import HeldUpdates
@@ -183,6 +184,10 @@ class Agent:
         self._lock = threading.RLock()
         self._progress = self._load_progress()
         self._last_train_at = -float("inf")
+        # Local work fitted to the device's eligible windows (agent/_budget.py; off unless
+        # training.window_fraction > 0); `last_work` is what the latest training did.
+        self.budget = WorkBudget(config.training.window_fraction)
+        self.last_work: tuple[int, int] = (0, config.training.local_epochs)
         self._backoff_until = -float("inf")  # monotonic; set by a rejection with retry_after_s
         # Models on demand (module docstring). All of it under self._lock: announcements and
         # snapshots arrive on the network thread, polls run on the agent's own.
@@ -439,6 +444,7 @@ class Agent:
     def check(self) -> Decision:
         previous = self.decision
         self.decision = self.gate.update(self.reader.read(), now=self.monotonic())
+        self.budget.observe(self.decision.eligible, self.monotonic())
         with self._lock:
             self._sync()
         if previous is None or previous.eligible != self.decision.eligible:
@@ -666,13 +672,23 @@ class Agent:
         ):
             return None
         self._last_train_at = self.monotonic()
-        log.info("training on %d samples (%d new) from model version %d", n, max(new, 0),
+        training = self.config.training
+        samples, epochs = self.budget.fit(n, training.local_epochs)
+        if (samples, epochs) != (n, training.local_epochs):
+            log.info("fitting the work to this device's eligible windows: %d of %d samples, %d "
+                     "of %d epochs", samples, n, epochs, training.local_epochs)
+            training = replace(training, local_epochs=epochs)
+            if samples < n:
+                keep = np.sort(self.rng.choice(n, size=samples, replace=False))
+                X, y = X[keep], y[keep]
+        self.last_work = (samples, epochs)
+        log.info("training on %d samples (%d new) from model version %d", samples, max(new, 0),
                  snapshot.version)
         # Until the update is delivered (or aborted) the agent fetches no model for training.
         self._set_in_flight(True)
         try:
             update = self.trainer(snapshot, X, y, device_id=self.config.device_id,
-                                  config=self.config.training, rng=self.rng,
+                                  config=training, rng=self.rng,
                                   should_stop=self._stop_training, now=self.clock())
         except FedAsyncError as exc:
             log.error("training failed: %s", exc)
@@ -697,6 +713,7 @@ class Agent:
         """Ask the approval hook (if any), then spool (durably) and publish; the spool keeps it
         until the coordinator acks it. A refused update is dropped or held, never sent."""
         self.counters.trained += 1
+        self.budget.trained(*self.last_work, self.monotonic() - self._last_train_at)
         payload = encode_update(update, topk_fraction=self.config.training.topk_fraction)
         verdict = self._ask_approval(update, payload)
         send = verdict is None or verdict.approved

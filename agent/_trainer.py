@@ -39,6 +39,9 @@ class TrainConfig:
     noise_multiplier: float = 0.0
     encoding: Encoding = "float32"
     topk_fraction: float = 0.1
+    # > 0: fit each training's work into this fraction of the device's typical eligible window
+    # (agent/_budget.py); 0 (the default): always the full local_epochs over every sample.
+    window_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.local_epochs < 1:
@@ -51,6 +54,8 @@ class TrainConfig:
             raise ConfigError(f"encoding must be one of {ENCODINGS}", key="encoding")
         if not 0 < self.topk_fraction <= 1:
             raise ConfigError("topk_fraction must be in (0, 1]", key="topk_fraction")
+        if not 0 <= self.window_fraction <= 1:
+            raise ConfigError("window_fraction must be in [0, 1]", key="window_fraction")
 
 
 def clip(delta: NDArray[np.float32], max_norm: float) -> NDArray[np.float32]:

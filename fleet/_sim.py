@@ -145,6 +145,7 @@ class SimConfig:
     reweight_max_factor: float = 4.0
     reweight_max_boost: float = 1.0
     participation_cap: int = 3  # updates per window, "+cap" only
+    fit_window_fraction: float = 0.5  # "+fit" only: the agents' training.window_fraction
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -177,6 +178,7 @@ class SimConfig:
         if self.snapshot_interval_s is not None:
             _num("snapshot_interval_s", self.snapshot_interval_s, 0.0, math.inf)
         _num("constrained_slowdown", self.constrained_slowdown, 0.0, math.inf, lo_open=True)
+        _num("fit_window_fraction", self.fit_window_fraction, 0.0, 1.0, lo_open=True)
         _num("participation_window_sim_s", self.participation_window_sim_s, 0.0, math.inf,
              lo_open=True)
         _int("local_epochs", self.local_epochs, 1, math.inf)
@@ -296,7 +298,8 @@ def local_evaluation(model: ModelAdapter, local_tests: Sequence[XY | None], *,
                             metric)
 
 
-CORRECTIONS = ("reweight", "cap", "memory")
+# "fit" is the devices' own: local work fitted to their eligible windows (agent/_budget.py).
+CORRECTIONS = ("reweight", "cap", "memory", "fit")
 
 
 def split_rule(rule: str) -> tuple[str, str | None]:
@@ -454,8 +457,10 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet,
             data=tuple(fleet.parts[i] for i in shard),
             scale=config.scale, duration_s=config.duration_sim_s,
             state_root=str(state_root / "devices"), policy=config.policy,
-            training=TrainConfig(local_epochs=config.local_epochs,
-                                 encoding=config.encoding),  # type: ignore[arg-type]
+            training=TrainConfig(
+                local_epochs=config.local_epochs, encoding=config.encoding,  # type: ignore[arg-type]
+                window_fraction=config.fit_window_fraction
+                if split_rule(rule)[1] == "fit" else 0.0),
             check_interval_s=config.check_interval_sim_s, seed=config.seed,
             min_train_interval_s=config.min_train_interval_sim_s,
             model_refresh_s=config.model_refresh_sim_s) for w, shard in enumerate(shards)]

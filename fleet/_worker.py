@@ -306,8 +306,9 @@ class SimDevice:
                 self.started += 1
                 self.job = update
                 self.job_token += 1
-                done = t + self.trace.compute_seconds(update.n_samples,
-                                                      self.spec.training.local_epochs)
+                # The work the agent did: its own, or fitted to its windows (agent/_budget.py).
+                samples, epochs = self.agent.last_work
+                done = t + self.trace.compute_seconds(samples, epochs)
                 token = self.job_token
                 self._at_sim(done, lambda: self._deliver(token))
 

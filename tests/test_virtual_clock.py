@@ -61,9 +61,11 @@ def _lineage(run: Path) -> dict[str, list[Any]]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_same_seed_same_lineage_and_summary_beside_cpu_hogs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("rule", ["fedasync", "fedavg-sync"])
+def test_same_seed_same_lineage_and_summary_beside_cpu_hogs(rule: str, tmp_path: Path) -> None:
     """Two workers (devices on two processes, whose messages race to the coordinator), run
-    twice: once on a quiet machine, once beside two CPU-bound processes."""
+    twice: once on a quiet machine, once beside two CPU-bound processes. Devices join, leave
+    and flap; the synchronous rule also picks its cohorts from the devices' statuses."""
     profile = FleetProfile(speed_median_s=300.0, mains_fraction=0.6, late_join_fraction=0.2,
                            early_leave_fraction=0.2, flap_fraction=0.2)
     config = replace(SimConfig(), devices=8, duration_s=3.0, scale=3000.0, workers=2, seed=7,
@@ -71,10 +73,10 @@ def test_same_seed_same_lineage_and_summary_beside_cpu_hogs(tmp_path: Path) -> N
     assert config.clock == "virtual"  # the default
     fleet = build_fleet(config)
 
-    quiet = run_rule(config, "fedasync", tmp_path / "quiet", fleet=fleet, progress=False)
+    quiet = run_rule(config, rule, tmp_path / "quiet", fleet=fleet, progress=False)
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
     try:
-        loaded = run_rule(config, "fedasync", tmp_path / "loaded", fleet=fleet, progress=False)
+        loaded = run_rule(config, rule, tmp_path / "loaded", fleet=fleet, progress=False)
     finally:
         for h in hogs:
             h.kill()
