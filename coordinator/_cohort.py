@@ -64,14 +64,16 @@ class CohortSelector:
         """The cohort for `version`: chosen once per version, widened after each deadline."""
         if version != self.version:
             self.version, self.cohort = version, self._pick(set(), now)
-        elif now - self.chosen_at >= self.deadline_s and self.cohort is not None:
+        elif now >= self.chosen_at + self.deadline_s and self.cohort is not None:
             self.cohort = self._pick(set(self.cohort), now)
         return self.cohort
 
     def due(self, version: int, now: float) -> bool:
         """Whether `for_version` would now give a different cohort (time to republish)."""
         return version != self.version or (
-            self.cohort is not None and now - self.chosen_at >= self.deadline_s)
+            # The same sum as the service's next_due: `now - chosen_at >= deadline_s` could
+            # round the other way at the very time next_due named.
+            self.cohort is not None and now >= self.chosen_at + self.deadline_s)
 
     def _pick(self, keep: set[str], now: float) -> tuple[str, ...] | None:
         self.chosen_at = now

@@ -293,8 +293,11 @@ class Controller:
     def _next_time(self) -> float:
         times = [x for x in self._next_timer if x is not None]
         due = self.service.next_due()
-        if due is not None:
-            times.append(self.clock.sim_at(due))
+        # A coordinator time already reached had its step in that instant. One can stay in the
+        # past: a synchronous round past its deadline with too few updates to close, which only
+        # a new update (its own event) can change.
+        if due is not None and (at := self.clock.sim_at(due)) > self.clock.t:
+            times.append(at)
         return max(self.clock.t, min(times, default=math.inf))
 
     def _instant(self, t: float) -> None:
