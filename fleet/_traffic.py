@@ -103,10 +103,8 @@ def attach(client: Any, counter: TrafficCounter | None = None) -> TrafficCounter
         return publish(topic, payload, *args, **kwargs)
 
     def counted_handle(message: Any) -> None:
-        # After handling: whoever waits for a count (the virtual clock) finds the message
-        # handled, queued in the coordinator's inbox say, once it is counted.
-        handle(message)
         counter.count("received", message.topic, len(message.payload))
+        handle(message)
 
     client.publish = counted_publish
     client._handle_on_message = counted_handle
