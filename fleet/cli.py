@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -25,7 +26,15 @@ from models._logging import setup_logging
 log = logging.getLogger("fedasync.fleet")
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:  # the console script, not a caller in a process of its own
+        # SIGTERM (kill, timeout, systemd) ends a run as Ctrl-C does: the finally blocks stop
+        # the workers and the private Mosquitto, which Python's default handler leaves running.
+        signal.signal(signal.SIGTERM, _terminated)
     argv = list(sys.argv[1:] if argv is None else argv)
     # No command is `run`, so `fedasync-sim --devices 20` works; --help and --version are the
     # top-level ones, which list the commands.
