@@ -31,7 +31,9 @@ from typing import Any
 from fleet import SimConfig, build_fleet, run_rule
 
 PAIRS = {"fedasync+reweight": "fedasync", "fedasync+fit": "fedasync",
-         "fedbuff+memory": "fedbuff", "fedbuff+cap": "fedbuff", "fedbuff+fit": "fedbuff"}
+         "fedbuff+memory": "fedbuff", "fedbuff+cap": "fedbuff", "fedbuff+fit": "fedbuff",
+         # fitted work on top of a correction (run with --rules)
+         "fedasync+reweight+fit": "fedasync+reweight", "fedbuff+memory+fit": "fedbuff+memory"}
 RULES = ("fedasync", "fedasync+reweight", "fedasync+fit", "fedbuff", "fedbuff+memory",
          "fedbuff+cap", "fedbuff+fit")
 

@@ -302,31 +302,31 @@ def local_evaluation(model: ModelAdapter, local_tests: Sequence[XY | None], *,
 CORRECTIONS = ("reweight", "cap", "memory", "fit")
 
 
-def split_rule(rule: str) -> tuple[str, str | None]:
-    """``"fedbuff+reweight"`` -> ("fedbuff", "reweight"); a bare rule has no correction."""
-    base, plus, correction = rule.partition("+")
-    if base not in RULES or (plus and (correction not in CORRECTIONS
-                                       or base == "fedavg-sync")):
-        raise ConfigError(f"unknown rule {rule!r}: use one of {', '.join(RULES)}, optionally "
-                          f"with +{', +'.join(CORRECTIONS)} for fedasync and fedbuff",
+def split_rule(rule: str) -> tuple[str, frozenset[str]]:
+    """``"fedbuff+memory+fit"`` -> ("fedbuff", {"memory", "fit"}); a bare rule has none."""
+    base, *corrections = rule.split("+")
+    if base not in RULES or any(c not in CORRECTIONS for c in corrections) or (
+            corrections and base == "fedavg-sync") or len(set(corrections)) < len(corrections):
+        raise ConfigError(f"unknown rule {rule!r}: use one of {', '.join(RULES)}, for fedasync "
+                          f"and fedbuff optionally with any of +{', +'.join(CORRECTIONS)}",
                           key="rule")
-    return base, correction or None
+    return base, frozenset(corrections)
 
 
 def participation_config(config: SimConfig, rule: str) -> ParticipationConfig:
     """The coordinator's participation settings for `rule` (the window in coordinator, i.e.
     wall, seconds)."""
-    correction = split_rule(rule)[1]
+    corrections = split_rule(rule)[1]
     return ParticipationConfig(
         window_s=config.participation_window_sim_s / config.scale,
-        reweight=correction == "reweight", power=config.reweight_power,
+        reweight="reweight" in corrections, power=config.reweight_power,
         max_factor=config.reweight_max_factor, max_boost=config.reweight_max_boost,
-        cap=config.participation_cap if correction == "cap" else 0)
+        cap=config.participation_cap if "cap" in corrections else 0)
 
 
 def rule_config(config: SimConfig, rule: str) -> RuleConfig:
-    rule, correction = split_rule(rule)
-    memory_s = (config.participation_window_sim_s / config.scale if correction == "memory"
+    rule, corrections = split_rule(rule)
+    memory_s = (config.participation_window_sim_s / config.scale if "memory" in corrections
                 else 0.0)
     if rule == "fedasync":
         return RuleConfig(name="fedasync", alpha=config.fedasync_alpha, memory_s=memory_s,
@@ -460,7 +460,7 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet,
             training=TrainConfig(
                 local_epochs=config.local_epochs, encoding=config.encoding,  # type: ignore[arg-type]
                 window_fraction=config.fit_window_fraction
-                if split_rule(rule)[1] == "fit" else 0.0),
+                if "fit" in split_rule(rule)[1] else 0.0),
             check_interval_s=config.check_interval_sim_s, seed=config.seed,
             min_train_interval_s=config.min_train_interval_sim_s,
             model_refresh_s=config.model_refresh_sim_s) for w, shard in enumerate(shards)]
