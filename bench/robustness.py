@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from coordinator._guards import Params
+from coordinator._participation import Ledger, ParticipationConfig
 from coordinator._rules import (
     Contribution,
     FedAvgSync,
@@ -206,14 +207,20 @@ class _Data:
 
 def run(fleet: FleetSpec, rule: RuleConfig, *, label: str | None = None,
         data: _Data | None = None, keep_arrivals: bool = False,
-        merger: MergeRule | None = None) -> RunResult:
+        merger: MergeRule | None = None,
+        participation: ParticipationConfig | None = None) -> RunResult:
     """Simulate `fleet` under `rule` (or `merger`, a rule object built elsewhere; `rule` then
-    only gives the synchronous cohort settings) for `fleet.duration_s` simulated seconds."""
+    only gives the synchronous cohort settings) for `fleet.duration_s` simulated seconds.
+
+    `participation`: the coordinator's table (`for_rule(rule.name)` decides reweighting, as the
+    engine does); each update's factor is taken at its arrival from a ledger of the run's
+    accepted updates, in simulated seconds. None: every factor 1 (the rules alone)."""
     wall0 = time.perf_counter()
     data = data or _Data(fleet)
     trainer, evaluator = build_model(data.spec), build_model(data.spec)
     fast = LogisticSGD(data.spec) if fleet.trainer == "numpy" else None
     merger = merger or build_rule(rule)
+    ledger = None if participation is None else Ledger(participation.for_rule(rule.name))
     sync = isinstance(merger, FedAvgSync)
     n = fleet.devices
     rng = np.random.default_rng([fleet.seed, 15])
@@ -345,10 +352,14 @@ def run(fleet: FleetSpec, rule: RuleConfig, *, label: str | None = None,
         reason = ("too_stale" if staleness > fleet.max_staleness
                   else merger.accepts(base, version))
         if reason is None:
+            factor = 1.0 if ledger is None else ledger.factor(f"d{i}", now=t)
             c = Contribution(update_id=f"{i}-{t!r}", device_id=f"d{i}", base_version=base,
-                             staleness=staleness, n_samples=n_samples, delta=delta)
+                             staleness=staleness, n_samples=n_samples, delta=delta,
+                             participation=factor)
             merge = merger.offer(model, c, now=t)
-            record["accepted"] = 1.0
+            if ledger is not None:
+                ledger.taken(c.device_id, now=t)  # after the offer, as the engine records it
+            record["accepted"], record["participation"] = 1.0, factor
             if merge is not None:
                 for m, w in zip(merge.included, merge.weights, strict=True):
                     share[int(m.device_id[1:])] += abs(w * merge.scale)
@@ -436,6 +447,8 @@ def _summarize(fleet: FleetSpec, evals: list[tuple[float, float]],
         "share_max": float(per_device.max()) if total > 0 else None,
         "share_min": float(per_device.min()) if total > 0 else None,
         "base_age_at_start_median": _quantile([a["base_age_at_start"] for a in accepted], 0.5),
+        "participation_p10": _quantile([a["participation"] for a in accepted], 0.1),
+        "participation_p90": _quantile([a["participation"] for a in accepted], 0.9),
         "base_age_at_arrival_median": _quantile([a["base_age_at_arrival"] for a in accepted],
                                                 0.5),
         "concurrency": fleet.concurrency,
@@ -539,16 +552,19 @@ def always_on_fleet(**kw: Any) -> FleetSpec:
 
 
 def robustness_map(rules: dict[str, RuleConfig], fleets: dict[str, FleetSpec],
-                   seeds: Sequence[int] = (1, 2, 3), *, progress: bool = True
+                   seeds: Sequence[int] = (1, 2, 3), *, progress: bool = True,
+                   participation: ParticipationConfig | None = None
                    ) -> dict[str, dict[str, dict[str, Any]]]:
-    """fleet -> rule -> median over seeds of time to target, final accuracy, worst dip."""
+    """fleet -> rule -> median over seeds of time to target, final accuracy, worst dip
+    (`participation`: as `run`)."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for fname, base in fleets.items():
         out[fname] = {}
         datas = {s: _Data(replace(base, seed=s)) for s in seeds}
         for rname, rule in rules.items():
             runs = [run(replace(base, seed=s), rule, label=rname, data=datas[s],
-                        merger=merger_for(rname, rule)) for s in seeds]
+                        merger=merger_for(rname, rule), participation=participation)
+                    for s in seeds]
             out[fname][rname] = _median_of(runs)
             if progress:
                 r = out[fname][rname]
@@ -569,7 +585,8 @@ def _median_of(runs: Sequence[RunResult]) -> dict[str, Any]:
         return float(statistics.median(xs))
 
     keys = ("time_to_target_s", "final", "staleness_median", "step_norm_median",
-            "path_per_epoch", "share_max", "base_age_at_start_median")
+            "path_per_epoch", "share_max", "base_age_at_start_median", "participation_p10",
+            "participation_p90")
     result: dict[str, Any] = {k: med(k) for k in keys}
     dips = [r.summary["min_after_0.8"] for r in runs if r.summary["min_after_0.8"] is not None]
     result["min_after_0.8"] = min(dips) if dips else None
@@ -676,7 +693,8 @@ def fast_fleet_report(seed: int = 1) -> dict[str, Any]:
             for rname, rule in rules.items():
                 if tag == "now" and rname == "fedavg-sync":
                     continue
-                r = run(fleet, rule, label=rname, data=data, merger=merger_for(rname, rule))
+                r = run(fleet, rule, label=rname, data=data, merger=merger_for(rname, rule),
+                        participation=ParticipationConfig() if tag == "now" else None)
                 out[f"{vname} | {tag} {rname}"] = r.summary
                 s = r.summary
                 print(f"{vname:28s} {tag:6s} {rname:12s} final {s['final']:.3f} "
@@ -701,6 +719,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "hinge:0.6,0) instead of the defaults")
     p.add_argument("--rule", choices=("fedasync", "fedbuff"), default="fedasync",
                    help="the rule --staleness varies")
+    p.add_argument("--fleets", nargs="+", default=None, metavar="NAME",
+                   help="only these fleets of the map (default all)")
     p.add_argument("--json", type=Path, default=None, help="write the map(s) here")
     p.add_argument("--png", type=Path, default=None, help="plot the map(s) here")
     args = p.parse_args(argv)
@@ -710,6 +730,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.json.write_text(json.dumps(report, indent=1, default=str))
         return 0
     fleets = map_fleets(args.updates)
+    if args.fleets:
+        unknown = set(args.fleets) - set(fleets)
+        if unknown:
+            p.error(f"unknown fleet(s) {sorted(unknown)}; the map has {list(fleets)}")
+        fleets = {k: f for k, f in fleets.items() if k in args.fleets}
     tables: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
     if args.staleness:
         rules = rules_staleness(args.rule, args.staleness)
@@ -724,8 +749,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.before:
         tables["before"] = robustness_map(rules_before(), fleets, args.seeds)
         print_map(tables["before"], "before (the issue's settings, FedBuff renormalised)")
-    tables["now"] = robustness_map(rules_default(), fleets, args.seeds)
-    print_map(tables["now"], "now (RuleConfig defaults)")
+    # the product's defaults: RuleConfig's and ParticipationConfig's (reweighting for FedAsync)
+    tables["now"] = robustness_map(rules_default(), fleets, args.seeds,
+                                   participation=ParticipationConfig())
+    print_map(tables["now"], "now (RuleConfig and ParticipationConfig defaults)")
     verdicts = {k: verdict(t) for k, t in tables.items()}
     print(json.dumps(verdicts, indent=1))
     if args.json:
@@ -733,6 +760,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "fleets": {k: asdict(f) for k, f in fleets.items()}, "seeds": args.seeds,
             "rules_before": {k: str(v) for k, v in rules_before().items()},
             "rules_now": {k: str(v) for k, v in rules_default().items()},
+            "participation_now": {k: str(ParticipationConfig().for_rule(v.name))
+                                  for k, v in rules_default().items()},
             "maps": tables, "verdicts": verdicts}, indent=1, default=str))
     if args.png and not plot(tables, args.png):
         print("matplotlib is not installed: no plot", file=sys.stderr)
