@@ -4,7 +4,11 @@
 encoded updates (FedAsync, MLP-sized deltas, 200 devices, durable commits on real SQLite) with
 the ledger's bookkeeping only (the default), with the cap and reweighting on, and the ledger's
 own calls alone; runs alternate so a noisy machine affects every variant alike. It prints
-updates per second and the ratios to the default.
+updates per second and the ratios to the accounting alone.
+
+It then times FedBuff's merge (K = 5) with and without the per-device memory (``memory_s``)
+at several numbers of remembered devices, side by side: the memory re-applies every device's
+latest update at every merge, so its cost grows with the devices active within its window.
 """
 
 from __future__ import annotations
@@ -21,14 +25,15 @@ import numpy as np
 from coordinator._engine import Engine, Incoming
 from coordinator._guards import GuardConfig
 from coordinator._participation import Ledger, ParticipationConfig
-from coordinator._rules import RuleConfig, build_rule
+from coordinator._rules import Contribution, RuleConfig, build_rule
 from coordinator._store import Store
 from models import ModelSpec, UpdateMessage, encode_update
 
 SPEC = ModelSpec(kind="mlp", n_features=64, classes=tuple(range(10)), hidden=(32,))
 N_PARAMS = 64 * 32 + 32 + 32 * 10 + 10
-VARIANTS = {"accounting only (default)": ParticipationConfig(),
-            "cap + reweight": ParticipationConfig(cap=1000, reweight=True, max_boost=4.0)}
+VARIANTS = {"accounting only": ParticipationConfig(reweight=False),
+            "reweight (FedAsync default)": ParticipationConfig(),
+            "cap + reweight": ParticipationConfig(cap=1000, reweight=True)}
 
 
 def _batches(n_batches: int, size: int, devices: int, seed: int) -> list[list[Incoming]]:
@@ -75,6 +80,30 @@ def _ledger_rate(n: int, devices: int) -> float:
     return n / (time.perf_counter() - start)
 
 
+def _memory_rate(devices: int, memory_s: float, *, updates: int = 500) -> float:
+    """FedBuff updates merged per second (the rule alone) once `devices` devices each have an
+    update remembered."""
+    rule = build_rule(RuleConfig(name="fedbuff", buffer_size=5, memory_s=memory_s))
+    rng = np.random.default_rng(1)
+    model = np.zeros(N_PARAMS, dtype=np.float32)
+    deltas = (0.001 * rng.standard_normal((64, N_PARAMS))).astype(np.float32)
+
+    def offer(i: int) -> None:
+        nonlocal model
+        c = Contribution(update_id=str(i), device_id=f"dev-{i % devices}", base_version=0,
+                         staleness=0, n_samples=25, delta=deltas[i % 64])
+        merge = rule.offer(model, c, now=1.0) or rule.poll(model, now=1.0)
+        if merge is not None:
+            model = merge.params
+
+    for i in range(devices):  # every device remembered (only timed below)
+        offer(i)
+    start = time.perf_counter()
+    for i in range(devices, devices + updates):
+        offer(i)
+    return updates / (time.perf_counter() - start)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batches", type=int, default=20)
@@ -87,13 +116,19 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, config in VARIANTS.items():
             rates[name].append(_engine_rate(config, batches))
-    base = statistics.median(rates["accounting only (default)"])
+    base = statistics.median(rates["accounting only"])
     for name, values in rates.items():
         rate = statistics.median(values)
         print(f"{name:<28} {rate:8.0f} updates/s  ratio {rate / base:.3f}")
     ledger = _ledger_rate(100_000, args.devices)
     print(f"{'ledger calls alone':<28} {ledger:8.0f} updates/s  "
           f"({1e6 / ledger:.1f} us per update, {100 * base / ledger:.1f}% of the engine's time)")
+    print("FedBuff (K = 5) merge alone, MLP updates, per remembered devices:")
+    for devices in (100, 1_000, 10_000):
+        plain = statistics.median(_memory_rate(devices, 0.0) for _ in range(args.repeats))
+        memory = statistics.median(_memory_rate(devices, 14_400.0) for _ in range(args.repeats))
+        print(f"  {devices:>6} devices: plain {plain:8.0f} updates/s, memory {memory:8.0f} "
+              f"updates/s, ratio {memory / plain:.4f}")
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ class Engine:
         self.eval_every = max(1, eval_every)
         self.max_message_bytes = max_message_bytes
         self.clock = clock
-        self.participation = participation or ParticipationConfig()
+        self.participation = (participation or ParticipationConfig()).for_rule(rule.name)
         stored_spec = store.spec()
         if stored_spec is None:
             params = np.asarray(initial_params(), dtype=np.float32)

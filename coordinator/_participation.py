@@ -35,15 +35,19 @@ class ParticipationConfig:
     ``reweight``: multiply each update's merge weight by `participation_factor` with
     ``power``, ``max_factor`` and ``max_boost`` (composed with the staleness weight of FedAsync
     and FedBuff; synchronous FedAvg, the baseline, is left as is: its cohort selection already
-    spreads the rounds).
+    spreads the rounds). Unset, it is on for FedAsync only (`for_rule`): on a fleet whose
+    availability follows its data it raised the worst-served 10% of devices by 26 points and
+    global accuracy by 5.8 (median of 5 seeds, README "Uneven participation"), and changed
+    nothing on fleets where devices take part evenly; FedBuff was not measured with it.
+    The defaults (4 h window, boost 4, max 16) are the measured ones.
     """
 
-    window_s: float = 3600.0
+    window_s: float = 4 * 3600.0
     cap: int = 0
-    reweight: bool = False
+    reweight: bool | None = None
     power: float = 1.0
-    max_factor: float = 4.0  # a frequent device's update keeps at least 1/max_factor of its weight
-    max_boost: float = 1.0  # a rare device's update gets at most this much more (1: damp only)
+    max_factor: float = 16.0  # a frequent device's update keeps at least 1/max_factor of its weight
+    max_boost: float = 4.0  # a rare device's update gets at most this much more (1: damp only)
 
     def __post_init__(self) -> None:
         if not (_number(self.window_s) and 0 < self.window_s <= 366 * 86_400):
@@ -52,8 +56,9 @@ class ParticipationConfig:
         if isinstance(self.cap, bool) or not isinstance(self.cap, int) or self.cap < 0:
             raise ConfigError(f"cap must be an integer >= 0 (0: no cap), got {self.cap!r}",
                               key="cap")
-        if not isinstance(self.reweight, bool):
-            raise ConfigError("reweight must be true or false", key="reweight")
+        if self.reweight is not None and not isinstance(self.reweight, bool):
+            raise ConfigError("reweight must be true or false (unset: on for fedasync)",
+                              key="reweight")
         if not (_number(self.power) and 0 <= self.power <= 4):
             raise ConfigError(f"power must be in [0, 4], got {self.power!r}", key="power")
         if not (_number(self.max_factor) and 1 <= self.max_factor <= 100):
@@ -62,6 +67,11 @@ class ParticipationConfig:
         if not (_number(self.max_boost) and 1 <= self.max_boost <= 100):
             raise ConfigError(f"max_boost must be in [1, 100], got {self.max_boost!r}",
                               key="max_boost")
+
+
+    def for_rule(self, rule: str) -> ParticipationConfig:
+        """This table with ``reweight`` decided for `rule`: when unset, on for FedAsync only."""
+        return self if self.reweight is not None else replace(self, reweight=rule == "fedasync")
 
 
 def _number(x: object) -> bool:

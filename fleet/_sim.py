@@ -139,11 +139,11 @@ class SimConfig:
     correlate_labels: tuple[int, ...] = ()
     constrained_slowdown: float = 3.0
     local_test_size: int = 50  # per-device test samples with the device's label mix
-    # The participation correction of the "<rule>+reweight" / "<rule>+cap" variants.
+    # The participation corrections (reweighting: FedAsync's default; "<rule>+cap" variants).
     participation_window_sim_s: float = 4 * 3600.0
     reweight_power: float = 1.0
-    reweight_max_factor: float = 4.0
-    reweight_max_boost: float = 1.0
+    reweight_max_factor: float = 16.0
+    reweight_max_boost: float = 4.0
     participation_cap: int = 3  # updates per window, "+cap" only
     fit_window_fraction: float = 0.5  # "+fit" only: the agents' training.window_fraction
 
@@ -299,14 +299,16 @@ def local_evaluation(model: ModelAdapter, local_tests: Sequence[XY | None], *,
 
 
 # "fit" is the devices' own: local work fitted to their eligible windows (agent/_budget.py).
-CORRECTIONS = ("reweight", "cap", "memory", "fit")
+# "plain" turns off what a rule does by default (reweighting, for FedAsync), to measure it.
+CORRECTIONS = ("reweight", "cap", "memory", "fit", "plain")
 
 
 def split_rule(rule: str) -> tuple[str, frozenset[str]]:
     """``"fedbuff+memory+fit"`` -> ("fedbuff", {"memory", "fit"}); a bare rule has none."""
     base, *corrections = rule.split("+")
     if base not in RULES or any(c not in CORRECTIONS for c in corrections) or (
-            corrections and base == "fedavg-sync") or len(set(corrections)) < len(corrections):
+            corrections and base == "fedavg-sync") or len(set(corrections)) < len(corrections) \
+            or {"plain", "reweight"} <= set(corrections):
         raise ConfigError(f"unknown rule {rule!r}: use one of {', '.join(RULES)}, for fedasync "
                           f"and fedbuff optionally with any of +{', +'.join(CORRECTIONS)}",
                           key="rule")
@@ -319,7 +321,8 @@ def participation_config(config: SimConfig, rule: str) -> ParticipationConfig:
     corrections = split_rule(rule)[1]
     return ParticipationConfig(
         window_s=config.participation_window_sim_s / config.scale,
-        reweight="reweight" in corrections, power=config.reweight_power,
+        reweight=False if "plain" in corrections else ("reweight" in corrections) or None,
+        power=config.reweight_power,
         max_factor=config.reweight_max_factor, max_boost=config.reweight_max_boost,
         cap=config.participation_cap if "cap" in corrections else 0)
 

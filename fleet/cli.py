@@ -127,7 +127,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help=f"round deadline in sim minutes ({d.round_deadline_sim_s / 60:g})")
     s.add_argument("--over-selection", type=float,
                    help=f"invite this many times the cohort ({d.over_selection})")
-    f = p.add_argument_group("participation (the +reweight, +cap and +memory rule variants)")
+    f = p.add_argument_group("participation (reweighting, FedAsync's default, and the +cap and "
+                             "+memory rule variants)")
     f.add_argument("--correlate", type=_ints("0,1,2"),
                    help="make availability follow data: devices whose most common label is one "
                         "of these (e.g. 0,1,2) are slow rare chargers")
@@ -137,11 +138,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     f.add_argument("--cap", type=int,
                    help=f"+cap: updates per device per window ({d.participation_cap})")
     f.add_argument("--reweight-max", type=float,
-                   help=f"+reweight: a frequent device keeps at least 1/this of its weight "
+                   help=f"reweighting: a frequent device keeps at least 1/this of its weight "
                         f"({d.reweight_max_factor:g})")
     f.add_argument("--reweight-boost", type=float,
-                   help=f"+reweight: a rare device gets at most this times its weight "
-                        f"({d.reweight_max_boost:g}: no boost)")
+                   help=f"reweighting: a rare device gets at most this times its weight "
+                        f"({d.reweight_max_boost:g}; 1: damp only)")
     c = p.add_argument_group("communication")
     c.add_argument("--model-refresh", type=float,
                    help=f"the agents' model_refresh_s, sim seconds: fetch a newer model without "
@@ -177,8 +178,10 @@ def _parser() -> argparse.ArgumentParser:
                           "files together)")
     run.add_argument("--compare", default="fedbuff,fedavg-sync",
                      help=f"comma-separated rules out of {', '.join(RULES)}; fedasync and "
-                          f"fedbuff also with a participation correction: +reweight, +cap or "
-                          f"+memory, e.g. fedbuff+memory (%(default)s)")
+                          f"fedbuff also with corrections: +reweight (FedAsync's default), "
+                          f"+cap, +memory, +fit (devices fit their work to their windows), "
+                          f"+plain (none of the defaults), e.g. fedbuff+memory+fit "
+                          f"(%(default)s)")
     run.add_argument("--rule", help="a single rule (overrides --compare)")
     run.add_argument("--out", type=Path, default=Path("runs/demo"),
                      help="output directory (%(default)s)")

@@ -254,6 +254,23 @@ def test_engine_reweights_frequent_devices_and_records_the_weight(tmp_path: Path
     assert engine.store.lineage(device_id="fast")[-1].weight == pytest.approx(0.5 * 2.5 / 4)
 
 
+def test_by_default_fedasync_reweights_and_fedbuff_does_not(tmp_path: Path) -> None:
+    clock = Clock()
+    for rule, rare_weight in ((RuleConfig(name="fedasync", alpha=0.2, staleness="constant"),
+                               0.2 * 2.0),
+                              (RuleConfig(name="fedbuff", buffer_size=1, staleness="constant",
+                                          weight_by_samples=False), 1.0)):
+        engine = make_engine(tmp_path / rule.name, ParticipationConfig(), clock, rule)
+        assert engine.participation.reweight is (rule.name == "fedasync")
+        for _ in range(3):
+            send(engine, "often", clock)
+            clock.t += 1
+        send(engine, "rare", clock)  # 1 update against a mean of 2 per device in the window
+        [rare] = [r.weight for r in engine.store.lineage(device_id="rare")]
+        assert rare == pytest.approx(rare_weight)
+        engine.store.close()
+
+
 def test_ledger_is_rebuilt_from_lineage_after_a_restart(tmp_path: Path) -> None:
     clock = Clock()
     config = ParticipationConfig(window_s=600, cap=3)
