@@ -86,7 +86,8 @@ class CoordinatorService:
         self._monotonic = monotonic
         self._driven = driven
         # Driven mode: what `step` published, to wait for the broker's PUBACKs before it returns.
-        self._outgoing: list[mqtt.MQTTMessageInfo] = []
+        # driven mode: what step() sent, and to which device (None: any device may get it)
+        self._outgoing: list[tuple[mqtt.MQTTMessageInfo, str | None]] = []
         self._last_publish = -float("inf")  # monotonic
         self._frozen = False
         self.topics = Topics(config.fleet, config.topic_root)
@@ -434,7 +435,7 @@ class CoordinatorService:
         token = outcome.token
         if outcome.device_id is not None:
             self._track(self._client.publish(self.topics.ack(outcome.device_id),
-                                             encode_ack(outcome.ack), qos=1))
+                                             encode_ack(outcome.ack), qos=1), outcome.device_id)
         if isinstance(token, _Token) and token.qos > 0 and token.generation == self._generation:
             self._client.ack(token.mid, token.qos)
 
@@ -487,10 +488,12 @@ class CoordinatorService:
             self._frozen = True
 
     # -- driven mode (a virtual clock) -------------------------------------------------------
-    def step(self, *, timeout: float = 60.0) -> bool:
+    def step(self, *, timeout: float = 60.0) -> tuple[bool, frozenset[str] | None]:
         """Merge everything received so far, in a fixed order (whatever order the network
         delivered it in), close what time has completed and publish a due snapshot; return
-        once the broker has acknowledged all of it. True if anything happened."""
+        once the broker has acknowledged all of it. Returns whether anything happened and the
+        devices that may have been sent something (acks); None: any device (a snapshot or an
+        announcement)."""
         batch: list[Incoming] = []
         with contextlib.suppress(queue.Empty):
             while True:
@@ -503,12 +506,16 @@ class CoordinatorService:
         published = self._snapshot_wait() == 0 and self._link.online
         if published:
             self._publish_newest()
-        for info in self._outgoing:
+        reached: set[str | None] = {None} if published else set()
+        for info, device in self._outgoing:
             info.wait_for_publish(timeout=timeout)
             if not info.is_published():
                 raise StateError(f"the broker did not acknowledge a publish in {timeout:g} s")
+            reached.add(device)
         self._outgoing.clear()
-        return bool(batch) or published or self.engine.version != before
+        happened = bool(batch) or published or self.engine.version != before
+        return happened, (None if None in reached
+                          else frozenset(d for d in reached if d is not None))
 
     def next_due(self) -> float | None:
         """The time (on the service's clock: a driven service runs on one clock) at which
@@ -521,9 +528,9 @@ class CoordinatorService:
             times.append(self._cohorts.chosen_at + self._cohorts.deadline_s)
         return min((t for t in times if t is not None), default=None)
 
-    def _track(self, info: mqtt.MQTTMessageInfo) -> None:
+    def _track(self, info: mqtt.MQTTMessageInfo, device: str | None = None) -> None:
         if self._driven:
-            self._outgoing.append(info)
+            self._outgoing.append((info, device))
 
     def _publish_snapshot(self, version: int, params: Params, metrics: dict[str, float]) -> None:
         template = self._template_of_spec()

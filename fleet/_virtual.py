@@ -62,6 +62,11 @@ def sync_topic(fleet: str) -> str:
     return f"{SIM_CONTROL_ROOT}{fleet}/sync"
 
 
+def device_sync_topic(fleet: str, device_id: str) -> str:
+    """Markers to one device (and the coordinator, subscribed to everything below `sync`)."""
+    return f"{sync_topic(fleet)}/d/{device_id}"
+
+
 class VirtualClock(SimClock):
     """A `SimClock` whose time is set, not read: ``t`` sim seconds."""
 
@@ -134,6 +139,7 @@ class Device(Protocol):
     """What a shard needs of a simulated device (fleet/_worker.py's SimDevice)."""
 
     index: int
+    device_id: str
     marker: int
 
     @property
@@ -147,8 +153,10 @@ class Shard:
     controller (a pipe, served on the worker's network thread) and says when the broker has
     everything they sent, and when every connection has seen a marker.
 
-    Commands: ("phase", t) -> ("done", needs_marker, published, queued, next_timer);
-    ("marker", k) -> ("synced", queued); ("report", final) -> ("report", totals); ("stop",)."""
+    Commands: ("phase", t) -> ("done", to_mark, published, queued, next_timer), `to_mark`
+    the ids of the devices that may have been sent something (sorted);
+    ("marker", k, ids) -> ("synced", queued) once each connected device of `ids` (None: every
+    one) has seen marker k; ("report", final) -> ("report", totals); ("stop",)."""
 
     def __init__(self, conn: Any, clock: VirtualClock, timers: Timers,
                  report: Callable[[bool], dict[str, int]]) -> None:
@@ -161,16 +169,19 @@ class Shard:
         self._inbox: list[tuple[int, int, Device, str, bytes]] = []
         self._arrival = itertools.count()
         self._outstanding = 0  # packets sent and not yet acknowledged by the broker
-        self._published = 0  # in this phase (devices publish only to the coordinator)
-        self._needs_marker = False  # something in this phase may bring a device messages
-        self._awaiting: tuple[str, int] | None = None  # ("done", 0) or ("synced", marker)
+        self._published = False  # in this phase (devices publish only to the coordinator)
+        self._to_mark: set[str] = set()  # devices that may get messages from this phase
+        # ("done", 0, None) or ("synced", marker, the devices to see it; None: all)
+        self._awaiting: tuple[str, int, frozenset[str] | None] | None = None
         self._next_phase: list[Callable[[], None]] = []
 
     # -- from the devices (network thread) ---------------------------------------------------
-    def sent(self, *, published: bool = False, needs_marker: bool = True) -> None:
+    def sent(self, device_id: str, *, published: bool = False,
+             needs_marker: bool = True) -> None:
         self._outstanding += 1
-        self._published += published
-        self._needs_marker |= needs_marker and not published
+        self._published |= published
+        if needs_marker and not published:
+            self._to_mark.add(device_id)
 
     def acknowledged(self) -> None:
         self._outstanding -= 1
@@ -192,14 +203,15 @@ class Shard:
         kind = command[0]
         if kind == "phase":
             self.clock.t = command[1]
-            self._published, self._needs_marker = 0, False
+            self._published, self._to_mark = False, set()
             first, self._next_phase = self._next_phase, []
             for fn in first:
                 fn()
             self._run_phase()
-            self._awaiting = ("done", 0)
+            self._awaiting = ("done", 0, None)
         elif kind == "marker":
-            self._awaiting = ("synced", command[1])
+            ids = command[2]
+            self._awaiting = ("synced", command[1], None if ids is None else frozenset(ids))
         elif kind == "report":
             self.conn.send(("report", self._report(command[1])))
         elif kind == "stop":
@@ -226,12 +238,13 @@ class Shard:
         """After every round of network events: answer what the controller waits for."""
         if self._awaiting is None:
             return
-        kind, marker = self._awaiting
+        kind, marker, ids = self._awaiting
         if kind == "done" and self._outstanding == 0:
             self._awaiting = None
-            self.conn.send(("done", self._needs_marker, self._published, len(self._inbox),
+            self.conn.send(("done", sorted(self._to_mark), self._published, len(self._inbox),
                             self.clock.t if self._next_phase else self.timers.next_time()))
-        elif kind == "synced" and all(d.marker >= marker for d in self.devices if d.connected):
+        elif kind == "synced" and all(d.marker >= marker for d in self.devices if d.connected
+                                      and (ids is None or d.device_id in ids)):
             self._awaiting = None
             self.conn.send(("synced", len(self._inbox)))
 
@@ -245,6 +258,7 @@ class Controller:
         self.service = service
         self.conns = list(conns)
         self.clock = clock
+        self.fleet = fleet
         self.topic = sync_topic(fleet)
         self._marker = 0
         self._seen = -1
@@ -308,40 +322,44 @@ class Controller:
             self.phases += 1
             self._next_timer = [r[4] for r in replies]
             self._queued = [r[3] for r in replies]
-            if any(r[1] for r in replies):
-                self._quiesce()
+            to_mark = frozenset(d for r in replies for d in r[1])
+            if to_mark or any(r[2] for r in replies):  # updates, statuses: to the coordinator
+                self._quiesce(to_mark)
                 busy = True
-            elif any(r[2] for r in replies):  # only updates and statuses, to the coordinator
-                self._quiesce(devices=False)
-                busy = True
-            if self.service.step():
-                self._quiesce()
+            happened, reached = self.service.step()
+            if happened:
+                self._quiesce(reached)
                 busy = True
             if not busy and not any(self._queued) and not any(
                     x is not None and x <= t for x in self._next_timer):
                 return
 
-    def _quiesce(self, *, devices: bool = True) -> None:
-        """Until every connection (the coordinator's, and every device's unless `devices` is
-        false) has seen a new marker."""
+    def _quiesce(self, devices: frozenset[str] | None) -> None:
+        """Until the coordinator's connection and those of `devices` (None: every device) have
+        seen a new marker. A marker goes to the devices that may have been sent something
+        (an ack goes to one device): a 1,000-device fleet then reads one marker per ack
+        rather than a thousand."""
         self._marker += 1
         self.markers += 1
         marker = self._marker
-        if devices:
+        ids = None if devices is None else tuple(sorted(devices))
+        if ids != ():
             for conn in self.conns:
-                conn.send(("marker", marker))
-        topic = self.topic if devices else f"{self.topic}/coordinator"
+                conn.send(("marker", marker, ids))
+        topics = ([self.topic] if ids is None else
+                  [device_sync_topic(self.fleet, d) for d in ids] or [f"{self.topic}/coordinator"])
         deadline = time.monotonic() + QUIET_TIMEOUT_S
         with self._seen_changed:
             while self._seen < marker:
                 # Again every second: the first may precede the coordinator's subscription.
-                self._client.publish(topic, str(marker).encode(), qos=0)
+                for topic in topics:
+                    self._client.publish(topic, str(marker).encode(), qos=0)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise StateError(f"the coordinator did not see marker {marker} in "
                                      f"{QUIET_TIMEOUT_S:g} s")
                 self._seen_changed.wait(min(1.0, left))
-        if devices:
+        if ids != ():
             for i, conn in enumerate(self.conns):
                 self._queued[i] = self._recv(conn, "synced")[1]
 

@@ -31,7 +31,14 @@ from agent._trainer import TrainConfig, train_update
 from fleet._netloop import NetLoop
 from fleet._traces import DeviceTrace, SimClock, SimReader
 from fleet._traffic import attach as count_traffic
-from fleet._virtual import DeviceTimers, Shard, Timers, VirtualClock, sync_topic
+from fleet._virtual import (
+    DeviceTimers,
+    Shard,
+    Timers,
+    VirtualClock,
+    device_sync_topic,
+    sync_topic,
+)
 from models import Topics, UpdateMessage, WireError, decode_ack, encode_ack
 from models._files import Features, Labels
 from models._mqtt import BrokerAddress, make_client
@@ -74,10 +81,12 @@ class SimLink:
     """The agent's link. Under the virtual clock it tells the shard of every packet the broker
     has yet to acknowledge: a phase ends only when there is none (fleet/_virtual.py)."""
 
-    def __init__(self, client: mqtt.Client, shard: Shard | None = None) -> None:
+    def __init__(self, client: mqtt.Client, shard: Shard | None = None,
+                 device_id: str = "") -> None:
         self.client = client
         self.connected = False
         self.shard = shard
+        self.device_id = device_id
         self._pending: set[int] = set()
         if shard is not None:
             client.on_publish = client.on_subscribe = client.on_unsubscribe = self._acked
@@ -99,7 +108,7 @@ class SimLink:
               needs_marker: bool = True) -> None:
         if self.shard is not None and rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
             self._pending.add(mid)
-            self.shard.sent(published=published, needs_marker=needs_marker)
+            self.shard.sent(self.device_id, published=published, needs_marker=needs_marker)
 
     def _acked(self, client: mqtt.Client, userdata: Any, mid: int, *args: Any) -> None:
         if self.shard is not None and mid in self._pending:
@@ -134,6 +143,7 @@ class SimDevice:
                  timers: DeviceTimers | None = None, shard: Shard | None = None) -> None:
         self.trace = trace
         self.index = index  # in its worker: the order of same-time events (virtual clock)
+        self.device_id = trace.device_id
         self.net = net
         self.clock = clock
         self.timers = timers or WallTimers(net, clock)
@@ -145,7 +155,7 @@ class SimDevice:
         client = make_client(address, client_id=f"sim-{spec.fleet}-{trace.device_id}",
                              persistent=True)
         self.traffic = count_traffic(client)  # messages and bytes by kind (fleet/_traffic.py)
-        self.link = SimLink(client, shard)
+        self.link = SimLink(client, shard, trace.device_id)
         ids = np.random.default_rng([spec.seed, *trace.device_id.encode()])
         config = AgentConfig(
             device_id=trace.device_id, fleet=spec.fleet,
@@ -170,7 +180,8 @@ class SimDevice:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         if shard is not None:
-            client.message_callback_add(sync_topic(spec.fleet), self._on_marker)
+            for topic in (sync_topic(spec.fleet), device_sync_topic(spec.fleet, trace.device_id)):
+                client.message_callback_add(topic, self._on_marker)
         net.attach(client)
         self.online = False
         self._closing = False
@@ -203,6 +214,7 @@ class SimDevice:
         self.link.subscribe(self.topics.ack(self.trace.device_id), 1)
         if self.shard is not None:
             self.link.subscribe(sync_topic(self.spec.fleet), 0)
+            self.link.subscribe(device_sync_topic(self.spec.fleet, self.device_id), 0)
         self.link.connected = self._up = True
         self.agent.on_connected()
 
@@ -258,7 +270,7 @@ class SimDevice:
             self.online = True
             if self.shard is not None:
                 self._connecting = True
-                self.shard.sent()  # until the CONNACK
+                self.shard.sent(self.device_id)  # until the CONNACK
             self.net.connect(self.link.client, self.address.host, self.address.port)
             self._poll()
         elif not online and self.online:
@@ -280,7 +292,7 @@ class SimDevice:
         if self.link.client.socket() is not None:
             assert self.shard is not None
             self._closing = True
-            self.shard.sent()
+            self.shard.sent(self.device_id)
         self.net.disconnect(self.link.client)
 
     def _poll(self) -> None:
