@@ -209,3 +209,21 @@ def test_state_of_another_model_is_refused(tmp_path: Path) -> None:
         Engine(Store(tmp_path), build_rule(RuleConfig()), GuardConfig(),
                spec=ModelSpec(kind="linear", n_features=5),
                initial_params=lambda: np.zeros(6, dtype=np.float32))
+
+
+def test_checkpoints_keep_the_newest_and_version_0_across_restarts(tmp_path: Path) -> None:
+    def run(updates: int) -> Engine:
+        engine = Engine(Store(tmp_path, keep_checkpoints=3),
+                        build_rule(RuleConfig(name="fedasync", alpha=1.0)), GuardConfig(),
+                        spec=SPEC, initial_params=lambda: np.zeros(N, dtype=np.float32))
+        for _ in range(updates):
+            engine.process([incoming(update_bytes(np.ones(N), base_version=engine.version))])
+        return engine
+
+    engine = run(7)
+    assert engine.store.checkpointed_versions() == [0, 5, 6, 7]
+    engine.store.close()
+    engine = run(2)  # a restart lists the directory again, then keeps pruning
+    assert engine.store.checkpointed_versions() == [0, 7, 8, 9]
+    assert np.array_equal(engine.store.load_checkpoint(9), engine.params)
+    engine.store.close()
