@@ -40,8 +40,11 @@ class TrainConfig:
     encoding: Encoding = "float32"
     topk_fraction: float = 0.1
     # > 0: fit each training's work into this fraction of the device's typical eligible window
-    # (agent/_budget.py); 0 (the default): always the full local_epochs over every sample.
-    window_fraction: float = 0.0
+    # (agent/_budget.py); 0: always the full local_epochs over every sample. 0.5 by default:
+    # on a fleet whose availability follows its data it raised global accuracy by 1.1 points
+    # (FedAsync, median of 5 seeds; 1.0 with reweighting) and the worst-served devices' too,
+    # and a device that is always eligible does the full work anyway.
+    window_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         if self.local_epochs < 1:

@@ -31,13 +31,15 @@ from typing import Any
 
 from fleet import SimConfig, build_fleet, run_rule
 
-# correction: what it is measured against. Reweighting is FedAsync's default, so plain
-# "fedasync" reweights and "fedasync+plain" does not.
-PAIRS = {"fedasync": "fedasync+plain", "fedasync+fit": "fedasync",
-         "fedasync+plain+fit": "fedasync+plain", "fedbuff+memory": "fedbuff",
-         "fedbuff+cap": "fedbuff", "fedbuff+fit": "fedbuff", "fedbuff+memory+fit": "fedbuff+memory"}
-RULES = ("fedasync+plain", "fedasync", "fedasync+fit", "fedbuff", "fedbuff+memory",
-         "fedbuff+cap", "fedbuff+fit")
+# what is measured: against what. The product's defaults (FedAsync reweights; every agent fits
+# its work to its windows) are the bare rule names; "+plain" turns both off, and a correction
+# named with it turns on alone.
+PAIRS = (("fedasync+plain+reweight", "fedasync+plain"), ("fedasync+plain+fit", "fedasync+plain"),
+         ("fedasync", "fedasync+plain+reweight"), ("fedasync", "fedasync+plain"),
+         ("fedbuff", "fedbuff+plain"), ("fedbuff+plain+memory", "fedbuff+plain"),
+         ("fedbuff+plain+cap", "fedbuff+plain"))
+RULES = ("fedasync+plain", "fedasync+plain+reweight", "fedasync+plain+fit", "fedasync",
+         "fedbuff+plain", "fedbuff+plain+memory", "fedbuff+plain+cap", "fedbuff")
 
 
 def fleet_config(seed: int) -> SimConfig:
@@ -58,7 +60,7 @@ def verdicts(per_seed: dict[int, dict[str, dict[str, float | None]]]) -> dict[st
     """Per correction: median change of worst 10% and of global accuracy (points) against its
     plain rule, each seed's change, and whether it meets the bar for a default."""
     out: dict[str, Any] = {}
-    for fixed, plain in PAIRS.items():
+    for fixed, plain in PAIRS:
         worst, glob = [], []
         for runs in per_seed.values():
             if plain not in runs or fixed not in runs:
@@ -71,11 +73,10 @@ def verdicts(per_seed: dict[int, dict[str, dict[str, float | None]]]) -> dict[st
         if not worst:
             continue
         med_w, med_g = statistics.median(worst), statistics.median(glob)
-        out[fixed] = {"against": plain, "worst_10pct_points_median": round(med_w, 2),
-                      "global_points_median": round(med_g, 2),
-                      "worst_10pct_points": [round(x, 2) for x in worst],
-                      "global_points": [round(x, 2) for x in glob],
-                      "default": med_w > 0 and med_g >= -1.0}
+        out[f"{fixed} vs {plain}"] = {
+            "worst_10pct_points_median": round(med_w, 2), "global_points_median": round(med_g, 2),
+            "worst_10pct_points": [round(x, 2) for x in worst],
+            "global_points": [round(x, 2) for x in glob], "default": med_w > 0 and med_g >= -1.0}
     return out
 
 
@@ -107,14 +108,14 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "fairness.json").write_text(json.dumps(
             {"per_seed": per_seed, "verdicts": verdicts(per_seed)}, indent=1))
     result = verdicts(per_seed)
-    print(f"{'seed':>4} {'rule':<18} {'global':>7} {'worst 10%':>9} {'constrained':>11}")
+    print(f"{'seed':>4} {'rule':<24} {'global':>7} {'worst 10%':>9} {'constrained':>11}")
     for seed, runs in per_seed.items():
         for rule, f in runs.items():
             cells = [f"{v:.3f}" if isinstance(v, float) else "-" for v in
                      (f["global"], f["worst_10pct"], f["constrained"])]
-            print(f"{seed:>4} {rule:<18} {cells[0]:>7} {cells[1]:>9} {cells[2]:>11}")
+            print(f"{seed:>4} {rule:<24} {cells[0]:>7} {cells[1]:>9} {cells[2]:>11}")
     for rule, v in result.items():
-        print(f"{rule} vs {v['against']}: worst 10% {v['worst_10pct_points_median']:+.1f} "
+        print(f"{rule}: worst 10% {v['worst_10pct_points_median']:+.1f} "
               f"points (median), global {v['global_points_median']:+.1f}; "
               f"{'meets' if v['default'] else 'does not meet'} the bar for a default")
     print(f"written: {args.out / 'fairness.json'}")

@@ -145,7 +145,7 @@ class SimConfig:
     reweight_max_factor: float = 16.0
     reweight_max_boost: float = 4.0
     participation_cap: int = 3  # updates per window, "+cap" only
-    fit_window_fraction: float = 0.5  # "+fit" only: the agents' training.window_fraction
+    fit_window_fraction: float = 0.5  # the agents' training.window_fraction (not with +plain)
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -299,20 +299,28 @@ def local_evaluation(model: ModelAdapter, local_tests: Sequence[XY | None], *,
 
 
 # "fit" is the devices' own: local work fitted to their eligible windows (agent/_budget.py).
-# "plain" turns off what a rule does by default (reweighting, for FedAsync), to measure it.
+# Reweighting (FedAsync) and fitted work are the product's defaults: "plain" turns both off, and
+# the corrections named with it turn on again ("fedasync+plain+fit": fitted work alone).
 CORRECTIONS = ("reweight", "cap", "memory", "fit", "plain")
 
 
 def split_rule(rule: str) -> tuple[str, frozenset[str]]:
-    """``"fedbuff+memory+fit"`` -> ("fedbuff", {"memory", "fit"}); a bare rule has none."""
+    """``"fedbuff+plain+memory"`` -> ("fedbuff", {"plain", "memory"}); a bare rule has
+    none (it runs the defaults)."""
     base, *corrections = rule.split("+")
     if base not in RULES or any(c not in CORRECTIONS for c in corrections) or (
-            corrections and base == "fedavg-sync") or len(set(corrections)) < len(corrections) \
-            or {"plain", "reweight"} <= set(corrections):
+            corrections and base == "fedavg-sync") or len(set(corrections)) < len(corrections):
         raise ConfigError(f"unknown rule {rule!r}: use one of {', '.join(RULES)}, for fedasync "
                           f"and fedbuff optionally with any of +{', +'.join(CORRECTIONS)}",
                           key="rule")
     return base, frozenset(corrections)
+
+
+def fit_fraction(config: SimConfig, rule: str) -> float:
+    """The agents' ``training.window_fraction`` under `rule`."""
+    corrections = split_rule(rule)[1]
+    return (config.fit_window_fraction if "fit" in corrections or "plain" not in corrections
+            else 0.0)
 
 
 def participation_config(config: SimConfig, rule: str) -> ParticipationConfig:
@@ -321,7 +329,8 @@ def participation_config(config: SimConfig, rule: str) -> ParticipationConfig:
     corrections = split_rule(rule)[1]
     return ParticipationConfig(
         window_s=config.participation_window_sim_s / config.scale,
-        reweight=False if "plain" in corrections else ("reweight" in corrections) or None,
+        reweight=True if "reweight" in corrections else (False if "plain" in corrections
+                                                          else None),
         power=config.reweight_power,
         max_factor=config.reweight_max_factor, max_boost=config.reweight_max_boost,
         cap=config.participation_cap if "cap" in corrections else 0)
@@ -462,8 +471,7 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet,
             state_root=str(state_root / "devices"), policy=config.policy,
             training=TrainConfig(
                 local_epochs=config.local_epochs, encoding=config.encoding,  # type: ignore[arg-type]
-                window_fraction=config.fit_window_fraction
-                if "fit" in split_rule(rule)[1] else 0.0),
+                window_fraction=fit_fraction(config, rule)),
             check_interval_s=config.check_interval_sim_s, seed=config.seed,
             min_train_interval_s=config.min_train_interval_sim_s,
             model_refresh_s=config.model_refresh_sim_s) for w, shard in enumerate(shards)]

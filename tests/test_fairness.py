@@ -71,14 +71,19 @@ def test_worst_fraction_and_participation_summary() -> None:
 
 
 def test_rule_variants_parse_and_map_to_participation_settings() -> None:
-    from fleet._sim import SimConfig, participation_config, rule_config, split_rule
+    from fleet._sim import (
+        SimConfig,
+        fit_fraction,
+        participation_config,
+        rule_config,
+        split_rule,
+    )
     from models import ConfigError
 
     assert split_rule("fedbuff+reweight") == ("fedbuff", {"reweight"})
     assert split_rule("fedasync+plain+fit") == ("fedasync", {"plain", "fit"})
     assert split_rule("fedavg-sync") == ("fedavg-sync", set())
-    for bad in ("fedbuff+magic", "fedavg-sync+cap", "nope", "fedasync+", "fedasync+fit+fit",
-                "fedasync+plain+reweight"):
+    for bad in ("fedbuff+magic", "fedavg-sync+cap", "nope", "fedasync+", "fedasync+fit+fit"):
         with pytest.raises(ConfigError, match="unknown rule"):
             split_rule(bad)
     config = SimConfig(scale=1000.0, participation_window_sim_s=7200.0, participation_cap=4)
@@ -87,6 +92,10 @@ def test_rule_variants_parse_and_map_to_participation_settings() -> None:
     assert (p.window_s, p.cap, p.reweight) == (7.2, 4, None)
     assert p.for_rule("fedasync").reweight and not p.for_rule("fedbuff").reweight
     assert participation_config(config, "fedasync+plain").for_rule("fedasync").reweight is False
+    assert participation_config(config, "fedasync+plain+reweight").reweight is True
+    # Fitted work is the agents' default too: off with +plain, unless +fit names it again.
+    assert [fit_fraction(config, r) for r in ("fedbuff", "fedavg-sync", "fedbuff+plain",
+                                              "fedbuff+plain+fit")] == [0.5, 0.5, 0.0, 0.5]
     p = participation_config(config, "fedbuff+reweight")
     assert (p.cap, p.reweight) == (0, True)
     assert participation_config(config, "fedbuff") == participation_config(config, "fedasync")
