@@ -258,10 +258,7 @@ class SimDevice:
 
     # -- the device's life, on the sim clock -------------------------------------------------
     def start(self) -> None:
-        self._at_sim(0.0, self._presence)
-
-    def _at_sim(self, sim_t: float, fn: Any) -> None:
-        self.timers.at(sim_t, fn)
+        self.timers.at(0.0, self._presence)
 
     def _presence(self) -> None:
         t = self.clock.sim_now()
@@ -283,7 +280,7 @@ class SimDevice:
                 self.shard.at_next_phase(self._close)
         change = self.trace.online.next_change(t)
         if change is not None and change < self.spec.duration_s:
-            self._at_sim(change, self._presence)
+            self.timers.at(change, self._presence)
 
     def _close(self) -> None:
         """Under the virtual clock: disconnect, counted until the socket has closed."""
@@ -301,7 +298,7 @@ class SimDevice:
         self._step()
         # Jitter: devices polling in lockstep would be an artefact of the simulation.
         jitter = 0.75 + 0.5 * self.agent.rng.random()
-        self._at_sim(self.clock.sim_now() + self.spec.check_interval_s * jitter, self._poll)
+        self.timers.at(self.clock.sim_now() + self.spec.check_interval_s * jitter, self._poll)
 
     def _step(self) -> None:
         """Check the device; start training (real CPU now, delivered after the trace's compute
@@ -322,7 +319,7 @@ class SimDevice:
                 samples, epochs = self.agent.last_work
                 done = t + self.trace.compute_seconds(samples, epochs)
                 token = self.job_token
-                self._at_sim(done, lambda: self._deliver(token))
+                self.timers.at(done, lambda: self._deliver(token))
 
     def _deliver(self, token: int) -> None:
         if self.job is None or token != self.job_token:
