@@ -387,6 +387,35 @@ class _MeasuredService(CoordinatorService):
         super()._process(batch)
 
 
+@contextlib.contextmanager
+def running_coordinator(url: str, fleet: str, state: Path, *, rule: str, max_staleness: int,
+                        snapshot_interval_s: float) -> Iterator[_MeasuredService]:
+    """The real `CoordinatorService` with durability as deployed, on `fleet` with a fresh
+    `state` directory, evaluation off; yielded once connected and past its first snapshot (the
+    first export may load skl2onnx: not timed), then stopped and its state removed."""
+    service = _MeasuredService(CoordinatorConfig(
+        model=SPEC, broker=url, fleet=fleet, state_dir=str(state),
+        client_id=f"bench-coord-{fleet}", http="",
+        rule=RuleConfig(name=rule, alpha=0.5, buffer_size=10),  # type: ignore[arg-type]
+        guards=GuardConfig(max_norm=10.0, norm_policy="clip", max_staleness=max_staleness),
+        snapshots=SnapshotConfig(min_interval_s=snapshot_interval_s, include_onnx=True),
+        evaluation=EvalConfig(test_file=None)))
+    service.batch_sizes = []
+    service.start()
+    try:
+        if not service.wait_connected(30):
+            raise RuntimeError("coordinator did not connect")
+        deadline = time.monotonic() + 60
+        while service.status()["published_version"] < 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError("coordinator did not publish its first snapshot")
+            time.sleep(0.05)
+        yield service
+    finally:
+        service.stop()
+        shutil.rmtree(state, ignore_errors=True)
+
+
 # ------------------------------------------------------------------------------ rounds
 
 
@@ -427,24 +456,9 @@ class _Bench:
 
     def coordinator(self, publisher: str, rule: str) -> dict[str, Any]:
         fleet = self._fleet()
-        state = self.workdir / f"state-{fleet}"
-        service = _MeasuredService(CoordinatorConfig(
-            model=SPEC, broker=self.broker.url, fleet=fleet, state_dir=str(state),
-            client_id=f"bench-coord-{fleet}", http="",
-            rule=RuleConfig(name=rule, alpha=0.5, buffer_size=10),  # type: ignore[arg-type]
-            guards=GuardConfig(max_norm=10.0, norm_policy="clip", max_staleness=self.updates),
-            snapshots=SnapshotConfig(min_interval_s=self.snapshot_interval_s, include_onnx=True),
-            evaluation=EvalConfig(test_file=None)))
-        service.batch_sizes = []
-        service.start()
-        try:
-            if not service.wait_connected(30):
-                raise RuntimeError("coordinator did not connect")
-            deadline = time.monotonic() + 60  # the first export may load skl2onnx: not timed
-            while service.status()["published_version"] < 0:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("coordinator did not publish its first snapshot")
-                time.sleep(0.05)
+        with running_coordinator(self.broker.url, fleet, self.workdir / f"state-{fleet}",
+                                 rule=rule, max_staleness=self.updates,
+                                 snapshot_interval_s=self.snapshot_interval_s) as service:
             snapshots = service.metrics.registry.get_sample_value
             before = snapshots("fedasync_snapshots_published_total") or 0.0
             pub = self._publish(fleet, publisher, want_acks=True)
@@ -452,9 +466,6 @@ class _Bench:
             version = service.engine.version
             lineage = len(service.store.lineage())
             sizes = list(service.batch_sizes)
-        finally:
-            service.stop()
-            shutil.rmtree(state, ignore_errors=True)
         statuses: dict[str, int] = pub["statuses"]
         merged = statuses.get("accepted", 0) + statuses.get("buffered", 0)
         if merged != self.updates or lineage != self.updates:
