@@ -14,12 +14,16 @@ from agent._policy import PolicyConfig
 from agent._trainer import TrainConfig
 from models import ConfigError
 from models._config import load
+from models._mqtt import check_broker
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AgentConfig:
     device_id: str
-    broker: str = "mqtt://127.0.0.1:1883"
+    # One URL, or several (the nodes of a clustered broker: a TOML array, or comma-separated
+    # in FEDASYNC_BROKER / --broker): on a failure or a lost connection the next, round
+    # robin (docs/brokers.md).
+    broker: str | tuple[str, ...] = "mqtt://127.0.0.1:1883"
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
@@ -60,6 +64,7 @@ class AgentConfig:
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
+        check_broker(self.broker)
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.device_id):
             raise ConfigError("device_id must be 1-64 characters of A-Z a-z 0-9 _ . -",
                               key="device_id")

@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command")
 
     run = sub.add_parser("run", help="run the agent until stopped")
-    run.add_argument("--broker", help="mqtt://[user:pass@]host[:port] or mqtts://...")
+    run.add_argument("--broker", help="mqtt://[user:pass@]host[:port] or mqtts://...; "
+                     "several, comma-separated, to fail over between (docs/brokers.md)")
     run.add_argument("--ca-file", help="CA certificate for mqtts://")
     run.add_argument("--fleet", help="fleet name (topic prefix fl/<fleet>)")
     run.add_argument("--data", help="directory/file of CSV or NPZ, or module:function")

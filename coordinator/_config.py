@@ -13,6 +13,7 @@ from coordinator._participation import ParticipationConfig
 from coordinator._rules import RuleConfig
 from models import ConfigError, ModelSpec
 from models._config import load
+from models._mqtt import check_broker
 
 _MIN_TOKEN = 16
 _PLACEHOLDER_MODEL = ModelSpec(kind="linear", n_features=1)
@@ -45,7 +46,10 @@ class EvalConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CoordinatorConfig:
     model: ModelSpec
-    broker: str = "mqtt://127.0.0.1:1883"
+    # One URL, or several (the nodes of a clustered broker: a TOML array, or comma-separated
+    # in FEDASYNC_BROKER / --broker): on a failure or a lost connection the next, round
+    # robin (docs/brokers.md).
+    broker: str | tuple[str, ...] = "mqtt://127.0.0.1:1883"
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
@@ -73,6 +77,7 @@ class CoordinatorConfig:
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
+        check_broker(self.broker)
         if self.batch_max < 1:
             raise ConfigError("batch_max must be >= 1", key="batch_max")
         if self.client_id is not None and (not self.client_id or self.client_id != "".join(

@@ -1,17 +1,22 @@
 """Broker addresses and paho-mqtt 2.x clients, configured the same way for agent and coordinator,
-and `Connection`: a client's link to the broker, kept up and reported honestly."""
+and `Connection`: a client's link to the broker, kept up and reported honestly.
+
+A broker setting may name several URLs (the nodes of a clustered broker: a TOML array, or
+comma-separated text): the connection then fails over between them, round robin
+(docs/brokers.md)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import random
+import re
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -23,6 +28,16 @@ from paho.mqtt.reasoncodes import ReasonCode
 from models._errors import ConfigError
 
 _DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+# Several URLs in one text: split at a comma that starts another URL (scheme://), so that a
+# comma inside a password stays (it would better be percent-encoded as %2C anyway).
+_URL_SEPARATOR = re.compile(r"\s*,\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def broker_urls(setting: str | Sequence[str]) -> tuple[str, ...]:
+    """The URLs of a broker setting: one URL, comma-separated URLs, or a list of URLs."""
+    if isinstance(setting, str):
+        return tuple(u for u in _URL_SEPARATOR.split(setting.strip()) if u)
+    return tuple(u.strip() for u in setting)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -37,6 +52,8 @@ class BrokerAddress:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    # Further nodes to fail over to (the URLs after the first of a broker setting).
+    alternates: tuple[BrokerAddress, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -49,13 +66,30 @@ class BrokerAddress:
     @classmethod
     def parse(
         cls,
-        url: str,
+        url: str | Sequence[str],
         *,
         ca_file: str | None = None,
         cert_file: str | None = None,
         key_file: str | None = None,
     ) -> BrokerAddress:
-        parts = urlsplit(url)
+        """One address from ``mqtt[s]://...``; from several URLs (a list, or comma-separated)
+        the first, with the others as its `alternates`, all of one scheme (one client has TLS
+        or not)."""
+        urls = broker_urls(url)
+        if not urls:
+            raise ConfigError("no broker URL", key="broker")
+        if len(urls) > 1:
+            first, *rest = (cls.parse(u, ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+                            for u in urls)
+            if any(a.tls != first.tls for a in rest):
+                raise ConfigError("broker URLs mix mqtt:// and mqtts://: use one scheme for "
+                                  "all of them", key="broker")
+            if len({(a.host, a.port) for a in (first, *rest)}) != len(urls):
+                raise ConfigError(f"a broker URL is listed twice: {', '.join(urls)}",
+                                  key="broker")
+            return replace(first, alternates=tuple(rest))
+        parts = urlsplit(urls[0])
+        url = urls[0]
         if parts.scheme not in _DEFAULT_PORTS:
             raise ConfigError(f"broker URL must start with mqtt:// or mqtts://, got {url!r}",
                               key="broker")
@@ -79,6 +113,10 @@ class BrokerAddress:
         user = f"{self.username}:***@" if self.username else ""
         return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
 
+    def candidates(self) -> tuple[BrokerAddress, ...]:
+        """Every address to try, in order: this one, then its alternates."""
+        return (replace(self, alternates=()), *self.alternates)
+
 
 class BrokerRefused(ConnectionError):
     """The broker answered the CONNECT with a refusal (bad credentials, not authorized, ...)."""
@@ -98,6 +136,8 @@ class Client(mqtt.Client):
         self.connect_error: OSError | None = None
         self.retry_delay: float | None = None  # None: paho's own schedule
         self.gate: Callable[[], None] | None = None
+        # Where the next attempt goes, when a `Connection` fails over (None: where it was).
+        self.target: BrokerAddress | None = None
         self._wake = threading.Event()
         self._attempted = False
 
@@ -110,6 +150,12 @@ class Client(mqtt.Client):
         try:
             if self._wake.is_set():  # disconnected on purpose: no connection behind its back
                 raise ConnectionAbortedError("the client is stopping")
+            target = self.target
+            if target is not None and (target.host, target.port) != (self._host, self._port):
+                # paho's `host`/`port` setters refuse while its old socket is not yet closed;
+                # `super().reconnect()` closes it and connects to these.
+                self._host, self._port = target.host, target.port
+                self.username_pw_set(target.username, target.password)
             if self.gate is not None:
                 try:
                     self.gate()
@@ -237,6 +283,12 @@ class Connection:
     Success is logged once ("connected", or "reconnected after N failed attempts"); a stop is not
     a failure. `info()` is the state for /status and the agent's status: state (connecting,
     online, disconnected, stopped), broker, last_error, since, attempts.
+
+    Failover: when the address has alternates (several broker URLs), every failed attempt and
+    every lost connection moves the next attempt to the next URL, round robin, and the log line
+    says where it goes and why. The backoff then doubles once per round of the list, not per
+    attempt, so one dead node does not slow the move to a live one; with one URL it is as
+    before. `address` is the URL in use (or being tried).
     """
 
     def __init__(
@@ -256,7 +308,8 @@ class Connection:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.client = client
-        self.address = address
+        self._addresses = address.candidates()
+        self._index = 0
         self.keepalive = keepalive
         self._log = logger
         self._min_delay = min_delay_s
@@ -281,6 +334,11 @@ class Connection:
         client.on_connect = self._connected
         client.on_connect_fail = self._connect_failed
         client.on_disconnect = self._disconnected
+
+    @property
+    def address(self) -> BrokerAddress:
+        """The broker URL in use, or the one the next attempt goes to."""
+        return self._addresses[self._index]
 
     # -- the owner's side --------------------------------------------------------------------
     def start(self) -> None:
@@ -314,15 +372,21 @@ class Connection:
                     "attempts": self._attempts}
 
     def failed(self, reason: str) -> None:
-        """One attempt failed (also for failures found by a client gate): log, back off."""
+        """One attempt failed (also for failures found by a client gate): log, back off (and
+        with several URLs, move to the next)."""
         with self._lock:
             self._attempts += 1
             self._last_error = reason
             attempts = self._attempts
             delay = self._next_delay()
+            where, to = self._move()
         self.client.retry_delay = delay
-        self._log.warning("cannot connect to %s: %s; next attempt in %.1f s (%d failed so far)",
-                          self.address.redacted(), reason, delay, attempts)
+        if to is None:
+            self._log.warning("cannot connect to %s: %s; next attempt in %.1f s (%d failed so "
+                              "far)", where, reason, delay, attempts)
+        else:
+            self._log.warning("cannot connect to %s: %s; failing over: next attempt on %s in "
+                              "%.1f s (%d failed so far)", where, reason, to, delay, attempts)
         self._changed()
 
     # -- paho's callbacks (its network thread) -----------------------------------------------
@@ -368,20 +432,37 @@ class Connection:
                 self._last_error = why
                 self._down_since = self._clock()
                 delay = self._next_delay()
+                where, to = self._move()
             self.client.retry_delay = delay
             self._set("disconnected")
-            self._log.warning("lost the connection to %s (%s); reconnecting in %.1f s",
-                              self.address.redacted(), why, delay)
+            if to is None:
+                self._log.warning("lost the connection to %s (%s); reconnecting in %.1f s",
+                                  where, why, delay)
+            else:
+                self._log.warning("lost the connection to %s (%s); failing over: reconnecting "
+                                  "to %s in %.1f s", where, why, to, delay)
         # else: a refused CONNECT, already counted and logged by _connected
         if was_online and self._on_offline is not None:
             self._on_offline()
 
     # -- internals ---------------------------------------------------------------------------
     def _next_delay(self) -> float:
-        """The wait before the next attempt (call with the lock held): doubles at each call."""
-        nominal = min(self._min_delay * float(2 ** min(self._waits, 20)), self._max_delay)
+        """The wait before the next attempt (call with the lock held): doubles at each round of
+        the broker URLs (with one URL, at each call)."""
+        rounds = self._waits // len(self._addresses)
+        nominal = min(self._min_delay * float(2 ** min(rounds, 20)), self._max_delay)
         self._waits += 1
         return nominal * self._rng.uniform(0.5, 1.0) if self._jitter else nominal
+
+    def _move(self) -> tuple[str, str | None]:
+        """After a failure or a loss (lock held): the next attempt goes to the next URL, round
+        robin. The URL left (redacted), and the one moved to (None: there is only one)."""
+        where = self.address.redacted()
+        if len(self._addresses) == 1:
+            return where, None
+        self._index = (self._index + 1) % len(self._addresses)
+        self.client.target = self.address
+        return where, self.address.redacted()
 
     def _set(self, state: str) -> None:
         with self._lock:
@@ -394,3 +475,13 @@ class Connection:
     def _changed(self) -> None:
         if self._on_change is not None:
             self._on_change(self.info())
+
+
+def check_broker(setting: str | Sequence[str]) -> None:
+    """A broker setting names at least one URL, each a string (parsed when connecting)."""
+    if not isinstance(setting, str) and not all(isinstance(u, str) for u in setting):
+        raise ConfigError(f"broker must be a URL or a list of URLs, got {setting!r}",
+                          key="broker")
+    if not broker_urls(setting) or not all(broker_urls(setting)):
+        raise ConfigError("broker names no URL (e.g. \"mqtt://127.0.0.1:1883\", or a list of "
+                          "them)", key="broker")

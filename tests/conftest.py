@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from fleet._broker import MosquittoBroker
+from tests.nats_cluster import NatsCluster, nats_server_path
 
 _counter = itertools.count()
 
@@ -36,6 +37,18 @@ def private_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
     b.start(timeout=30)  # a busy machine may take a while to start a process
     yield b
     b.close()
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    """A private 3-node NATS cluster (JetStream + MQTT) for one test, on free loopback ports;
+    never the machine's NATS. Skips when nats-server is not installed."""
+    if nats_server_path() is None:
+        pytest.skip("nats-server is not installed (apt-get install nats-server)")
+    cluster = NatsCluster(tmp_path / "nats")
+    cluster.start(timeout=90)  # JetStream elects its leaders first: slow on a busy machine
+    yield cluster
+    cluster.close()
 
 
 @pytest.fixture(autouse=True)

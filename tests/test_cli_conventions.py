@@ -119,7 +119,8 @@ def test_bad_seeds_are_a_one_line_error(capsys: pytest.CaptureFixture[str],
 
 @pytest.mark.parametrize(("line", "drop", "expected"), [
     ("broker = 1883", "broker",
-     'broker must be a string (e.g. "mqtt://127.0.0.1:1883"), got integer 1883'),
+     'broker must be a string or an array of strings (e.g. "mqtt://127.0.0.1:1883"), got '
+     'integer 1883'),
     ("fleet = 7", "fleet", 'fleet must be a string (e.g. "default"), got integer 7'),
     ('keep_checkpoints = "ten"', "keep_checkpoints",
      'keep_checkpoints must be an integer (e.g. 10), got string "ten"'),

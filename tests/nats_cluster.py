@@ -1,0 +1,248 @@
+"""A private 3-node NATS cluster with its MQTT gateway, for broker-neutral tests.
+
+Three `nats-server` processes on free loopback ports (never the machine's 4222/6222/8222 or its
+data), each with a config file written into a temporary directory: `server_name`, `listen`,
+`max_payload`, `cluster { name, listen, routes }`, `jetstream { store_dir, max_mem, max_file }`
+and `mqtt { listen, stream_replicas: 3 }` (without it the first node to create the MQTT streams
+may size them for the peers it sees at that moment, 2, and losing one node then loses them).
+NATS serves MQTT 3.1.1 only, needs `server_name` and JetStream for it (sessions, QoS 1
+messages and retained messages live in JetStream streams, replicated over the cluster), and has
+no QoS 2 (nats-server 2.9).
+
+`start()` returns once every node takes a real MQTT connection and a QoS 1 retained message
+published on one node is delivered by every node: in a cluster the MQTT streams exist only once
+JetStream has elected its meta leader, which takes a few seconds. `kill(i)` SIGKILLs one node;
+`close()` stops every process (SIGTERM, then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from fleet._broker import free_port
+
+NAMES = ("A", "B", "C")
+# The coordinator's snapshots of the test models are kilobytes; its own limit
+# (max_message_bytes) is 16 MB. NATS warns above 8 MB and defaults to 1 MB: 8 MB carries every
+# model the project ships with room to spare.
+MAX_PAYLOAD = 8 * 1024 * 1024
+
+
+def nats_server_path() -> str | None:
+    return shutil.which("nats-server") or next(
+        (p for p in ("/usr/sbin/nats-server", "/usr/local/bin/nats-server", "/usr/bin/nats-server")
+         if Path(p).exists()), None)
+
+
+class ClusterError(RuntimeError):
+    """The cluster did not start or become ready in time."""
+
+
+@dataclass
+class Node:
+    name: str
+    client_port: int
+    cluster_port: int
+    mqtt_port: int
+    conf: Path
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.mqtt_port}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class NatsCluster:
+    """Three clustered nats-server processes with JetStream and MQTT, on free loopback ports."""
+
+    def __init__(self, workdir: Path, *, cluster_name: str = "fedasync-test") -> None:
+        exe = nats_server_path()
+        if exe is None:
+            raise ClusterError("nats-server is not installed")
+        self._exe = exe
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        ports = _distinct_free_ports(3 * len(NAMES))
+        self.nodes = [Node(name=n, client_port=ports[3 * i], cluster_port=ports[3 * i + 1],
+                           mqtt_port=ports[3 * i + 2], conf=workdir / f"{n}.conf",
+                           log=workdir / f"{n}.log") for i, n in enumerate(NAMES)]
+        for node in self.nodes:
+            routes = ", ".join(f"nats-route://127.0.0.1:{other.cluster_port}"
+                               for other in self.nodes if other is not node)
+            store = workdir / f"js-{node.name}"
+            node.conf.write_text(
+                f'server_name: "{node.name}"\n'
+                f"listen: 127.0.0.1:{node.client_port}\n"
+                f"max_payload: {MAX_PAYLOAD}\n"
+                "cluster {\n"
+                f'  name: "{cluster_name}"\n'
+                f"  listen: 127.0.0.1:{node.cluster_port}\n"
+                f"  routes: [{routes}]\n"
+                "}\n"
+                "jetstream {\n"
+                f'  store_dir: "{store}"\n'
+                "  max_mem: 256MB\n"
+                "  max_file: 1GB\n"
+                "}\n"
+                "mqtt {\n"
+                f"  listen: 127.0.0.1:{node.mqtt_port}\n"
+                "  stream_replicas: 3\n"
+                "}\n")
+
+    @property
+    def urls(self) -> list[str]:
+        return [n.url for n in self.nodes]
+
+    def start(self, *, timeout: float = 60.0) -> None:
+        for node in self.nodes:
+            log = node.log.open("ab")
+            node.proc = subprocess.Popen([self._exe, "-c", str(node.conf)], stdout=log,
+                                         stderr=subprocess.STDOUT)
+            log.close()
+        deadline = time.monotonic() + timeout
+        try:
+            for node in self.nodes:
+                self._wait_listening(node, deadline)
+            self._wait_jetstream(deadline)
+        except BaseException:
+            self.close()
+            raise
+
+    def kill(self, index: int) -> None:
+        """SIGKILL one node: no goodbye to its clients or its peers."""
+        node = self.nodes[index]
+        if node.proc is not None and node.proc.poll() is None:
+            node.proc.send_signal(signal.SIGKILL)
+            node.proc.wait(timeout=30)
+
+    def close(self) -> None:
+        for node in self.nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                node.proc.terminate()
+        for node in self.nodes:
+            if node.proc is None:
+                continue
+            try:
+                node.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                node.proc.kill()
+                node.proc.wait(timeout=10)
+            node.proc = None
+
+    def logs(self) -> str:
+        out = []
+        for node in self.nodes:
+            with contextlib.suppress(OSError):
+                out.append(f"--- {node.name}\n{node.log.read_text(errors='replace')[-3000:]}")
+        return "\n".join(out)
+
+    # -- readiness ---------------------------------------------------------------------------
+    def _wait_listening(self, node: Node, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            if node.proc is not None and node.proc.poll() is not None:
+                raise ClusterError(f"nats-server {node.name} exited with {node.proc.returncode}:"
+                                   f"\n{self.logs()}")
+            with contextlib.suppress(OSError), socket.create_connection(
+                    ("127.0.0.1", node.mqtt_port), timeout=0.5):
+                return
+            time.sleep(0.05)
+        raise ClusterError(f"nats-server {node.name} did not listen on its MQTT port:\n"
+                           f"{self.logs()}")
+
+    def _wait_jetstream(self, deadline: float) -> None:
+        """Poll, with real MQTT clients, until a QoS 1 retained message published on node A is
+        delivered by every node (MQTT's streams need JetStream's meta leader first)."""
+        topic = f"fedasync-ready/{uuid.uuid4().hex[:8]}"
+        last = "no attempt"
+        while time.monotonic() < deadline:
+            payload = uuid.uuid4().hex.encode()
+            try:
+                if all(_probe(node.mqtt_port, topic, payload, publish=i == 0)
+                       for i, node in enumerate(self.nodes)):
+                    _clear(self.nodes[0].mqtt_port, topic)
+                    return
+                last = "a node did not deliver the retained message"
+            except (OSError, ClusterError) as exc:
+                last = str(exc)
+            time.sleep(0.25)
+        raise ClusterError(f"the NATS cluster's MQTT was not ready in time ({last}):\n"
+                           f"{self.logs()}")
+
+
+def _distinct_free_ports(n: int) -> list[int]:
+    ports: set[int] = set()
+    while len(ports) < n:
+        ports.add(free_port())
+    return sorted(ports)
+
+
+def _client(port: int, *, timeout: float = 5.0) -> mqtt.Client:
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                         client_id=f"ready-{uuid.uuid4().hex[:10]}", clean_session=True,
+                         protocol=mqtt.MQTTv311)
+    connected = threading.Event()
+    refused: list[str] = []
+
+    def on_connect(c: mqtt.Client, u: object, f: object, reason: mqtt.ReasonCode,
+                   p: object) -> None:
+        if reason.is_failure:
+            refused.append(str(reason))
+        connected.set()
+
+    client.on_connect = on_connect
+    client.connect("127.0.0.1", port, keepalive=10)
+    client.loop_start()
+    if not connected.wait(timeout) or refused:
+        client.loop_stop()
+        with contextlib.suppress(Exception):
+            client.disconnect()
+        raise ClusterError(f"MQTT connection on port {port} not accepted "
+                           f"({refused[0] if refused else 'no CONNACK'})")
+    return client
+
+
+def _probe(port: int, topic: str, payload: bytes, *, publish: bool,
+           timeout: float = 5.0) -> bool:
+    """Publish (if asked) `payload` retained at QoS 1, then subscribe and see it come back."""
+    client = _client(port)
+    try:
+        if publish:
+            info = client.publish(topic, payload, qos=1, retain=True)
+            info.wait_for_publish(timeout)
+            if not info.is_published():
+                return False
+        got = threading.Event()
+        client.on_message = lambda c, u, m: got.set() if m.payload == payload else None
+        client.subscribe(topic, 1)
+        return got.wait(timeout)
+    finally:
+        client.loop_stop()
+        with contextlib.suppress(Exception):
+            client.disconnect()
+
+
+def _clear(port: int, topic: str) -> None:
+    client = _client(port)
+    try:
+        client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
+    finally:
+        client.loop_stop()
+        with contextlib.suppress(Exception):
+            client.disconnect()

@@ -1,0 +1,230 @@
+"""The real coordinator and agents on a clustered broker (issue 17, items 1 and 2): a private
+3-node NATS cluster serving MQTT (tests/nats_cluster.py), unchanged code, and failover between
+broker URLs when a node dies.
+
+Agents are the real `agent.Agent` on real `PahoLink`s with a stub trainer
+(tests/test_reliability.py's `AgentFleet` parts); the coordinator is the real service in this
+process. The claims are the ones of docs/architecture.md, "Durability": every update a device
+finished is merged exactly once and the device hears about it, and the model is the replay of
+its lineage; plus, here, that a SIGKILLed node costs only a failover.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent._config import AgentConfig
+from agent._readings import StaticReader
+from agent._runner import PahoLink
+from coordinator._config import CoordinatorConfig, SnapshotConfig
+from coordinator._guards import GuardConfig
+from coordinator._participation import ParticipationConfig
+from coordinator._rules import RuleConfig
+from coordinator._service import CoordinatorService
+from models import Snapshot, Topics, decode_snapshot
+from models._mqtt import BrokerAddress, make_client
+from tests.helpers import wait_for
+from tests.nats_cluster import NatsCluster
+from tests.test_reliability import (
+    ALPHA,
+    OPEN,
+    SPEC,
+    AgentFleet,
+    ArrayData,
+    Pacer,
+    RecordingAgent,
+    StubTrainer,
+    check_lineage,
+    readings,
+    undelivered,
+)
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(600)]
+
+SEED = 20261202
+
+
+def coordinator(broker: str | tuple[str, ...], fleet: str, state: Path) -> CoordinatorService:
+    service = CoordinatorService(CoordinatorConfig(
+        model=SPEC, broker=broker, fleet=fleet, state_dir=str(state), http="",
+        rule=RuleConfig(name="fedasync", alpha=ALPHA, staleness="constant"),
+        guards=GuardConfig(max_norm=100.0, max_staleness=100_000),
+        snapshots=SnapshotConfig(min_interval_s=0.0, include_onnx=False),
+        # Off so that check_lineage can replay the model from the deltas alone (reweighting
+        # depends on who arrived when, which a failover changes).
+        participation=ParticipationConfig(reweight=False)))
+    service.start()
+    return service
+
+
+def retained_model(url: str, fleet: str, *, version: int, timeout: float = 60.0) -> Snapshot:
+    """The retained model a device fetching now gets from this node, as agents fetch it (QoS 0
+    subscription, models on demand), waiting for `version`: each try is a fresh subscription,
+    since a node still electing JetStream leaders may refuse one (SUBACK 0x80) or lag."""
+    deadline = time.monotonic() + timeout
+    last = "nothing"
+    while time.monotonic() < deadline:
+        got = _fetch_once(url, fleet)
+        if isinstance(got, Snapshot) and got.version >= version:
+            return got
+        last = f"version {got.version}" if isinstance(got, Snapshot) else got
+        time.sleep(0.2)  # the pace of the polling, not a wait for a state
+    raise AssertionError(f"{url} did not serve version {version} of the model ({last})")
+
+
+def _fetch_once(url: str, fleet: str) -> Snapshot | str:
+    """One fresh QoS 0 subscription to the model topic: the retained snapshot, or why not."""
+    got: queue.Queue[bytes] = queue.Queue()
+    granted: queue.Queue[bool] = queue.Queue()
+    address = BrokerAddress.parse(url)
+    client = make_client(address, client_id=f"fetch-{uuid.uuid4().hex[:8]}", persistent=False)
+    client.on_connect = lambda c, u, f, r, p: c.subscribe(Topics(fleet).model, 0)
+    client.on_subscribe = lambda c, u, mid, codes, p: granted.put(
+        not any(code.is_failure for code in codes))
+    client.on_message = lambda c, u, m: got.put(bytes(m.payload))
+    try:
+        client.connect(address.host, address.port)
+        client.loop_start()
+        if not granted.get(timeout=10):
+            return "subscription refused"
+        return decode_snapshot(got.get(timeout=10))
+    except (OSError, queue.Empty) as exc:
+        return repr(exc)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+def fleet_on(brokers: Sequence[str | tuple[str, ...]], *, fleet: str, root: Path,
+             seed: int) -> AgentFleet:
+    """One real agent per entry of `brokers` (its broker setting), each started."""
+    agents = AgentFleet(0, broker="", fleet=fleet, root=root, seed=seed)
+    for i, broker in enumerate(brokers):
+        config = AgentConfig(device_id=f"{fleet[:40]}-a{i:02d}", broker=broker, fleet=fleet,
+                             state_dir=str(root / f"a{i:02d}"), min_new_samples=0,
+                             min_train_interval_s=0.0, policy=OPEN, train_in_subprocess=False)
+        link = PahoLink(config)
+        trainer = StubTrainer(seed * 1000 + i)
+        agent = RecordingAgent(config, link=link, reader=StaticReader(readings()),
+                               data=ArrayData(seed * 1000 + i), trainer=trainer)
+        agent.acks = []
+        link.agent = agent
+        agents.agents.append(agent)
+        agents.links.append(link)
+        agents.trainers.append(trainer)
+        link.start()
+    return agents
+
+
+def test_coordinator_and_agents_on_different_nodes_of_a_nats_cluster(
+        nats_cluster: NatsCluster, fleet_name: str, tmp_path: Path) -> None:
+    """Coordinator on node A, agents on B and C: updates merged exactly once, every one acked,
+    the retained snapshot (a JetStream-backed retained message) reaches every node."""
+    a, b, c = nats_cluster.urls
+    service = coordinator(a, fleet_name, tmp_path / "coordinator")
+    fleet = fleet_on([b, c, b, c], fleet=fleet_name, root=tmp_path / "agents", seed=SEED)
+    try:
+        assert service.wait_connected(60)
+        assert wait_for(fleet.ready, timeout=60), [link.connection_info() for link in fleet.links]
+        for _ in range(3):
+            fleet.train_round()
+        assert wait_for(fleet.all_delivered, timeout=120), undelivered(
+            fleet, tmp_path / "coordinator")
+        total = len(fleet.produced)
+        assert total == 12
+        check_lineage(service.store, fleet)
+        assert {ack.status for ack in fleet.acks()} <= {"accepted", "duplicate"}
+        # What a device connecting now to any node gets: the newest model, retained.
+        for url in (b, c):
+            snapshot = retained_model(url, fleet_name, version=total)
+            assert snapshot.version == total == service.engine.version
+            np.testing.assert_array_equal(snapshot.weights, service.engine.params)
+        # The agents fetched models through their own nodes (models on demand).
+        assert all(agent.snapshot is not None and agent.snapshot.version >= 1
+                   for agent in fleet.agents)
+    finally:
+        fleet.close()
+        service.stop()
+
+
+def test_sigkill_of_the_coordinators_node_fails_over_and_loses_nothing(
+        nats_cluster: NatsCluster, fleet_name: str, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Coordinator on A with [A, B, C]; agents spread over the nodes, each with its own list.
+    SIGKILL A mid-stream: everyone fails over, no acked update is lost or merged twice, merging
+    goes on; the time from the kill to the first merge after the failover is printed."""
+    caplog.set_level(logging.INFO, logger="fedasync")
+    a, b, c = nats_cluster.urls
+    service = coordinator((a, b, c), fleet_name, tmp_path / "coordinator")
+    fleet = fleet_on([(a, b, c), (b, c, a), (c, a, b), (a, c, b), (b, a, c), (c, b, a)],
+                     fleet=fleet_name, root=tmp_path / "agents", seed=SEED + 1)
+    link = service._link
+    pacer: Pacer | None = None
+    try:
+        assert service.wait_connected(60)
+        assert link.address.port == nats_cluster.nodes[0].mqtt_port
+        assert wait_for(fleet.ready, timeout=60), [lk.connection_info() for lk in fleet.links]
+        fleet.train_round()
+        assert wait_for(lambda: fleet.merged() == len(fleet.produced), timeout=120), undelivered(
+            fleet, tmp_path / "coordinator")
+
+        pacer = Pacer(fleet, rounds=6, every=0.2)  # a steady stream through the kill
+        assert wait_for(lambda: service.engine.version >= 2 * len(fleet.agents), timeout=120)
+        acked_before = {ack.update_id for ack in fleet.acks() if ack.status == "accepted"}
+        version_at_kill = service.engine.version
+        killed_at = time.monotonic()
+        nats_cluster.kill(0)
+
+        assert wait_for(lambda: link.online and link.address.port != nats_cluster.nodes[0]
+                        .mqtt_port, timeout=120), link.info()
+        reconnected = time.monotonic() - killed_at
+        version = service.engine.version
+        assert wait_for(lambda: service.engine.version > version, timeout=120, interval=0.005), (
+            "no merge after the failover")
+        recovered = time.monotonic() - killed_at
+        print(f"\nNATS failover: coordinator online on another node {reconnected:.2f} s after "
+              f"the SIGKILL of its node; first merge after it at {recovered:.2f} s")
+
+        pacer.join(timeout=300)
+        assert wait_for(fleet.all_delivered, timeout=180), undelivered(
+            fleet, tmp_path / "coordinator")
+        check_lineage(service.store, fleet)
+        lineage = {r.update_id for r in service.store.lineage()}
+        assert acked_before <= lineage  # what was acked before the kill is still there
+        total = len(fleet.produced)
+        assert total == 7 * len(fleet.agents)
+        # Every agent that was on A moved on, and said where to and why.
+        assert wait_for(lambda: all(lk.connected and lk.connection.address.port
+                                    != nats_cluster.nodes[0].mqtt_port for lk in fleet.links),
+                        timeout=60), [lk.connection_info() for lk in fleet.links]
+        moves = [r.getMessage() for r in caplog.records if "failing over" in r.getMessage()]
+        assert any(a.removeprefix("mqtt://") in m for m in moves), moves
+        # Models still reach the devices after the failover: through the node the coordinator
+        # now publishes on, the newest retained model, always; agents trained on models newer
+        # than the kill. The other surviving node may lag (nats-server 2.9: a node's map of
+        # retained messages can miss those published on another node after a leader change;
+        # docs/brokers.md): reported, not asserted.
+        home = link.address.redacted()
+        snapshot = retained_model(home, fleet_name, version=total, timeout=120)
+        assert snapshot.version == total == service.engine.version
+        np.testing.assert_array_equal(snapshot.weights, service.engine.params)
+        versions = [a.snapshot.version if a.snapshot else -1 for a in fleet.agents]
+        assert any(v > version_at_kill for v in versions), (version_at_kill, versions)
+        for url in {b, c} - {home}:
+            other = _fetch_once(url, fleet_name)
+            served = other.version if isinstance(other, Snapshot) else other
+            print(f"NATS: coordinator's node {home} serves version {total}; {url} serves "
+                  f"{served}; agents' models {versions} (kill at version {version_at_kill})")
+    finally:
+        if pacer is not None:
+            pacer.stop()
+        fleet.close()
+        service.stop()
