@@ -45,14 +45,19 @@ def constrained_profile(profile: FleetProfile, *, slowdown: float = 3.0) -> Flee
 
 
 def local_test_sets(parts: Sequence[XY], test: XY, *, size: int = 50,
-                    seed: int = 0) -> list[XY]:
+                    seed: int = 0) -> list[XY | None]:
     """For each device, `size` held-out samples with its own label mix: what "accuracy for this
     device" means when the device keeps no test data of its own. Drawn from the shared test set
-    (never from training data), per label in proportion to the device's training labels."""
+    (never from training data), per label in proportion to the device's training labels. None
+    for a device without training data (a fleet larger than the dataset has some): it has no
+    label mix to be judged on."""
     X, y = test
     by_label = {label: np.flatnonzero(y == label) for label in np.unique(y)}
-    out = []
+    out: list[XY | None] = []
     for i, (_, y_train) in enumerate(parts):
+        if len(y_train) == 0:
+            out.append(None)
+            continue
         rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(i, 7)))
         values, counts = np.unique(y_train, return_counts=True)
         share = counts / counts.sum()
