@@ -36,6 +36,7 @@ from agent._readings import Readings, StaticReader
 from coordinator._config import CoordinatorConfig, SnapshotConfig
 from coordinator._engine import Engine, Incoming, Outcome
 from coordinator._guards import GuardConfig
+from coordinator._participation import ParticipationConfig
 from coordinator._rules import RuleConfig, build_rule
 from coordinator._service import CoordinatorService
 from coordinator._store import Store
@@ -228,7 +229,9 @@ def make_engine(state: Path, rule: RuleConfig | None = None,
                   guards or GuardConfig(max_norm=MAX_NORM, norm_policy="clip",
                                         max_staleness=MAX_STALENESS),
                   spec=SPEC, initial_params=lambda: np.linspace(-1, 1, N, dtype=np.float32),
-                  max_message_bytes=MAX_BYTES, clock=lambda: 1000.0)
+                  max_message_bytes=MAX_BYTES, clock=lambda: 1000.0,
+                  # The oracle replays x + alpha * delta: no participation factor in it.
+                  participation=ParticipationConfig(reweight=False))
 
 
 # ------------------------------------------------------------------------------ hypothesis

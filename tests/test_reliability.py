@@ -288,11 +288,14 @@ def check_lineage(store: Store, fleet: AgentFleet) -> None:
         assert ack.status in ("accepted", "duplicate"), ack
         assert ack.update_id is not None
         assert by_version[ack.version].update_id == ack.update_id  # type: ignore[index]
-    # Replay: x_v = x_{v-1} + alpha * delta(update of v), as the merge computes it.
+    # Replay: x_v = x_{v-1} + w * delta(update of v), as the merge computes it; w is the weight
+    # lineage recorded: alpha times the participation factor (FedAsync reweights by default).
     x = store.load_checkpoint(0)
     for v in versions[1:]:
+        r = by_version[v.version]
+        assert 0 < r.weight <= 1
         wide = x.astype(np.float64)
-        wide += ALPHA * produced[by_version[v.version].update_id].astype(np.float64)
+        wide += r.weight * produced[r.update_id].astype(np.float64)
         x = wide.astype(np.float32)
         assert checksum(x) == v.checksum, f"version {v.version} is not the replay of its lineage"
     np.testing.assert_array_equal(store.load_checkpoint(versions[-1].version), x)
