@@ -15,15 +15,11 @@ import logging
 import queue
 import time
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from agent._config import AgentConfig
-from agent._readings import StaticReader
-from agent._runner import PahoLink
 from coordinator._config import CoordinatorConfig, SnapshotConfig
 from coordinator._guards import GuardConfig
 from coordinator._participation import ParticipationConfig
@@ -35,15 +31,10 @@ from tests.helpers import wait_for
 from tests.nats_cluster import NatsCluster
 from tests.test_reliability import (
     ALPHA,
-    OPEN,
     SPEC,
     AgentFleet,
-    ArrayData,
     Pacer,
-    RecordingAgent,
-    StubTrainer,
     check_lineage,
-    readings,
     undelivered,
 )
 
@@ -103,34 +94,14 @@ def _fetch_once(url: str, fleet: str) -> Snapshot | str:
         client.disconnect()
 
 
-def fleet_on(brokers: Sequence[str | tuple[str, ...]], *, fleet: str, root: Path,
-             seed: int) -> AgentFleet:
-    """One real agent per entry of `brokers` (its broker setting), each started."""
-    agents = AgentFleet(0, broker="", fleet=fleet, root=root, seed=seed)
-    for i, broker in enumerate(brokers):
-        config = AgentConfig(device_id=f"{fleet[:40]}-a{i:02d}", broker=broker, fleet=fleet,
-                             state_dir=str(root / f"a{i:02d}"), min_new_samples=0,
-                             min_train_interval_s=0.0, policy=OPEN, train_in_subprocess=False)
-        link = PahoLink(config)
-        trainer = StubTrainer(seed * 1000 + i)
-        agent = RecordingAgent(config, link=link, reader=StaticReader(readings()),
-                               data=ArrayData(seed * 1000 + i), trainer=trainer)
-        agent.acks = []
-        link.agent = agent
-        agents.agents.append(agent)
-        agents.links.append(link)
-        agents.trainers.append(trainer)
-        link.start()
-    return agents
-
-
 def test_coordinator_and_agents_on_different_nodes_of_a_nats_cluster(
         nats_cluster: NatsCluster, fleet_name: str, tmp_path: Path) -> None:
     """Coordinator on node A, agents on B and C: updates merged exactly once, every one acked,
     the retained snapshot (a JetStream-backed retained message) reaches every node."""
     a, b, c = nats_cluster.urls
     service = coordinator(a, fleet_name, tmp_path / "coordinator")
-    fleet = fleet_on([b, c, b, c], fleet=fleet_name, root=tmp_path / "agents", seed=SEED)
+    fleet = AgentFleet(4, broker=[b, c, b, c], fleet=fleet_name, root=tmp_path / "agents",
+                       seed=SEED)
     try:
         assert service.wait_connected(60)
         assert wait_for(fleet.ready, timeout=60), [link.connection_info() for link in fleet.links]
@@ -164,8 +135,9 @@ def test_sigkill_of_the_coordinators_node_fails_over_and_loses_nothing(
     caplog.set_level(logging.INFO, logger="fedasync")
     a, b, c = nats_cluster.urls
     service = coordinator((a, b, c), fleet_name, tmp_path / "coordinator")
-    fleet = fleet_on([(a, b, c), (b, c, a), (c, a, b), (a, c, b), (b, a, c), (c, b, a)],
-                     fleet=fleet_name, root=tmp_path / "agents", seed=SEED + 1)
+    orders = [(a, b, c), (b, c, a), (c, a, b), (a, c, b), (b, a, c), (c, b, a)]
+    fleet = AgentFleet(6, broker=orders, fleet=fleet_name, root=tmp_path / "agents",
+                       seed=SEED + 1)
     link = service._link
     pacer: Pacer | None = None
     try:

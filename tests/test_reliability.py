@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -196,15 +197,19 @@ class RecordingAgent(Agent):
 
 
 class AgentFleet:
-    """`n` real agents (spool, protocol, PahoLink) with stub trainers."""
+    """`n` real agents (spool, protocol, PahoLink) with stub trainers; `broker` is every
+    agent's broker setting, or one setting per agent (a sequence of them)."""
 
-    def __init__(self, n: int, *, broker: str, fleet: str, root: Path, seed: int) -> None:
+    def __init__(self, n: int, *, broker: str | Sequence[str | tuple[str, ...]], fleet: str,
+                 root: Path, seed: int) -> None:
         self.agents: list[RecordingAgent] = []
         self.links: list[PahoLink] = []
         self.trainers: list[StubTrainer] = []
         tag = fleet[:40]  # device ids are broker client ids too: unique per test
-        for i in range(n):
-            config = AgentConfig(device_id=f"{tag}-a{i:02d}", broker=broker, fleet=fleet,
+        brokers = [broker] * n if isinstance(broker, str) else list(broker)
+        assert len(brokers) == n
+        for i, setting in enumerate(brokers):
+            config = AgentConfig(device_id=f"{tag}-a{i:02d}", broker=setting, fleet=fleet,
                                  state_dir=str(root / f"a{i:02d}"), min_new_samples=0,
                                  min_train_interval_s=0.0, policy=OPEN,
                                  train_in_subprocess=False)
