@@ -85,8 +85,8 @@ class CoordinatorService:
         self._clock = clock
         self._monotonic = monotonic
         self._driven = driven
-        # Driven mode: what `step` published, to wait for the broker's PUBACKs before it returns.
-        # driven mode: what step() sent, and to which device (None: any device may get it)
+        # Driven mode: what `step` published, to wait for the broker's PUBACKs before it returns,
+        # and to which device (None: any device may get it).
         self._outgoing: list[tuple[mqtt.MQTTMessageInfo, str | None]] = []
         self._last_publish = -float("inf")  # monotonic
         self._frozen = False
