@@ -43,7 +43,7 @@ def plot_accuracy(results: Sequence[RunResult], path: Path, *, scale: float,
                 linestyle="--" if correction else "-", label=label)
     if target is not None:
         ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target}")
-    ax.set_xlabel("wall-clock seconds")
+    ax.set_xlabel(f"seconds of the run's clock ({scale:g} simulated s each)")
     ax.set_ylabel(f"held-out {'R²' if metric == 'r2' else metric}")
     if metric == "accuracy":
         ax.set_ylim(0, 1)
