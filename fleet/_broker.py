@@ -31,6 +31,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def raise_fd_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit and return it.
+
+    Every simulated device holds a socket in its worker and another in Mosquitto, and both
+    inherit the limit of the process that starts them: at a common soft limit of 1,024 a private
+    broker or a worker stops accepting (connecting) at about a thousand devices, well under
+    the hard limit. Children started after this call (the broker, the workers) inherit the raised
+    limit. Returns the soft limit in force (unchanged where `resource` is unavailable)."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return int(soft)
+    # An unlimited hard limit still stops at the kernel's fs.nr_open (2**20 by default).
+    target = (1 << 20) if hard == resource.RLIM_INFINITY else hard
+    if soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return int(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+
+
 def mosquitto_path() -> str | None:
     return shutil.which("mosquitto") or next(
         (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()),
@@ -103,6 +126,7 @@ class MosquittoBroker:
     def start(self, *, timeout: float = 10.0) -> None:
         if self.running:
             return
+        raise_fd_limit()  # a socket per client: Mosquitto inherits the limit and keeps it
         log = self.log_path.open("ab")
         self._proc = subprocess.Popen(
             [self._exe, "-c", str(self.conf_path)], stdout=log, stderr=subprocess.STDOUT

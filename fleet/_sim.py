@@ -44,6 +44,7 @@ from fleet._broker import (
     EmbeddedBroker,
     MosquittoBroker,
     diff_counters,
+    raise_fd_limit,
     read_sys_counters,
     start_broker,
 )
@@ -535,6 +536,12 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet,
 
 
 def _spawn_workers(specs: Sequence[WorkerSpec], target: Any, args: Any) -> list[Any]:
+    # A socket per device in its worker: the workers inherit this process's raised limit.
+    limit = raise_fd_limit()
+    need = max((len(s.traces) for s in specs), default=0) + 64
+    if 0 <= limit < need:
+        log.warning("open-file limit %d is below the %d a worker needs (a socket per device): "
+                    "raise the hard limit (ulimit -Hn) or use more --workers", limit, need)
     ctx = mp.get_context("spawn")
     procs = []
     for spec in specs:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fleet import build_fleet
-from fleet._broker import EmbeddedBroker
+from fleet._broker import EmbeddedBroker, MosquittoBroker, mosquitto_path, raise_fd_limit
 from fleet._netloop import NetLoop
 from fleet._sim import SimConfig, time_to_target
 from fleet._traces import FleetProfile
@@ -121,3 +121,34 @@ def test_embedded_broker_carries_messages() -> None:
         c.disconnect()
     finally:
         broker.stop()
+
+
+def _open_files_limit(pid: int) -> tuple[int, int]:
+    with open(f"/proc/{pid}/limits") as f:
+        line = next(x for x in f if x.startswith("Max open files"))
+    soft, hard = line.split()[3:5]
+    return tuple(-1 if v == "unlimited" else int(v) for v in (soft, hard))  # type: ignore[return-value]
+
+
+@pytest.mark.skipif(mosquitto_path() is None, reason="needs mosquitto")
+def test_the_broker_and_workers_get_the_hard_open_file_limit(tmp_path) -> None:
+    """A socket per device in its worker and in the broker: at a soft limit of 1,024 a fleet of
+    a few thousand could not connect. The private broker (and the workers, spawned after the
+    same call) run with the soft limit raised to the hard one."""
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip("hard open-file limit too low to lower the soft one")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    broker = MosquittoBroker(workdir=tmp_path / "broker")
+    try:
+        broker.start()
+        assert broker._proc is not None
+        b_soft, b_hard = _open_files_limit(broker._proc.pid)
+        assert b_soft > 256
+        assert b_soft == (b_hard if hard != resource.RLIM_INFINITY else 1 << 20)
+        assert raise_fd_limit() == b_soft  # already raised: unchanged
+    finally:
+        broker.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
