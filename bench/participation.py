@@ -3,8 +3,8 @@
 ``python -m bench.participation`` times `Engine.process` on the same batches of real
 encoded updates (FedAsync, MLP-sized deltas, 200 devices, durable commits on real SQLite) with
 the ledger's bookkeeping only, with reweighting (FedAsync's default), with the cap and
-reweighting on, and the ledger's own calls alone; runs alternate so a noisy machine affects every variant alike. It prints
-updates per second and the ratios to the accounting alone.
+reweighting on, and the ledger's own calls alone; runs alternate so a noisy machine affects
+every variant alike. It prints updates per second and the ratios to the accounting alone.
 
 It then times FedBuff's merge (K = 5) with and without the per-device memory (``memory_s``)
 at several numbers of remembered devices, side by side: the memory re-applies every device's
