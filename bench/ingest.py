@@ -387,6 +387,16 @@ class _MeasuredService(CoordinatorService):
         super()._process(batch)
 
 
+def coordinator_settings(snapshot_interval_s: float) -> dict[str, Any]:
+    """How `running_coordinator` runs the service, for a benchmark's JSON."""
+    return {"model": "mlp 64-32-10 (digits)", "n_params": N_PARAMS, "encoding": "float32",
+            "durability": "SQLite WAL synchronous=FULL + fsync'd checkpoint per group commit, "
+                          "PUBACK and acks after the commit",
+            "snapshot_min_interval_s": snapshot_interval_s, "snapshot_onnx": True,
+            "evaluation": "off", "fedasync_alpha": 0.5, "fedbuff_k": 10,
+            "batch_max": CoordinatorConfig(model=SPEC).batch_max}
+
+
 @contextlib.contextmanager
 def running_coordinator(url: str, fleet: str, state: Path, *, rule: str, max_staleness: int,
                         snapshot_interval_s: float) -> Iterator[_MeasuredService]:
@@ -574,14 +584,8 @@ def run(*, updates: int = 10_000, devices: int = 10, rules: Sequence[str] = ("fe
         "settings": {
             "updates": updates, "devices": devices, "repeats": repeats, "warmup": warmup,
             "rules": list(rules), "publishers": list(publishers),
-            "model": "mlp 64-32-10 (digits)", "n_params": N_PARAMS, "encoding": "float32",
             "payload_bytes": payload_bytes, "qos": 1, "publisher_inflight": PUBLISHER_INFLIGHT,
-            "broker_max_inflight": BROKER_INFLIGHT,
-            "durability": "SQLite WAL synchronous=FULL + fsync'd checkpoint per group commit, "
-                          "PUBACK and acks after the commit",
-            "snapshot_min_interval_s": snapshot_interval_s, "snapshot_onnx": True,
-            "evaluation": "off", "fedasync_alpha": 0.5, "fedbuff_k": 10,
-            "batch_max": CoordinatorConfig(model=SPEC).batch_max,
+            "broker_max_inflight": BROKER_INFLIGHT, **coordinator_settings(snapshot_interval_s),
             "elapsed_s": round(time.monotonic() - started, 1), **env,
         },
         "results": results,

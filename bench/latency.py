@@ -59,12 +59,12 @@ import psutil
 
 from bench.ingest import (
     BROKER_INFLIGHT,
-    N_PARAMS,
     RULES,
     _environment,
     _payloads,
     _publish_header,
     _RawDevice,
+    coordinator_settings,
     running_coordinator,
 )
 from fleet import MosquittoBroker
@@ -362,12 +362,8 @@ def run(*, rules: Sequence[str] = ("fedasync",), rates: Sequence[int] = DEFAULT_
         "settings": {
             "rules": list(rules), "rates": list(rates), "duration_s": duration_s,
             "warmup_s": warmup_s, "drain_s": drain_s, "devices": devices, "refine": refine,
-            "model": "mlp 64-32-10 (digits)", "n_params": N_PARAMS, "encoding": "float32",
             "qos": 1, "pacing": "update i written at t0 + i/rate, round robin over devices",
-            "durability": "SQLite WAL synchronous=FULL + fsync'd checkpoint per group commit, "
-                          "PUBACK and acks after the commit",
-            "snapshot_min_interval_s": snapshot_interval_s, "snapshot_onnx": True,
-            "evaluation": "off", "fedasync_alpha": 0.5, "fedbuff_k": 10,
+            **coordinator_settings(snapshot_interval_s),
             "sustained_if": f"all acked, none rejected, achieved >= {ACHIEVED_MIN:.0%} of "
                             f"offered, p99 <= {P99_LIMIT_S:g} s",
             "elapsed_s": round(time.monotonic() - started, 1), **env,
