@@ -228,8 +228,11 @@ class CoordinatorService:
         is a failed attempt (logged and retried by the connection)."""
         first = not self.identity.has_served
         stopping = self._link.stopping
+        # The URL this attempt goes to (with several, the connection's turn): a failure here is
+        # that URL's, and is logged as such before the connection moves on.
+        here = self._link.address
         try:
-            status = look(self.address, self.topics, stop=stopping)
+            status = look(here, self.topics, stop=stopping)
         except LookTimeout as exc:
             log.warning("could not check whether another coordinator serves fleet %r (%s: may "
                         "this broker account read and write %s?); connecting anyway",
@@ -244,7 +247,7 @@ class CoordinatorService:
             self._standby.set()
             _log_standby(rival, self.config.fleet)
             try:
-                look(self.address, self.topics, stop=stopping,
+                look(here, self.topics, stop=stopping,
                      until=lambda s: self.identity.rival(s) is None)
             except LookTimeout as exc:
                 raise ConnectionError(str(exc)) from exc

@@ -122,3 +122,36 @@ def test_an_agent_skips_a_dead_url_and_connects_to_the_next(
                    in m for m in messages), messages
     finally:
         link.stop()
+
+
+def test_the_coordinator_logs_each_urls_own_failure(tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """Its check for another coordinator runs before each attempt, on the URL that attempt
+    uses: a failure is logged against that URL with that URL's reason (it probed every URL
+    once, and a dead node's attempt was blamed on the last URL's unresolvable name)."""
+    from coordinator._config import CoordinatorConfig
+    from coordinator._service import CoordinatorService
+    from models import ModelSpec
+
+    caplog.set_level(logging.INFO, logger="fedasync")
+    dead = f"mqtt://127.0.0.1:{free_port()}"  # bound and closed: nothing listens there
+    nowhere = "mqtt://nohost.invalid:1883"
+    service = CoordinatorService(CoordinatorConfig(
+        model=ModelSpec(kind="linear", n_features=3), broker=(dead, nowhere),
+        fleet="failover-names", state_dir=str(tmp_path / "state"), http=""))
+
+    def failures() -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if r.getMessage().startswith("cannot connect to")]
+
+    service.start()
+    try:
+        assert wait_for(lambda: len(failures()) >= 3, timeout=60), failures()
+        for m in failures():
+            if m.startswith(f"cannot connect to {dead}"):
+                assert "connection refused" in m, m
+            else:
+                assert m.startswith(f"cannot connect to {nowhere}: the name 'nohost.invalid' "
+                                    "does not resolve"), m
+    finally:
+        service.stop()
