@@ -144,22 +144,6 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
-def _connect_any(client: mqtt.Client, address: BrokerAddress) -> None:
-    """Connect to the first of the broker's URLs that answers (the nodes of a cluster share
-    retained messages, so any one shows the fleet's coordinator status); the last OSError when
-    none does."""
-    error: OSError | None = None
-    for candidate in address.candidates():
-        client.username_pw_set(candidate.username, candidate.password)
-        try:
-            client.connect(candidate.host, candidate.port, keepalive=30)
-            return
-        except OSError as exc:
-            error = exc
-    assert error is not None  # candidates() is never empty
-    raise error
-
-
 class LookTimeout(Exception):
     """The marker did not come back: the broker (or its ACL) does not let us read the status."""
 
@@ -212,7 +196,7 @@ def look(
     client.on_subscribe = on_subscribe
     client.on_message = on_message
     client.on_disconnect = on_disconnect
-    _connect_any(client, address)  # OSError: the caller's to log
+    client.connect(address.host, address.port, keepalive=30)  # OSError: the caller's to log
     try:
         deadline = time.monotonic() + timeout_s
         while not events["marker"]:

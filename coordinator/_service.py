@@ -716,16 +716,18 @@ def wait_as_standby(config: CoordinatorConfig, stop: threading.Event) -> bool:
             _log_standby(rival, config.fleet)
         return rival is None
 
+    candidates = address.candidates()  # with several URLs: each in turn, as the service does
     delay, failures = 1.0, 0
     while not stop.is_set():
+        here = candidates[failures % len(candidates)]
         try:
-            look(address, topics, stop=stop, until=free)
+            look(here, topics, stop=stop, until=free)
         except LookTimeout:
             return True  # the service's own check says why, and connects anyway
         except OSError as exc:
             failures += 1
             log.warning("cannot connect to %s: %s; next attempt in %.1f s (%d failed so far)",
-                        address.redacted(), describe_error(exc, address), delay, failures)
+                        here.redacted(), describe_error(exc, here), delay, failures)
             stop.wait(delay)
             delay = min(delay * 2, 30.0)
             continue
