@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -265,8 +266,12 @@ def _run(args: argparse.Namespace) -> int:
               "markers: <rule>/run.json)")
     for r in results:  # each device's downlink against its own trainings and refreshes
         print(f"{r.rule}: {per_device_line((r.summary.get('traffic') or {}).get('per_device'))}")
-    if summary["speedup_async_vs_sync"] is not None:
-        print(f"speed-up of asynchronous over synchronous: {summary['speedup_async_vs_sync']}x")
+    speedup = summary["speedup_async_vs_sync"]
+    if speedup == math.inf:
+        print("speed-up of asynchronous over synchronous: synchronous FedAvg did not reach the "
+              "target in this run (an asynchronous rule did)")
+    elif speedup is not None:
+        print(f"speed-up of asynchronous over synchronous: {speedup}x")
     print(f"\nplot:    {args.out / 'accuracy.png'}\nsummary: {args.out / 'summary.json'}\n"
           f"metrics: {args.out}/<rule>/metrics.csv")
     return 0
