@@ -319,8 +319,11 @@ def undelivered(fleet: AgentFleet, state: Path) -> str:
               for a in fleet.agents if len(a.spool)}
     links = {link.device_id: (link.connected, link.client._thread is not None
                               and link.client._thread.is_alive()) for link in fleet.links}
-    return (f"never acked: {rows} (lineage row or None); spools: {spools}; "
-            f"links (connected, network thread alive): {links}")
+    # Acked, but not as merged: a rejection's reason says why an update is not counted.
+    other = {a.update_id: (a.status, a.reason) for a in fleet.acks()
+             if a.status not in ("accepted", "duplicate")}
+    return (f"never acked: {rows} (lineage row or None); acked otherwise: {other}; spools: "
+            f"{spools}; links (connected, network thread alive): {links}")
 
 
 def retained_snapshot(url: str, fleet: str, *, version: int, timeout: float = 30) -> Snapshot:
