@@ -81,6 +81,12 @@ FETCH_TIMEOUT_S = 120.0
 # announce (it predates models on demand, or the broker's ACL hides the topic): follow every
 # snapshot instead, so an agent upgraded before its coordinator keeps training.
 ANNOUNCE_WAIT_S = 30.0
+# An announcement subscription unheard this long is made again. A clustered broker can miss the
+# retained announcement on a new subscription: on NATS, a node's copy of the retained messages
+# lags those published on another node, and a publication made before interest in the new
+# subscription reached the publisher's node is not routed to it. A new SUBSCRIBE makes the
+# broker send what it holds again (MQTT 3.1.1, 3.8.4); on one Mosquitto it never comes to this.
+RELISTEN_S = 5.0
 TEMPLATES_DIR = "templates"  # under state_dir: <template id>.template, verified frames
 # A compact snapshot (or its template) that does not arrive in FETCH_TIMEOUT_S (a broker whose
 # ACL predates them hides both topics) makes the agent fetch full snapshots for this long.
@@ -199,6 +205,7 @@ class Agent:
         self.announcement: Announcement | None = None
         self._fresh = False  # an announcement arrived since the current subscription
         self._listening_since: float | None = None  # net_clock: announce subscribed, unheard
+        self._relistened_at = -float("inf")  # net_clock: last subscription made again
         self._unannounced = False  # no announcement ever heard: following snapshots instead
         self._subscribed: set[str] = set()
         self._fetching_since: float | None = None  # net_clock
@@ -534,6 +541,7 @@ class Agent:
         # were most of an always-eligible device's downlink. Subscribing again afterwards
         # brings the retained (newest) one at once.
         self._subscribe(self.topics.announce, (train and not self._in_flight) or refresh)
+        self._relisten()
         if self._fetching_since is not None:
             if not allowed:
                 log.info("model fetch cancelled: the network is metered now")
@@ -576,6 +584,19 @@ class Agent:
                 log.info("fetching model version %d (%d bytes, compact) for %s", a.version,
                          a.weights_size, why)
                 self._subscribe(self.topics.weights, True)
+
+    def _relisten(self) -> None:
+        """Subscribe again to the announcements if unheard for RELISTEN_S (see there)."""
+        since = self._listening_since
+        if since is None or self._fresh or not isinstance(self.link, Subscribes):
+            return
+        now = self.net_clock()
+        if now - max(since, self._relistened_at) < RELISTEN_S:
+            return
+        self._relistened_at = now
+        log.debug("no announcement on %s for %.0f s: subscribing again", self.topics.announce,
+                  now - since)
+        self.link.subscribe(self.topics.announce, 0)
 
     def _is_refused(self, a: Announcement) -> bool:
         """Whether what `a` names was refused already (the same bytes would be again)."""
@@ -622,12 +643,16 @@ class Agent:
                     self._sync()  # gives up on announcements: follows snapshots from now on
                 listening = (self.topics.announce in self._subscribed and not self._fresh
                              and not self._unannounced)
+                if listening and self.link.connected:
+                    self._relisten()
                 pending = self.link.connected and (self._fetching_since is not None
                                                    or listening)
                 give_up = self._announce_wait_left() if listening else None
             left = deadline - time.monotonic()
             if not pending or left <= 0 or self._interrupted:
                 return
+            if listening:  # woken to subscribe again, if it comes to that
+                left = min(left, RELISTEN_S)
             self._news.wait(left if give_up is None else min(left, max(give_up, 0.01)))
 
     def interrupt(self) -> None:

@@ -219,6 +219,62 @@ def test_without_announcements_the_agent_follows_snapshots_until_one_is_heard(
     assert topics_of(agent) == {"announce"} and agent.status()["models"] == "on demand"
 
 
+def test_an_unheard_announcement_subscription_is_made_again(tmp_path: Path) -> None:
+    """A node of a clustered broker can miss the retained announcement (NATS: a CI run saw two
+    of six agents never hear it): unheard for RELISTEN_S, the agent subscribes again, which
+    makes the broker send it again; once heard, never again."""
+    import agent._agent as agent_module
+
+    now = [0.0]
+    link = RecordingLink()
+    config = AgentConfig(device_id="pi-1", state_dir=str(tmp_path), policy=OPEN,
+                         min_train_interval_s=0.0, train_in_subprocess=False)
+    agent = Agent(config, link=link, reader=StaticReader(readings()),
+                  data=CallableSource(lambda: (np.zeros((0, 4)), np.zeros(0))),
+                  net_clock=lambda: now[0])
+    agent.on_connected()
+    assert topics_of(agent) == {"announce"}
+    link.log.clear()
+
+    def subscriptions() -> int:
+        return link.log.count(("sub", "announce"))
+
+    first = subscriptions()
+    now[0] = agent_module.RELISTEN_S - 0.5
+    agent.check()
+    assert subscriptions() == first
+    now[0] = agent_module.RELISTEN_S + 0.5
+    agent.check()
+    agent.check()
+    assert subscriptions() == first + 1  # once per RELISTEN_S, not per check
+    now[0] = 2 * agent_module.RELISTEN_S + 1.0
+    agent.check()
+    assert subscriptions() == first + 2
+    assert ("unsub", "announce") not in link.log  # made again, never dropped meanwhile
+    agent.on_announce(announce(small_snapshot(3), 3))
+    assert "model" in topics_of(agent)  # heard: fetching
+    now[0] = 20 * agent_module.RELISTEN_S
+    agent.check()
+    assert subscriptions() == first + 2
+
+
+def test_a_poll_waiting_for_an_announcement_subscribes_again_while_it_waits(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runner's poll waits up to `model_wait_s` for the announcement: the subscription is
+    made again within that wait, not only at the next poll."""
+    import agent._agent as agent_module
+
+    monkeypatch.setattr(agent_module, "RELISTEN_S", 0.2)
+    agent = offline_agent(tmp_path, StaticReader(readings()))
+    link = agent.link
+    assert isinstance(link, RecordingLink)
+    agent.model_wait_s = 1.5
+    agent.on_connected()
+    first = link.log.count(("sub", "announce"))
+    agent.poll()
+    assert link.log.count(("sub", "announce")) >= first + 3  # about 7 in 1.5 s
+
+
 def test_a_poll_waits_for_no_announcement_from_a_coordinator_that_does_not_announce(
         tmp_path: Path) -> None:
     """The poll's wait for the model ends where the announcement wait does, and once the agent

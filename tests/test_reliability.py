@@ -226,6 +226,12 @@ class AgentFleet:
             link.start()
 
     def ready(self) -> bool:
+        """Every agent connected and holding a model. One still waiting is checked, as its
+        runner polls it: a check subscribes again to an announcement unheard for RELISTEN_S
+        (a node of a clustered broker can miss it)."""
+        for agent, link in zip(self.agents, self.links, strict=True):
+            if link.connected and agent.snapshot is None:
+                agent.check()
         return all(link.connected for link in self.links) and all(
             a.snapshot is not None for a in self.agents)
 
@@ -410,12 +416,17 @@ def test_coordinator_sigkill_mid_stream_loses_nothing_and_merges_nothing_twice(
 
         seen = 0
         for point in kill_points:
-            # Once the restarted process has answered something, not while it starts.
-            want = max(point, seen + 1)
-            assert wait_for(lambda w=want: fleet.merged() >= w or stream.error is not None,
-                            timeout=90), (
-                f"{fleet.merged()} of {want} known merged; {undelivered(fleet, state)}\n"
-                + coordinator.log_text()[-3000:])
+            if seen < 200:
+                # Once the restarted process has answered something, not while it starts.
+                want = max(point, seen + 1)
+                assert wait_for(lambda w=want: fleet.merged() >= w or stream.error is not None,
+                                timeout=90), (
+                    f"{fleet.merged()} of {want} known merged; {undelivered(fleet, state)}\n"
+                    + coordinator.log_text()[-3000:])
+            else:
+                # All merged before this kill point (a fast stream, a slow restart): there is
+                # no 201st to wait for (a CI run timed out waiting for it); kill once started.
+                assert wait_for(coordinator.ready, timeout=90), coordinator.log_text()[-2000:]
             stream.raise_error()
             coordinator.kill()
             seen = fleet.merged()
