@@ -56,6 +56,8 @@ from fleet._fairness import (
     participation_summary,
     worst_fraction_mean,
 )
+from fleet._latency import PREFIX as ACK_PREFIX
+from fleet._latency import percentiles as ack_percentiles
 from fleet._traces import DeviceTrace, FleetProfile, _int, _num, generate_device, summarize
 from fleet._traffic import attach as count_traffic
 from fleet._traffic import (
@@ -69,6 +71,7 @@ from fleet._virtual import EPOCH, Controller, VirtualClock
 from fleet._worker import DEVICE_PREFIX, WorkerSpec, run_virtual_worker, run_worker
 from models import ConfigError, ModelSpec, build_model
 from models._datasets import Dataset, dirichlet_partition, load_digits, make_synthetic
+from models._mqtt import broker_urls
 
 if TYPE_CHECKING:
     from models import ModelAdapter
@@ -157,6 +160,10 @@ class SimConfig:
             raise ConfigError(f"clock must be virtual or wall, got {self.clock!r}", key="clock")
         if self.clock == "virtual" and self.broker_kind == "embedded":
             raise ConfigError(_VIRTUAL_NEEDS_MOSQUITTO, key="clock")
+        if self.broker is not None and len(broker_urls(self.broker)) > 1 and (
+                self.clock == "virtual"):
+            raise ConfigError("the virtual clock takes one broker URL (a Mosquitto): several "
+                              "(a cluster's nodes) need --clock wall", key="broker")
         if self.dataset not in ("digits", "synthetic"):
             raise ConfigError("dataset must be digits or synthetic", key="dataset")
         if self.model not in ("logistic", "mlp", "linear"):
@@ -428,6 +435,9 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet,
         if virtual and isinstance(broker, EmbeddedBroker):
             raise ConfigError(_VIRTUAL_NEEDS_MOSQUITTO, key="clock")
         url = config.broker or (broker.url if broker else "")
+        # Several URLs (a cluster's nodes): the coordinator fails over along them from the
+        # first; the devices are spread over them (fleet/_worker.py).
+        urls = broker_urls(url)
         if progress:
             kind = ("existing broker" if broker is None else "private Mosquitto"
                     if isinstance(broker, MosquittoBroker) else "embedded amqtt broker "
@@ -449,7 +459,7 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet,
         clocks: dict[str, Any] = ({} if vclock is None else
                                   {"clock": vclock.wall, "monotonic": vclock.wall, "driven": True})
         service = CoordinatorService(CoordinatorConfig(
-            model=fleet.spec, broker=url, fleet=fleet_name, state_dir=str(run_state),
+            model=fleet.spec, broker=urls, fleet=fleet_name, state_dir=str(run_state),
             client_id=f"coordinator-{fleet_name}", http="", rule=rule_config(config, rule),
             participation=participation_config(config, rule), keep_checkpoints=_KEEP,
             guards=GuardConfig(max_norm=10.0),
@@ -458,7 +468,7 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet,
         # What the coordinator publishes (snapshots, acks) and receives, as the devices count.
         coordinator_traffic = count_traffic(service._client)
         sys_start = ({} if isinstance(broker, MosquittoBroker) else None if broker is not None
-                     else read_sys_counters(url, timeout=5))
+                     else read_sys_counters(urls[0], timeout=5))
         service.start()
         if not service.wait_connected(15):
             raise ConfigError(f"coordinator could not connect to {url}")
@@ -491,7 +501,7 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet,
             service.stop()
             shutil.copytree(run_state, coord_state)
         if sampled and sys_start is not None:  # everything has stopped but the broker
-            sys_end = read_sys_counters(url, timeout=30)
+            sys_end = read_sys_counters(urls[0], timeout=30)
         if broker is not None:
             broker.close()
         shutil.rmtree(state_root, ignore_errors=True)
@@ -531,6 +541,10 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet,
         mean_cpu_percent=round(float(np.mean([r["cpu_percent"] for r in rows[2:]])), 1)
         if len(rows) > 2 else None,
         broker=broker_totals)
+    if not virtual:  # the devices' update-to-ack latency (fleet/_latency.py)
+        machine["ack_latency_ms"] = ack_percentiles(Counter(
+            {k: v for totals in latest.values() for k, v in totals.items()
+             if k.startswith(ACK_PREFIX)}))
     (out_dir / "run.json").write_text(json.dumps(machine, indent=1))
     return RunResult(rule, out_dir, evals, summary, arrivals, machine)
 

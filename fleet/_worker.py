@@ -28,6 +28,7 @@ from agent._agent import Agent
 from agent._config import AgentConfig
 from agent._policy import PolicyConfig
 from agent._trainer import TrainConfig, train_update
+from fleet._latency import bucket
 from fleet._netloop import NetLoop
 from fleet._traces import DeviceTrace, SimClock, SimReader
 from fleet._traffic import attach as count_traffic
@@ -41,7 +42,7 @@ from fleet._virtual import (
 )
 from models import Topics, UpdateMessage, WireError, decode_ack, encode_ack
 from models._files import Features, Labels
-from models._mqtt import BrokerAddress, make_client
+from models._mqtt import BrokerAddress, broker_urls, make_client
 from models._wire import MAX_RETRY_AFTER_S
 
 log = logging.getLogger("fedasync.fleet.worker")
@@ -54,7 +55,7 @@ class WorkerSpec:
     """Everything a worker needs, picklable (it crosses a local process boundary only)."""
 
     index: int
-    broker_url: str
+    broker_url: str  # one URL, or a cluster's nodes, comma-separated
     fleet: str
     traces: tuple[DeviceTrace, ...]
     data: tuple[tuple[Any, Any], ...]  # (X, y) per device, same order as traces
@@ -193,6 +194,10 @@ class SimDevice:
         # What this device received, by the topic's kind level (model, weights, template,
         # announce, ack): `per_device` in summary.json's traffic.
         self.received: Counter[str] = Counter()
+        # Wall clock only: when each update in flight was handed to the client, and the acks'
+        # latencies by bucket (fleet/_latency.py). Meaningless on the virtual clock.
+        self.sent_at: dict[str, float] = {}
+        self.ack_latency: Counter[str] = Counter()
         # A newer model arrived: step at once rather than at the next poll (120 sim s by
         # default, most of a fast fleet's wall time at --scale 1).
         self.agent.wake = lambda: self.timers.soon(self._step)
@@ -220,6 +225,7 @@ class SimDevice:
 
     def _on_disconnect(self, *args: Any) -> None:
         self.link.connected = self._up = False
+        self.sent_at.clear()  # resent on reconnect: that wait is the outage's
         self.link.forget_pending()
         if self.shard is not None and self._closing:
             self._closing = False
@@ -240,17 +246,21 @@ class SimDevice:
         self.received[f"{level}_msgs"] += 1
         self.received[f"{level}_bytes"] += len(payload) + len(topic.encode())
         if topic == self.topics.ack(self.trace.device_id):
-            payload = self._sim_seconds(payload)
+            payload = self._on_ack(payload)
         self.agent.on_message(topic, payload)
 
-    def _sim_seconds(self, ack: bytes) -> bytes:
-        """The coordinator runs on wall seconds (its window is the sim window / scale), the agent
-        on sim seconds: a cap's `retry_after_s` must be scaled, or the device would back off for
-        1/scale of the time it was asked to."""
+    def _on_ack(self, ack: bytes) -> bytes:
+        """Count the ack's latency, and scale its `retry_after_s`: the coordinator runs on wall
+        seconds (its window is the sim window / scale), the agent on sim seconds, so a cap's
+        `retry_after_s` must be scaled, or the device would back off for 1/scale of the time
+        it was asked to."""
         try:
             decoded = decode_ack(ack)
         except WireError:
             return ack  # the agent logs it
+        sent = self.sent_at.pop(decoded.update_id or "", None)
+        if sent is not None:
+            self.ack_latency[bucket(1000 * (time.monotonic() - sent))] += 1
         if decoded.retry_after_s is None:
             return ack
         return encode_ack(replace(decoded, retry_after_s=min(
@@ -328,6 +338,8 @@ class SimDevice:
             self._abort(self.agent.decision.reason if self.agent.decision else "")
             return
         job, self.job = self.job, None
+        if self.shard is None and self.link.connected:
+            self.sent_at[job.update_id] = time.monotonic()
         self.agent.deliver(job)
         # Finished: a newer model that came meanwhile is trained on now, not at the next poll.
         self.timers.soon(self._step)
@@ -344,7 +356,7 @@ class SimDevice:
                 "eligible": int(bool(self.online and d is not None and d.eligible)),
                 "training": int(self.job is not None), "trained": c.trained,
                 "accepted": c.accepted, "rejected": c.rejected, "aborted": c.aborted,
-                **self.traffic.stats()}
+                **self.traffic.stats(), **self.ack_latency}
 
     def downlink(self) -> dict[str, int]:
         """This device's own counts (`fleet._sim.per_device_downlink`): messages and bytes
@@ -397,9 +409,12 @@ def run_worker(spec: WorkerSpec, go: multiprocessing.synchronize.Event, start: A
 
 def _load_devices(spec: WorkerSpec, net: NetLoop, clock: SimClock, shard: Shard | None = None,
                   timers: Timers | None = None) -> list[SimDevice]:
-    address = BrokerAddress.parse(spec.broker_url)
+    # A cluster's nodes: spread round robin, each worker starting one node further, as a load
+    # balancer would (one URL: every device on it).
+    nodes = [BrokerAddress.parse(u) for u in broker_urls(spec.broker_url)]
     return [SimDevice(trace, X=np.asarray(X, dtype=np.float32), y=np.asarray(y), spec=spec,
-                      net=net, clock=clock, address=address, index=i, shard=shard,
+                      net=net, clock=clock, address=nodes[(spec.index + i) % len(nodes)],
+                      index=i, shard=shard,
                       timers=None if timers is None else timers.of_device(i))
             for i, (trace, (X, y)) in enumerate(zip(spec.traces, spec.data, strict=True))]
 

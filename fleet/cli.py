@@ -152,7 +152,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     c.add_argument("--snapshot-interval", type=float,
                    help="the coordinator's snapshots.min_interval_s, wall seconds: at most one "
                         "snapshot per this long (1 simulated second, at least 0.05)")
-    p.add_argument("--broker", help="use this broker (mqtt://host:port) instead of starting one")
+    p.add_argument("--broker", help="use this broker (mqtt://host:port) instead of starting one; "
+                   "several comma-separated URLs (a cluster's nodes, --clock wall) spread the "
+                   "devices over them")
     p.add_argument("--embedded-broker", action="store_true",
                    help="use the pure-Python broker even if Mosquitto is installed")
     p.add_argument("--log-level", type=log_level, default="WARNING",

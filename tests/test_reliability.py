@@ -235,6 +235,14 @@ class AgentFleet:
         return all(link.connected for link in self.links) and all(
             a.snapshot is not None for a in self.agents)
 
+    def waiting(self) -> list[dict[str, Any]]:
+        """Why the agents not ready are not: connection and model state, for a failure."""
+        return [{"id": a.config.device_id, **link.connection_info(),
+                 "subscribed": sorted(t.rsplit("/", 1)[1] for t in a._subscribed),
+                 **{k: v for k, v in a.status().items() if k in ("models", "announced_version")}}
+                for a, link in zip(self.agents, self.links, strict=True)
+                if not link.connected or a.snapshot is None]
+
     def train_round(self, timeout: float = 60.0) -> None:
         """Each agent trains once (stub) and spools + publishes its update.
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import pytest
 
 from fleet import build_fleet
@@ -189,3 +190,26 @@ def test_a_small_run_reports_its_traffic(tmp_path) -> None:
     device_hours = config.devices * config.duration_s * config.scale / 3600
     assert traffic["per_device_hour"]["uplink_bytes"] == pytest.approx(
         traffic["uplink_bytes"] / device_hours, abs=0.01)
+    # On the wall clock the devices also time each update to its ack (fleet/_latency.py).
+    latency = result.machine["ack_latency_ms"]
+    assert latency is not None and 1 <= latency["n"] <= down["ack"]["messages"]
+    assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] < 100_000
+
+
+def test_ack_latency_buckets_add_up_to_percentiles_within_a_bucket() -> None:
+    from collections import Counter
+
+    from fleet._latency import EDGES_MS, bucket, percentiles
+
+    rng = np.random.default_rng(7)
+    samples = rng.lognormal(mean=3.0, sigma=1.0, size=5000)  # ms, median ~20
+    first, second = (Counter(bucket(x) for x in half) for half in np.split(samples, 2))
+    got = percentiles(first + second)  # as two workers' reports add up
+    assert got is not None and got["n"] == 5000
+    step = EDGES_MS[1] / EDGES_MS[0]
+    for q in (50, 90, 99):
+        true = float(np.percentile(samples, q))
+        assert true <= got[f"p{q}"] <= true * step * 1.01, (q, true, got)
+    assert bucket(0.2) == "ack_ms_le_1" and bucket(10**6) == "ack_ms_le_inf"
+    assert percentiles({"ack_ms_le_inf": 3})["p50"] == float("inf")  # type: ignore[index]
+    assert percentiles({}) is None and percentiles({"sent_update_msgs": 4}) is None
