@@ -25,10 +25,17 @@ class SnapshotConfig:
 
     min_interval_s: float = 1.0
     include_onnx: bool = True
+    # Publish the retained model, its compact parts and the announcement again, unchanged, after
+    # this long without a new version (0: never). A node of a clustered broker can keep an old
+    # retained copy or miss one (NATS 2.9, docs/brokers.md); a fresh publication reaches it,
+    # and every device listening there. One Mosquitto needs none.
+    republish_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.min_interval_s) or self.min_interval_s < 0:
             raise ConfigError("snapshots.min_interval_s must be >= 0", key="min_interval_s")
+        if not math.isfinite(self.republish_s) or self.republish_s < 0:
+            raise ConfigError("snapshots.republish_s must be >= 0 (0: never)", key="republish_s")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -36,6 +36,9 @@ class Metrics:
                                registry=r)
         self.snapshots = Counter("fedasync_snapshots_published", "Model snapshots published",
                                  registry=r)
+        self.republished = Counter("fedasync_snapshots_republished",
+                                   "Retained models published again unchanged "
+                                   "(snapshots.republish_s)", registry=r)
         self._tally: Tally[str] = Tally()
 
     def observe_batch(self, outcomes: Sequence[Outcome], seconds: float) -> None:

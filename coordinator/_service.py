@@ -309,18 +309,22 @@ class CoordinatorService:
                           (self.topics.coordinator_status, 0)])
         client.publish(self.topics.coordinator_status, self.identity.presence("online").to_json(),
                        qos=1, retain=True)
-        if isinstance(self._template, tuple) and self._template_acked is not None:
-            client.publish(self.topics.template, self._template[1], qos=1, retain=True)
-        if self._last_weights is not None:
-            client.publish(self.topics.weights, self._last_weights, qos=1, retain=True)
-        if self._last_snapshot is not None:  # a broker without persistence forgot it
-            client.publish(self.topics.model, self._last_snapshot, qos=1, retain=True)
-        if self._last_announcement is not None:
-            # After the snapshot on the same connection: the broker handles one client's
-            # packets in order, so it holds that snapshot (or a newer one) before it stores
-            # this announcement, which names an acknowledged, never a newer, version.
-            client.publish(self.topics.announce, self._last_announcement, qos=1, retain=True)
+        self._republish(client)  # a broker without persistence forgot them
         self.metrics.connected.set(1)
+
+    def _republish(self, client: mqtt.Client) -> None:
+        """The retained model as last published, again: template, weights, snapshot, then the
+        announcement. After the snapshot on the same connection: the broker handles one
+        client's packets in order, so it holds that snapshot (or a newer one) before it stores
+        this announcement, which names an acknowledged, never a newer, version."""
+        for topic, payload in (
+                (self.topics.template, self._template[1] if isinstance(self._template, tuple)
+                 and self._template_acked is not None else None),
+                (self.topics.weights, self._last_weights),
+                (self.topics.model, self._last_snapshot),
+                (self.topics.announce, self._last_announcement)):
+            if payload is not None:
+                client.publish(topic, payload, qos=1, retain=True)
 
     def _on_offline(self) -> None:
         self._connected.clear()
@@ -461,7 +465,8 @@ class CoordinatorService:
             with self._snapshot_wanted:
                 wait = self._snapshot_wait()
                 if wait is None or wait > 0:
-                    self._snapshot_wanted.wait(timeout=1.0 if wait is None else wait)
+                    self._republish_due()
+                    self._snapshot_wanted.wait(timeout=1.0 if wait is None else min(wait, 1.0))
                     continue
             if self._failure is not None:  # the fleet's model is another coordinator's now
                 self._stop.wait(1.0)
@@ -471,6 +476,18 @@ class CoordinatorService:
                 self._link.wait_online(1.0)
                 continue
             self._publish_newest()
+
+    def _republish_due(self) -> None:
+        """`snapshots.republish_s` after the last publication (new or repeated), the same
+        again."""
+        every = self.config.snapshots.republish_s
+        if (every <= 0 or self._last_announcement is None or not self._link.online
+                or self._monotonic() - self._last_publish < every):
+            return
+        self._republish(self._client)
+        self._last_publish = self._monotonic()
+        self.metrics.republished.inc()
+        log.debug("republished the retained model of version %d", self._published_version)
 
     def _publish_newest(self) -> None:
         with self._engine_lock:

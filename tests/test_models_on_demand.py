@@ -461,6 +461,38 @@ def test_the_coordinator_announces_the_snapshot_the_broker_holds(broker, fleet_n
 
 
 @pytest.mark.broker
+def test_with_republish_s_the_coordinator_publishes_the_same_model_again(
+        broker, fleet_name, tmp_path) -> None:
+    """`snapshots.republish_s`: with no new version, the retained model and its announcement
+    are published again, unchanged, live to whoever listens (a clustered broker's node that
+    missed or kept an old copy gets it again, docs/brokers.md)."""
+    service = coordinator(broker, fleet_name, tmp_path / "coord", model=SMALL,
+                          snapshots=SnapshotConfig(min_interval_s=0, include_onnx=False,
+                                                   republish_s=0.3))
+    try:
+        newest = new_versions(broker, service, fleet_name, 1, n_params=15)
+        topics = Topics(fleet_name)
+        listener = Listener(broker.url, [topics.model, topics.announce])
+        try:
+            got: dict[tuple[str, bool], list[bytes]] = {}
+            while len(got.get((topics.announce, False), [])) < 2:
+                m = listener.get()  # queue.Empty after 30 s: nothing was republished
+                got.setdefault((m.topic, bool(m.retain)), []).append(bytes(m.payload))
+        finally:
+            listener.close()
+        retained = got[(topics.announce, True)]
+        assert len(retained) == 1 and decode_announcement(retained[0]).version == newest
+        # Live copies of the same bytes.
+        assert set(got[(topics.announce, False)]) == set(retained)
+        assert len(got.get((topics.model, False), [])) >= 2
+        assert set(got[(topics.model, False)]) == set(got[(topics.model, True)])
+        assert service.engine.version == newest
+        assert service.metrics.republished._value.get() >= 2
+    finally:
+        service.stop()
+
+
+@pytest.mark.broker
 def test_an_ineligible_agent_gets_no_snapshot_then_fetches_only_the_newest(
         broker, fleet_name, tmp_path) -> None:
     service = coordinator(broker, fleet_name, tmp_path / "coord")

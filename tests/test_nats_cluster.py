@@ -48,7 +48,9 @@ def coordinator(broker: str | tuple[str, ...], fleet: str, state: Path) -> Coord
         model=SPEC, broker=broker, fleet=fleet, state_dir=str(state), http="",
         rule=RuleConfig(name="fedasync", alpha=ALPHA, staleness="constant"),
         guards=GuardConfig(max_norm=100.0, max_staleness=100_000),
-        snapshots=SnapshotConfig(min_interval_s=0.0, include_onnx=False),
+        # Republished as docs/brokers.md advises for NATS: a node whose retained copy lags
+        # gets it again (a CI run had agents on such nodes wait in vain for their first model).
+        snapshots=SnapshotConfig(min_interval_s=0.0, include_onnx=False, republish_s=2.0),
         # Off so that check_lineage can replay the model from the deltas alone (reweighting
         # depends on who arrived when, which a failover changes).
         participation=ParticipationConfig(reweight=False)))
@@ -148,18 +150,23 @@ def test_sigkill_of_the_coordinators_node_fails_over_and_loses_nothing(
         assert wait_for(lambda: fleet.merged() == len(fleet.produced), timeout=120), undelivered(
             fleet, tmp_path / "coordinator")
 
-        pacer = Pacer(fleet, rounds=6, every=0.2)  # a steady stream through the kill
+        pacer = Pacer(fleet, rounds=6, every=0.5)  # a steady stream through the kill
         assert wait_for(lambda: service.engine.version >= 2 * len(fleet.agents), timeout=120)
         acked_before = {ack.update_id for ack in fleet.acks() if ack.status == "accepted"}
         version_at_kill = service.engine.version
         killed_at = time.monotonic()
         nats_cluster.kill(0)
+        # Offline, nothing more arrives: what it merges from here came through the new node.
+        # (Measured from the reconnection a CI-like run missed the merges: the backlog of the
+        # outage was merged before the test looked.)
+        assert wait_for(lambda: not link.online, timeout=60), link.info()
+        offline = service.engine.version
+        assert offline < 7 * len(fleet.agents), "everything merged before the kill: no test"
 
         assert wait_for(lambda: link.online and link.address.port != nats_cluster.nodes[0]
                         .mqtt_port, timeout=120), link.info()
         reconnected = time.monotonic() - killed_at
-        version = service.engine.version
-        assert wait_for(lambda: service.engine.version > version, timeout=120, interval=0.005), (
+        assert wait_for(lambda: service.engine.version > offline, timeout=120, interval=0.005), (
             "no merge after the failover")
         recovered = time.monotonic() - killed_at
         print(f"\nNATS failover: coordinator online on another node {reconnected:.2f} s after "
