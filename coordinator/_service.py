@@ -465,9 +465,10 @@ class CoordinatorService:
             with self._snapshot_wanted:
                 wait = self._snapshot_wait()
                 if wait is None or wait > 0:
-                    self._republish_due()
                     self._snapshot_wanted.wait(timeout=1.0 if wait is None else min(wait, 1.0))
-                    continue
+            if wait is None or wait > 0:
+                self._republish_due()  # outside the lock: the writer notifies through it
+                continue
             if self._failure is not None:  # the fleet's model is another coordinator's now
                 self._stop.wait(1.0)
                 continue
@@ -482,7 +483,7 @@ class CoordinatorService:
         again."""
         every = self.config.snapshots.republish_s
         if (every <= 0 or self._last_announcement is None or not self._link.online
-                or self._monotonic() - self._last_publish < every):
+                or self._failure is not None or self._monotonic() - self._last_publish < every):
             return
         self._republish(self._client)
         self._last_publish = self._monotonic()
