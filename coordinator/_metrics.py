@@ -26,6 +26,10 @@ class Metrics:
                                    registry=r)
         self.batch_seconds = Histogram("fedasync_merge_batch_seconds", "Time to validate, merge "
                                        "and durably commit one batch", registry=r)
+        self.ack_seconds = Histogram(
+            "fedasync_update_ack_seconds", "From an update's arrival at the coordinator to its "
+            "end-to-end ack, handed to the broker", registry=r,
+            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
         self.batch_size = Histogram("fedasync_merge_batch_size", "Updates per group commit",
                                     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500), registry=r)
         self.version = Gauge("fedasync_model_version", "Current global model version",

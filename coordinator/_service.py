@@ -417,6 +417,10 @@ class CoordinatorService:
         self.metrics.observe_batch(outcomes, time.perf_counter() - started)
         for o in outcomes:
             self._send(o)
+        if not self._driven:  # on a virtual clock the wait is not the coordinator's
+            now = self._clock()
+            for incoming in batch:
+                self.metrics.ack_seconds.observe(max(0.0, now - incoming.received_at))
         self._after_change(before)
 
     def _tick(self) -> None:

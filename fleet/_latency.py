@@ -1,6 +1,8 @@
 """Update-to-ack latency of a wall-clock run, counted at the devices: from handing an update to
 the MQTT client to receiving its end-to-end ack, in log-spaced buckets that add up across
 devices and workers (a worker's report is a flat dict of counts), read back as percentiles.
+The coordinator's own part (arrival to ack) comes from its Prometheus histogram, read the same
+way (`histogram_counts`).
 
 Ten buckets a decade from 1 ms to 100 s: a percentile is the upper edge of its bucket, at most
 26% above the true value. An update resent after a reconnect is not counted (its wait is the
@@ -12,6 +14,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Mapping
+from typing import Any
 
 PREFIX = "ack_ms_le_"
 # Upper edges, ms: 1, 1.26, 1.58, ..., 100,000; a last bucket above.
@@ -41,3 +44,18 @@ def percentiles(counts: Mapping[str, int], qs: tuple[float, ...] = (50, 90, 99)
                 out[f"p{q:g}"] = edge
                 break
     return out
+
+
+def histogram_counts(histogram: Any) -> dict[str, int]:
+    """A prometheus_client Histogram (seconds) as bucket counts for `percentiles`."""
+    counts: dict[str, int] = {}
+    below = 0.0
+    for metric in histogram.collect():
+        for sample in metric.samples:
+            if not sample.name.endswith("_bucket"):
+                continue
+            le = float(sample.labels["le"])
+            key = f"{PREFIX}inf" if math.isinf(le) else f"{PREFIX}{le * 1000:g}"
+            counts[key] = int(sample.value - below)  # cumulative in Prometheus
+            below = sample.value
+    return counts

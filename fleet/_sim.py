@@ -57,6 +57,7 @@ from fleet._fairness import (
     worst_fraction_mean,
 )
 from fleet._latency import PREFIX as ACK_PREFIX
+from fleet._latency import histogram_counts
 from fleet._latency import percentiles as ack_percentiles
 from fleet._traces import DeviceTrace, FleetProfile, _int, _num, generate_device, summarize
 from fleet._traffic import attach as count_traffic
@@ -541,10 +542,12 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet,
         mean_cpu_percent=round(float(np.mean([r["cpu_percent"] for r in rows[2:]])), 1)
         if len(rows) > 2 else None,
         broker=broker_totals)
-    if not virtual:  # the devices' update-to-ack latency (fleet/_latency.py)
+    if not virtual:  # update-to-ack latency at the devices, and its coordinator's part
         machine["ack_latency_ms"] = ack_percentiles(Counter(
             {k: v for totals in latest.values() for k, v in totals.items()
              if k.startswith(ACK_PREFIX)}))
+        machine["coordinator_ack_ms"] = ack_percentiles(histogram_counts(
+            service.metrics.ack_seconds))
     (out_dir / "run.json").write_text(json.dumps(machine, indent=1))
     return RunResult(rule, out_dir, evals, summary, arrivals, machine)
 

@@ -72,7 +72,11 @@ class Node:
 class NatsCluster:
     """Three clustered nats-server processes with JetStream and MQTT, on free loopback ports."""
 
-    def __init__(self, workdir: Path, *, cluster_name: str = "fedasync-test") -> None:
+    def __init__(self, workdir: Path, *, cluster_name: str = "fedasync-test",
+                 consumer_replicas: int | None = None) -> None:
+        """`consumer_replicas`: of the JetStream consumer behind each QoS 1 subscription of an
+        MQTT session (a device's acks): unset, as many as the streams (3), a Raft group per
+        device; 1 is what a large fleet on few cores needs (docs/scaling.md, "Measured")."""
         exe = nats_server_path()
         if exe is None:
             raise ClusterError("nats-server is not installed")
@@ -104,7 +108,9 @@ class NatsCluster:
                 "mqtt {\n"
                 f"  listen: 127.0.0.1:{node.mqtt_port}\n"
                 "  stream_replicas: 3\n"
-                "}\n")
+                + ("" if consumer_replicas is None
+                   else f"  consumer_replicas: {consumer_replicas}\n")
+                + "}\n")
 
     @property
     def urls(self) -> list[str]:

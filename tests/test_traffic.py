@@ -194,6 +194,10 @@ def test_a_small_run_reports_its_traffic(tmp_path) -> None:
     latency = result.machine["ack_latency_ms"]
     assert latency is not None and 1 <= latency["n"] <= down["ack"]["messages"]
     assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] < 100_000
+    # ... and the coordinator its part of it, every update it received (duplicates too).
+    own = result.machine["coordinator_ack_ms"]
+    assert own is not None and own["n"] >= lineage
+    assert own["p50"] <= own["p99"] <= 60_000
 
 
 def test_ack_latency_buckets_add_up_to_percentiles_within_a_bucket() -> None:
@@ -213,3 +217,17 @@ def test_ack_latency_buckets_add_up_to_percentiles_within_a_bucket() -> None:
     assert bucket(0.2) == "ack_ms_le_1" and bucket(10**6) == "ack_ms_le_inf"
     assert percentiles({"ack_ms_le_inf": 3})["p50"] == float("inf")  # type: ignore[index]
     assert percentiles({}) is None and percentiles({"sent_update_msgs": 4}) is None
+
+
+def test_a_prometheus_histogram_reads_back_as_the_same_percentiles() -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from fleet._latency import histogram_counts, percentiles
+
+    h = Histogram("t_seconds", "t", registry=CollectorRegistry(), buckets=(0.01, 0.1, 1.0))
+    for seconds in [0.005] * 50 + [0.05] * 40 + [0.5] * 9 + [5.0]:
+        h.observe(seconds)
+    counts = histogram_counts(h)
+    assert counts == {"ack_ms_le_10": 50, "ack_ms_le_100": 40, "ack_ms_le_1000": 9,
+                      "ack_ms_le_inf": 1}
+    assert percentiles(counts) == {"n": 100, "p50": 10.0, "p90": 100.0, "p99": 1000.0}
