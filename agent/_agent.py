@@ -206,6 +206,7 @@ class Agent:
         self._fresh = False  # an announcement arrived since the current subscription
         self._listening_since: float | None = None  # net_clock: announce subscribed, unheard
         self._relistened_at = -float("inf")  # net_clock: last subscription made again
+        self._rewritten_seen = False  # a topic the broker rewrote ('.' -> '/'), logged once
         self._unannounced = False  # no announcement ever heard: following snapshots instead
         self._subscribed: set[str] = set()
         self._fetching_since: float | None = None  # net_clock
@@ -255,6 +256,14 @@ class Agent:
 
     def on_message(self, topic: str, payload: bytes) -> None:
         """A message on one of the agent's topics, handed to its handler (the ack otherwise)."""
+        if self.topics.rewritten(topic):
+            if not self._rewritten_seen:
+                self._rewritten_seen = True
+                log.error("a message on %s: the broker turned a '.' of a topic level into '/' "
+                          "(RabbitMQ's MQTT plugin does): on such a broker the fleet name, the "
+                          "topic root and the device id must be letters, digits, '-' and '_' "
+                          "only; nothing from it can be used", topic)
+            return
         handler = {self.topics.model: self.on_model, self.topics.announce: self.on_announce,
                    self.topics.weights: self.on_weights,
                    self.topics.template: self.on_template}.get(topic, self.on_ack)

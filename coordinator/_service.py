@@ -137,6 +137,7 @@ class CoordinatorService:
         self._standby = threading.Event()  # set while waiting for another coordinator to stop
         self._foreign = 0  # messages on other fleets' topics: acknowledged, never merged
         self._foreign_seen: set[str] = set()
+        self._rewritten_seen = False  # a topic rewritten by the broker, logged once
         self._client = make_client(self.address, client_id=config.mqtt_client_id,
                                    persistent=True, manual_ack=True, max_inflight=0)
         # max_inflight is paho's window for what *we* publish (acks, snapshots), not how many
@@ -347,6 +348,9 @@ class CoordinatorService:
                 return
             self._on_coordinator_status(bytes(msg.payload), bool(msg.retain))
             return
+        if self.topics.rewritten(topic):
+            self._on_rewritten(client, msg)
+            return
         if not self.topics.owns(topic):
             self._on_foreign(client, msg)
             return
@@ -359,6 +363,20 @@ class CoordinatorService:
             return  # not ours to merge any more; unacked, the broker keeps it
         self._inbox.put(Incoming(self.topics.device_of(topic), bytes(msg.payload), self._clock(),
                                  _Token(self._generation, msg.mid, msg.qos), topic=topic))
+
+    def _on_rewritten(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
+        """A message of this fleet whose topic the broker rewrote ('.' -> '/'): it cannot be
+        told apart from another fleet's or device's, so it is refused (acknowledged, never
+        merged: the broker would only deliver it again), loudly the first time."""
+        if msg.qos > 0:
+            client.ack(msg.mid, msg.qos)
+        self.metrics.rejected.labels("rewritten_topic").inc()
+        first, self._rewritten_seen = not self._rewritten_seen, True
+        (log.error if first else log.debug)(
+            "refused a message on %s: the broker turned a '.' of one of fleet %r's topic levels "
+            "into '/' (RabbitMQ's MQTT plugin does). On such a broker the fleet name, the topic "
+            "root and every device id must be letters, digits, '-' and '_' only "
+            "(docs/brokers.md)", msg.topic, self.config.fleet)
 
     def _on_foreign(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
         """A message on another fleet's topic: the broker session of our client id still holds

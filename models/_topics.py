@@ -75,6 +75,17 @@ class Topics:
         """True for a topic of this fleet (``fl/acc/...``, not ``fl/accm/...``)."""
         return topic.startswith(f"{self.prefix}/")
 
+    def rewritten(self, topic: str) -> bool:
+        """Whether `topic` is one of this fleet's with a '.' of a level turned into '/': a
+        broker that maps MQTT topics onto AMQP routing keys does that (RabbitMQ's MQTT plugin:
+        '/' -> '.' on the way in, '.' -> '/' on delivery), so a fleet name, topic root or
+        device id with a '.' cannot be served through it (docs/brokers.md)."""
+        if "." in topic or not topic.replace("/", ".").startswith(
+                self.prefix.replace("/", ".") + "."):
+            return False
+        # Ours have at most two levels past the prefix (update/<device>, coordinator/status).
+        return "." in self.prefix or topic.count("/") > self.prefix.count("/") + 2
+
     def device_of(self, topic: str, kind: str = "update") -> str | None:
         """The device id in ``<prefix>/<kind>/<device>``, or None if the topic is not that shape."""
         head = f"{self.prefix}/{kind}/"

@@ -433,3 +433,35 @@ def test_under_the_shipped_acl_the_look_works_and_a_bad_password_is_named(
     assert "(check the user name and password in the broker URL)" in refusal
     assert "nope" not in refusal
     assert wrong_status["state"] == "connecting" and "not authori" in wrong_status["last_error"]
+
+
+def test_topics_a_broker_rewrote_are_recognised(tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """RabbitMQ's MQTT plugin delivers 'fl/t.dot/model' as 'fl/t/dot/model' (tests/
+    test_rabbitmq.py): our own topics, rewritten, are told from another fleet's, and the agent
+    says why once instead of handing an announcement to its ack handler."""
+    from agent._agent import Agent
+    from agent._config import AgentConfig
+    from agent._data import CallableSource
+    from agent._readings import StaticReader
+    from tests.test_agent import readings
+    from tests.test_models_on_demand import RecordingLink
+
+    dotted, plain = Topics("t.dot"), Topics("acc")
+    assert dotted.rewritten("fl/t/dot/announce") and dotted.rewritten("fl/t/dot/update/d-1")
+    assert not dotted.rewritten(dotted.announce) and not dotted.rewritten("fl/t/other/model")
+    assert plain.rewritten("fl/acc/update/pi/1")  # device id "pi.1"
+    for ours in (plain.update("pi-1"), plain.ack("pi-1"), plain.coordinator_status,
+                 plain.model, plain.weights, plain.template, "fl/accm/update/x"):
+        assert not plain.rewritten(ours), ours
+
+    agent = Agent(AgentConfig(device_id="pi-1", fleet="t.dot", state_dir=str(tmp_path),
+                              train_in_subprocess=False),
+                  link=RecordingLink(), reader=StaticReader(readings()),
+                  data=CallableSource(lambda: (np.zeros((0, 4)), np.zeros(0))))
+    caplog.set_level(logging.INFO, logger="fedasync")
+    for _ in range(3):
+        agent.on_message("fl/t/dot/announce", b"{}")
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(errors) == 1 and "turned a '.'" in errors[0].getMessage()
+    assert agent.announcement is None

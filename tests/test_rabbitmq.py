@@ -14,6 +14,7 @@ The last test pins a RabbitMQ 3.10 behaviour our topic names must avoid: the plu
 
 from __future__ import annotations
 
+import logging
 import queue
 import time
 import uuid
@@ -210,3 +211,34 @@ def test_rabbitmq_turns_a_dot_in_a_topic_level_into_a_separator(rabbit: RabbitNo
     finally:
         client.loop_stop()
         client.disconnect()
+
+
+def test_a_dotted_fleet_on_rabbitmq_is_refused_with_a_clear_error(
+        rabbit: RabbitNode, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The product's side of the test above: a coordinator whose fleet name has a '.' gets its
+    updates on rewritten topics; it says why, once, counts them, and merges nothing (it used to
+    take them for another fleet's and drop them with a misleading warning)."""
+    from tests.helpers import update_bytes
+
+    caplog.set_level(logging.INFO, logger="fedasync")
+    fleet = f"t.dot-{uuid.uuid4().hex[:6]}"
+    service = coordinator(rabbit.url, fleet, tmp_path / "coordinator")
+    client = make_client(BrokerAddress.parse(rabbit.url), client_id=f"dev-{uuid.uuid4().hex[:8]}",
+                         persistent=False)
+    client.connect("127.0.0.1", rabbit.mqtt_port)
+    client.loop_start()
+    try:
+        assert service.wait_connected(30)
+        for _ in range(2):
+            client.publish(Topics(fleet).update("dev-1"), update_bytes(np.zeros(27, np.float32)),
+                           qos=1).wait_for_publish(10)
+        rejected = service.metrics.rejected.labels("rewritten_topic")
+        assert wait_for(lambda: rejected._value.get() >= 2, timeout=30)
+        errors = [r.getMessage() for r in caplog.records
+                  if r.levelno == logging.ERROR and "turned a '.'" in r.getMessage()]
+        assert len(errors) == 1 and fleet in errors[0], errors
+        assert service.engine.version == 0
+    finally:
+        client.loop_stop()
+        client.disconnect()
+        service.stop()
