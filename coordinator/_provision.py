@@ -42,7 +42,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from models import ConfigError, Topics, WireError, validate_id
-from models._mqtt import BrokerAddress
+from models._mqtt import BrokerAddress, broker_urls
 
 PBKDF2_ITERATIONS = 101  # Mosquitto 2.0's PW_DEFAULT_ITERATIONS
 SALT_BYTES = 12  # Mosquitto 2.0's SALT_LEN
@@ -244,7 +244,7 @@ class Provisioned:
     name: str
     role: str
     password: str
-    broker_url: str  # with credentials
+    broker_url: str  # with credentials; several comma-separated (a cluster's nodes)
     config_text: str  # agent TOML (device) or systemd EnvironmentFile (coordinator)
     config_path: Path | None
     passwd_file: Path
@@ -262,7 +262,8 @@ def agent_config_toml(*, device_id: str, broker_url: str, fleet: str, ca_file: s
         "# mode 0640, owner root, group fedasync-agent "
         "(deploy/raspberry-pi/install.sh --config FILE does that).",
         f"device_id = {_toml_str(device_id)}",
-        f"broker = {_toml_str(broker_url)}",
+        "broker = " + (_toml_str(broker_url) if "," not in broker_url else  # failover list
+                       "[" + ", ".join(_toml_str(u) for u in broker_url.split(",")) + "]"),
     ]
     if ca_file:
         lines.append(f"ca_file = {_toml_str(ca_file)}  # the fleet CA (make-certs.sh: ca.crt)")
@@ -311,13 +312,18 @@ def provision(
     if broker is None:
         broker = ("mqtt://127.0.0.1:1883" if role == "coordinator"
                   else f"mqtts://{socket.getfqdn()}:8883")
-    tls = BrokerAddress.parse(broker).tls
+    urls = broker_urls(broker)  # several: a cluster's nodes, each with the same account
+    schemes = {BrokerAddress.parse(u).tls for u in urls}
+    if len(schemes) != 1:
+        raise ConfigError("give --broker URLs of one scheme (all mqtts:// or all mqtt://): "
+                          "the client has one CA setting for all of them", key="broker")
+    tls = schemes.pop()
     if tls and ca_file is None and role == "device":
         ca_file = DEVICE_CA_FILE
     if not tls:
         ca_file = None
     password = generate_password() if password is None else password
-    url = broker_with_credentials(broker, name, password)
+    url = ",".join(broker_with_credentials(u, name, password) for u in urls)
     if role == "device":
         text = agent_config_toml(device_id=name, broker_url=url, fleet=fleet, ca_file=ca_file,
                                  public_keys=public_keys)
@@ -358,7 +364,9 @@ def add_provision_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser
                    help=f"Mosquitto password file (default {DEFAULT_PASSWD_FILE})")
     p.add_argument("--broker", help="broker URL as the client will see it, without "
                                     "credentials (default: mqtts://<this host's FQDN>:8883 for "
-                                    "a device, mqtt://127.0.0.1:1883 for the coordinator)")
+                                    "a device, mqtt://127.0.0.1:1883 for the coordinator); "
+                                    "several, comma-separated, for a cluster's nodes: the "
+                                    "config lists them all to fail over between")
     p.add_argument("--fleet", default="default", help="fleet name (default: default)")
     p.add_argument("--ca-file", help=f"CA path on the client for mqtts:// (device default "
                                      f"{DEVICE_CA_FILE})")

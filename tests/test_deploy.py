@@ -563,6 +563,28 @@ def test_provision_device_cli_writes_a_working_agent_config(tmp_path: Path) -> N
     assert verify_password(str(password2), read_users(tmp_path / "passwd")["pi-01"])
 
 
+def test_provision_device_for_a_cluster_lists_every_node(tmp_path: Path) -> None:
+    """Several --broker URLs (a cluster's nodes): the agent config lists them all, each with
+    the device's account, for the agent to fail over between (docs/brokers.md)."""
+    from agent._config import load_config
+
+    nodes = "mqtts://a.lan:8883,mqtts://b.lan:8883,mqtts://c.lan:8883"
+    code, out, err = _run_cli("provision-device", "pi-02", "--passwd", str(tmp_path / "passwd"),
+                              "--broker", nodes)
+    assert code == 0, err
+    assert isinstance(tomllib.loads(out)["broker"], list)
+    (tmp_path / "pi-02.toml").write_text(out)
+    config = load_config(tmp_path / "pi-02.toml")
+    address = BrokerAddress.parse(config.broker)
+    hosts = [(a.host, a.username, a.password) for a in (address, *address.alternates)]
+    assert [h for h, _, _ in hosts] == ["a.lan", "b.lan", "c.lan"]
+    assert {(u, p) for _, u, p in hosts} == {("pi-02", address.password)}
+    assert verify_password(str(address.password), read_users(tmp_path / "passwd")["pi-02"])
+    code, _, err = _run_cli("provision-device", "pi-03", "--passwd", str(tmp_path / "passwd"),
+                            "--broker", "mqtts://a.lan:8883,mqtt://b.lan:1883")
+    assert code == 2 and "one scheme" in err
+
+
 def test_provision_coordinator_writes_an_environment_file(tmp_path: Path) -> None:
     code, out, err = _run_cli("provision-device", "coordinator", "--role", "coordinator",
                               "--passwd", str(tmp_path / "passwd"), "--out", str(tmp_path))
