@@ -651,10 +651,11 @@ def test_export_writes_the_agent_and_policy_tables_and_they_load_back(tmp_path) 
 
 
 class _Scores:
-    """A model whose accuracy on a device's test set is written in that set."""
+    """A model whose score on a device's test set is written in that set (a metric other than
+    accuracy: that one is computed for all devices at once, tested below)."""
 
     def evaluate(self, X: Any, y: Any) -> dict[str, float]:
-        return {"accuracy": float(X[0, 0]), "loss": 0.0}
+        return {"score": float(X[0, 0]), "loss": 0.0}
 
 
 def _tests(*scores: float) -> list[Any]:
@@ -663,16 +664,49 @@ def _tests(*scores: float) -> list[Any]:
 
 def test_local_evaluation_reports_the_mean_and_the_worst_tenth() -> None:
     scores = [0.9] * 18 + [0.2, 0.4]
-    result = local_evaluation(_Scores(), [None, *_tests(*scores)])  # type: ignore[arg-type]
+    result = local_evaluation(_Scores(), [None, *_tests(*scores)],  # type: ignore[arg-type]
+                              metric="score")
 
     assert result is not None
     assert result["n_devices"] == 20
     assert result["mean"] == pytest.approx(np.mean(scores))
     assert result["worst_10pct"] == pytest.approx(0.3)  # 2 of 20 devices
-    few = local_evaluation(_Scores(), _tests(0.8, 0.5, 0.7))  # type: ignore[arg-type]
+    few = local_evaluation(_Scores(), _tests(0.8, 0.5, 0.7), metric="score")  # type: ignore[arg-type]
     assert few is not None and few["worst_10pct"] == 0.5  # at least one device
     assert local_evaluation(_Scores(), [None, None]) is None  # type: ignore[arg-type]
     assert local_evaluation(_Scores(), []) is None  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["logistic", "mlp"])
+def test_device_accuracies_computed_at_once_equal_one_evaluation_per_device(kind: str) -> None:
+    """`device_scores` scores every device's set with one prediction per model: the same
+    figures as `evaluate` on each set, devices without a set left out."""
+    from fleet._sim import device_scores
+    from models import ModelSpec, build_model
+
+    rng = np.random.default_rng(3)
+    model = build_model(ModelSpec(kind=kind, n_features=6, classes=(0, 1, 2, 5), hidden=(8,)))
+    params = [rng.standard_normal(model.n_params).astype(np.float32) for _ in range(3)]
+    tests = [None if i % 7 == 3 else (rng.standard_normal((int(rng.integers(1, 30)), 6)),
+                                      rng.choice([0, 1, 2, 5], int(rng.integers(1, 30))))
+             for i in range(40)]
+    tests = [None if t is None else (t[0], rng.choice([0, 1, 2, 5], len(t[0]))) for t in tests]
+
+    got = device_scores(model, tests, params=params)
+
+    expected: list[float | None] = []
+    for t in tests:
+        if t is None:
+            expected.append(None)
+            continue
+        scores = []
+        for p in params:
+            model.set_params_vector(p)
+            scores.append(model.evaluate(*t)["accuracy"])
+        expected.append(float(np.mean(scores)))
+    assert [g is None for g in got] == [e is None for e in expected]
+    np.testing.assert_allclose([g for g in got if g is not None],
+                               [e for e in expected if e is not None], rtol=0, atol=1e-12)
 
 
 # -- a replay on a real broker -----------------------------------------------------------------
