@@ -39,13 +39,15 @@ def private_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
     b.close()
 
 
-@pytest.fixture
-def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
-    """A private 3-node NATS cluster (JetStream + MQTT) for one test, on free loopback ports;
-    never the machine's NATS. Skips when nats-server is not installed."""
+@pytest.fixture(scope="module")
+def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    """A private 3-node NATS cluster (JetStream + MQTT) for a test module, on free loopback
+    ports; never the machine's NATS. Skips when nats-server is not installed. Shared by the
+    module's tests (each on its own fleet) to pay the cluster's start, ~14 s, once: a test that
+    kills a node must come last in its module."""
     if nats_server_path() is None:
         pytest.skip("nats-server is not installed (apt-get install nats-server)")
-    cluster = NatsCluster(tmp_path / "nats")
+    cluster = NatsCluster(tmp_path_factory.mktemp("nats"))
     cluster.start(timeout=90)  # JetStream elects its leaders first: slow on a busy machine
     yield cluster
     cluster.close()
