@@ -22,16 +22,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-
 from fleet._broker import free_port
+from tests.helpers import clear_retained, retained_round_trip
 
 NAMES = ("A", "B", "C")
 # The coordinator's snapshots of the test models are kilobytes; its own limit
@@ -180,12 +177,12 @@ class NatsCluster:
         while time.monotonic() < deadline:
             payload = uuid.uuid4().hex.encode()
             try:
-                if all(_probe(node.mqtt_port, topic, payload, publish=i == 0)
+                if all(retained_round_trip(node.mqtt_port, topic, payload, publish=i == 0)
                        for i, node in enumerate(self.nodes)):
-                    _clear(self.nodes[0].mqtt_port, topic)
+                    clear_retained(self.nodes[0].mqtt_port, topic)
                     return
                 last = "a node did not deliver the retained message"
-            except (OSError, ClusterError) as exc:
+            except OSError as exc:  # ConnectionError too
                 last = str(exc)
             time.sleep(0.25)
         raise ClusterError(f"the NATS cluster's MQTT was not ready in time ({last}):\n"
@@ -197,58 +194,3 @@ def _distinct_free_ports(n: int) -> list[int]:
     while len(ports) < n:
         ports.add(free_port())
     return sorted(ports)
-
-
-def _client(port: int, *, timeout: float = 5.0) -> mqtt.Client:
-    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                         client_id=f"ready-{uuid.uuid4().hex[:10]}", clean_session=True,
-                         protocol=mqtt.MQTTv311)
-    connected = threading.Event()
-    refused: list[str] = []
-
-    def on_connect(c: mqtt.Client, u: object, f: object, reason: mqtt.ReasonCode,
-                   p: object) -> None:
-        if reason.is_failure:
-            refused.append(str(reason))
-        connected.set()
-
-    client.on_connect = on_connect
-    client.connect("127.0.0.1", port, keepalive=10)
-    client.loop_start()
-    if not connected.wait(timeout) or refused:
-        client.loop_stop()
-        with contextlib.suppress(Exception):
-            client.disconnect()
-        raise ClusterError(f"MQTT connection on port {port} not accepted "
-                           f"({refused[0] if refused else 'no CONNACK'})")
-    return client
-
-
-def _probe(port: int, topic: str, payload: bytes, *, publish: bool,
-           timeout: float = 5.0) -> bool:
-    """Publish (if asked) `payload` retained at QoS 1, then subscribe and see it come back."""
-    client = _client(port)
-    try:
-        if publish:
-            info = client.publish(topic, payload, qos=1, retain=True)
-            info.wait_for_publish(timeout)
-            if not info.is_published():
-                return False
-        got = threading.Event()
-        client.on_message = lambda c, u, m: got.set() if m.payload == payload else None
-        client.subscribe(topic, 1)
-        return got.wait(timeout)
-    finally:
-        client.loop_stop()
-        with contextlib.suppress(Exception):
-            client.disconnect()
-
-
-def _clear(port: int, topic: str) -> None:
-    client = _client(port)
-    try:
-        client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
-    finally:
-        client.loop_stop()
-        with contextlib.suppress(Exception):
-            client.disconnect()

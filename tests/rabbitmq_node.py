@@ -57,16 +57,12 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 import uuid
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.reasoncodes import ReasonCode
-
 from fleet._broker import free_port
+from tests.helpers import clear_retained, retained_round_trip
 
 VHOST = "fedasync"
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024 + 64 * 1024
@@ -229,12 +225,13 @@ class RabbitNode:
                                   f"{self.logs()}")
             payload = uuid.uuid4().hex.encode()
             try:
-                if _probe(self.mqtt_port, topic, payload, publish=True) and _probe(
-                        self.mqtt_port, topic, payload, publish=False):
-                    _clear(self.mqtt_port, topic)
+                port = self.mqtt_port
+                if (retained_round_trip(port, topic, payload, publish=True)
+                        and retained_round_trip(port, topic, payload, publish=False)):
+                    clear_retained(port, topic)
                     return
                 last = "the retained message did not come back"
-            except (OSError, RabbitError) as exc:
+            except OSError as exc:  # ConnectionError too
                 last = str(exc)
             time.sleep(0.25)
         raise RabbitError(f"the node's MQTT was not ready in time ({last}):\n{self.logs()}")
@@ -264,58 +261,3 @@ def _distinct_free_ports(n: int) -> list[int]:
         if port not in RESERVED_PORTS:
             ports.add(port)
     return sorted(ports)
-
-
-def _client(port: int, *, timeout: float = 5.0) -> mqtt.Client:
-    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                         client_id=f"ready-{uuid.uuid4().hex[:10]}", clean_session=True,
-                         protocol=mqtt.MQTTv311)
-    connected = threading.Event()
-    refused: list[str] = []
-
-    def on_connect(c: mqtt.Client, u: object, f: object, reason: ReasonCode,
-                   p: object) -> None:
-        if reason.is_failure:
-            refused.append(str(reason))
-        connected.set()
-
-    client.on_connect = on_connect
-    client.connect("127.0.0.1", port, keepalive=10)
-    client.loop_start()
-    if not connected.wait(timeout) or refused:
-        client.loop_stop()
-        with contextlib.suppress(Exception):
-            client.disconnect()
-        raise RabbitError(f"MQTT connection on port {port} not accepted "
-                          f"({refused[0] if refused else 'no CONNACK'})")
-    return client
-
-
-def _probe(port: int, topic: str, payload: bytes, *, publish: bool,
-           timeout: float = 5.0) -> bool:
-    """Publish (if asked) `payload` retained at QoS 1, then subscribe and see it come back."""
-    client = _client(port)
-    try:
-        if publish:
-            info = client.publish(topic, payload, qos=1, retain=True)
-            info.wait_for_publish(timeout)
-            if not info.is_published():
-                return False
-        got = threading.Event()
-        client.on_message = lambda c, u, m: got.set() if m.payload == payload else None
-        client.subscribe(topic, 1)
-        return got.wait(timeout)
-    finally:
-        client.loop_stop()
-        with contextlib.suppress(Exception):
-            client.disconnect()
-
-
-def _clear(port: int, topic: str) -> None:
-    client = _client(port)
-    try:
-        client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
-    finally:
-        client.loop_stop()
-        with contextlib.suppress(Exception):
-            client.disconnect()

@@ -20,21 +20,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator._config import CoordinatorConfig, SnapshotConfig
-from coordinator._guards import GuardConfig
-from coordinator._participation import ParticipationConfig
-from coordinator._rules import RuleConfig
-from coordinator._service import CoordinatorService
 from models import Snapshot, Topics, decode_snapshot
 from models._mqtt import BrokerAddress, make_client
 from tests.helpers import wait_for
 from tests.nats_cluster import NatsCluster
 from tests.test_reliability import (
-    ALPHA,
-    SPEC,
     AgentFleet,
     Pacer,
     check_lineage,
+    replayable_coordinator,
+    rounds_merged_once,
     undelivered,
 )
 
@@ -43,19 +38,9 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(600)]
 SEED = 20261202
 
 
-def coordinator(broker: str | tuple[str, ...], fleet: str, state: Path) -> CoordinatorService:
-    service = CoordinatorService(CoordinatorConfig(
-        model=SPEC, broker=broker, fleet=fleet, state_dir=str(state), http="",
-        rule=RuleConfig(name="fedasync", alpha=ALPHA, staleness="constant"),
-        guards=GuardConfig(max_norm=100.0, max_staleness=100_000),
-        # Republished as docs/brokers.md advises for NATS: a node whose retained copy lags
-        # gets it again (a CI run had agents on such nodes wait in vain for their first model).
-        snapshots=SnapshotConfig(min_interval_s=0.0, include_onnx=False, republish_s=2.0),
-        # Off so that check_lineage can replay the model from the deltas alone (reweighting
-        # depends on who arrived when, which a failover changes).
-        participation=ParticipationConfig(reweight=False)))
-    service.start()
-    return service
+# Republished as docs/brokers.md advises for NATS: a node whose retained copy lags gets it again
+# (a CI run had agents on such nodes wait in vain for their first model).
+REPUBLISH_S = 2.0
 
 
 def retained_model(url: str, fleet: str, *, version: int, timeout: float = 60.0) -> Snapshot:
@@ -101,20 +86,12 @@ def test_coordinator_and_agents_on_different_nodes_of_a_nats_cluster(
     """Coordinator on node A, agents on B and C: updates merged exactly once, every one acked,
     the retained snapshot (a JetStream-backed retained message) reaches every node."""
     a, b, c = nats_cluster.urls
-    service = coordinator(a, fleet_name, tmp_path / "coordinator")
+    service = replayable_coordinator(a, fleet_name, tmp_path / "coordinator",
+                                     republish_s=REPUBLISH_S)
     fleet = AgentFleet(4, broker=[b, c, b, c], fleet=fleet_name, root=tmp_path / "agents",
                        seed=SEED)
     try:
-        assert service.wait_connected(60)
-        assert wait_for(fleet.ready, timeout=60), fleet.waiting()
-        for _ in range(3):
-            fleet.train_round()
-        assert wait_for(fleet.all_delivered, timeout=120), undelivered(
-            fleet, tmp_path / "coordinator")
-        total = len(fleet.produced)
-        assert total == 12
-        check_lineage(service.store, fleet)
-        assert {ack.status for ack in fleet.acks()} <= {"accepted", "duplicate"}
+        total = rounds_merged_once(service, fleet, tmp_path / "coordinator")
         # What a device connecting now to any node gets: the newest model, retained.
         for url in (b, c):
             snapshot = retained_model(url, fleet_name, version=total)
@@ -136,7 +113,8 @@ def test_sigkill_of_the_coordinators_node_fails_over_and_loses_nothing(
     goes on; the time from the kill to the first merge after the failover is printed."""
     caplog.set_level(logging.INFO, logger="fedasync")
     a, b, c = nats_cluster.urls
-    service = coordinator((a, b, c), fleet_name, tmp_path / "coordinator")
+    service = replayable_coordinator((a, b, c), fleet_name, tmp_path / "coordinator",
+                                     republish_s=REPUBLISH_S)
     orders = [(a, b, c), (b, c, a), (c, a, b), (a, c, b), (b, a, c), (c, b, a)]
     fleet = AgentFleet(6, broker=orders, fleet=fleet_name, root=tmp_path / "agents",
                        seed=SEED + 1)

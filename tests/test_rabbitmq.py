@@ -24,17 +24,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator._config import CoordinatorConfig, SnapshotConfig
-from coordinator._guards import GuardConfig
-from coordinator._participation import ParticipationConfig
-from coordinator._rules import RuleConfig
-from coordinator._service import CoordinatorService
-from coordinator._staleness import Staleness
 from models import Snapshot, Topics, decode_snapshot
 from models._mqtt import BrokerAddress, make_client
 from tests.helpers import wait_for
 from tests.rabbitmq_node import RabbitError, RabbitNode, rabbitmq_server_path
-from tests.test_reliability import ALPHA, SPEC, AgentFleet, check_lineage, undelivered
+from tests.test_reliability import (
+    AgentFleet,
+    check_lineage,
+    replayable_coordinator,
+    rounds_merged_once,
+    undelivered,
+)
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -57,18 +57,6 @@ def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
         yield node
     finally:
         node.close()
-
-
-def coordinator(broker: str, fleet: str, state: Path) -> CoordinatorService:
-    service = CoordinatorService(CoordinatorConfig(
-        model=SPEC, broker=broker, fleet=fleet, state_dir=str(state), http="",
-        rule=RuleConfig(name="fedasync", alpha=ALPHA, staleness=Staleness(kind="constant")),
-        guards=GuardConfig(max_norm=100.0, max_staleness=100_000),
-        snapshots=SnapshotConfig(min_interval_s=0.0, include_onnx=False),
-        # Off so that check_lineage can replay the model from the deltas alone.
-        participation=ParticipationConfig(reweight=False)))
-    service.start()
-    return service
 
 
 def retained_model(url: str, fleet: str, *, version: int, timeout: float = 30.0) -> Snapshot:
@@ -117,20 +105,11 @@ def test_coordinator_and_agents_on_a_rabbitmq_node(
         rabbit: RabbitNode, fleet_name: str, tmp_path: Path) -> None:
     """Coordinator and 4 agents on one RabbitMQ node: updates merged exactly once, every one
     acked, the retained snapshot (the plugin's DETS store) served to a fresh client."""
-    service = coordinator(rabbit.url, fleet_name, tmp_path / "coordinator")
+    service = replayable_coordinator(rabbit.url, fleet_name, tmp_path / "coordinator")
     fleet = AgentFleet(4, broker=rabbit.url, fleet=fleet_name, root=tmp_path / "agents",
                        seed=SEED)
     try:
-        assert service.wait_connected(60)
-        assert wait_for(fleet.ready, timeout=60), fleet.waiting()
-        for _ in range(3):
-            fleet.train_round()
-        assert wait_for(fleet.all_delivered, timeout=120), undelivered(
-            fleet, tmp_path / "coordinator")
-        total = len(fleet.produced)
-        assert total == 12
-        check_lineage(service.store, fleet)
-        assert {ack.status for ack in fleet.acks()} <= {"accepted", "duplicate"}
+        total = rounds_merged_once(service, fleet, tmp_path / "coordinator")
         # What a device connecting now gets: the newest model, retained, the coordinator's.
         snapshot = retained_model(rabbit.url, fleet_name, version=total)
         assert snapshot.version == total == service.engine.version
@@ -149,7 +128,7 @@ def test_coordinator_restart_on_rabbitmq_keeps_its_state_and_its_session(
     queue on RabbitMQ) hands it the updates of the outage, each merged once, and the agents
     go on training on the models it publishes after."""
     state = tmp_path / "coordinator"
-    service = coordinator(rabbit.url, fleet_name, state)
+    service = replayable_coordinator(rabbit.url, fleet_name, state)
     fleet = AgentFleet(4, broker=rabbit.url, fleet=fleet_name, root=tmp_path / "agents",
                        seed=SEED + 1)
     try:
@@ -165,7 +144,7 @@ def test_coordinator_restart_on_rabbitmq_keeps_its_state_and_its_session(
         assert all(len(a.spool) == 1 for a in fleet.agents)  # unacked: nobody merged them
         assert fleet.merged() == before
 
-        service = coordinator(rabbit.url, fleet_name, state)
+        service = replayable_coordinator(rabbit.url, fleet_name, state)
         assert service.wait_connected(60)
         assert wait_for(fleet.all_delivered, timeout=120), undelivered(fleet, state)
         assert service.engine.version == 8
@@ -222,7 +201,7 @@ def test_a_dotted_fleet_on_rabbitmq_is_refused_with_a_clear_error(
 
     caplog.set_level(logging.INFO, logger="fedasync")
     fleet = f"t.dot-{uuid.uuid4().hex[:6]}"
-    service = coordinator(rabbit.url, fleet, tmp_path / "coordinator")
+    service = replayable_coordinator(rabbit.url, fleet, tmp_path / "coordinator")
     client = make_client(BrokerAddress.parse(rabbit.url), client_id=f"dev-{uuid.uuid4().hex[:8]}",
                          persistent=False)
     client.connect("127.0.0.1", rabbit.mqtt_port)

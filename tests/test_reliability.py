@@ -40,6 +40,7 @@ from agent._readings import Readings, StaticReader
 from agent._runner import PahoLink
 from coordinator._config import CoordinatorConfig, SnapshotConfig
 from coordinator._guards import GuardConfig
+from coordinator._participation import ParticipationConfig
 from coordinator._rules import RuleConfig
 from coordinator._service import CoordinatorService
 from coordinator._store import Store, checksum
@@ -338,6 +339,38 @@ def undelivered(fleet: AgentFleet, state: Path) -> str:
              if a.status not in ("accepted", "duplicate")}
     return (f"never acked: {rows} (lineage row or None); acked otherwise: {other}; spools: "
             f"{spools}; links (connected, network thread alive): {links}")
+
+
+def replayable_coordinator(broker: str | tuple[str, ...], fleet: str, state: Path, *,
+                           republish_s: float = 0.0) -> CoordinatorService:
+    """The real service in this process, started, set so that `check_lineage` can replay its
+    model from the deltas alone: constant staleness weight, no participation reweighting
+    (which depends on who arrived when), guards that accept the stub trainers' updates."""
+    service = CoordinatorService(CoordinatorConfig(
+        model=SPEC, broker=broker, fleet=fleet, state_dir=str(state), http="",
+        rule=RuleConfig(name="fedasync", alpha=ALPHA, staleness="constant"),
+        guards=GuardConfig(max_norm=100.0, max_staleness=100_000),
+        snapshots=SnapshotConfig(min_interval_s=0.0, include_onnx=False,
+                                 republish_s=republish_s),
+        participation=ParticipationConfig(reweight=False)))
+    service.start()
+    return service
+
+
+def rounds_merged_once(service: CoordinatorService, fleet: AgentFleet, state: Path, *,
+                       rounds: int = 3) -> int:
+    """Every agent trains `rounds` times: each update acked, merged exactly once, the model the
+    replay of the lineage. Returns the number of updates."""
+    assert service.wait_connected(60)
+    assert wait_for(fleet.ready, timeout=60), fleet.waiting()
+    for _ in range(rounds):
+        fleet.train_round()
+    assert wait_for(fleet.all_delivered, timeout=120), undelivered(fleet, state)
+    total = len(fleet.produced)
+    assert total == rounds * len(fleet.agents)
+    check_lineage(service.store, fleet)
+    assert {ack.status for ack in fleet.acks()} <= {"accepted", "duplicate"}
+    return total
 
 
 def retained_snapshot(url: str, fleet: str, *, version: int, timeout: float = 30) -> Snapshot:
