@@ -53,13 +53,30 @@ def load_toml(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
     try:
-        with path.open("rb") as f:
-            data: dict[str, Any] = tomllib.load(f)
-            return data
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    try:
+        # Decoded here, not by tomllib: its UnicodeDecodeError is no ConfigError, so a file
+        # saved as Latin-1 ended the CLIs with a traceback instead of one line.
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8: {_undecodable(raw, exc.start)}; "
+                          "TOML files must be UTF-8 (re-save it as UTF-8, e.g. "
+                          "iconv -f latin1 -t utf-8)") from exc
+    try:
+        data: dict[str, Any] = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    return data
+
+
+def _undecodable(raw: bytes, offset: int) -> str:
+    """Where the byte at `offset` of `raw` is, for a person with an editor: ``byte 0xe9 at
+    offset 38 (line 2, column 6)``, the column counted in bytes from 1."""
+    line = raw.count(b"\n", 0, offset) + 1
+    column = offset - (raw.rfind(b"\n", 0, offset) + 1) + 1
+    return f"byte 0x{raw[offset]:02x} at offset {offset} (line {line}, column {column})"
 
 
 def load(cls: type[T], path: Path | None, *, environ: Mapping[str, str] | None,

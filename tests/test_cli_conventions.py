@@ -152,6 +152,28 @@ def test_a_wrong_setting_stops_the_agent_with_one_line(tmp_path: Path) -> None:
         f'string "many"')
 
 
+@pytest.mark.parametrize(("prog", "argv"), [
+    ("fedasync-agent", ["--config", "{config}", "run"]),
+    ("fedasync-coordinator", ["run", "--config", "{config}"]),
+    ("fedasync-coordinator", ["versions", "--config", "{config}"]),
+    ("fedasync-sim", ["run", "--fleet-file", "{config}"]),
+])
+def test_a_config_file_that_is_not_utf8_is_one_line_naming_file_and_offset(
+        tmp_path: Path, prog: str, argv: list[str]) -> None:
+    # A file saved by a Latin-1 editor: one byte (0xe9, "é") in a comment on line 2.
+    config = tmp_path / "settings.toml"
+    config.write_bytes(f'broker = "{NOWHERE}"\n'.encode() + b"# caf\xe9\n")
+    offset = len(f'broker = "{NOWHERE}"\n') + len("# caf")
+
+    done = cli(prog, *(a.format(config=config) for a in argv))
+
+    assert done.returncode == 2
+    assert one_line_error(done.stderr) == (
+        f"error: config file {config} is not UTF-8: byte 0xe9 at offset {offset} (line 2, "
+        "column 6); TOML files must be UTF-8 (re-save it as UTF-8, e.g. iconv -f latin1 -t "
+        "utf-8)")
+
+
 def test_a_numeric_device_id_from_the_environment_is_a_string(
         broker, fleet_name: str, tmp_path: Path) -> None:
     data = write(tmp_path / "data" / "a.csv", "x1,label\n0.5,1\n").parent
