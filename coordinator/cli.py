@@ -276,13 +276,18 @@ def _export(args: argparse.Namespace) -> int:
         stored = store.spec()
         if stored is None:
             raise StateError(f"no state in {config.state_dir} (no model recorded yet)")
-        if config.model != stored:
+        differs = _spec_difference(config.model, stored, graph_only=True)
+        if differs:
             # The weights only mean something with the stored spec: the same weights under
             # other (e.g. relabelled) classes gave an ONNX file that scored 0.0.
             raise ConfigError(
                 f"the model settings differ from the model stored in {config.state_dir} "
-                f"({_spec_difference(config.model, stored)}); export writes the stored model: "
-                "leave out --model and [model], or make them match")
+                f"({differs}); export writes the stored model: leave out --model and [model], "
+                "or make them match")
+        if config.model != stored:
+            log.info("training settings differ from the stored model's (%s); they do not "
+                     "change the ONNX graph: exporting the stored model",
+                     _spec_difference(config.model, stored, graph_only=False))
         version = store.current_version() if args.version is None else args.version
         if version is None:
             raise StateError(f"no state in {config.state_dir}")
@@ -305,9 +310,17 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-def _spec_difference(given: ModelSpec, stored: ModelSpec) -> str:
+def _spec_difference(given: ModelSpec, stored: ModelSpec, *, graph_only: bool) -> str:
+    """What differs, as ``kind mlp given, logistic stored; ...``; with `graph_only`, only what
+    shapes the ONNX graph (kind, features, classes, an MLP's layers): training settings
+    (learning rate, batch size, l2, seed) only changed how the stored weights were learnt."""
     a, b = given.to_dict(), stored.to_dict()
-    return "; ".join(f"{k} {a[k]} given, {b[k]} stored" for k in a if a[k] != b[k])
+    keys = list(a)
+    if graph_only:
+        keys = ["kind", "n_features", "classes"]
+        if given.kind == stored.kind == "mlp":  # the other kinds have no hidden layers
+            keys.append("hidden")
+    return "; ".join(f"{k} {a[k]} given, {b[k]} stored" for k in keys if a[k] != b[k])
 
 
 def _rollback(args: argparse.Namespace) -> int:

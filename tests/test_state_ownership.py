@@ -21,6 +21,7 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from coordinator._service import CoordinatorService
 from coordinator._store import Store
 from fleet._broker import MosquittoBroker
 from models import ConfigError, ModelSpec, StateError, Topics, build_model, decode_ack
+from models._onnx import SPEC_METADATA_KEY
 from tests.helpers import Listener, update_bytes, wait_for
 
 ROOT = Path(__file__).parents[1]
@@ -61,15 +63,16 @@ def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> 
     return run
 
 
-def make_state(state: Path, updates: int) -> list[int]:
+def make_state(state: Path, updates: int, *, spec: ModelSpec = SPEC) -> list[int]:
     """A state directory with versions 0..`updates`, written by the real engine and closed."""
     store = Store(state)
     rng = np.random.default_rng(7)
+    n = build_model(spec).get_params_vector().size
     try:
-        engine = Engine(store, build_rule(RULE), GuardConfig(max_norm=100.0), spec=SPEC,
-                        initial_params=build_model(SPEC).get_params_vector)
+        engine = Engine(store, build_rule(RULE), GuardConfig(max_norm=100.0), spec=spec,
+                        initial_params=build_model(spec).get_params_vector)
         for i in range(updates):
-            payload = update_bytes(rng.normal(size=N), device=f"dev-{i % 2}",
+            payload = update_bytes(rng.normal(size=n), device=f"dev-{i % 2}",
                                    base_version=engine.version)
             engine.process([Incoming(f"dev-{i % 2}", payload, 1000.0 + i)])
         return [v.version for v in store.versions()]
@@ -262,6 +265,76 @@ def test_export_refuses_a_model_other_than_the_stored_one(tmp_path: Path, cli: A
     code, _, err = cli("export", "--config", same, out_file)
     assert code == 0, err
     assert out_file.stat().st_size > 0
+
+
+def model_config(path: Path, state: Path, **model: Any) -> Path:
+    """A config naming `state` and a [model] table of `model`'s keys."""
+    path.write_text(f'state_dir = "{state}"\n[model]\n'
+                    + "".join(f"{k} = {json.dumps(v)}\n" for k, v in model.items()))
+    return path
+
+
+def onnx_spec_and_labels(onnx_file: Path, X: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
+    session = ort.InferenceSession(onnx_file.read_bytes(), providers=["CPUExecutionProvider"])
+    spec = json.loads(session.get_modelmeta().custom_metadata_map[SPEC_METADATA_KEY])
+    return spec, session.run(None, {session.get_inputs()[0].name: X})[0]
+
+
+def test_export_compares_only_what_defines_the_graph(tmp_path: Path, cli: Any,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 21 item 8: training settings (learning rate, batch size, l2, seed) do not change
+    the ONNX graph, so a config that differs only there exports the stored model; and
+    `--model logistic`, whose learning rate is the default, matches a state trained at
+    another."""
+    stored = replace(SPEC, learning_rate=0.05, batch_size=16, l2=1e-3, seed=3)
+    state = tmp_path / "state"
+    make_state(state, 2, spec=stored)
+    adapter = build_model(stored)
+    reader = Store.open_readonly(state)
+    adapter.set_params_vector(reader.load_checkpoint(2))
+    reader.close()
+    X = np.random.default_rng(1).normal(size=(50, 4)).astype(np.float32)
+
+    tuned = model_config(tmp_path / "tuned.toml", state, kind="logistic", n_features=4,
+                         classes=[3, 5, 7], hidden=[8], learning_rate=0.2, batch_size=64)
+    out_file = tmp_path / "tuned.onnx"
+    with caplog.at_level(logging.INFO, logger="fedasync.coordinator"):
+        code, out, err = cli("export", "--config", tuned, out_file)
+    assert code == 0, err
+    assert out == f"wrote version 2 to {out_file}\n"
+    spec, labels = onnx_spec_and_labels(out_file, X)
+    assert spec == stored.to_dict()  # the stored model, with its own training settings
+    np.testing.assert_array_equal(labels, adapter.predict(X))
+    assert "learning_rate 0.2 given, 0.05 stored" in caplog.text
+
+    test_file = tmp_path / "test.csv"  # --model takes n_features and classes from it
+    test_file.write_text("a,b,c,d,label\n" + "".join(f"0,1,2,{i},{c}\n"
+                                                     for i, c in enumerate((3, 5, 7))))
+    out_file = tmp_path / "flag.onnx"
+    code, _, err = cli("export", "--state-dir", state, "--model", "logistic", "--test-file",
+                       test_file, out_file)
+    assert code == 0, err
+    np.testing.assert_array_equal(onnx_spec_and_labels(out_file, X)[1], adapter.predict(X))
+
+
+def test_export_of_an_mlp_compares_its_layers(tmp_path: Path, cli: Any) -> None:
+    stored = ModelSpec(kind="mlp", n_features=4, classes=(3, 5, 7), hidden=(4,))
+    state = tmp_path / "state"
+    make_state(state, 1, spec=stored)
+    out_file = tmp_path / "model.onnx"
+
+    wider = model_config(tmp_path / "wider.toml", state, kind="mlp", n_features=4,
+                         classes=[3, 5, 7], hidden=[8])
+    code, _, err = cli("export", "--config", wider, out_file)
+    assert code == 2
+    assert "hidden [8] given, [4] stored" in err
+    assert not out_file.exists()
+
+    tuned = model_config(tmp_path / "tuned.toml", state, kind="mlp", n_features=4,
+                         classes=[3, 5, 7], hidden=[4], learning_rate=0.3)
+    code, _, err = cli("export", "--config", tuned, out_file)
+    assert code == 0, err
+    assert onnx_spec_and_labels(out_file, np.zeros((2, 4), np.float32))[0] == stored.to_dict()
 
 
 def test_read_commands_without_state_say_so(tmp_path: Path, cli: Any) -> None:
