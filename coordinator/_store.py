@@ -31,6 +31,7 @@ from numpy.typing import NDArray
 
 from coordinator._lock import StateLock
 from coordinator._participation import Ledger, ParticipationConfig, Seed, Totals
+from coordinator._readonly import connect_readonly
 from coordinator._rules import Contribution
 from models import ModelSpec, StateError
 
@@ -183,17 +184,8 @@ class Store:
         return cls(state_dir, readonly=True)
 
     def _connect_readonly(self) -> sqlite3.Connection:
-        path = self.state_dir / "state.db"
-        if not path.is_file():
-            raise StateError(f"no state in {self.state_dir} (no state.db; pass the coordinator's "
-                             "--state-dir or --config)")
-        try:
-            db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True,
-                                 check_same_thread=False, isolation_level=None)
-            db.execute("SELECT 1 FROM meta LIMIT 1").fetchall()
-        except sqlite3.Error as exc:
-            raise StateError(f"cannot read the state in {self.state_dir}: {exc}") from exc
-        return db
+        # Also on a read-only copy, with a reason when it cannot (coordinator/_readonly.py).
+        return connect_readonly(self.state_dir)
 
     def _migrate(self) -> None:
         # State written before participation reweighting existed: its buffer had factor 1.

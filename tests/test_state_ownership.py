@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -20,7 +21,7 @@ import sys
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -66,18 +67,23 @@ def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> 
 def make_state(state: Path, updates: int, *, spec: ModelSpec = SPEC) -> list[int]:
     """A state directory with versions 0..`updates`, written by the real engine and closed."""
     store = Store(state)
-    rng = np.random.default_rng(7)
-    n = build_model(spec).get_params_vector().size
     try:
-        engine = Engine(store, build_rule(RULE), GuardConfig(max_norm=100.0), spec=spec,
-                        initial_params=build_model(spec).get_params_vector)
-        for i in range(updates):
-            payload = update_bytes(rng.normal(size=n), device=f"dev-{i % 2}",
-                                   base_version=engine.version)
-            engine.process([Incoming(f"dev-{i % 2}", payload, 1000.0 + i)])
+        write_versions(store, updates, spec=spec)
         return [v.version for v in store.versions()]
     finally:
         store.close()
+
+
+def write_versions(store: Store, updates: int, *, spec: ModelSpec = SPEC) -> None:
+    """`updates` more versions in `store`, each one update merged by the real engine."""
+    rng = np.random.default_rng(7)
+    n = build_model(spec).get_params_vector().size
+    engine = Engine(store, build_rule(RULE), GuardConfig(max_norm=100.0), spec=spec,
+                    initial_params=build_model(spec).get_params_vector)
+    for i in range(updates):
+        payload = update_bytes(rng.normal(size=n), device=f"dev-{i % 2}",
+                               base_version=engine.version)
+        engine.process([Incoming(f"dev-{i % 2}", payload, 1000.0 + i)])
 
 
 def write_config(path: Path, state: Path, *, classes: tuple[int, ...] = SPEC.classes,
@@ -343,6 +349,138 @@ def test_read_commands_without_state_say_so(tmp_path: Path, cli: Any) -> None:
         assert code == 2, command
         assert f"no state in {tmp_path / 'none'}" in err
     assert not (tmp_path / "none").exists()
+
+
+@pytest.fixture
+def read_only_view(tmp_path: Path) -> Iterator[Callable[[Path], Path]]:
+    """`view(directory)` -> a read-only bind mount of it: a real read-only filesystem, as a
+    backup mounted ro or a container's ro volume is. Skips where mounting is not permitted."""
+    mounted: list[Path] = []
+
+    def view(directory: Path) -> Path:
+        target = tmp_path / f"ro-{len(mounted)}"
+        target.mkdir()
+        done = subprocess.run(["mount", "--bind", str(directory), str(target)],
+                              capture_output=True, text=True, timeout=60, check=False)
+        if done.returncode != 0:
+            pytest.skip(f"mount is not permitted here: {done.stderr.strip()}")
+        mounted.append(target)
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(target)], check=True, timeout=60)
+        return target
+
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a bind mount needs root and mount(8)")
+    yield view
+    for target in reversed(mounted):
+        subprocess.run(["umount", str(target)], check=True, timeout=60)
+
+
+def test_read_commands_work_on_a_read_only_mount(tmp_path: Path, cli: Any,
+                                                 read_only_view: Callable[[Path], Path]) -> None:
+    """Issue 21 item 7: a state directory where nothing may be created (SQLite's -shm index
+    included) used to fail with only "unable to open database file"; with no writer and no
+    WAL to read, it is read as it is on disk."""
+    state = tmp_path / "state"
+    make_state(state, 3)
+    reads = (["versions", "--json"], ["devices", "--json", "--sort", "device"])
+    expected = [cli(*command, "--state-dir", state) for command in reads]
+    assert [code for code, _, _ in expected] == [0, 0]
+    reader = Store.open_readonly(state)
+    adapter = build_model(SPEC)
+    adapter.set_params_vector(reader.load_checkpoint(3))
+    reader.close()
+    view = read_only_view(state)
+
+    for command, (_, out, _) in zip(reads, expected, strict=True):
+        code, got, err = cli(*command, "--state-dir", view)
+        assert code == 0, err
+        assert json.loads(got) == json.loads(out)
+    code, _, err = cli("export", "--state-dir", view, tmp_path / "m.onnx")
+    assert code == 0, err
+    X = np.random.default_rng(1).normal(size=(50, 4)).astype(np.float32)
+    np.testing.assert_array_equal(onnx_spec_and_labels(tmp_path / "m.onnx", X)[1],
+                                  adapter.predict(X))
+
+
+def test_a_read_only_copy_taken_beside_the_writer(tmp_path: Path, cli: Any,
+                                                  read_only_view: Callable[[Path], Path]) -> None:
+    """A copy taken while the coordinator ran holds its newest commits in state.db-wal. With
+    the copied -shm SQLite reads them; without it, reading state.db alone would silently miss
+    them, so the command refuses and says how to read it."""
+    state = tmp_path / "state"
+    make_state(state, 1)
+    writer = Store(state)
+    try:
+        write_versions(writer, 2)  # versions 2 and 3, committed to the WAL
+        with_shm = shutil.copytree(state, tmp_path / "with-shm")
+        without_shm = shutil.copytree(state, tmp_path / "without-shm",
+                                      ignore=shutil.ignore_patterns("*-shm"))
+        live = read_only_view(state)
+        code, out, err = cli("versions", "--state-dir", live, "--json")
+        assert code == 0, err  # beside the live writer, through its -shm
+        assert [v["version"] for v in json.loads(out)] == [0, 1, 2, 3]
+    finally:
+        writer.close()
+    assert (without_shm / "state.db-wal").stat().st_size > 0
+
+    code, out, err = cli("versions", "--state-dir", read_only_view(with_shm), "--json")
+    assert code == 0, err
+    assert [v["version"] for v in json.loads(out)] == [0, 1, 2, 3]
+
+    view = read_only_view(without_shm)
+    code, out, err = cli("versions", "--state-dir", view)
+    assert (code, out) == (2, "")
+    assert err == (
+        f"error: cannot read the state in {view}: {view} is on a read-only filesystem, and "
+        "state.db-wal holds commits not yet in state.db, which SQLite reads only through "
+        "state.db-shm (missing, and it cannot create it); copy the directory somewhere "
+        f"writable (cp -a {view} DEST) and pass --state-dir DEST\n")
+
+
+def test_read_commands_as_a_user_who_may_not_write_or_read_the_state(tmp_path: Path) -> None:
+    """The same without a mount, so it runs everywhere: the permission bits say no. Root would
+    pass them, so as root the CLI runs without the capabilities that override them
+    (setpriv: CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), as an unprivileged owner would."""
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root needs setpriv(1) to drop the override")
+        prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]
+    state = tmp_path / "state"
+    make_state(state, 2)
+
+    def versions() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*prefix, sys.executable, "-m", "coordinator.cli", "versions",
+                               "--state-dir", str(state), "--json"], env=child_env(),
+                              capture_output=True, text=True, timeout=120, check=False)
+
+    owner = f"owner uid {os.geteuid()}"
+    try:
+        state.chmod(0o555)
+        done = versions()
+        assert done.returncode == 0, done.stderr
+        assert [v["version"] for v in json.loads(done.stdout)] == [0, 1, 2]
+        assert f"may not write {state} ({owner}, mode dr-xr-xr-x)" in done.stderr
+
+        (state / "state.db").chmod(0o000)
+        done = versions()
+        assert (done.returncode, done.stdout) == (2, "")
+        assert done.stderr.startswith(
+            f"error: cannot read the state in {state}: permission denied: ")
+        assert done.stderr.endswith(
+            f" may not read {state / 'state.db'} ({owner}, mode ----------); run this as the "
+            "coordinator's user, or grant it read access\n")
+
+        state.chmod(0o000)
+        done = versions()
+        assert (done.returncode, done.stdout) == (2, "")
+        assert done.stderr.endswith(
+            f" may not enter {state} ({owner}, mode d---------); run this as the "
+            "coordinator's user, or grant it access\n")
+        assert done.stderr.count("\n") == 1
+    finally:
+        state.chmod(0o755)
+        (state / "state.db").chmod(0o644)
 
 
 @pytest.mark.broker
