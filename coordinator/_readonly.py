@@ -106,7 +106,8 @@ def _unwritable(state_dir: Path) -> str | None:
 def _writer(state_dir: Path) -> Holder | None:
     """The coordinator holding `state_dir`'s lock, if one does. A shared lock on a descriptor
     opened for reading needs no write access: it fails exactly while the writer holds its
-    exclusive one."""
+    exclusive one. It is held for an instant only: a coordinator starting on the writable path
+    in that instant is refused (naming no pid) and starts when run again."""
     try:
         fd = os.open(state_dir / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:

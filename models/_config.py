@@ -6,7 +6,8 @@ Every value is checked against its field's type hint before the dataclass is bui
 value is one `ConfigError` naming the layer that gave it, the key with its table path, the
 expected type and what it got: ``config file a.toml: broker must be a string (e.g.
 "mqtt://127.0.0.1:1883"), got integer 1883``. Range checks stay in each dataclass's
-``__post_init__``.
+``__post_init__``. A file that is not UTF-8 (TOML's encoding) is one `ConfigError` naming the
+first bad byte, its offset, line and column.
 
 Environment names: ``FEDASYNC_BROKER`` for a top-level key, ``FEDASYNC_RULE__BUFFER_SIZE`` for
 ``[rule] buffer_size``. A value is converted by its field's type, never guessed: a string field
