@@ -1,6 +1,7 @@
 """Metrics (Prometheus text), status (JSON) and rollback over HTTP.
 
-Reading is open (GET /metrics, /status, /devices, /healthz); changing (POST /rollback) needs
+Reading is open (GET /metrics, /status, /devices, /healthz: 503 with the reason while the
+coordinator does not serve its fleet); changing (POST /rollback) needs
 ``Authorization: Bearer <control token>`` (coordinator/_control.py). Still bind it to loopback
 or a management network: it is plain HTTP, and the token crosses it in the clear.
 """
@@ -11,7 +12,7 @@ import json
 import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -23,12 +24,21 @@ from models import FedAsyncError
 log = logging.getLogger("fedasync.coordinator.http")
 
 
+class Rollback(NamedTuple):
+    """A rollback done (durably): the new version, and whether the broker has it yet."""
+
+    version: int
+    published: bool
+    detail: str = ""
+
+
 class Service(Protocol):
     """What the endpoints read and change (the coordinator service)."""
 
     def status(self) -> dict[str, Any]: ...
     def devices(self) -> dict[str, Any]: ...
-    def rollback(self, to_version: int) -> int: ...
+    def health(self) -> tuple[bool, str | None]: ...
+    def rollback(self, to_version: int) -> Rollback: ...
 
 
 class StatusServer:
@@ -77,7 +87,12 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/devices":
             self._json(200, self.service.devices())
         elif path == "/healthz":
-            self._json(200, {"ok": True})
+            # 200 only while it serves the fleet: connected, committing, not refused.
+            ok, reason = self.service.health()
+            if ok:
+                self._json(200, {"ok": True})
+            else:
+                self._json(503, {"ok": False, "reason": reason})
         else:
             self._json(404, {"error": "not found",
                              "paths": ["/metrics", "/status", "/devices", "/healthz"]})
@@ -97,13 +112,14 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             to = int(parse_qs(parts.query)["to"][0])
-            version = self.service.rollback(to)
+            done = self.service.rollback(to)
         except (KeyError, ValueError):
             self._json(400, {"error": "use POST /rollback?to=VERSION"})
         except FedAsyncError as exc:
             self._json(409, {"error": str(exc)})
         else:
-            self._json(200, {"version": version, "rolled_back_to": to})
+            self._json(200, {"version": done.version, "rolled_back_to": to,
+                             "published": done.published, "detail": done.detail})
 
     def _json(self, code: int, body: Any, *, headers: dict[str, str] | None = None) -> None:
         self._reply(code, json.dumps(body, indent=1).encode(), "application/json", headers)

@@ -37,11 +37,12 @@ from coordinator._cohort import CohortSelector, parse_status
 from coordinator._config import CoordinatorConfig
 from coordinator._control import service_token
 from coordinator._engine import Engine, Evaluator, Incoming, Outcome
-from coordinator._http import StatusServer
-from coordinator._identity import HOST, Identity, LookTimeout, Presence, look
+from coordinator._http import Rollback, StatusServer
+from coordinator._identity import HOST, Identity, LookTimeout, Presence, Survey, look
 from coordinator._metrics import Metrics
+from coordinator._retries import Retries
 from coordinator._rules import build_rule
-from coordinator._store import Params, Store
+from coordinator._store import Params, StateLost, Store
 from models import FedAsyncError, StateError, Topics, build_model
 from models._mqtt import BrokerAddress, Connection, describe_error, make_client
 from models._signing import Signer
@@ -80,7 +81,10 @@ class CoordinatorService:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         driven: bool = False,
+        reset: bool = False,
     ) -> None:
+        """`reset` (`run --reset`): a state at version 0 serves the fleet even when the broker
+        holds it at a later version (else the look before connecting refuses)."""
         self.config = config
         self._clock = clock
         self._monotonic = monotonic
@@ -102,6 +106,16 @@ class CoordinatorService:
             initial_params=self._adapter.get_params_vector, evaluator=evaluator,
             eval_every=config.evaluation.every, max_message_bytes=config.max_message_bytes,
             participation=config.participation, clock=clock)
+        # A state at version 0 (new, or its predecessor deleted) has merged nothing worth
+        # keeping; started under a fleet the broker holds at version N > 0, it would publish
+        # version 0 over the fleet's model and reject every agent's update (future_version).
+        # The look before the first connection checks (_gate); --reset skips it.
+        self._check_version = self.engine.version == 0 and not reset
+        if reset:
+            log.warning("--reset: %s", (
+                f"fleet {config.fleet!r} starts over at version 0 in {config.state_dir}, "
+                "whatever version the broker holds for it" if self.engine.version == 0 else
+                f"ignored: the state in {config.state_dir} is at version {self.engine.version}"))
         self.metrics.watch_participation(lambda: self.engine.ledger.report(now=clock()))
         self.metrics.version.set(self.engine.version)
         self.metrics.devices_seen.set(self.store.devices_seen())
@@ -113,6 +127,7 @@ class CoordinatorService:
         self._generation = 0  # bumps on every (re)connect: a mid is only valid in its connection
         self._snapshot_wanted = threading.Condition()
         self._published_version = -1  # the newest the broker acknowledged
+        self._published = threading.Condition()  # notified when _published_version moves
         self._sent_version = -1  # the newest handed to the broker
         self._waiting_noted = -1
         rule = config.rule
@@ -131,8 +146,15 @@ class CoordinatorService:
         self._threads: list[threading.Thread] = []
         self._http: StatusServer | None = None
         self._started_at = clock()
-        self.identity = Identity(config.fleet, clock=clock)
+        self.identity = Identity(config.fleet, client_id=config.mqtt_client_id, clock=clock)
         self._failure: StateError | None = None
+        self._status_ours = True  # False once another coordinator's status is the fleet's
+        # Other fleets' coordinators whose status names our client id (the last look): their
+        # updates may reach our broker session, and are theirs.
+        self._sharing: tuple[Presence, ...] = ()
+        self._commits = Retries(first_s=0.5, cap_s=30.0, summary_every_s=300.0,
+                                clock=monotonic)
+        self._state_checked = -float("inf")  # monotonic
         self._on_failure: Callable[[], None] | None = None
         self._standby = threading.Event()  # set while waiting for another coordinator to stop
         self._foreign = 0  # messages on other fleets' topics: acknowledged, never merged
@@ -147,7 +169,7 @@ class CoordinatorService:
         # (bench/ingest.py). Memory is the same either way: paho keeps every unacked
         # QoS 1 publish until its PUBACK, in or out of the window.
         self._client.will_set(self.topics.coordinator_status,
-                              self.identity.presence("offline").to_json(), qos=1, retain=True)
+                              self._presence("offline"), qos=1, retain=True)
         self._link = Connection(self._client, self.address, logger=log, keepalive=KEEPALIVE_S,
                                 max_delay_s=30.0, on_online=self._on_online,
                                 on_offline=self._on_offline)
@@ -189,16 +211,16 @@ class CoordinatorService:
         # on hearing it may open the same directory at once.
         self.store.close()
         self.identity.unregister()
-        if self._link.online and self._failure is None:  # after a failure the status is not ours
-            self._client.publish(self.topics.coordinator_status,
-                                 self.identity.presence("offline").to_json(), qos=1,
-                                 retain=True).wait_for_publish(timeout=2)
+        if self._link.online and self._status_ours:
+            self._client.publish(self.topics.coordinator_status, self._presence("offline"),
+                                 qos=1, retain=True).wait_for_publish(timeout=2)
         self._link.stop()
         log.info("coordinator stopped at version %d", self.engine.version)
 
     def run_until(self, stop: threading.Event) -> None:
         """Start, serve until `stop` is set, stop. Raises StateError (after stopping) when this
-        coordinator had to give up: another one serves the fleet on this broker."""
+        coordinator had to give up: another one serves the fleet on this broker (or uses its
+        client id), or its state directory is gone."""
         self._on_failure = stop.set
         self.start()
         try:
@@ -233,23 +255,48 @@ class CoordinatorService:
         # that URL's, and is logged as such before the connection moves on.
         here = self._link.address
         try:
-            status = look(here, self.topics, stop=stopping)
+            survey = look(here, self.topics, stop=stopping)
         except LookTimeout as exc:
+            if first and self._check_version:
+                self._give_up(
+                    f"the state in {self.config.state_dir} is at version 0, and the broker does "
+                    f"not let this coordinator read which version it holds for fleet "
+                    f"{self.config.fleet!r} ({exc}); not publishing version 0 blind over it: "
+                    f"let the account read {self.topics.coordinator_status} and "
+                    f"{self.topics.announce}, or start over with `run --reset`")
+                raise ConnectionAbortedError("cannot check the fleet's version") from exc
             log.warning("could not check whether another coordinator serves fleet %r (%s: may "
                         "this broker account read and write %s?); connecting anyway",
                         self.config.fleet, exc, self.topics.coordinator_status)
             return
         if stopping.is_set():
             raise ConnectionAbortedError("stopping")
-        rival = self.identity.rival(status)
-        if rival is None:
-            return
+        rival = self.identity.rival(survey.status)
+        if rival is not None:
+            survey = self._wait_or_give_up(rival, first=first, here=here, stopping=stopping)
+        self._sharing = self.identity.sharing(survey.others)
+        clash = self.identity.clash(survey.others)
+        if clash is not None:
+            self._give_up(
+                f"client id {self.config.mqtt_client_id!r} is in use by the coordinator of "
+                f"fleet {clash.fleet!r} ({clash.describe()}) on this broker: two fleets with one "
+                f"client id take one broker session from each other, and each receives the "
+                f"other's updates. Give this coordinator a client_id of its own (or leave "
+                f"client_id unset: it derives from the fleet)")
+            raise ConnectionAbortedError("another fleet's coordinator uses this client id")
+        if first:
+            self._check_fleet_version(survey)
+
+    def _wait_or_give_up(self, rival: Presence, *, first: bool, here: BrokerAddress,
+                         stopping: threading.Event) -> Survey:
+        """Another coordinator serves the fleet: wait for it to go offline (a standby's first
+        connection; returns what the broker holds then), or give up."""
         if first and self.config.standby:
             self._standby.set()
             _log_standby(rival, self.config.fleet)
             try:
-                look(here, self.topics, stop=stopping,
-                     until=lambda s: self.identity.rival(s) is None)
+                survey = look(here, self.topics, stop=stopping,
+                              until=lambda s: self.identity.rival(s) is None)
             except LookTimeout as exc:
                 raise ConnectionError(str(exc)) from exc
             if stopping.is_set():
@@ -257,7 +304,7 @@ class CoordinatorService:
             self._standby.clear()
             log.info("the other coordinator of fleet %r is offline: taking over",
                      self.config.fleet)
-            return
+            return survey
         if first:
             self._give_up(
                 f"another coordinator ({rival.describe()}) serves fleet {self.config.fleet!r} "
@@ -271,6 +318,18 @@ class CoordinatorService:
                 f"than take the broker session back and forth")
         raise ConnectionAbortedError("another coordinator serves this fleet")
 
+    def _check_fleet_version(self, survey: Survey) -> None:
+        """Refuse a state at version 0 under a fleet the broker holds at version N > 0."""
+        held = survey.version
+        if not self._check_version or not held:
+            return
+        self._give_up(
+            f"the state in {self.config.state_dir} is at version 0 (new or lost), but the "
+            f"broker holds fleet {self.config.fleet!r} at version {held}: restore the state "
+            f"directory {self.config.state_dir} from a backup, or start the fleet over at "
+            f"version 0 with `fedasync-coordinator run --reset`")
+        raise ConnectionAbortedError("the fleet is further than this state")
+
     def _on_coordinator_status(self, payload: bytes, retained: bool) -> None:
         """A coordinator status seen while connected. A retained one was judged before
         connecting; a live "online" of another instance means two coordinators merge the same
@@ -283,22 +342,32 @@ class CoordinatorService:
             log.warning("another coordinator (%s, client id other than %r) came online for "
                         "fleet %r; this one serves it since earlier and stays", rival.describe(),
                         self.config.mqtt_client_id, self.config.fleet)
-            self._client.publish(self.topics.coordinator_status,
-                                 self.identity.presence("online").to_json(), qos=1, retain=True)
+            self._client.publish(self.topics.coordinator_status, self._presence("online"),
+                                 qos=1, retain=True)
             return
         self._give_up(f"another coordinator ({rival.describe()}) serves fleet "
                       f"{self.config.fleet!r} on this broker under another client id; this one "
                       f"stops merging rather than merge the same updates twice")
 
     def _give_up(self, message: str) -> None:
-        """Stop merging at once, and let the process end (run_until raises StateError)."""
+        """Stop merging at once, and let the process end (run_until raises StateError): the
+        fleet (or our client id) is another coordinator's, so is its status."""
         if self._failure is not None:
             return
-        self._failure = StateError(message)
-        log.error("%s", message)
+        self._status_ours = False
+        self._fail(StateError(message))
         self._link.stop()
+
+    def _fail(self, error: StateError) -> None:
+        if self._failure is not None:
+            return
+        self._failure = error
+        log.error("%s", error)
         if self._on_failure is not None:
             self._on_failure()
+
+    def _presence(self, state: str) -> bytes:
+        return self.identity.presence(state, version=self.engine.version).to_json()
 
     # -- MQTT callbacks (paho's thread) ------------------------------------------------------
     def _on_online(self, client: mqtt.Client, session_present: bool) -> None:
@@ -308,8 +377,8 @@ class CoordinatorService:
         # broker kept in this session while it was away (nor, with manual acks, one unacked).
         client.subscribe([(self.topics.all_updates, 1), (self.topics.all_status, 0),
                           (self.topics.coordinator_status, 0)])
-        client.publish(self.topics.coordinator_status, self.identity.presence("online").to_json(),
-                       qos=1, retain=True)
+        client.publish(self.topics.coordinator_status, self._presence("online"), qos=1,
+                       retain=True)
         self._republish(client)  # a broker without persistence forgot them
         self.metrics.connected.set(1)
 
@@ -380,13 +449,27 @@ class CoordinatorService:
 
     def _on_foreign(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
         """A message on another fleet's topic: the broker session of our client id still holds
-        a subscription from another configuration (or another coordinator shares the id). It is
-        not ours: acknowledged (or it would hold a slot of the broker's in-flight window
-        forever), never merged or answered, and its subscription dropped."""
+        a subscription from another configuration, or another fleet's coordinator uses our
+        client id (its status names it). Never merged or answered. An update of a fleet whose
+        coordinator shares the id is that coordinator's only copy: left unacknowledged (the
+        broker keeps it in the session for it) and this coordinator stops. Anything else is a
+        leftover subscription of this session alone (the fleet's coordinator has a session of
+        its own): acknowledged, or it would hold a slot of the broker's in-flight window
+        forever, and unsubscribed."""
         self._foreign += 1
+        levels = msg.topic.split("/")
+        owner = next((p for p in self._sharing if len(levels) > 2 and p.fleet == levels[1]),
+                     None)
+        if owner is not None and len(levels) == 4 and levels[2] == "update":
+            self._give_up(
+                f"received an update of fleet {owner.fleet!r} ({msg.topic}): its coordinator "
+                f"({owner.describe()}) uses this one's client id {self.config.mqtt_client_id!r} "
+                f"too, so both share one broker session. Left unacknowledged for it; this one "
+                f"stops. Give one of them a client_id of its own (or leave client_id unset: it "
+                f"derives from the fleet)")
+            return
         if msg.qos > 0:
             client.ack(msg.mid, msg.qos)
-        levels = msg.topic.split("/")
         pattern = ("/".join([*levels[:-1], "+"]) if len(levels) == 4
                    and levels[2] in ("update", "status") else msg.topic)
         if pattern in self._foreign_seen:
@@ -401,31 +484,59 @@ class CoordinatorService:
 
     # -- writer ------------------------------------------------------------------------------
     def _writer(self) -> None:
+        retry: list[Incoming] = []  # a batch whose commit failed: tried again after a wait
         while not self._stop.is_set():
-            try:
-                batch = [self._inbox.get(timeout=0.2)]
-            except queue.Empty:
-                self._guarded(self._tick)
-                continue
-            while len(batch) < self.config.batch_max:
-                try:
-                    batch.append(self._inbox.get_nowait())
-                except queue.Empty:
+            if retry:
+                if self._stop.wait(self._commits.delay):
                     break
+                batch, retry = retry, []
+            else:
+                try:
+                    batch = [self._inbox.get(timeout=0.2)]
+                except queue.Empty:
+                    self._guarded(self._tick)
+                    continue
+                while len(batch) < self.config.batch_max:
+                    try:
+                        batch.append(self._inbox.get_nowait())
+                    except queue.Empty:
+                        break
             if self._failure is not None:
                 continue  # another coordinator serves the fleet: unacked, the broker keeps it
-            self._guarded(functools.partial(self._process, batch))
+            if not self._guarded(functools.partial(self._process, batch), len(batch)):
+                # Still ours, unacked, on this connection: no reconnect is needed to get it
+                # again (a reconnect meanwhile makes the broker redeliver it: a duplicate).
+                retry = batch if self._commits.failing and self._failure is None else []
 
-    def _guarded(self, fn: Callable[[], None]) -> None:
+    def _guarded(self, fn: Callable[[], None], updates: int = 0) -> bool:
+        """Run one piece of the writer's work; False when it failed."""
         try:
             fn()
-        except StateError:
-            # Nothing of the batch was acked: reconnecting makes the broker redeliver it.
-            log.exception("could not make the batch durable; reconnecting to get it again")
-            with contextlib.suppress(OSError):  # then paho's loop reconnects, and logs why not
-                self._client.reconnect()
+        except StateLost as exc:
+            self._fail(exc)  # one ERROR line; run_until ends the process
+            return False
+        except StateError as exc:
+            # Nothing of the batch was acked: the broker keeps it until it is committed.
+            if self._commits.failed(str(exc)):
+                if self._commits.failures == 1:
+                    log.error("cannot commit to the state directory %s: %s; nothing of the "
+                              "batch (%d update(s)) is acknowledged, the broker keeps it. "
+                              "Retrying, backing off from %.1f s to %.0f s; /healthz says 503 "
+                              "until it works", self.config.state_dir, exc, updates,
+                              self._commits.first_s, self._commits.cap_s)
+                else:
+                    log.error("commits to the state directory %s still fail: %d attempts over "
+                              "%.0f s, the last: %s", self.config.state_dir,
+                              self._commits.failures, self._commits.elapsed, exc)
+            return False
         except Exception:  # the service must keep serving whatever one batch does
             log.exception("unexpected error in the writer; continuing")
+            return False
+        recovery = self._commits.succeeded()
+        if recovery is not None:
+            log.warning("commits to the state directory %s resumed after %d failure(s) over "
+                        "%.1f s", self.config.state_dir, recovery.failures, recovery.seconds)
+        return True
 
     def _process(self, batch: list[Incoming]) -> None:
         started = time.perf_counter()
@@ -442,6 +553,10 @@ class CoordinatorService:
         self._after_change(before)
 
     def _tick(self) -> None:
+        if self._monotonic() - self._state_checked >= 1.0:
+            # Idle, no commit would notice that the state directory was deleted.
+            self._state_checked = self._monotonic()
+            self.store.check_present()
         before = self.engine.version
         with self._engine_lock:
             self.engine.tick()
@@ -642,7 +757,9 @@ class CoordinatorService:
             return
         if not self._deliver(self.topics.model, payload):
             return
-        self._published_version = version
+        with self._published:
+            self._published_version = version
+            self._published.notify_all()
         self._last_announcement = announcement
         # QoS 1 without waiting: paho resends it after a reconnect, and _on_online
         # republishes the newest one anyway.
@@ -693,17 +810,51 @@ class CoordinatorService:
                  link["broker"], link["last_error"])
 
     # -- operations --------------------------------------------------------------------------
-    def rollback(self, to_version: int) -> int:
+    def rollback(self, to_version: int) -> Rollback:
+        """Roll back (durably), then wait a little for the broker to have the new version, and
+        say whether it does: the operator must not read "published" while the broker is down."""
         with self._engine_lock:
             version = self.engine.rollback(to_version)
         self._after_change(version - 1)
-        return version
+        deadline = self._monotonic() + self.config.snapshots.min_interval_s + ROLLBACK_WAIT_S
+        with self._published:
+            while (self._published_version < version and self._link.online
+                   and self._failure is None and self._monotonic() < deadline):
+                self._published.wait(0.2)
+        if self._published_version >= version:
+            return Rollback(version, published=True)
+        link = self._link.info()
+        why = (f"the broker at {link['broker']} is not reachable ({link['last_error']})"
+               if not self._link.online else
+               f"the broker had not acknowledged it after {ROLLBACK_WAIT_S:g} s")
+        return Rollback(version, published=False,
+                        detail=f"{why}; the service publishes it once the broker has it")
+
+    def health(self) -> tuple[bool, str | None]:
+        """Whether this coordinator serves its fleet now (/healthz), and if not, why."""
+        if self._failure is not None:
+            return False, str(self._failure)
+        if self._standby.is_set():
+            return False, "standby: another coordinator serves the fleet"
+        if self._commits.failing:
+            return False, (f"commits to the state directory {self.config.state_dir} failing "
+                           f"for {self._commits.elapsed:.0f} s ({self._commits.failures} "
+                           f"attempts): {self._commits.cause}")
+        if not self._connected.is_set():
+            link = self._link.info()
+            return False, (f"not connected to the broker {link['broker']} ({link['state']}"
+                           + (f": {link['last_error']})" if link["last_error"] else ")"))
+        return True, None
 
     def status(self) -> dict[str, Any]:
         e = self.engine
+        ok, reason = self.health()
         return {
             "fleet": self.config.fleet,
             "state": self._state(),
+            "healthy": ok,
+            "reason": reason,
+            "commit_failures": self._commits.failures,  # in a row, now
             "connection": self._link.info(),
             "instance": {"id": self.identity.instance, "host": HOST, "pid": os.getpid(),
                          "since": round(self.identity.since, 3),
@@ -722,14 +873,19 @@ class CoordinatorService:
 
     def _state(self) -> str:
         if self._failure is not None:
-            return "refused"
+            return "failed" if self._status_ours else "refused"
         if self._standby.is_set():
             return "standby"
+        if self._commits.failing:
+            return "degraded"
         return "online" if self._connected.is_set() else "connecting"
 
     def devices(self) -> dict[str, Any]:
         """The participation report: the fairness summary and one row per device seen."""
         return self.engine.ledger.report(now=self._clock()).to_dict()
+
+
+ROLLBACK_WAIT_S = 10.0  # for the broker's PUBACK of a rolled-back snapshot, beyond the interval
 
 
 def _log_standby(rival: Presence, fleet: str) -> None:

@@ -156,6 +156,7 @@ class Store:
         self.readonly = readonly
         self.lock: StateLock | None = None  # held by a writable store until `close`
         self._devices: set[str] | None = None  # distinct device ids in lineage, loaded lazily
+        self._db_file: tuple[int, int] | None = None  # the writer's database (device, inode)
         if readonly:
             self._db = self._connect_readonly()
             return
@@ -172,10 +173,28 @@ class Store:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
             self._migrate()
+            self._db_file = _file_id(self.db_path)
         except (OSError, sqlite3.Error) as exc:
             self.lock.release()
             raise StateError(f"cannot open state in {state_dir}: {exc}") from exc
         self._remove_orphan_checkpoints()
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "state.db"
+
+    def check_present(self) -> None:
+        """Raise `StateLost` if the database this writer has open is no longer the one at its
+        path (deleted, or replaced). SQLite goes on writing to a deleted file without an
+        error, and nothing written there survives a restart: it must not be acknowledged."""
+        if self._db_file is None:  # read-only: nothing is written, nothing to lose
+            return
+        try:
+            found = _file_id(self.db_path)
+        except OSError as exc:
+            raise StateLost(self.db_path, exc.strerror or str(exc)) from None
+        if found != self._db_file:
+            raise StateLost(self.db_path, "replaced by another file")
 
     @classmethod
     def open_readonly(cls, state_dir: Path) -> Store:
@@ -329,7 +348,15 @@ class Store:
         ), meta={"spec": json.dumps(spec.to_dict(), sort_keys=True)})
 
     def commit(self, commit: Commit, *, meta: dict[str, str] | None = None) -> None:
-        """Make one batch durable: checkpoint file first, then one transaction."""
+        """Make one batch durable: checkpoint file first, then one transaction. Checked after
+        it, failed or not, that the state directory is still there: a commit into a deleted
+        database "succeeds", and a failed one is only retried while there is a point."""
+        try:
+            self._commit(commit, meta)
+        finally:
+            self.check_present()
+
+    def _commit(self, commit: Commit, meta: dict[str, str] | None) -> None:
         self._writable()
         if commit.model is not None:
             self._write_checkpoint(*commit.model)
@@ -430,6 +457,23 @@ class Store:
             if current is None or v > current:
                 with contextlib.suppress(OSError):
                     self._checkpoint_path(v).unlink()
+
+
+class StateLost(StateError):
+    """The state directory (its database) disappeared under the running writer."""
+
+    def __init__(self, path: Path, cause: str) -> None:
+        super().__init__(f"the state database {path} is gone ({cause}): the state directory was "
+                         "deleted or replaced under the running coordinator; stopping, with "
+                         "nothing acknowledged that was not durable. Restore the state "
+                         "directory from a backup, or start the fleet over with `run --reset`")
+        self.path = path
+        self.cause = cause
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def _fsync_dir(path: Path) -> None:

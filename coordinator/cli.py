@@ -20,6 +20,7 @@ import numpy as np
 from coordinator._config import CoordinatorConfig, load_config
 from coordinator._control import TOKEN_FILE, client_token, configured_token
 from coordinator._engine import Engine, Evaluator
+from coordinator._http import Rollback
 from coordinator._lock import StateDirInUse
 from coordinator._rules import build_rule
 from coordinator._store import Store
@@ -75,6 +76,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--http", help="HOST:PORT for /metrics and /status ('' to disable)")
     run.add_argument("--standby", action="store_true", default=None,
                      help="if another coordinator serves the fleet, wait for it to stop")
+    run.add_argument("--reset", action="store_true",
+                     help="with a state at version 0 (a new or lost state directory), start "
+                          "the fleet over at version 0 even if the broker holds it at a later "
+                          "version (without it, run refuses: restore the state directory "
+                          "instead). Ignored for a state past version 0")
     run.set_defaults(func=_run)
 
     versions = sub.add_parser("versions", help="table of model versions with metrics")
@@ -99,7 +105,13 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("file", type=Path)
     export.set_defaults(func=_export)
 
-    rollback = sub.add_parser("rollback", help="republish an earlier version as a new version")
+    rollback = sub.add_parser(
+        "rollback", help="republish an earlier version as a new version",
+        description="Roll back to an earlier version, published as a new version. Exit status: "
+                    "0 done (published when a service runs; without one, when it starts), 3 "
+                    "done in the state but the broker does not have it yet (the running "
+                    "service publishes it when it can; do not run rollback again), 2 not "
+                    "done.")
     common(rollback)
     rollback.add_argument("--to", type=int, required=True)
     rollback.add_argument("--http", help="address of the running service")
@@ -178,12 +190,14 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     # The service's store takes the state directory's lock: a second `run` on it stops here with
     # StateDirInUse (exit 2), naming the running one.
-    service = CoordinatorService(config, evaluator=make_evaluator(config))
+    service = CoordinatorService(config, evaluator=make_evaluator(config), reset=args.reset)
     if stop.is_set():
         log.info("stopped while starting; nothing was changed")
         service.store.close()
         return 0
-    service.run_until(stop)  # StateError (exit 2): another coordinator serves the fleet
+    # StateError (exit 2): another coordinator serves the fleet (or uses its client id), the
+    # broker holds the fleet at a later version than a state at version 0, the state is gone.
+    service.run_until(stop)
     return 0
 
 
@@ -329,9 +343,9 @@ def _rollback(args: argparse.Namespace) -> int:
     config = config_from_args(args, stored_model=_stored_spec)
     state = Path(config.state_dir)
     if args.http:  # the operator named the service
-        version = _post_rollback(args.http, config, args.to)
-        if version is not None:
-            return _rolled_back(version, args.to, published=True)
+        done = _post_rollback(args.http, config, args.to)
+        if done is not None:
+            return _rolled_back(done, args.to)
         log.info("no service answers on %s; rolling back the state directory directly",
                  args.http)
     if not (state / "state.db").is_file():
@@ -344,12 +358,12 @@ def _rollback(args: argparse.Namespace) -> int:
             raise StateError(
                 f"{exc.holder.describe()} holds {state} but serves no control endpoint (still "
                 "starting, or http is off); try again once it is up, or stop it first") from exc
-        version = None if address == args.http else _post_rollback(address, config, args.to)
-        if version is None:
+        done = None if address == args.http else _post_rollback(address, config, args.to)
+        if done is None:
             raise StateError(
                 f"{exc.holder.describe()} holds {state} but its control endpoint at {address} "
                 "does not answer; stop it first, then run rollback again") from exc
-        return _rolled_back(version, args.to, published=True)
+        return _rolled_back(done, args.to)
     try:
         engine = Engine(store, build_rule(config.rule), config.guards, spec=config.model,
                         initial_params=build_model(config.model).get_params_vector,
@@ -357,10 +371,10 @@ def _rollback(args: argparse.Namespace) -> int:
         version = engine.rollback(args.to)
     finally:
         store.close()
-    return _rolled_back(version, args.to, published=False)
+    return _rolled_back(Rollback(version, published=False), args.to, service=False)
 
 
-def _post_rollback(address: str, config: CoordinatorConfig, to: int) -> int | None:
+def _post_rollback(address: str, config: CoordinatorConfig, to: int) -> Rollback | None:
     """Ask the service at `address` to roll back; None if nothing answers there."""
     host, _, port = address.rpartition(":")
     if host in ("", "0.0.0.0"):  # noqa: S104 - a wildcard bind is reached on loopback
@@ -370,8 +384,11 @@ def _post_rollback(address: str, config: CoordinatorConfig, to: int) -> int | No
     request = urllib.request.Request(f"http://{host}:{port}/rollback?to={to}", method="POST",
                                      headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310 - http:// only
-            return int(json.loads(resp.read())["version"])
+        # The service waits up to its snapshot interval + 10 s for the broker's PUBACK.
+        with urllib.request.urlopen(request, timeout=60) as resp:  # noqa: S310 - http:// only
+            body = json.loads(resp.read())
+            return Rollback(int(body["version"]), published=bool(body.get("published", True)),
+                            detail=str(body.get("detail") or ""))
     except urllib.error.HTTPError as exc:
         if exc.code == 401:
             how = ("the token it was given is not the service's" if token is not None else
@@ -393,9 +410,16 @@ def _error_of(exc: urllib.error.HTTPError) -> str:
         return body.strip() or f"HTTP {exc.code}"
 
 
-def _rolled_back(version: int, to: int, *, published: bool) -> int:
-    when = "published" if published else "it is published when the coordinator starts"
-    print(f"version {version} is now the model of version {to}; {when}")
+def _rolled_back(done: Rollback, to: int, *, service: bool = True) -> int:
+    """Say what happened; exit 3 when the running service could not publish it (yet)."""
+    head = f"version {done.version} is now the model of version {to}"
+    if done.published:
+        print(f"{head}; published")
+    elif not service:
+        print(f"{head}; it is published when the coordinator starts")
+    else:
+        print(f"{head} in the state; not published: {done.detail}")
+        return 3
     return 0
 
 

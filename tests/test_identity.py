@@ -50,8 +50,9 @@ def config(broker: MosquittoBroker | None, fleet: str, state: Path, *, url: str 
         snapshots=SnapshotConfig(min_interval_s=0.0, include_onnx=False), **changes)
 
 
-def started(cfg: CoordinatorConfig, *, connected: bool = True) -> CoordinatorService:
-    service = CoordinatorService(cfg)
+def started(cfg: CoordinatorConfig, *, connected: bool = True,
+            reset: bool = False) -> CoordinatorService:
+    service = CoordinatorService(cfg, reset=reset)
     service.start()
     if connected:
         assert service.wait_connected(30), "the coordinator did not connect"
@@ -77,6 +78,17 @@ class Device(Listener):
 
 def accepted_ids(service: CoordinatorService) -> set[str]:
     return {r.update_id for r in service.store.lineage() if r.outcome == "accepted"}
+
+
+def run_cli(toml: Path) -> subprocess.CompletedProcess[str]:
+    """`fedasync-coordinator run --config TOML` to its end (a refusal)."""
+    return subprocess.run([sys.executable, "-m", "coordinator.cli", "run", "--config", str(toml)],
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+def errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
 # ------------------------------------------------------------------------------ client id
@@ -185,6 +197,75 @@ def test_messages_on_another_fleets_topics_are_acknowledged_never_merged(
                    "(update topic does not name a device)"]
 
 
+@pytest.mark.broker
+def test_a_client_id_in_use_by_another_fleets_coordinator_is_refused(
+        broker: MosquittoBroker, fleet_name: str, tmp_path: Path) -> None:
+    """Issue 21, item 5: the same explicit client_id for two fleets took the session back and
+    forth; each coordinator acked and dropped the other's updates and neither exited."""
+    other = f"{fleet_name}-b"
+    client_id = f"shared-{uuid.uuid4().hex[:8]}"
+    first = started(config(broker, fleet_name, tmp_path / "a", client_id=client_id))
+    device = Device(broker, fleet_name, "dev-1")
+    toml = write_toml(tmp_path / "b.toml", broker, other, tmp_path / "b")
+    toml.write_text(f'client_id = "{client_id}"\n{toml.read_text()}')
+    try:
+        second = run_cli(toml)
+        device.send("after")
+        [after] = device.acks(1)
+        link = first.status()["connection"]
+    finally:
+        device.close()
+        first.stop()
+    assert second.returncode == 2, second.stderr
+    assert "Traceback" not in second.stderr
+    assert errors(second.stderr) == [
+        f"error: client id {client_id!r} is in use by the coordinator of fleet {fleet_name!r} "
+        f"(pid {os.getpid()} on host {HOST}, online since "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(first.identity.since))}) on this "
+        "broker: two fleets with one client id take one broker session from each other, and "
+        "each receives the other's updates. Give this coordinator a client_id of its own (or "
+        "leave client_id unset: it derives from the fleet)"]
+    assert (after.update_id, after.status) == ("after", "accepted")
+    assert link["state"] == "online" and link["attempts"] == 0  # its session was never taken
+
+
+@pytest.mark.broker
+def test_an_update_of_a_fleet_sharing_the_client_id_is_left_for_its_coordinator(
+        broker: MosquittoBroker, fleet_name: str, tmp_path: Path) -> None:
+    """Fleet a's coordinator is stopped; its update waits in the broker session of the client
+    id that fleet b's coordinator uses too. B must not PUBACK it (that dropped it): it stops,
+    and a's coordinator, started again, gets and merges it."""
+    other = f"{fleet_name}-b"
+    client_id = f"shared-{uuid.uuid4().hex[:8]}"
+    first = started(config(broker, fleet_name, tmp_path / "a", client_id=client_id))
+    first.stop()  # its retained status: offline, naming the client id
+    device = Device(broker, fleet_name, "dev-1")
+    try:
+        device.send("waiting")  # queued in the session of `client_id`
+        intruder = started(config(broker, other, tmp_path / "b", client_id=client_id),
+                           connected=False)
+        try:
+            assert wait_for(lambda: intruder.failure is not None, 30)
+        finally:
+            intruder.stop()
+        assert device.messages.empty()
+        assert str(intruder.failure).startswith(
+            f"received an update of fleet {fleet_name!r} "
+            f"({Topics(fleet_name).update('dev-1')}): its coordinator (")
+        assert "Left unacknowledged for it; this one stops" in str(intruder.failure)
+
+        again = started(config(broker, fleet_name, tmp_path / "a", client_id=client_id))
+        try:
+            [ack] = device.acks(1)
+            merged = accepted_ids(again)
+        finally:
+            again.stop()
+    finally:
+        device.close()
+    assert (ack.update_id, ack.status) == ("waiting", "accepted")
+    assert merged == {"waiting"}
+
+
 # ------------------------------------------------------------------------------ one per fleet
 
 
@@ -204,11 +285,8 @@ def test_a_second_coordinator_for_the_fleet_is_refused_and_the_first_keeps_mergi
     try:
         device.send("before")
         assert device.acks(1)[0].status == "accepted"
-        second = subprocess.run(
-            [sys.executable, "-m", "coordinator.cli", "run", "--config",
-             str(write_toml(tmp_path / "second.toml", broker, fleet_name, tmp_path / "second"))],
-            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-            timeout=120, check=False)
+        second = run_cli(write_toml(tmp_path / "second.toml", broker, fleet_name,
+                                    tmp_path / "second"))
         device.send("after")
         [after] = device.acks(1)
         link = first.status()["connection"]
@@ -217,8 +295,7 @@ def test_a_second_coordinator_for_the_fleet_is_refused_and_the_first_keeps_mergi
         device.close()
         first.stop()
     assert second.returncode == 2, second.stderr
-    errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [
+    assert errors(second.stderr) == [
         f"error: another coordinator (pid {os.getpid()} on host {HOST}, online since "
         f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(first.identity.since))}) serves "
         f"fleet {fleet_name!r} on this broker; stop it first, or start this one with --standby "
@@ -235,8 +312,10 @@ def test_a_second_coordinator_for_the_fleet_is_refused_and_the_first_keeps_mergi
 def test_a_standby_coordinator_takes_over_when_the_first_stops(
         broker: MosquittoBroker, fleet_name: str, tmp_path: Path) -> None:
     first = started(config(broker, fleet_name, tmp_path / "first"))
+    # A state directory of its own, at version 0 while the fleet is further: started over on
+    # purpose (--reset), else it refuses on taking over (test_state_loss.py).
     standby = started(config(broker, fleet_name, tmp_path / "standby", standby=True),
-                      connected=False)
+                      connected=False, reset=True)
     device = Device(broker, fleet_name, "dev-1")
     try:
         assert wait_for(lambda: standby.status()["state"] == "standby", 30)

@@ -1,0 +1,172 @@
+"""A full disk under the state directory (issue 21, item 2): commits that fail back off, are
+said once (then summarised), show in /healthz (503) and /status ("degraded"), resume by
+themselves, and lose nothing: an update is acknowledged only once it is committed.
+
+Two ways to fill the disk: a real 3 MB tmpfs (needs `mount`: skipped where it is not permitted)
+and ENOSPC injected into the commit path, which always runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import json
+import logging
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import coordinator._store
+from coordinator._config import CoordinatorConfig, SnapshotConfig
+from coordinator._guards import GuardConfig
+from coordinator._rules import RuleConfig
+from coordinator._service import CoordinatorService
+from fleet._broker import MosquittoBroker
+from models import ModelSpec, Topics, decode_ack
+from tests.helpers import Listener, update_bytes, wait_for
+
+SPEC = ModelSpec(kind="logistic", n_features=4, classes=(0, 1, 2))
+N = 15
+
+
+def get(port: int, path: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def check_disk_full(broker: MosquittoBroker, fleet: str, state: Path, *,
+                    fill: Callable[[], None], free: Callable[[], None],
+                    caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="fedasync")
+    service = CoordinatorService(CoordinatorConfig(
+        model=SPEC, broker=broker.url, fleet=fleet, state_dir=str(state), http="127.0.0.1:0",
+        rule=RuleConfig(name="fedasync", alpha=0.5, staleness="constant"),
+        guards=GuardConfig(max_norm=100.0),
+        snapshots=SnapshotConfig(min_interval_s=0.0, include_onnx=False)))
+    service.start()
+    topics = Topics(fleet)
+    device = Listener(broker.url, [topics.ack("dev-1")])
+    try:
+        assert service.wait_connected(30)
+        port = service.http_port
+        assert port is not None
+        assert wait_for(lambda: get(port, "/healthz") == (200, {"ok": True}), 30)
+        connected_since = service.status()["connection"]["since"]
+
+        fill()
+        device.publish(topics.update("dev-1"), update_bytes(0.01 * np.ones(N), device="dev-1",
+                                                            update_id="u1", base_version=0))
+        # 0.5 + 1 + 2 s of backoff between the first four attempts.
+        assert wait_for(lambda: service.status()["commit_failures"] >= 4, 60)
+        code, health = get(port, "/healthz")
+        status = get(port, "/status")[1]
+        assert device.messages.empty(), "acknowledged before it was committed"
+        assert code == 503 and health["ok"] is False
+        assert health["reason"].startswith(f"commits to the state directory {state} failing")
+        assert "No space left on device" in health["reason"]
+        assert status["state"] == "degraded" and status["reason"] == health["reason"]
+        assert status["version"] == 0
+        # No reconnect to get the batch again: it is kept and retried on the same connection.
+        assert status["connection"]["since"] == connected_since
+        assert status["connection"]["attempts"] == 0
+
+        free()
+        ack = decode_ack(device.get(60).payload)
+        assert (ack.update_id, ack.status, ack.version) == ("u1", "accepted", 1)
+        assert wait_for(lambda: get(port, "/healthz") == (200, {"ok": True}), 30)
+        assert service.status()["state"] == "online"
+    finally:
+        device.close()
+        service.stop()
+    ours = [r for r in caplog.records if r.name.startswith("fedasync")]
+    assert not [r for r in ours if r.exc_info], "a traceback was logged"
+    failed = [r for r in ours if "cannot commit to the state directory" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].levelno == logging.ERROR
+    assert f"cannot commit to the state directory {state}: " in failed[0].getMessage()
+    assert "No space left on device" in failed[0].getMessage()
+    resumed = [r.getMessage() for r in ours if "resumed after" in r.getMessage()]
+    assert len(resumed) == 1
+    assert resumed[0].startswith(f"commits to the state directory {state} resumed after ")
+
+
+@pytest.mark.broker
+def test_enospc_in_the_commit_path_backs_off_and_resumes(
+        broker: MosquittoBroker, fleet_name: str, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    full = [False]
+    attempts: list[float] = []
+    fsync_dir = coordinator._store._fsync_dir
+
+    def failing(path: Path) -> None:  # the directory fsync after a checkpoint's rename
+        if full[0]:
+            attempts.append(time.monotonic())
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync_dir(path)
+
+    monkeypatch.setattr(coordinator._store, "_fsync_dir", failing)
+
+    def fill() -> None:
+        full[0] = True
+
+    def free() -> None:
+        full[0] = False
+
+    check_disk_full(broker, fleet_name, tmp_path / "state", fill=fill, free=free,
+                    caplog=caplog)
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
+    assert len(gaps) >= 3
+    # Exponential: at least 0.5, 1, 2 s apart (more on a busy machine, never less).
+    for gap, least in zip(gaps, (0.5, 1.0, 2.0), strict=False):
+        assert gap >= 0.9 * least, gaps
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 3 MB tmpfs, unmounted afterwards."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
+                              capture_output=True, text=True, timeout=30, check=False)
+    except OSError as exc:
+        pytest.skip(f"cannot run mount ({exc}); the ENOSPC-injection test covers this")
+    if done.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here ({done.stderr.strip()}); the "
+                    "ENOSPC-injection test covers this")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True, timeout=30, check=False)
+
+
+def fill_up(path: Path) -> None:
+    """Write `path` until the file system is full, down to the last byte it takes."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (1 << 20, 1 << 16, 1 << 12, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * size)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.broker
+def test_a_full_tmpfs_under_the_state_directory_backs_off_and_resumes(
+        broker: MosquittoBroker, fleet_name: str, small_disk: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    filler = small_disk / "filler"
+    check_disk_full(broker, fleet_name, small_disk / "state", fill=lambda: fill_up(filler),
+                    free=filler.unlink, caplog=caplog)
