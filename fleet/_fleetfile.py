@@ -27,6 +27,7 @@ every simulated device's agent does: ``[agent]`` (its poll ``check_interval_s`` 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import re
@@ -45,7 +46,7 @@ from fleet._fairness import XY
 from fleet._sim import Fleet, SimConfig, model_spec, synthetic_fleet
 from fleet._traces import _TOPIC_UNSAFE, Battery, DeviceTrace, Intervals, Span
 from models import MODEL_KINDS, ConfigError, FedAsyncError, ModelSpec
-from models._config import check_layer, load_toml
+from models._config import check_layer, load_toml, read_utf8
 from models._datasets import Dataset
 from models._files import load_xy, save_npz
 
@@ -324,10 +325,9 @@ def parse_fleet_file(path: Path) -> FleetFile:
 def _read_toml_or_json(path: Path, suffix: str) -> dict[str, Any]:
     if suffix == ".toml":
         return load_toml(path)
+    text = read_utf8(path, "fleet file", hint="JSON files must be UTF-8", key="fleet_file")
     try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read fleet file {path}: {exc}", key="fleet_file") from exc
+        data = json.loads(text)
     except ValueError as exc:
         raise ConfigError(f"fleet file {path} is not valid JSON: {exc}",
                           key="fleet_file") from exc
@@ -369,10 +369,10 @@ def _devices_header_lines(path: Path) -> list[int]:
 
 
 def _csv_entries(path: Path, problems: list[str]) -> list[Entry]:
+    text = read_utf8(path, "fleet file", hint="CSV files must be UTF-8", key="fleet_file")
     try:
-        with path.open(newline="") as f:
-            rows = list(_csv_rows(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        rows = list(_csv_rows(io.StringIO(text, newline="")))
+    except csv.Error as exc:
         raise ConfigError(f"cannot read fleet file {path}: {exc}", key="fleet_file") from exc
     if not rows:
         problems.append(f"{path.name}: empty (need a header row: id,data,epoch_seconds,...)")
@@ -621,12 +621,14 @@ def read_trace(path: Path, *, start: datetime | None = None
     Spans may overlap or touch (they are merged) and may begin before the start (they are cut
     there); blank lines and lines starting with ``#`` are skipped.
     """
-    try:
-        with path.open(newline="") as f:
-            rows = list(_csv_rows(f))
-    except FileNotFoundError:
+    if not path.exists():
         return None, [f"{path} does not exist"]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+    try:
+        text = read_utf8(path, "trace file", hint="CSV files must be UTF-8")
+        rows = list(_csv_rows(io.StringIO(text, newline="")))
+    except ConfigError as exc:
+        return None, [str(exc)]
+    except csv.Error as exc:
         return None, [f"{path}: cannot read: {exc}"]
     if not rows:
         return None, [f"{path}: empty; need a header row \"start,end\""]

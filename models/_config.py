@@ -53,23 +53,28 @@ _FALSE = frozenset({"false", "no", "off", "0"})
 def load_toml(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
-    try:
-        # Decoded here, not by tomllib: its UnicodeDecodeError is no ConfigError, so a file
-        # saved as Latin-1 ended the CLIs with a traceback instead of one line.
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {path} is not UTF-8: {_undecodable(raw, exc.start)}; "
-                          "TOML files must be UTF-8 (re-save it as UTF-8, e.g. "
-                          "iconv -f latin1 -t utf-8)") from exc
+    text = read_utf8(path, "config file", hint="TOML files must be UTF-8")
     try:
         data: dict[str, Any] = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
     return data
+
+
+def read_utf8(path: Path, what: str, *, hint: str, key: str | None = None) -> str:
+    """The text of a file a person wrote, or one `ConfigError` naming `what` and, for a byte
+    that is not UTF-8, where it is: decoded here, not by the parser, whose UnicodeDecodeError is
+    no ConfigError (a file saved as Latin-1 ended the CLIs with a traceback instead of a line)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc}", key=key) from exc
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not UTF-8: {_undecodable(raw, exc.start)}; "
+                          f"{hint} (re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8)",
+                          key=key) from exc
 
 
 def _undecodable(raw: bytes, offset: int) -> str:

@@ -310,6 +310,27 @@ def test_unreadable_fleet_files(tmp_path, name: str, text: str | None, expected:
         parse_fleet_file(path)
 
 
+@pytest.mark.parametrize("name", ["f.json", "f.csv"])
+def test_a_fleet_file_that_is_not_utf8_is_one_error_naming_the_byte(tmp_path, name: str) -> None:
+    # One Latin-1 byte (e acute) where a device id goes: once a UnicodeDecodeError's own words.
+    text = ('{"devices": [{"id": "caf\xe9"}]}' if name.endswith(".json")
+            else "id,data,epoch_seconds\ncaf\xe9,a.csv,2\n")
+    path = tmp_path / name
+    path.write_bytes(text.encode("latin-1"))
+    offset = text.index("\xe9")
+    with pytest.raises(ConfigError, match=rf"fleet file .*{name} is not UTF-8: byte 0xe9 at "
+                                          rf"offset {offset} .*iconv"):
+        parse_fleet_file(path)
+
+
+def test_a_trace_that_is_not_utf8_is_one_problem_naming_the_byte(tmp_path) -> None:
+    path = tmp_path / "t.csv"
+    path.write_bytes("start,end\n0,10 \xe9\n".encode("latin-1"))
+    intervals, problems = read_trace(path)
+    assert intervals is None
+    assert len(problems) == 1 and "is not UTF-8: byte 0xe9 at offset 15" in problems[0], problems
+
+
 # Two always-online, mains-powered devices and no traces: eligible from the start, so when they
 # train is up to the policy's dwell and the agent's poll.
 MAINS = """{tables}
