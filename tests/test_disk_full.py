@@ -28,6 +28,7 @@ import pytest
 import coordinator._store
 from coordinator._config import CoordinatorConfig, SnapshotConfig
 from coordinator._guards import GuardConfig
+from coordinator._retries import Recovery, Retries
 from coordinator._rules import RuleConfig
 from coordinator._service import CoordinatorService
 from fleet._broker import MosquittoBroker
@@ -170,3 +171,21 @@ def test_a_full_tmpfs_under_the_state_directory_backs_off_and_resumes(
     filler = small_disk / "filler"
     check_disk_full(broker, fleet_name, small_disk / "state", fill=lambda: fill_up(filler),
                     free=filler.unlink, caplog=caplog)
+
+
+def test_retries_back_off_exponentially_and_say_so_once_then_every_few_minutes() -> None:
+    now = [100.0]
+    retries = Retries(first_s=0.5, cap_s=30.0, summary_every_s=300.0, clock=lambda: now[0])
+    assert (retries.failing, retries.delay, retries.succeeded()) == (False, 0.0, None)
+    said, delays = [], []
+    for _ in range(16):
+        said.append(retries.failed("No space left on device"))
+        delays.append(retries.delay)
+        now[0] += retries.delay
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0] + [30.0] * 10
+    # Said at the first failure (t=100 s), then at the first one 300 s later (t=401.5 s).
+    assert said == [True] + [False] * 14 + [True]
+    assert retries.cause == "No space left on device"
+    recovery = retries.succeeded()
+    assert recovery == Recovery(failures=16, seconds=sum(delays))
+    assert (retries.failing, retries.delay, retries.succeeded()) == (False, 0.0, None)
