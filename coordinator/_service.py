@@ -659,7 +659,11 @@ class CoordinatorService:
         batch.sort(key=lambda i: (i.topic, i.payload))
         before = self.engine.version
         for at in range(0, len(batch), self.config.batch_max):
-            self._guarded(functools.partial(self._process, batch[at:at + self.config.batch_max]))
+            part = batch[at:at + self.config.batch_max]
+            done = self._guarded(functools.partial(self._process, part), len(part))
+            if not done and self._commits.failing and self._failure is None:
+                for item in part:  # unacked: the next step tries it again
+                    self._inbox.put(item)
         self._guarded(self._tick)
         published = self._snapshot_wait() == 0 and self._link.online
         if published:

@@ -47,15 +47,20 @@ def get(port: int, path: str) -> tuple[int, Any]:
         return exc.code, json.loads(exc.read())
 
 
+def service_for(broker: MosquittoBroker, fleet: str, state: Path,
+                driven: bool = False) -> CoordinatorService:
+    return CoordinatorService(CoordinatorConfig(
+        model=SPEC, broker=broker.url, fleet=fleet, state_dir=str(state), http="127.0.0.1:0",
+        rule=RuleConfig(name="fedasync", alpha=0.5, staleness="constant"),
+        guards=GuardConfig(max_norm=100.0),
+        snapshots=SnapshotConfig(min_interval_s=0.0, include_onnx=False)), driven=driven)
+
+
 def check_disk_full(broker: MosquittoBroker, fleet: str, state: Path, *,
                     fill: Callable[[], None], free: Callable[[], None],
                     caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="fedasync")
-    service = CoordinatorService(CoordinatorConfig(
-        model=SPEC, broker=broker.url, fleet=fleet, state_dir=str(state), http="127.0.0.1:0",
-        rule=RuleConfig(name="fedasync", alpha=0.5, staleness="constant"),
-        guards=GuardConfig(max_norm=100.0),
-        snapshots=SnapshotConfig(min_interval_s=0.0, include_onnx=False)))
+    service = service_for(broker, fleet, state)
     service.start()
     topics = Topics(fleet)
     device = Listener(broker.url, [topics.ack("dev-1")])
@@ -102,35 +107,70 @@ def check_disk_full(broker: MosquittoBroker, fleet: str, state: Path, *,
     assert resumed[0].startswith(f"commits to the state directory {state} resumed after ")
 
 
+class Enospc:
+    """ENOSPC from the commit path while `full`: the directory fsync after a checkpoint's
+    rename raises it, as a full disk would; the real code turns it into a failed commit."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.full = False
+        self.attempts: list[float] = []
+        self._fsync_dir = coordinator._store._fsync_dir
+        monkeypatch.setattr(coordinator._store, "_fsync_dir", self._fsync)
+
+    def _fsync(self, path: Path) -> None:
+        if self.full:
+            self.attempts.append(time.monotonic())
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._fsync_dir(path)
+
+    def fill(self) -> None:
+        self.full = True
+
+    def free(self) -> None:
+        self.full = False
+
+
 @pytest.mark.broker
 def test_enospc_in_the_commit_path_backs_off_and_resumes(
         broker: MosquittoBroker, fleet_name: str, tmp_path: Path,
         caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    full = [False]
-    attempts: list[float] = []
-    fsync_dir = coordinator._store._fsync_dir
-
-    def failing(path: Path) -> None:  # the directory fsync after a checkpoint's rename
-        if full[0]:
-            attempts.append(time.monotonic())
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        fsync_dir(path)
-
-    monkeypatch.setattr(coordinator._store, "_fsync_dir", failing)
-
-    def fill() -> None:
-        full[0] = True
-
-    def free() -> None:
-        full[0] = False
-
-    check_disk_full(broker, fleet_name, tmp_path / "state", fill=fill, free=free,
+    disk = Enospc(monkeypatch)
+    check_disk_full(broker, fleet_name, tmp_path / "state", fill=disk.fill, free=disk.free,
                     caplog=caplog)
+    attempts = disk.attempts
     gaps = [b - a for a, b in itertools.pairwise(attempts)]
     assert len(gaps) >= 3
     # Exponential: at least 0.5, 1, 2 s apart (more on a busy machine, never less).
     for gap, least in zip(gaps, (0.5, 1.0, 2.0), strict=False):
         assert gap >= 0.9 * least, gaps
+
+
+@pytest.mark.broker
+def test_a_driven_coordinator_keeps_a_batch_it_could_not_commit_for_the_next_step(
+        broker: MosquittoBroker, fleet_name: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The simulator's virtual clock drives the service: no writer thread to retry, so `step`
+    keeps the batch (unacked) for its next call instead of leaving it to a reconnect."""
+    disk = Enospc(monkeypatch)
+    service = service_for(broker, fleet_name, tmp_path / "state", driven=True)
+    service.start()
+    topics = Topics(fleet_name)
+    device = Listener(broker.url, [topics.ack("dev-1")])
+    try:
+        assert service.wait_connected(30)
+        disk.fill()
+        device.publish(topics.update("dev-1"), update_bytes(0.01 * np.ones(N), device="dev-1",
+                                                            update_id="u1", base_version=0))
+        assert wait_for(lambda: service.step()[0] and bool(disk.attempts), 30)
+        service.step()
+        assert len(disk.attempts) == 2 and device.messages.empty()
+        disk.free()
+        service.step()
+        ack = decode_ack(device.get(30).payload)
+    finally:
+        device.close()
+        service.stop()
+    assert (ack.update_id, ack.status, ack.version) == ("u1", "accepted", 1)
 
 
 @pytest.fixture
