@@ -7,7 +7,9 @@ simulator's virtual clock, fleet/_virtual.py) has neither writer nor publisher: 
 calls `step` to do their work, at the times `next_due` names or when messages have arrived.
 
 An update is PUBACKed only after its batch is committed. Until then the broker keeps it in our
-persistent session and redelivers it after a crash; the engine recognises it by update_id.
+persistent session and redelivers it after a crash; the engine recognises it by update_id. A
+batch whose commit fails (a full disk) is kept and tried again with backoff on the same
+connection (coordinator/_retries.py); a state directory deleted under us stops the service.
 
 One coordinator per fleet and broker (docs/architecture.md, Identity): its client id derives from
 the fleet, and before each connection attempt it looks at the fleet's retained coordinator status
@@ -157,7 +159,7 @@ class CoordinatorService:
         self._state_checked = -float("inf")  # monotonic
         self._on_failure: Callable[[], None] | None = None
         self._standby = threading.Event()  # set while waiting for another coordinator to stop
-        self._foreign = 0  # messages on other fleets' topics: acknowledged, never merged
+        self._foreign = 0  # messages on other fleets' topics: never merged (see _on_foreign)
         self._foreign_seen: set[str] = set()
         self._rewritten_seen = False  # a topic rewritten by the broker, logged once
         self._client = make_client(self.address, client_id=config.mqtt_client_id,

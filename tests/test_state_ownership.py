@@ -574,8 +574,15 @@ def test_a_second_run_on_the_same_state_dir_refuses(broker: MosquittoBroker, fle
         assert "stop it first or use another --state-dir" in second.stderr
 
         assert first.poll() is None, "the first coordinator stopped"
-        with urllib.request.urlopen(f"http://{control}/healthz", timeout=30) as resp:
-            assert json.loads(resp.read()) == {"ok": True}
+
+        def healthy() -> bool:  # 200 once connected (503 with the reason before)
+            try:
+                with urllib.request.urlopen(f"http://{control}/healthz", timeout=30) as resp:
+                    return bool(json.loads(resp.read()) == {"ok": True})
+            except urllib.error.HTTPError:
+                return False
+
+        assert wait_for(healthy, 60)
         assert read_holder(state).pid == first.pid  # the refused one left the record alone
     finally:
         first.send_signal(signal.SIGTERM)
