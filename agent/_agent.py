@@ -51,6 +51,7 @@ from agent._data import DataSource
 from agent._held import HeldUpdates
 from agent._hooks import Approval, load_approval, load_eligibility_hooks, update_metadata
 from agent._policy import Decision, EligibilityGate
+from agent._privacy import PrivacyLedger, account_here, account_in_child
 from agent._readings import ReadingsSource
 from agent._spool import Spool
 from agent._trainer import train_update
@@ -193,6 +194,10 @@ class Agent:
         # Local work fitted to the device's eligible windows (agent/_budget.py; off unless
         # training.window_fraction > 0); `last_work` is what the latest training did.
         self.budget = WorkBudget(config.training.window_fraction)
+        # The lifetime privacy ledger (agent/_privacy.py): at its budget, nothing more is sent.
+        self.privacy = PrivacyLedger(
+            self.state_dir, config.privacy, noise_multiplier=config.training.noise_multiplier,
+            accountant=account_in_child if config.train_in_subprocess else account_here)
         self.last_work: tuple[int, int] = (0, config.training.local_epochs)
         self._backoff_until = -float("inf")  # monotonic; set by a rejection with retry_after_s
         # Models on demand (module docstring). All of it under self._lock: announcements and
@@ -499,7 +504,7 @@ class Agent:
     def _due(self) -> bool:
         now = self.monotonic()
         return (now - self._last_train_at >= self.config.min_train_interval_s
-                and now >= self._backoff_until)
+                and now >= self._backoff_until and self.privacy.allows_next())
 
     def _refresh_due(self) -> bool:
         return (self.snapshot is None
@@ -690,7 +695,7 @@ class Agent:
         """Load data and train, if there is enough reason to; nothing is sent yet. (Split from
         `deliver` so a simulator can let simulated compute time pass in between.)"""
         snapshot = self.snapshot
-        if snapshot is None:
+        if snapshot is None or not self.privacy.allows_next():
             return None
         try:
             X, y = self.data.load()
@@ -751,6 +756,8 @@ class Agent:
         payload = encode_update(update, topk_fraction=self.config.training.topk_fraction)
         verdict = self._ask_approval(update, payload)
         send = verdict is None or verdict.approved
+        if send or self.config.on_refused == "keep":
+            self.privacy.record()  # before the spool: a crash can only over-count
         if verdict is not None and not send:
             if self.config.on_refused == "keep":
                 self.held.put(update.update_id, payload, reason=verdict.reason, now=self.clock())
@@ -811,6 +818,7 @@ class Agent:
             "fetched_bytes": self.fetched_bytes,
             "spool_depth": len(self.spool),
             "spool_dropped": self.spool.dropped,
+            "privacy": self.privacy.status(),
             "trained": self.counters.trained,
             "accepted": self.counters.accepted,
             "rejected": self.counters.rejected,

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from agent._hooks import COMMAND_PREFIX, check_spec, command_argv
 from agent._policy import PolicyConfig
+from agent._privacy import PrivacyConfig
 from agent._trainer import TrainConfig
 from models import ConfigError
 from models._config import load
@@ -61,6 +62,8 @@ class AgentConfig:
     on_refused: Literal["keep", "drop"] = "drop"
     training: TrainConfig = field(default_factory=TrainConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    # The lifetime differential-privacy budget (agent/_privacy.py; README "Privacy").
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -80,6 +83,10 @@ class AgentConfig:
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{key} must be a non-negative number of seconds", key=key)
         self._check_site_control()
+        if self.privacy.epsilon_budget is not None and self.training.noise_multiplier <= 0:
+            raise ConfigError("privacy.epsilon_budget needs training.noise_multiplier > 0: an "
+                              "update without noise spends an unbounded epsilon, so none "
+                              "could be sent", key="epsilon_budget")
 
     def _check_site_control(self) -> None:
         """Syntax only: importing the hooks is the agent's job when it starts (`agent._hooks`)."""

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from agent._config import AgentConfig, load_config
+from agent._policy import Check
 from models import FedAsyncError
 from models._cli import add_version, log_level, make_parser
 from models._logging import setup_logging
@@ -124,12 +125,20 @@ def _check(args: argparse.Namespace) -> int:
     threading.Event().wait(0.5)  # CPU load is a rate: measure it over half a second
     readings = reader.read()
     decision = evaluate(readings, config.policy,
-                        extra=[data, *(hook(readings) for hook in hooks)])
+                        extra=[data, _privacy_check(config), *(hook(readings) for hook in hooks)])
     if args.json:
         print(json.dumps(decision.to_dict(), indent=1))
     else:
         print(format_decision(decision))
     return 0 if decision.eligible else 1
+
+
+def _privacy_check(config: AgentConfig) -> tuple[Check, str]:
+    """Whether the device's lifetime privacy budget lets it send one more update."""
+    from agent._privacy import PrivacyLedger
+
+    return PrivacyLedger(Path(config.state_dir), config.privacy,
+                         noise_multiplier=config.training.noise_multiplier).check()
 
 
 def _predict(args: argparse.Namespace) -> int:
