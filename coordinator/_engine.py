@@ -36,7 +36,7 @@ from models import (
     UnsupportedSchema,
     WireError,
 )
-from models._wire import Ack, AckStatus, UpdateMessage, decode_update
+from models._wire import Ack, AckStatus, UpdateMessage, decode_update, update_label
 
 log = logging.getLogger("fedasync.coordinator")
 
@@ -274,9 +274,13 @@ class Engine:
                                              float(w)))
 
     def _reject_undecoded(self, item: Incoming, reason: str, detail: str) -> Outcome:
-        log.warning("rejected message %s: %s (%s)",
-                    f"on {item.topic}" if item.topic else f"from {item.device_id}", reason, detail)
-        return Outcome(item.device_id, Ack(update_id=None, status="rejected", reason=reason,
+        # Named whenever the header names it (a newer schema major, a damaged body): the sender
+        # clears its spool by this id, and with none it would resend the update forever.
+        update_id, _ = update_label(item.payload)
+        log.warning("rejected message %s%s: %s (%s)",
+                    f"on {item.topic}" if item.topic else f"from {item.device_id}",
+                    "" if update_id is None else f", update {update_id}", reason, detail)
+        return Outcome(item.device_id, Ack(update_id=update_id, status="rejected", reason=reason,
                                            version=self.version, detail=detail[:500]),
                        item.token)
 
@@ -286,8 +290,11 @@ class Engine:
         level = logging.INFO if exc.reason in _ROUTINE else logging.WARNING
         log.log(level, "rejected update %s from %s: %s (%s)", msg.update_id, item.device_id,
                 exc.reason, exc)
-        if exc.reason not in ("device_mismatch", "update_id_conflict"):
-            # Lineage keeps rejections too; not for ids we must not attribute to this device.
+        if exc.reason not in ("device_mismatch", "update_id_conflict", "future_version"):
+            # Lineage keeps rejections too; not for ids we must not attribute to this device,
+            # nor a base ahead of the model: that is "not yet" (this state was reset, or restored
+            # from an older backup), and the agent keeps the update to send it again once the
+            # model reaches its base; recorded now, it would then be a "duplicate".
             state.records[msg.update_id] = UpdateRecord(
                 update_id=msg.update_id, device_id=msg.device_id, base_version=msg.base_version,
                 staleness=staleness, n_samples=msg.n_samples, received_at=item.received_at,

@@ -224,14 +224,16 @@ class Snapshot:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Ack:
-    """The coordinator's end-to-end answer to one update; the agent unspools on any status.
+    """The coordinator's end-to-end answer to one update; the agent unspools on any status but
+    a ``future_version`` rejection (a coordinator behind the update's base: agent._agent).
 
     `reason` (a snake_case code such as ``non_finite``) is required iff `status` is
     ``rejected``. `version` is the model version that includes the update, or the current
     version on rejection; None when not (yet) known. `update_id` is None only on the rejection
-    of a message too malformed to name its update. `retry_after_s`, only on a rejection, asks
-    the device not to train again for that long (a participation cap: its work would be refused
-    again, so training now would only spend its battery).
+    of a message whose header cannot be read or names no valid id (`update_label`).
+    `retry_after_s`, only on a rejection, asks the device not to train again for that long (a
+    participation cap: its work would be refused again, so training now would only spend its
+    battery).
     """
 
     update_id: str | None
@@ -680,18 +682,44 @@ def decode_weights(data: bytes, *, max_message_bytes: int = MAX_SNAPSHOT_BYTES,
                           cohort=None if cohort is None else tuple(cohort))
 
 
+def _peek_header(data: bytes) -> dict[str, Any] | None:
+    """The JSON header of a frame in this frame version, None when it cannot be read. Nothing
+    else is checked: a hint, never a decoded message."""
+    try:
+        magic, version, header_len = _PREFIX.unpack_from(data)
+        if magic != MAGIC or version != FRAME_VERSION or header_len > MAX_HEADER_BYTES:
+            return None
+        return _json_object(memoryview(data)[_PREFIX.size:_PREFIX.size + header_len], "header")
+    except (struct.error, TypeError, WireError):
+        return None
+
+
 def frame_kind(data: bytes) -> str | None:
     """The ``kind`` a frame's header names (``"snapshot"``, ``"weights"``, ...), None when it is
     not a readable frame. Only a hint for choosing a decoder, which checks everything."""
-    try:
-        magic, _, header_len = _PREFIX.unpack_from(data)
-        if magic != MAGIC or header_len > MAX_HEADER_BYTES:
-            return None
-        header = json.loads(bytes(data[_PREFIX.size:_PREFIX.size + header_len]))
-    except (struct.error, ValueError):
-        return None
-    kind = header.get("kind") if isinstance(header, dict) else None
+    header = _peek_header(data)
+    kind = None if header is None else header.get("kind")
     return kind if isinstance(kind, str) else None
+
+
+def update_label(data: bytes) -> tuple[str | None, int | None]:
+    """The update id and base version an update's header names, each None when unreadable or
+    invalid; whatever the schema or the body. Why: the ack of an update that does not decode (a
+    newer schema major, a damaged body) names its update id whenever the header does, so the
+    sender can clear it from its spool; and an agent learns a spooled update's base version
+    without decoding its delta. Reads at most the frame prefix and the header."""
+    header = _peek_header(data)
+    if header is None or header.get("kind") != "update":
+        return None, None
+    try:
+        update_id: str | None = validate_id(header.get("update_id"), "update_id")
+    except WireError:
+        update_id = None
+    try:
+        base: int | None = _int(header.get("base_version"), "base_version", 0)
+    except WireError:
+        base = None
+    return update_id, base
 
 
 # ---------------------------------------------------------------------------- acks

@@ -68,6 +68,34 @@ def test_bad_updates_are_rejected_with_a_reason_and_change_nothing(
     assert engine.store.current_version() == 0
 
 
+def test_an_update_that_does_not_decode_is_acked_by_the_id_its_header_names(
+        tmp_path: Path) -> None:
+    engine = make_engine(tmp_path)
+    good = update_bytes(np.ones(N), update_id="u-new")
+    newer = good.replace(b'"schema":1', b'"schema":2')  # a newer major: unsupported_schema
+
+    outcomes = engine.process([incoming(newer), incoming(good[:-4]), incoming(b"garbage")])
+
+    assert [(o.ack.reason, o.ack.update_id) for o in outcomes] == [
+        ("unsupported_schema", "u-new"), ("malformed", "u-new"), ("malformed", None)]
+
+
+def test_a_base_ahead_of_the_model_is_not_yet_and_merges_once_the_model_reaches_it(
+        tmp_path: Path) -> None:
+    # A coordinator reset (or restored from an older backup) is behind its agents' updates:
+    # their agents keep them and send them again later, which must not be a "duplicate".
+    engine = make_engine(tmp_path)
+    ahead = update_bytes(np.ones(N), base_version=1, update_id="ahead")
+
+    [early] = engine.process([incoming(ahead)])
+    engine.process([incoming(update_bytes(np.ones(N)))])
+    [later] = engine.process([incoming(ahead)])
+
+    assert (early.ack.reason, early.ack.update_id) == ("future_version", "ahead")
+    assert later.ack.status == "accepted" and later.ack.version == 2
+    assert [r.outcome for r in engine.store.lineage() if r.update_id == "ahead"] == ["accepted"]
+
+
 def test_over_norm_rejected_or_clipped(tmp_path: Path) -> None:
     reject = make_engine(tmp_path / "r", guards=GuardConfig(max_norm=1.0, norm_policy="reject"))
     [o] = reject.process([incoming(update_bytes(np.full(N, 3.0)))])

@@ -35,6 +35,7 @@ from models._wire import (
     encode_snapshot,
     encode_update,
     topk_count,
+    update_label,
     validate_id,
 )
 
@@ -324,6 +325,22 @@ def test_unknown_schema_kind_and_encoding_are_unsupported() -> None:
     for kind, data in cases:
         with pytest.raises(UnsupportedSchema):
             DECODERS[kind](data)
+
+
+def test_update_label_reads_the_header_whatever_the_schema_or_body() -> None:
+    # What the coordinator's ack names when the update does not decode (docs/wire.md, the ack):
+    # its sender clears its spool by that id.
+    for data in (F32, tamper(F32, schema=2, future_key=1), tamper(F32, encoding="bfloat16"),
+                 tamper(F32, body=b"short"), tamper(F32, drop="n_params"),
+                 F32 + b"trailing", F32[:PREFIX.size + PREFIX.unpack_from(F32)[2]]):
+        assert update_label(data)[0] == "u-0001", data[:80]
+    assert update_label(F32) == ("u-0001", 3)
+    assert update_label(tamper(F32, base_version=-1)) == ("u-0001", None)
+    # No id to name: not a frame, not an update, a bad id, or an unreadable header.
+    for data in (b"", b"garbage", VALID_SNAPSHOT, tamper(F32, update_id="../x"),
+                 tamper(F32, drop="update_id"), F32[:4] + bytes([2]) + F32[5:],
+                 F32[:PREFIX.size + 10], PREFIX.pack(MAGIC, 1, MAX_HEADER_BYTES + 1)):
+        assert update_label(data)[0] is None, data[:80]
 
 
 def test_known_kind_to_the_wrong_decoder_is_a_plain_wire_error() -> None:
