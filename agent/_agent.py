@@ -50,14 +50,16 @@ from agent._config import AgentConfig
 from agent._data import DataSource
 from agent._held import HeldUpdates
 from agent._hooks import Approval, load_approval, load_eligibility_hooks, update_metadata
+from agent._instance import Instance
 from agent._policy import Decision, EligibilityGate
 from agent._privacy import PrivacyLedger, account_here, account_in_child
 from agent._readings import ReadingsSource
-from agent._spool import Spool
+from agent._spool import Spool, Spooled
 from agent._trainer import train_update
 from models import FedAsyncError, Topics, WireError
 from models import _signing as signing
 from models._wire import (
+    Ack,
     Announcement,
     Snapshot,
     TemplateMessage,
@@ -69,6 +71,7 @@ from models._wire import (
     decode_weights,
     encode_update,
     frame_kind,
+    update_label,
 )
 
 log = logging.getLogger("fedasync.agent")
@@ -158,6 +161,8 @@ class Agent:
         rng: np.random.Generator | None = None,
     ) -> None:
         self.config = config
+        # Named in the status (agent._instance; set by agent._runner): a simulator has none.
+        self.instance: Instance | None = None
         self.topics = Topics(config.fleet, config.topic_root)
         self.link = link
         self.reader = reader
@@ -223,6 +228,14 @@ class Agent:
         self.fetched_bytes = 0
         self.last_fetch: dict[str, Any] | None = None
         self._news = threading.Event()  # set when an announcement or a snapshot arrives
+        # A coordinator behind this agent (its state reset, or restored from an older backup):
+        # `_behind` is the version it said it is at (a future_version ack) while this agent
+        # holds a later model, which it then takes although older; `_waiting` maps the spooled
+        # updates it refused as from the future to their base versions: they stay spooled
+        # (within the spool's bounds) and go again once it reaches their base.
+        self._behind: int | None = None
+        self._waiting: dict[str, int | None] = {}
+        self._coordinator_version: int | None = None  # as last heard: announcement, ack, model
         self._interrupted = False  # set by interrupt(): a poll's wait for the model ends
         self._load_saved_snapshot()
 
@@ -249,15 +262,23 @@ class Agent:
                 self.check()
             with self._lock:
                 self._sync()
-        entries = self.spool.entries()
+        with self._lock:
+            waiting = {u for u, base in self._waiting.items() if not self._reached(base)}
+        entries = [e for e in self.spool.entries() if e.update_id not in waiting]
         if entries:
             log.info("reconnected: republishing %d spooled update(s)", len(entries))
+        if waiting:
+            log.info("%d spooled update(s) wait for the coordinator to reach their base version",
+                     len(waiting))
+        self._send(entries)
+        self.publish_status()
+
+    def _send(self, entries: list[Spooled]) -> None:
         for e in entries:
             try:
                 self.link.publish(self.topics.update(self.config.device_id), e.read(), qos=1)
             except OSError:
                 continue  # acked and removed meanwhile
-        self.publish_status()
 
     def on_message(self, topic: str, payload: bytes) -> None:
         """A message on one of the agent's topics, handed to its handler (the ack otherwise)."""
@@ -282,6 +303,7 @@ class Agent:
         except WireError as exc:
             log.warning("ignored a model announcement that does not decode: %s", exc)
             return
+        self._coordinator_at(announcement.version)
         with self._lock:
             self.announcement = announcement
             if self.topics.announce in self._subscribed:
@@ -400,7 +422,9 @@ class Agent:
                                "at": self.clock(), "refused": False}
             self._checked_at = self.monotonic()  # the broker's newest, as of now
             current = self.snapshot
-            if current is not None and snapshot.spec == current.spec and (
+            back = (current is not None and snapshot.version < current.version
+                    and self._went_back_to(snapshot.version))
+            if current is not None and snapshot.spec == current.spec and not back and (
                 snapshot.version < current.version
                 or (snapshot.version == current.version and snapshot.cohort == current.cohort)
             ):
@@ -410,7 +434,20 @@ class Agent:
             self.snapshot = snapshot
             self.model_rejection = None
             _atomic_write(self.state_dir / "model.snapshot", frame)
+            if back:
+                self._behind = None
+                # Not trained on yet, whatever the number says: the retrain-on-a-new-model rule
+                # and the wake on an announcement compare with it.
+                self._progress.pop("last_base_version", None)
+                _atomic_write(self.state_dir / "progress.json",
+                              json.dumps(self._progress).encode())
             self._sync()
+        if back:
+            assert current is not None
+            log.warning("took the coordinator's model version %d, older than version %d held "
+                        "here: the coordinator went back (its state was reset, or restored from "
+                        "an older backup)", snapshot.version, current.version)
+        self._coordinator_at(snapshot.version)
         log.info("new model version %d%s%s", snapshot.version,
                  f" (accuracy {snapshot.metrics['accuracy']:.3f})"
                  if "accuracy" in snapshot.metrics else "",
@@ -431,6 +468,11 @@ class Agent:
             log.warning("coordinator rejected a message it could not read: %s (%s)", ack.reason,
                         ack.detail)
             return
+        if ack.status == "rejected" and ack.reason == "future_version":
+            self._wait_for_coordinator(ack, ack.update_id)
+            return
+        if ack.version is not None:
+            self._coordinator_at(ack.version)
         removed = self.spool.remove(ack.update_id)
         if ack.status == "rejected":
             self.counters.rejected += 1
@@ -450,6 +492,78 @@ class Agent:
             log.info("update %s %s (version %s)", ack.update_id, ack.status, ack.version)
         if removed:
             self.publish_status()
+
+    # -- a coordinator behind this agent (state reset or restored) ---------------------------
+    def _wait_for_coordinator(self, ack: Ack, update_id: str) -> None:
+        """The coordinator refused `update_id` as built on a model it does not have yet: its
+        version is below the update's base. Deleting the update would lose work it can still
+        take, so it stays spooled until the coordinator reaches its base (`_coordinator_at`),
+        and the agent takes the coordinator's model, although older, to train on what the fleet
+        trains on now."""
+        entry = next((e for e in self.spool.entries() if e.update_id == update_id), None)
+        if entry is None:
+            return  # dropped from a full spool, or answered meanwhile
+        try:
+            base = update_label(entry.read())[1]
+        except OSError:
+            return
+        version = ack.version
+        with self._lock:
+            known = update_id in self._waiting
+            self._waiting[update_id] = base
+            held = None if self.snapshot is None else self.snapshot.version
+            news = version is not None and held is not None and version < held and (
+                self._behind != version)
+            if news:
+                self._behind = version
+                if self._follow or self._unannounced:
+                    self._subscribe(self.topics.model, False)  # again: the retained model comes
+                self._sync()
+            self._coordinator_version = version
+        if not known:
+            self.counters.rejected += 1
+        self.last_rejection = f"{update_id}: future_version {ack.detail}"
+        if news:
+            log.warning("the coordinator is at model version %s, behind update %s (base version "
+                        "%s) and model version %s held here: its state was reset, or restored "
+                        "from an older backup. Keeping its updates in the spool (at most %d) "
+                        "until it reaches their base version, and taking its model", version,
+                        update_id, base, held, self.config.spool_max_count)
+        elif not known:
+            log.info("update %s (base version %s) kept in the spool until the coordinator, at "
+                     "version %s, reaches its base", update_id, base, version)
+        self.publish_status()
+
+    @property
+    def waiting(self) -> dict[str, int | None]:
+        """Spooled updates kept until the coordinator reaches their base version (by id)."""
+        with self._lock:
+            return dict(self._waiting)
+
+    def _went_back_to(self, version: int) -> bool:
+        """Whether a model older than the one held is the coordinator's current one (it said it
+        went back to `_behind` or below); not a stale copy of an older one."""
+        return self._behind is not None and version >= self._behind
+
+    def _reached(self, base: int | None) -> bool:
+        known = self._coordinator_version
+        return base is None or (known is not None and known >= base)
+
+    def _coordinator_at(self, version: int) -> None:
+        """The coordinator's model is at `version` (an announcement, a model, an ack): send the
+        spooled updates that waited for it to reach their base."""
+        with self._lock:
+            self._coordinator_version = version
+            due = {u for u, base in self._waiting.items() if self._reached(base)}
+            for u in due:
+                del self._waiting[u]
+        if not due:
+            return
+        entries = [e for e in self.spool.entries() if e.update_id in due]
+        log.info("the coordinator reached model version %d: sending %d spooled update(s) that "
+                 "waited for it", version, len(entries))
+        if self.link.connected:
+            self._send(entries)
 
     # -- the periodic step -------------------------------------------------------------------
     def poll(self) -> Decision:
@@ -515,7 +629,7 @@ class Agent:
         version with a round's cohort widened to invite this device."""
         s = self.snapshot
         if s is None or a.version != s.version:
-            return s is None or a.version > s.version
+            return s is None or a.version > s.version or self._went_back_to(a.version)
         me = self.config.device_id
         return (a.cohort is not None and me in a.cohort
                 and s.cohort is not None and me not in s.cohort)
@@ -819,6 +933,9 @@ class Agent:
             "spool_depth": len(self.spool),
             "spool_dropped": self.spool.dropped,
             "privacy": self.privacy.status(),
+            # Spooled updates a coordinator behind this agent refused as from the future: sent
+            # again once it reaches their base versions.
+            "spool_waiting": len(self._waiting),
             "trained": self.counters.trained,
             "accepted": self.counters.accepted,
             "rejected": self.counters.rejected,
@@ -832,6 +949,7 @@ class Agent:
             "model_rejection": self.model_rejection,
             "models_signed": self._verifier is not None,
             "connection": self._connection(),
+            **({} if self.instance is None else self.instance.fields()),
         }
 
     def _connection(self) -> dict[str, Any]:

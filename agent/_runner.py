@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import paho.mqtt.client as mqtt
 from agent._agent import Agent
 from agent._config import AgentConfig
 from agent._data import open_source
+from agent._instance import Instance, TwinWatch, process_identity
 from agent._readings import PsutilReader, ReadingsSource
 from models import Topics
 from models._mqtt import BrokerAddress, Connection, make_client
@@ -29,19 +30,27 @@ class PahoLink:
 
     Its `Connection` logs every failed attempt with the reason and the next (jittered) retry,
     and `connection_info()` is the state the agent's status reports; the latest is also kept in
-    <state_dir>/connection.json for `fedasync-agent status`.
+    <state_dir>/connection.json for `fedasync-agent status`, with this process's pid and start
+    time, so that the command can tell a live agent from a killed one.
+
+    At each connect it reads its own retained status: another agent instance online there means
+    a second agent with this device id (`agent._instance`); `on_twin` hears of it.
     """
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, instance: Instance | None = None) -> None:
         self.topics = Topics(config.fleet, config.topic_root)
         self.device_id = config.device_id
+        self.instance = instance or Instance.new()
         self.address = BrokerAddress.parse(config.broker, ca_file=config.ca_file,
                                            cert_file=config.cert_file, key_file=config.key_file)
         self.client = make_client(self.address, client_id=f"fedasync-agent-{config.device_id}",
                                   persistent=True)
-        self.client.will_set(self.topics.status(config.device_id),
-                             b'{"state": "offline", "device_id": "%s"}' % config.device_id.encode(),
+        will = {"state": "offline", "device_id": config.device_id, **self.instance.fields()}
+        self.client.will_set(self.topics.status(config.device_id), json.dumps(will).encode(),
                              qos=1, retain=True)
+        self.twins = TwinWatch(self.instance)
+        self.on_twin: Callable[[Instance], None] | None = None
+        self._process = process_identity()
         self._state_file = Path(config.state_dir) / CONNECTION_FILE
         # Jitter spreads a whole fleet's reconnects after a broker restart.
         self.connection = Connection(self.client, self.address, logger=log, keepalive=60,
@@ -55,7 +64,10 @@ class PahoLink:
         return self.connection.online
 
     def connection_info(self) -> dict[str, Any]:
-        return self.connection.info()
+        info = self.connection.info()
+        if self.twins.twins:
+            info["other_agents_with_this_id"] = [t.describe() for t in self.twins.twins.values()]
+        return info
 
     def wait_connected(self, timeout: float) -> bool:
         return self.connection.wait_online(timeout)
@@ -85,6 +97,10 @@ class PahoLink:
         # Acks at QoS 1 in the persistent session: the broker keeps them while the device is
         # away. Announcements and snapshots are the agent's to subscribe to, when it wants them.
         client.subscribe(self.topics.ack(self.device_id), 1)
+        # The retained status of this device, as the broker holds it before the agent publishes
+        # its own (agent._instance); unsubscribed at once, so its own statuses never come back.
+        client.subscribe(self.topics.status(self.device_id), 0)
+        client.unsubscribe(self.topics.status(self.device_id))
         if self.agent is not None:
             self.agent.on_connected()
 
@@ -94,10 +110,15 @@ class PahoLink:
         with contextlib.suppress(OSError):
             self._state_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = self._state_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({**info, "pid": os.getpid()}))
+            tmp.write_text(json.dumps({**info, **self._process, **self.instance.fields()}))
             tmp.replace(self._state_file)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == self.topics.status(self.device_id):
+            twin = self.twins.observe(bytes(msg.payload))
+            if twin is not None and self.on_twin is not None:
+                self.on_twin(twin)
+            return
         if self.agent is None:
             return
         self.agent.on_message(msg.topic, bytes(msg.payload))
@@ -106,11 +127,15 @@ class PahoLink:
 class AgentRunner:
     def __init__(self, config: AgentConfig, *, reader: ReadingsSource | None = None) -> None:
         self.config = config
-        self.link = PahoLink(config)
+        instance = Instance.new()
+        self.link = PahoLink(config, instance)
         self.agent = Agent(config, link=self.link, reader=reader or PsutilReader(),
                            data=open_source(config.data, label=config.label_column),
                            trainer=_trainer_for(config))
+        self.agent.instance = instance
         self.link.agent = self.agent
+        self.link.on_twin = self._twin
+        self.exit_code = 0  # 2: stopped because another agent has this device id
         self._stop = threading.Event()
         # Set on paho's thread when a newer model arrived: the loop polls (and trains) at once
         # instead of at its next check. Training never runs on the network thread.
@@ -121,7 +146,8 @@ class AgentRunner:
         """Until `stop()`: poll the device every `check_interval_s`, or at once when a newer
         model arrives, and train when allowed."""
         self.link.start()
-        log.info("agent %s for fleet %r started", self.config.device_id, self.config.fleet)
+        log.info("agent %s for fleet %r started (%s)", self.config.device_id, self.config.fleet,
+                 self.link.instance.describe())
         try:
             while not self._stop.is_set():
                 self.agent.poll()
@@ -129,11 +155,42 @@ class AgentRunner:
                 self._wake.clear()  # before the poll: a wake during it is seen next time
         finally:
             self.link.stop()
+            agent = self.agent
+            log.info("stopped: %d update(s) kept in the spool (%d bytes) for the next start, %d "
+                     "held for an operator, model version %s", len(agent.spool),
+                     agent.spool.total_bytes(), len(agent.held),
+                     None if agent.snapshot is None else agent.snapshot.version)
 
-    def stop(self) -> None:
+    def stop(self, why: str | None = None) -> None:
+        """End `run` after the current step (a training under way finishes and is spooled).
+        `why`, when given (a signal), is logged."""
+        if why is not None:
+            log.info("%s: stopping after the current step; the spool is kept for the next start",
+                     why)
         self._stop.set()
         self.agent.interrupt()  # a poll waiting for a model returns now, not in model_wait_s
         self._wake.set()
+
+    def _twin(self, other: Instance) -> None:
+        """Another agent uses this device id (agent._instance); paho's network thread."""
+        me = self.link.instance
+        device = self.config.device_id
+        if not me.newer_than(other):
+            log.error("device id %r is used by another agent too (%s), started after this one "
+                      "(%s): the broker gives the session to whichever connects last, so they "
+                      "take it from each other. That one stops by itself (exit 2); if it does "
+                      "not (an older build), stop it: each device needs its own device_id",
+                      device, other.describe(), me.describe())
+            return
+        log.error("device id %r is used by another agent too (%s), started before this one "
+                  "(%s): the broker gives the session to whichever connects last, so they "
+                  "would take it from each other at every reconnect. Stopping this one, the "
+                  "newer (exit 2): give each device its own device_id", device,
+                  other.describe(), me.describe())
+        self.exit_code = 2
+        # At once, and without an offline status: the other agent's stays the retained one.
+        self.link.connection.stop()
+        self.stop()
 
 
 def _trainer_for(config: AgentConfig) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
@@ -105,9 +106,10 @@ def _run(args: argparse.Namespace) -> int:
     setup_logging(config.log_level, args.log_format)  # the config's (or FEDASYNC_) log_level
     runner = AgentRunner(config)
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: runner.stop())
+        signal.signal(sig, lambda signum, _: runner.stop(
+            f"{signal.Signals(signum).name} received"))
     runner.run()
-    return 0
+    return runner.exit_code
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -194,8 +196,36 @@ def _status(args: argparse.Namespace) -> int:
         out["connection"] = json.loads((state / "connection.json").read_text())
     except (OSError, ValueError):
         out["connection"] = None
+    out["agent"] = _liveness(state, out["connection"])
+    if out["connection"] is not None and out["agent"].startswith("not running"):
+        # What the file says is what a dead process last knew: not the state now.
+        out["connection"]["last_state"] = out["connection"].pop("state", None)
+        out["connection"]["state"] = "not running"
     print(json.dumps(out, indent=1))
     return 0
+
+
+def _liveness(state: Path, connection: Any) -> str:
+    """"running (pid N)" when the process that wrote connection.json is alive (the same pid and
+    start time), else "not running (last seen ...)": the newest write to the state directory.
+    A killed agent (SIGKILL, power loss) leaves "online" in the file."""
+    from agent._instance import process_identity, utc
+
+    pid = connection.get("pid") if isinstance(connection, dict) else None
+    if isinstance(pid, int):
+        alive = process_identity(pid)
+        started = connection.get("process_started")
+        if alive and (not isinstance(started, (int, float))  # written by an older agent
+                      or abs(alive["process_started"] - started) < 1.0):
+            return f"running (pid {pid})"
+    times = []
+    for path in (state / "connection.json", state / "progress.json", state / "model.snapshot",
+                 *state.glob("spool/*.upd")):
+        with contextlib.suppress(OSError):  # gone meanwhile: an update acked, say
+            times.append(path.stat().st_mtime)
+    if not times:
+        return "not running (never ran with this state directory)"
+    return f"not running (last seen {utc(max(times))}{f', pid {pid}' if pid is not None else ''})"
 
 
 def _held(args: argparse.Namespace) -> int:
