@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from coordinator._central_dp import CentralDPConfig
 from coordinator._guards import GuardConfig
 from coordinator._participation import ParticipationConfig
 from coordinator._rules import RuleConfig
@@ -74,6 +75,7 @@ class CoordinatorConfig:
     snapshots: SnapshotConfig = field(default_factory=SnapshotConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     participation: ParticipationConfig = field(default_factory=ParticipationConfig)
+    central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)  # coordinator/_central_dp
     batch_max: int = 500
     max_message_bytes: int = 16 * 1024 * 1024
     http: str = "127.0.0.1:9464"  # metrics + status; "" turns it off; port 0 picks a free one
@@ -85,6 +87,7 @@ class CoordinatorConfig:
 
     def __post_init__(self) -> None:
         check_broker(self.broker)
+        self.central_dp.check_rule(self.rule.name, memory_s=self.rule.memory_s)
         if self.batch_max < 1:
             raise ConfigError("batch_max must be >= 1", key="batch_max")
         if self.client_id is not None and (not self.client_id or self.client_id != "".join(

@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import paho.mqtt.client as mqtt
 
+from coordinator._central_dp import privacy_status, with_central_dp
 from coordinator._cohort import CohortSelector, parse_status
 from coordinator._config import CoordinatorConfig
 from coordinator._control import service_token
@@ -104,7 +105,8 @@ class CoordinatorService:
         self._adapter = build_model(config.model)
         self.store = Store(Path(config.state_dir), keep_checkpoints=config.keep_checkpoints)
         self.engine = Engine(
-            self.store, build_rule(config.rule), config.guards, spec=config.model,
+            self.store, with_central_dp(build_rule(config.rule), config.central_dp,
+                                        self.store.lineage), config.guards, spec=config.model,
             initial_params=self._adapter.get_params_vector, evaluator=evaluator,
             eval_every=config.evaluation.every, max_message_bytes=config.max_message_bytes,
             participation=config.participation, clock=clock)
@@ -870,6 +872,7 @@ class CoordinatorService:
             "metrics": e.metrics,
             "rule": self.config.rule.name,
             "pending": len(e.rule.pending()),
+            "privacy": privacy_status(e.rule),  # central DP's (epsilon, delta), or null
             "devices_seen": self.store.devices_seen(),
             "counts": self.metrics.counts(),
             "participation": self.engine.ledger.report(now=self._clock()).summary(),

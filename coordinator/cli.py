@@ -222,23 +222,32 @@ def _reader(args: argparse.Namespace) -> tuple[CoordinatorConfig, Store]:
 
 
 def _versions(args: argparse.Namespace) -> int:
-    _, store = _reader(args)
+    from coordinator._central_dp import epsilon_by_version
+
+    config, store = _reader(args)
     try:
         rows = store.versions(limit=args.limit)
+        # Central DP: the coordinator's epsilon as of each version (delta in the config).
+        eps = (epsilon_by_version(store.lineage(), config.central_dp)
+               if config.central_dp.enabled else {})
     finally:
         store.close()
     if args.json:
         print(json.dumps([{"version": v.version, "created_at": v.created_at,
                            "n_updates": v.n_updates, "source": v.source, "metrics": v.metrics,
-                           "checksum": v.checksum} for v in rows], indent=1))
+                           "checksum": v.checksum,
+                           **({"epsilon": eps.get(v.version)} if eps else {})}
+                          for v in rows], indent=1))
         return 0
     keys = sorted({k for v in rows for k in v.metrics})
     print(f"{'version':>8} {'created (UTC)':<20} {'updates':>7} {'source':<12} "
-          + " ".join(f"{k:>9}" for k in keys))
+          + " ".join(f"{k:>9}" for k in keys) + (f" {'epsilon':>9}" if eps else ""))
     for v in rows:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(v.created_at))
         metrics = " ".join(f"{v.metrics[k]:>9.4f}" if k in v.metrics else f"{'-':>9}"
                            for k in keys)
+        if eps:
+            metrics += f" {eps[v.version]:>9.3f}" if v.version in eps else f" {'-':>9}"
         print(f"{v.version:>8} {created:<20} {v.n_updates:>7} {v.source:<12} {metrics}")
     return 0
 
