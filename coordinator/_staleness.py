@@ -4,10 +4,9 @@ t = current_version - base_version >= 0; s(0) = 1 and s never increases with t:
     constant    s(t) = 1
     polynomial  s(t) = (1 + t)^-a
     hinge       s(t) = 1 if t <= b else 1 / (a (t - b) + 1)
+    knee        s(t) = (1 + t)^-a if t <= b else (1 + b)^(1 - a) / (1 + t)
 
-polynomial with a = 1, s(t) = 1 / (1 + t), is the rules' default: it divides the step by the
-staleness, as staleness-aware async SGD does (Zhang, Gupta, Lian, Liu 2016, IJCAI), so the sum of
-the steps of N concurrent devices stays near alpha however large N grows (RuleConfig).
+knee is the rules' default (issue 22); coordinator/_rules.py `default_staleness` says why.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from typing import Literal, get_args
 
 from models import ConfigError, InvalidUpdate
 
-StalenessKind = Literal["constant", "polynomial", "hinge"]
+StalenessKind = Literal["constant", "polynomial", "hinge", "knee"]
 STALENESS_KINDS: tuple[str, ...] = get_args(StalenessKind)
 
 # A bound far beyond any useful setting keeps a * t finite in float64 for any int staleness.
@@ -51,6 +50,10 @@ class Staleness:
             return float((1.0 + t) ** -self.a)
         if self.kind == "hinge" and t > self.b:
             return 1.0 / (self.a * (t - self.b) + 1.0)
+        if self.kind == "knee":
+            if t <= self.b:
+                return float((1.0 + t) ** -self.a)
+            return float((1.0 + self.b) ** (1.0 - self.a) / (1.0 + t))
         return 1.0
 
     def log(self, staleness: int) -> float:
@@ -60,18 +63,23 @@ class Staleness:
             return -self.a * math.log1p(t)
         if self.kind == "hinge" and t > self.b:
             return -math.log1p(self.a * (t - self.b))
+        if self.kind == "knee":
+            if t <= self.b:
+                return -self.a * math.log1p(t)
+            return (1.0 - self.a) * math.log1p(self.b) - math.log1p(t)
         return 0.0
 
     def __str__(self) -> str:
         if self.kind == "polynomial":
             return f"polynomial:{float(self.a)!r}"
-        if self.kind == "hinge":
-            return f"hinge:{float(self.a)!r},{self.b}"
+        if self.kind in ("hinge", "knee"):
+            return f"{self.kind}:{float(self.a)!r},{self.b}"
         return "constant"
 
     @classmethod
     def parse(cls, text: str) -> Staleness:
-        """Read ``constant``, ``polynomial[:a]`` or ``hinge[:a,b]`` (defaults a=0.5, b=4)."""
+        """Read ``constant``, ``polynomial[:a]``, ``hinge[:a,b]`` or ``knee[:a,b]`` (defaults
+        a=0.5, b=4)."""
         if not isinstance(text, str):
             raise ConfigError(f"staleness must be a string, got {text!r}", key="staleness")
         kind, sep, args = (part.strip() for part in text.strip().partition(":"))
@@ -82,17 +90,20 @@ class Staleness:
         try:
             if kind == "polynomial":
                 return cls(kind="polynomial", a=_finite(args)) if sep else cls(kind="polynomial")
-            if kind == "hinge":
+            for two in ("hinge", "knee"):
+                if kind != two:
+                    continue
                 if not sep:
-                    return cls(kind="hinge")
+                    return cls(kind=two)
                 a_text, comma, b_text = args.partition(",")
                 if not comma:
-                    raise ValueError("hinge takes a,b")
-                return cls(kind="hinge", a=_finite(a_text), b=int(b_text.strip()))
+                    raise ValueError(f"{two} takes a,b")
+                return cls(kind=two, a=_finite(a_text), b=int(b_text.strip()))
         except ValueError as e:
             raise ConfigError(f"staleness {text!r}: {e}", key="staleness") from None
         raise ConfigError(
-            f"staleness {text!r}: expected 'constant', 'polynomial:a' or 'hinge:a,b'",
+            f"staleness {text!r}: expected 'constant', 'polynomial:a', 'hinge:a,b' or "
+            "'knee:a,b'",
             key="staleness")
 
 

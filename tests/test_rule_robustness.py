@@ -6,12 +6,13 @@ the in-process harness (bench/robustness.py) on a small fast fleet with the syst
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from bench.robustness import FleetSpec, LogisticSGD, _Data, run
+from bench.robustness import FleetSpec, LogisticSGD, _Data, run, straggler_fleet
 from coordinator._rules import Contribution, FedAsync, FedBuff, MergeRule, RuleConfig, build_rule
 from coordinator._staleness import Staleness
 from models import build_model
@@ -54,12 +55,16 @@ def pipeline(rule: MergeRule, devices: int, arrivals: int, *, d: int = 8, c: flo
 
 
 @pytest.mark.parametrize("config", [FEDASYNC, FEDBUFF], ids=["fedasync", "fedbuff"])
-@pytest.mark.parametrize("devices", [1, 5, 20, 50, 200])
+@pytest.mark.parametrize("devices", [1, 5, 20, 50, 200, 1000])
 def test_default_rules_converge_under_any_concurrency(config: RuleConfig, devices: int) -> None:
     dist, stale = pipeline(build_rule(config), devices, 20 * devices)
 
-    assert max(dist) <= dist[0] * 1.2  # never thrown far past the optimum
-    assert dist[-1] < 0.15 * dist[0]
+    # The knee lets a round of stale steps add up to 1.8 of this quadratic's deltas, each of
+    # which goes half way: past the optimum, so with hundreds training at once the first rounds
+    # overshoot (at most 4.6x the starting distance with 1,000; 1.2x with 20) and then settle.
+    # The old default's steps added up without bound: 134x with 50 (the test below).
+    assert max(dist) <= dist[0] * (1.2 if devices <= 20 else 5.0)
+    assert dist[-1] < 0.1 * dist[0]
     if config.name == "fedasync":
         assert np.median(stale) == devices - 1
 
@@ -72,10 +77,13 @@ def test_the_old_fedasync_default_diverged_on_50_concurrent_stale_updates() -> N
     assert dist[-1] > 10 * dist[0]
 
 
-@pytest.mark.parametrize("devices", [1, 2, 10, 50, 1000])
-def test_fedasync_summed_step_of_one_round_stays_near_alpha(devices: int) -> None:
+@pytest.mark.parametrize(("devices", "expected"), [
+    (1, 0.6), (2, 0.6 * math.sqrt(2)), (9, 0.6 * 3), (10, 0.6 * 3), (50, 0.6 * 3),
+    (1000, 0.6 * 3)])
+def test_fedasync_summed_step_of_one_round_is_capped(devices: int, expected: float) -> None:
     # N devices at once: each arrival's staleness is N - 1; the N mixing weights of one
-    # "round" add up to alpha (the old default: alpha sqrt(N)).
+    # "round" add up to alpha sqrt(N) up to the knee (N - 1 = 8) and to alpha sqrt(9) beyond,
+    # however large N grows (1 / (1 + t): alpha; (1 + t)^-0.5: alpha sqrt(N) without bound).
     rule = build_rule(FEDASYNC)
     model = np.zeros(1, dtype=np.float32)
     total = 0.0
@@ -83,16 +91,20 @@ def test_fedasync_summed_step_of_one_round_stays_near_alpha(devices: int) -> Non
         merge = rule.offer(model, Contribution(
             update_id=str(k), device_id=f"d{k}", base_version=0, staleness=devices - 1,
             n_samples=1, delta=np.ones(1, dtype=np.float32)), now=0.0)
+        assert merge is not None
         total += sum(merge.weights) * merge.scale
 
-    assert total == pytest.approx(FEDASYNC.alpha)
+    assert FEDASYNC.alpha == 0.6
+    assert total == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("devices", [5, 20, 100, 1000])
-def test_fedbuff_summed_step_of_one_round_stays_near_server_lr(devices: int) -> None:
+@pytest.mark.parametrize(("devices", "expected"), [
+    (5, 1.0), (10, math.sqrt(2)), (15, math.sqrt(3)), (20, math.sqrt(3)), (100, math.sqrt(3)),
+    (1000, math.sqrt(3))])
+def test_fedbuff_summed_step_of_one_round_is_capped(devices: int, expected: float) -> None:
     # N devices at once, buffers of K: N / K versions while one trains, so staleness N / K - 1;
     # a uniformly stale buffer is damped by s(t) (not renormalised), so the N / K merges of one
-    # round move the model by about server_lr, not N / K times it.
+    # round move the model by server_lr sqrt(N / K) up to the knee (t = 2), sqrt(3) beyond.
     k = FEDBUFF.buffer_size
     rule = build_rule(FEDBUFF)
     model = np.zeros(1, dtype=np.float32)
@@ -104,7 +116,8 @@ def test_fedbuff_summed_step_of_one_round_stays_near_server_lr(devices: int) -> 
         if merge is not None:
             total += sum(merge.weights) * merge.scale
 
-    assert total == pytest.approx(FEDBUFF.server_lr)
+    assert (k, FEDBUFF.server_lr) == (5, 1.0)
+    assert total == pytest.approx(expected)
 
 
 def test_a_uniformly_stale_fedbuff_buffer_moves_less_than_a_fresh_one() -> None:
@@ -168,3 +181,24 @@ def test_the_harness_sees_the_old_collapse(fast_data: _Data) -> None:
     result = run(FAST, FEDASYNC, data=fast_data, merger=old_fedasync()).summary
 
     assert result["min_after_0.8"] is not None and result["min_after_0.8"] < 0.5
+
+
+def test_default_rules_keep_their_lead_on_a_straggler_fleet() -> None:
+    # Issue 22: 20 devices training at once, epochs log-normal around 1 s (sigma 1), the
+    # system's latency; synchronous FedAvg with a cohort of 10. With 1 / (1 + t) the
+    # asynchronous rules reached 0.8 early and then crawled; the knee keeps their lead at 0.90.
+    fleet = straggler_fleet(1.0, epochs=30.0, seed=1, evaluations=60)
+    data = _Data(fleet)
+    sync = run(fleet, SYNC, data=data).summary
+
+    for config in (FEDASYNC, FEDBUFF):
+        now = run(fleet, config, data=data).summary
+        before = run(fleet, replace(config, staleness=Staleness(kind="polynomial", a=1.0)),
+                     data=data).summary
+        assert now["time_to_0.90_s"] is not None, config.name
+        assert before["time_to_0.90_s"] is None or (
+            before["time_to_0.90_s"] >= 2 * now["time_to_0.90_s"]), config.name
+        assert sync["time_to_0.90_s"] is None or (
+            sync["time_to_0.90_s"] >= 2.5 * now["time_to_0.90_s"]), config.name
+        assert now["final"] >= sync["final"] - 0.005, config.name
+        assert now["min_after_0.8"] is not None and now["min_after_0.8"] >= 0.5

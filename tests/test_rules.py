@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -54,6 +55,12 @@ def moved(merge: Merge, model: np.ndarray) -> np.ndarray:
     (Staleness(kind="hinge", a=10, b=4), 4, 1.0),
     (Staleness(kind="hinge", a=10, b=4), 5, 1 / 11),
     (Staleness(kind="hinge", a=10, b=4), 6, 1 / 21),
+    (Staleness(kind="knee", a=0.5, b=8), 0, 1.0),
+    (Staleness(kind="knee", a=0.5, b=8), 3, 0.5),  # 4^-0.5, below the knee
+    (Staleness(kind="knee", a=0.5, b=8), 8, 1 / 3),  # 9^-0.5, at it
+    (Staleness(kind="knee", a=0.5, b=8), 11, 0.25),  # 9^0.5 / 12
+    (Staleness(kind="knee", a=0.5, b=8), 299, 0.01),  # 3 / 300
+    (Staleness(kind="knee", a=1.0, b=3), 9, 0.1),  # a = 1: 1 / (1 + t) on both sides
 ])
 def test_staleness_values(s: Staleness, t: int, expected: float) -> None:
     assert s(t) == pytest.approx(expected, rel=1e-12)
@@ -65,6 +72,18 @@ def test_staleness_log_stays_finite_where_the_value_underflows() -> None:
 
     assert s(10**6) == 0.0
     assert s.log(10**6) == pytest.approx(-1000 * math.log1p(10**6))
+
+
+@pytest.mark.parametrize("b", [0, 3, 8, 50])
+def test_knee_caps_the_steps_of_a_staleness_window(b: int) -> None:
+    """t s(t), the summed step of the t updates that arrive while one device trains, grows as
+    sqrt(1 + t) up to the knee and stays under sqrt(1 + b) beyond it; s never increases."""
+    s = Staleness(kind="knee", a=0.5, b=b)
+    values = [s(t) for t in range(2000)]
+
+    assert all(x >= y for x, y in itertools.pairwise(values))
+    assert all(t * v <= math.sqrt(1 + b) + 1e-12 for t, v in enumerate(values))
+    assert 1999 * values[1999] == pytest.approx(math.sqrt(1 + b), rel=1e-3)
 
 
 def test_negative_staleness_is_a_future_version() -> None:
@@ -82,6 +101,8 @@ def test_negative_staleness_is_a_future_version() -> None:
     ("hinge:10,4", Staleness(kind="hinge", a=10.0, b=4)),
     ("hinge:0.5, 0", Staleness(kind="hinge", a=0.5, b=0)),
     ("hinge", Staleness(kind="hinge")),
+    ("knee:0.5,8", Staleness(kind="knee", a=0.5, b=8)),
+    ("knee", Staleness(kind="knee")),
 ])
 def test_parse_good(text: str, expected: Staleness) -> None:
     parsed = Staleness.parse(text)
@@ -93,7 +114,7 @@ def test_parse_good(text: str, expected: Staleness) -> None:
 @pytest.mark.parametrize("text", [
     "", "linear", "Constant", "constant:1", "polynomial:", "polynomial:x", "polynomial:0",
     "polynomial:-1", "polynomial:nan", "polynomial:inf", "hinge:10", "hinge:10,4.5",
-    "hinge:10,-1", "hinge:0,4", "hinge:10,4,2", 3,
+    "hinge:10,-1", "hinge:0,4", "hinge:10,4,2", "knee:0.5", "knee:0.5,-1", "knee:0,8", 3,
 ])
 def test_parse_bad(text: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -438,6 +459,22 @@ def test_rule_config_rejects_bad_values(key: str, value: object) -> None:
         RuleConfig(**{key: value})  # type: ignore[arg-type]
 
     assert info.value.key == key
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("fedasync", Staleness(kind="knee", a=0.5, b=8)),
+    ("fedbuff", Staleness(kind="knee", a=0.5, b=2)),
+])
+def test_rule_config_default_staleness_caps_a_round_near_1_8_steps(
+        name: str, expected: Staleness) -> None:
+    config = RuleConfig(name=name)  # type: ignore[arg-type]
+    step = config.alpha if name == "fedasync" else config.server_lr
+    t = 10**6
+
+    assert config.staleness == config.staleness_function == expected
+    assert step * t * expected(t) == pytest.approx(1.8, abs=0.08)
+    given = RuleConfig(name=name, staleness="polynomial:1.0")  # type: ignore[arg-type]
+    assert given.staleness == Staleness(kind="polynomial", a=1.0)
 
 
 def test_rule_config_reads_staleness_text() -> None:
