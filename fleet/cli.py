@@ -166,7 +166,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="fedasync-sim",
         description="Simulate a fleet of devices (real agent code, real MQTT) with uneven "
                     "speed, battery and connectivity, and compare merge rules.",
-        epilog="With no command: `run`, and with no options the demo (50 devices, FedBuff vs "
+        epilog="With no command: `run`, and with no options the demo (50 devices, FedAsync vs "
                "synchronous FedAvg); `fedasync-sim COMMAND --help` for a command's options.")
     add_version(p)
     sub = p.add_subparsers(dest="command", title="commands", metavar="COMMAND")
@@ -179,7 +179,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="held-out CSV/NPZ for the coordinator's evaluation (with "
                           "--fleet-file; default: its [run] test_file, else the devices' test "
                           "files together)")
-    run.add_argument("--compare", default="fedbuff,fedavg-sync",
+    run.add_argument("--compare", default="fedasync,fedavg-sync",
                      help=f"comma-separated rules out of {', '.join(RULES)}; fedasync and "
                           f"fedbuff also with corrections: +reweight (FedAsync's default), "
                           f"+cap, +memory, +fit (devices fit their work to their windows), "
