@@ -34,7 +34,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from agent._policy import PolicyConfig
+from agent._privacy import PrivacyConfig
 from agent._trainer import TrainConfig
+from coordinator._central_dp import CentralDPConfig, privacy_status
 from coordinator._config import CoordinatorConfig, SnapshotConfig
 from coordinator._guards import GuardConfig
 from coordinator._participation import ParticipationConfig
@@ -59,6 +61,7 @@ from fleet._fairness import (
 from fleet._latency import PREFIX as ACK_PREFIX
 from fleet._latency import histogram_counts
 from fleet._latency import percentiles as ack_percentiles
+from fleet._privacy import privacy_summary
 from fleet._traces import DeviceTrace, FleetProfile, _int, _num, generate_device, summarize
 from fleet._traffic import attach as count_traffic
 from fleet._traffic import (
@@ -151,6 +154,15 @@ class SimConfig:
     reweight_max_boost: float = 4.0
     participation_cap: int = 3  # updates per window, "+cap" only
     fit_window_fraction: float = 0.5  # the agents' training.window_fraction (not with +plain)
+    # Differential privacy (README "Privacy"): local (the agents' training.noise_multiplier,
+    # clip_norm and privacy.epsilon_budget) and central (the coordinator's [central_dp]; FedBuff
+    # and synchronous FedAvg only). One delta for both.
+    noise_multiplier: float = 0.0
+    clip_norm: float = 5.0
+    epsilon_budget: float | None = None
+    central_noise_multiplier: float = 0.0
+    central_clip_norm: float = 1.0
+    dp_delta: float = 1e-5
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -199,12 +211,29 @@ class SimConfig:
             raise ConfigError(f"hidden must be one or more positive layer sizes, got "
                               f"{self.hidden!r}", key="hidden")
         _num("learning_rate", self.learning_rate, 0.0, math.inf, lo_open=True)
+        _num("noise_multiplier", self.noise_multiplier, 0.0, math.inf)
+        _num("clip_norm", self.clip_norm, 0.0, math.inf, lo_open=True)
+        _ = self.local_privacy, self.central_dp  # validated on construction
+        if self.epsilon_budget is not None and self.noise_multiplier <= 0:
+            raise ConfigError("epsilon_budget needs noise_multiplier > 0 (local DP)",
+                              key="epsilon_budget")
         _num("l2", self.l2, 0.0, math.inf)
         _num("round_deadline_sim_s", self.round_deadline_sim_s, 0.0, math.inf, lo_open=True)
         _num("target_accuracy", self.target_accuracy, -math.inf, math.inf)
         if not (isinstance(self.over_selection, (int, float)) and 1.0 <= self.over_selection
                 <= 100.0):
             raise ConfigError("over_selection must be between 1 and 100", key="over_selection")
+
+    @property
+    def local_privacy(self) -> PrivacyConfig:
+        return PrivacyConfig(epsilon_budget=self.epsilon_budget, delta=self.dp_delta)
+
+    @property
+    def central_dp(self) -> CentralDPConfig:
+        # A fixed seed: noise a simulation can reproduce (never in service: _central_dp.py).
+        return CentralDPConfig(noise_multiplier=self.central_noise_multiplier,
+                               clip_norm=self.central_clip_norm, delta=self.dp_delta,
+                               seed=self.seed)
 
     @property
     def duration_sim_s(self) -> float:
@@ -387,8 +416,10 @@ def rule_config(config: SimConfig, rule: str) -> RuleConfig:
     if rule == "fedbuff":
         # A device trains once per model version it receives, so a buffer larger than the
         # fleet would never fill: at most one update per device.
+        # Under central DP, equal shares: its noise follows the largest (_central_dp.py).
         return RuleConfig(name="fedbuff", buffer_size=min(config.fedbuff_k, config.devices),
                           server_lr=config.fedbuff_server_lr, memory_s=memory_s,
+                          weight_by_samples=not config.central_dp.enabled,
                           staleness=config.staleness)  # type: ignore[arg-type]
     if rule == "fedavg-sync":
         return RuleConfig(name="fedavg-sync", cohort_size=config.cohort_size,
@@ -494,6 +525,7 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet,
         service = CoordinatorService(CoordinatorConfig(
             model=fleet.spec, broker=urls, fleet=fleet_name, state_dir=str(run_state),
             client_id=f"coordinator-{fleet_name}", http="", rule=rule_config(config, rule),
+            central_dp=config.central_dp,
             participation=participation_config(config, rule), keep_checkpoints=_KEEP,
             guards=GuardConfig(max_norm=10.0),
             snapshots=SnapshotConfig(min_interval_s=config.snapshot_wall_s)),
@@ -515,7 +547,9 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet,
             state_root=str(state_root / "devices"), policy=config.policy,
             training=TrainConfig(
                 local_epochs=config.local_epochs, encoding=config.encoding,  # type: ignore[arg-type]
-                window_fraction=fit_fraction(config, rule)),
+                window_fraction=fit_fraction(config, rule),
+                noise_multiplier=config.noise_multiplier, clip_norm=config.clip_norm),
+            privacy=config.local_privacy,
             check_interval_s=config.check_interval_sim_s, seed=config.seed,
             min_train_interval_s=config.min_train_interval_sim_s,
             model_refresh_s=config.model_refresh_sim_s) for w, shard in enumerate(shards)]
@@ -533,6 +567,11 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet,
         if service is not None:
             service.stop()
             shutil.copytree(run_state, coord_state)
+            privacy = privacy_summary(
+                local=config.local_privacy, noise_multiplier=config.noise_multiplier,
+                clip_norm=config.clip_norm, central=config.central_dp,
+                central_status=privacy_status(service.engine.rule),
+                device_dirs=[state_root / "devices" / t.device_id for t in fleet.traces])
         if sampled and sys_start is not None:  # everything has stopped but the broker
             sys_end = read_sys_counters(urls[0], timeout=30)
         if broker is not None:
@@ -549,6 +588,7 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet,
     summary["local_accuracy"] = None if local is None else {
         k: round(v, 4) if isinstance(v, float) else v for k, v in local.items()}
     summary["participation"] = _participation(fleet, arrivals, scores, metric)
+    summary["privacy"] = privacy
     broker_totals = diff_counters(sys_start, sys_end)
     coordinator_stats = coordinator_traffic.stats()
     if virtual:  # its presence messages name its pid and host: the machine's side

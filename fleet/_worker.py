@@ -17,7 +17,7 @@ import logging
 import multiprocessing.synchronize
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import paho.mqtt.client as mqtt
 from agent._agent import Agent
 from agent._config import AgentConfig
 from agent._policy import PolicyConfig
+from agent._privacy import PrivacyConfig
 from agent._trainer import TrainConfig, train_update
 from fleet._latency import bucket
 from fleet._netloop import NetLoop
@@ -68,6 +69,7 @@ class WorkerSpec:
     seed: int
     min_train_interval_s: float = 0.0  # sim; the agent's, between two trainings
     model_refresh_s: float = 3600.0  # sim; the agent's (0: follow every version)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # the agent's [privacy]
 
 
 class ArraySource:
@@ -164,7 +166,7 @@ class SimDevice:
             min_samples=1, min_new_samples=10**9, retrain_on_new_model=True,
             min_train_interval_s=spec.min_train_interval_s, check_interval_s=spec.check_interval_s,
             model_refresh_s=spec.model_refresh_s, policy=spec.policy, training=spec.training,
-            train_in_subprocess=False)
+            privacy=spec.privacy, train_in_subprocess=False)
 
         def trainer(*args: Any, **kwargs: Any) -> UpdateMessage | None:
             # Seeded update ids: the lineage of a virtual-clock run is the same every time.

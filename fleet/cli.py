@@ -66,7 +66,11 @@ _FIELDS = (("devices", "devices"), ("duration", "duration_s"), ("scale", "scale"
            ("correlate", "correlate_labels"), ("window", "participation_window_sim_s"),
            ("cap", "participation_cap"), ("reweight_max", "reweight_max_factor"),
            ("reweight_boost", "reweight_max_boost"), ("model_refresh", "model_refresh_sim_s"),
-           ("snapshot_interval", "snapshot_interval_s"), ("clock", "clock"))
+           ("snapshot_interval", "snapshot_interval_s"), ("clock", "clock"),
+           ("noise_multiplier", "noise_multiplier"), ("clip_norm", "clip_norm"),
+           ("epsilon_budget", "epsilon_budget"), ("dp_delta", "dp_delta"),
+           ("central_noise_multiplier", "central_noise_multiplier"),
+           ("central_clip_norm", "central_clip_norm"))
 _SYNTHETIC_ONLY = {"devices": "--devices", "dataset": "--dataset", "dirichlet_alpha": "--alpha",
                    "correlate_labels": "--correlate"}
 
@@ -152,6 +156,20 @@ def _common(p: argparse.ArgumentParser) -> None:
     c.add_argument("--snapshot-interval", type=float,
                    help="the coordinator's snapshots.min_interval_s, wall seconds: at most one "
                         "snapshot per this long (1 simulated second, at least 0.05)")
+    dp = p.add_argument_group("differential privacy (README \"Privacy\"; summary.json 'privacy')")
+    dp.add_argument("--noise-multiplier", type=float,
+                    help="local DP: the agents add N(0, (S x clip)^2) to each update "
+                         f"({d.noise_multiplier:g}: off)")
+    dp.add_argument("--clip-norm", type=float,
+                    help=f"local DP: the agents' L2 clip ({d.clip_norm:g})")
+    dp.add_argument("--epsilon-budget", type=float,
+                    help="local DP: each device's lifetime epsilon; at it, it sends no more")
+    dp.add_argument("--central-noise-multiplier", type=float,
+                    help="central DP at the coordinator, fedbuff and fedavg-sync: noise on each "
+                         f"aggregate ({d.central_noise_multiplier:g}: off)")
+    dp.add_argument("--central-clip-norm", type=float,
+                    help=f"central DP: each contribution's L2 clip ({d.central_clip_norm:g})")
+    dp.add_argument("--dp-delta", type=float, help=f"delta of both ({d.dp_delta:g})")
     p.add_argument("--broker", help="use this broker (mqtt://host:port) instead of starting one; "
                    "several comma-separated URLs (a cluster's nodes, --clock wall) spread the "
                    "devices over them")
