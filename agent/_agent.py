@@ -913,6 +913,7 @@ class Agent:
     # -- status ------------------------------------------------------------------------------
     def status(self, state: str = "online") -> dict[str, Any]:
         d = self.decision
+        spooled = self.spool.entries()
         return {
             "state": state,
             "device_id": self.config.device_id,
@@ -930,12 +931,12 @@ class Agent:
             "last_fetch": self.last_fetch,
             "fetches": self.fetches,
             "fetched_bytes": self.fetched_bytes,
-            "spool_depth": len(self.spool),
+            "spool_depth": len(spooled),
             "spool_dropped": self.spool.dropped,
             "privacy": self.privacy.status(),
             # Spooled updates a coordinator behind this agent refused as from the future: sent
-            # again once it reaches their base versions.
-            "spool_waiting": len(self._waiting),
+            # again once it reaches their base versions (a full spool may have dropped some).
+            "spool_waiting": len(self.waiting.keys() & {e.update_id for e in spooled}),
             "trained": self.counters.trained,
             "accepted": self.counters.accepted,
             "rejected": self.counters.rejected,

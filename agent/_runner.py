@@ -50,6 +50,7 @@ class PahoLink:
                              qos=1, retain=True)
         self.twins = TwinWatch(self.instance)
         self.on_twin: Callable[[Instance], None] | None = None
+        self._retired = False
         self._process = process_identity()
         self._state_file = Path(config.state_dir) / CONNECTION_FILE
         # Jitter spreads a whole fleet's reconnects after a broker restart.
@@ -86,11 +87,20 @@ class PahoLink:
         self.connection.start()
 
     def stop(self) -> None:
-        if self.connected and self.agent is not None:
+        if self.connected and self.agent is not None and not self._retired:
             info = self.client.publish(
                 self.topics.status(self.device_id),
                 json.dumps(self.agent.status("offline")).encode(), qos=1, retain=True)
-            info.wait_for_publish(timeout=2)
+            # The connection may go meanwhile: the status is a courtesy, the stop goes on.
+            with contextlib.suppress(RuntimeError):
+                info.wait_for_publish(timeout=2)
+        self.connection.stop()
+
+    def retire(self) -> None:
+        """Disconnect now, for good and without an offline status: another agent with this
+        device id is online, and its status must stay the retained one. Callable from paho's
+        network thread (its loop is then not joined)."""
+        self._retired = True
         self.connection.stop()
 
     def _on_online(self, client: mqtt.Client, session_present: bool) -> None:
@@ -188,8 +198,7 @@ class AgentRunner:
                   "newer (exit 2): give each device its own device_id", device,
                   other.describe(), me.describe())
         self.exit_code = 2
-        # At once, and without an offline status: the other agent's stays the retained one.
-        self.link.connection.stop()
+        self.link.retire()
         self.stop()
 
 
