@@ -519,6 +519,13 @@ def rules_staleness(rule: str, texts: Sequence[str]) -> dict[str, RuleConfig]:
     return out
 
 
+def rules_previous() -> dict[str, RuleConfig]:
+    """The defaults before issue 22: both asynchronous rules with s(t) = 1 / (1 + t)."""
+    inverse = Staleness(kind="polynomial", a=1.0)
+    return {k: v if v.name == "fedavg-sync" else replace(v, staleness=inverse)
+            for k, v in rules_default().items()}
+
+
 def rules_default() -> dict[str, RuleConfig]:
     """The rules with RuleConfig's defaults (only the rule name, and the sync cohort, set)."""
     return {
@@ -708,7 +715,7 @@ def verdict(table: dict[str, dict[str, dict[str, Any]]], sync: str = "fedavg-syn
 
 
 def plot(tables: dict[str, dict[str, dict[str, dict[str, Any]]]], path: Path) -> bool:
-    """Final accuracy and time to target per fleet, one panel pair per table; False without
+    """Final accuracy and time to 0.90 per fleet, one panel pair per table; False without
     matplotlib."""
     try:
         import matplotlib
@@ -725,7 +732,7 @@ def plot(tables: dict[str, dict[str, dict[str, dict[str, Any]]]], path: Path) ->
         width = 0.8 / len(rules)
         for k, r in enumerate(rules):
             final = [table[f][r]["final"] for f in fleets]
-            ttt = [table[f][r]["time_to_target_s"] for f in fleets]
+            ttt = [table[f][r]["time_to_0.90_s"] for f in fleets]
             epochs = [None if t is None else t / table[f][r]["median_epoch_s"]
                       for f, t in zip(fleets, ttt, strict=True)]
             axes[0][col].bar(x + k * width, final, width, label=r)
@@ -736,7 +743,7 @@ def plot(tables: dict[str, dict[str, dict[str, dict[str, Any]]]], path: Path) ->
         axes[0][col].set_ylim(0.5, 1.0)
         axes[0][col].axhline(TARGET, color="grey", lw=0.5)
         axes[0][col].set_title(f"{title}: final held-out accuracy")
-        axes[1][col].set_title(f"{title}: time to {TARGET} (median epochs; gap = never)")
+        axes[1][col].set_title(f"{title}: time to 0.90 (median epochs; gap = never)")
         axes[1][col].set_yscale("log")
         axes[0][col].legend(fontsize=8)
     fig.tight_layout()
@@ -786,7 +793,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--fast-fleet", action="store_true", help="only the issue's fast fleet")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--updates", type=int, default=1500, help="async updates per run (about)")
-    p.add_argument("--before", action="store_true", help="also map the settings as they were")
+    p.add_argument("--before", action="store_true",
+                   help="also map the settings as they were before issue 15")
+    p.add_argument("--previous", action="store_true",
+                   help="also map the defaults before issue 22 (s(t) = 1 / (1 + t))")
     p.add_argument("--staleness", nargs="+", default=None, metavar="S",
                    help="map --rule under each staleness function S (e.g. polynomial:0.85 "
                         "hinge:0.6,0) instead of the defaults")
@@ -822,6 +832,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.before:
         tables["before"] = robustness_map(rules_before(), fleets, args.seeds)
         print_map(tables["before"], "before (the issue's settings, FedBuff renormalised)")
+    if args.previous:
+        tables["previous"] = robustness_map(rules_previous(), fleets, args.seeds,
+                                            participation=ParticipationConfig())
+        print_map(tables["previous"], "previous (the defaults before issue 22)")
     # the product's defaults: RuleConfig's and ParticipationConfig's (reweighting for FedAsync)
     tables["now"] = robustness_map(rules_default(), fleets, args.seeds,
                                    participation=ParticipationConfig())
@@ -832,6 +846,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json.write_text(json.dumps({
             "fleets": {k: asdict(f) for k, f in fleets.items()}, "seeds": args.seeds,
             "rules_before": {k: str(v) for k, v in rules_before().items()},
+            "rules_previous": {k: str(v) for k, v in rules_previous().items()},
             "rules_now": {k: str(v) for k, v in rules_default().items()},
             "participation_now": {k: str(ParticipationConfig().for_rule(v.name))
                                   for k, v in rules_default().items()},

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.stragglers import always_on_fleet
 from fleet.cli import main
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -22,21 +23,9 @@ def fast_fleet(tmp_path: Path) -> Path:
     """Digits split over 10 devices (Dirichlet 0.5, as the synthetic fleet), always available,
     epochs of 0.14-1.2 s, a 0.5 s poll and no dwell: every device trains again as soon as it
     has delivered, so updates arrive far faster than one per snapshot interval."""
-    exported = tmp_path / "exported"
-    assert main(["export-fleet", "--devices", str(DEVICES), "--dataset", "digits",
-                 "--seed", "1", "--out", str(exported)]) == 0
-    epochs = np.geomspace(0.14, 1.2, DEVICES)
-    lines = ["[run]", 'test_file = "data/test.npz"', "seed = 1", "scale = 1.0",
-             "target = 0.85", "",
-             "[model]", 'kind = "logistic"', "learning_rate = 0.05", "local_epochs = 1", "",
-             "[agent]", "check_interval_s = 0.5", "min_train_interval_s = 0.0", "",
-             "[policy]", "min_dwell_s = 0.0", ""]
-    for i, epoch in enumerate(epochs):
-        lines += ["[[devices]]", f'id = "fast-{i:02d}"', f'data = "data/sim-{i:05d}.npz"',
-                  f"epoch_seconds = {epoch:.3f}", ""]
-    path = exported / "fast.toml"
-    path.write_text("\n".join(lines))
-    return path
+    return always_on_fleet(tmp_path / "exported", "fast.toml",
+                           list(np.geomspace(0.14, 1.2, DEVICES)), check_interval_s=0.5,
+                           target=0.85)
 
 
 def test_fedasync_and_fedbuff_stay_up_on_a_fleet_faster_than_its_snapshots(
