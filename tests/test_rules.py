@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from coordinator._config import load_config
 from coordinator._rules import (
     Contribution,
     FedAsync,
@@ -20,6 +22,7 @@ from coordinator._rules import (
     Merge,
     RuleConfig,
     build_rule,
+    default_staleness,
 )
 from coordinator._staleness import Staleness
 from models import ConfigError, InvalidUpdate, ModelError, StateError
@@ -473,8 +476,21 @@ def test_rule_config_default_staleness_caps_a_round_near_1_8_steps(
 
     assert config.staleness == config.staleness_function == expected
     assert step * t * expected(t) == pytest.approx(1.8, abs=0.08)
-    given = RuleConfig(name=name, staleness="polynomial:1.0")  # type: ignore[arg-type]
-    assert given.staleness == Staleness(kind="polynomial", a=1.0)
+    explicit = RuleConfig(name=name, staleness="polynomial:1.0")  # type: ignore[arg-type]
+    assert explicit.staleness == Staleness(kind="polynomial", a=1.0)
+
+
+def test_service_config_without_staleness_gets_the_default_of_the_rule_it_names(
+        tmp_path: Path) -> None:
+    path = tmp_path / "coordinator.toml"
+    path.write_text('[model]\nkind = "logistic"\nn_features = 4\nclasses = [0, 1]\n\n'
+                    '[rule]\nname = "fedbuff"\n')
+
+    assert load_config(path, environ={}).rule.staleness == default_staleness("fedbuff")
+    switched = load_config(path, environ={"FEDASYNC_RULE__NAME": "fedasync"}).rule
+    assert switched.staleness == default_staleness("fedasync")
+    explicit = load_config(path, environ={"FEDASYNC_RULE__STALENESS": "knee:0.5,3"}).rule
+    assert explicit.staleness == Staleness(kind="knee", a=0.5, b=3)
 
 
 def test_rule_config_reads_staleness_text() -> None:
