@@ -114,12 +114,11 @@ class CoordinatorService:
         # keeping; started under a fleet the broker holds at version N > 0, it would publish
         # version 0 over the fleet's model and reject every agent's update (future_version).
         # The look before the first connection checks (_gate); --reset skips it.
-        self._check_version = self.engine.version == 0 and not reset
-        if reset:
-            log.warning("--reset: %s", (
-                f"fleet {config.fleet!r} starts over at version 0 in {config.state_dir}, "
-                "whatever version the broker holds for it" if self.engine.version == 0 else
-                f"ignored: the state in {config.state_dir} is at version {self.engine.version}"))
+        self._check_version = self.engine.version == 0
+        self._reset = reset
+        if reset and self.engine.version > 0:
+            log.warning("--reset ignored: the state in %s is at version %d", config.state_dir,
+                        self.engine.version)
         self.metrics.watch_participation(lambda: self.engine.ledger.report(now=clock()))
         self.metrics.version.set(self.engine.version)
         self.metrics.devices_seen.set(self.store.devices_seen())
@@ -261,7 +260,7 @@ class CoordinatorService:
         try:
             survey = look(here, self.topics, stop=stopping)
         except LookTimeout as exc:
-            if first and self._check_version:
+            if first and self._check_version and not self._reset:
                 self._give_up(
                     f"the state in {self.config.state_dir} is at version 0, and the broker does "
                     f"not let this coordinator read which version it holds for fleet "
@@ -326,6 +325,11 @@ class CoordinatorService:
         """Refuse a state at version 0 under a fleet the broker holds at version N > 0."""
         held = survey.version
         if not self._check_version or not held:
+            return
+        if self._reset:
+            # Said only when it overrides something: the simulator starts every run over.
+            log.warning("--reset: fleet %r starts over at version 0 in %s; the broker held it at "
+                        "version %d", self.config.fleet, self.config.state_dir, held)
             return
         self._give_up(
             f"the state in {self.config.state_dir} is at version 0 (new or lost), but the "

@@ -529,7 +529,9 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet,
             participation=participation_config(config, rule), keep_checkpoints=_KEEP,
             guards=GuardConfig(max_norm=10.0),
             snapshots=SnapshotConfig(min_interval_s=config.snapshot_wall_s)),
-            evaluator=evaluate, **clocks)
+            # Every run starts its fleet over on fresh state, also on a broker that holds an
+            # earlier run's retained model under this name (the same seed and process).
+            evaluator=evaluate, reset=True, **clocks)
         # What the coordinator publishes (snapshots, acks) and receives, as the devices count.
         coordinator_traffic = count_traffic(service._client)
         sys_start = ({} if isinstance(broker, MosquittoBroker) else None if broker is not None

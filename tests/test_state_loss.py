@@ -139,7 +139,7 @@ def test_a_restart_without_state_under_a_fleet_at_version_n_refuses_and_reset_st
         assert stopped(again) == 0
         text = log.read_text()
         assert (f"WARNING fedasync.coordinator: --reset: fleet {fleet_name!r} starts over at "
-                f"version 0 in {state}, whatever version the broker holds for it") in text
+                f"version 0 in {state}; the broker held it at version 3") in text
     finally:
         device.close()
         for p in (first, again):
