@@ -6,11 +6,11 @@ What this gives: each released update is a Gaussian mechanism whose sensitivity 
 whole local dataset is at most 2C (any two datasets give updates inside the same C-ball), so a
 single update is (epsilon, delta)-DP at the device level with
 epsilon = 2 * sqrt(2 * ln(1.25 / delta)) / sigma (the classic bound, tight only for epsilon < 1).
-What it does not give: protection across many releases (privacy loss adds up with every update a
-device sends; no accountant tracks it here), protection of individual samples beyond that, or
-any guarantee when sigma is small; noise this strong also costs accuracy. Central DP-FedAvg, where
-the server adds far less noise to the aggregate, needs a trusted aggregator or secure
-aggregation and is not built.
+Privacy loss adds up with every update a device sends: the agent's lifetime ledger composes
+them with an accountant and stops sending at `privacy.epsilon_budget` (agent/_privacy.py). The
+coordinator's central DP (coordinator/_central_dp.py) adds noise to aggregates instead, and
+protects nothing from the coordinator itself. Noise strong enough for a small epsilon costs
+accuracy (README "Privacy").
 """
 
 from __future__ import annotations

@@ -211,3 +211,12 @@ def test_check_command_shows_the_spent_budget(tmp_path, capsys) -> None:
     row = next(c for c in decision["checks"] if c["name"] == "privacy")
     assert not row["passed"] and "over 2 update(s)" in row["reading"]
     assert "privacy budget spent" in decision["reason"]
+
+
+def test_the_benchmarks_calibration_finds_the_least_noise() -> None:
+    from bench.privacy import central_z, local_sigma
+
+    sigma = local_sigma(8.0, 20)
+    assert epsilon([(sigma / 2, 20)], DELTA) <= 8.0 < epsilon([(0.99 * sigma / 2, 20)], DELTA)
+    z = central_z(2.0, 50)
+    assert epsilon([(z, 50)], DELTA) <= 2.0 < epsilon([(0.99 * z, 50)], DELTA)
