@@ -191,6 +191,14 @@ def with_central_dp(rule: MergeRule, config: CentralDPConfig,
     return CentralDP(rule, config, versions=versions_per_device(lineage()))
 
 
+def device_epsilons(lineage: Iterable[Any], config: CentralDPConfig) -> dict[str, float]:
+    """Each device's central-DP epsilon: that of the versions it shaped (`devices`)."""
+    counts = versions_per_device(lineage)
+    by_count = {n: epsilon([(config.noise_multiplier, n)], config.delta)
+                for n in set(counts.values())}
+    return {d: by_count[n] for d, n in counts.items()}
+
+
 def epsilon_by_version(lineage: Iterable[Any], config: CentralDPConfig) -> dict[int, float]:
     """The coordinator's epsilon as of each version that merged updates (`versions`)."""
     rows = sorted((r.version, r.device_id) for r in lineage

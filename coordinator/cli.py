@@ -255,6 +255,7 @@ def _versions(args: argparse.Namespace) -> int:
 def _devices(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from coordinator._central_dp import device_epsilons
     from coordinator._store import load_ledger
 
     config, store = _reader(args)
@@ -264,6 +265,9 @@ def _devices(args: argparse.Namespace) -> int:
     try:
         now = time.time()
         report = load_ledger(store, window, now=now).report(now=now)
+        # Central DP: each device's epsilon (delta in the config), from the versions it shaped.
+        eps = (device_epsilons(store.lineage(), config.central_dp)
+               if config.central_dp.enabled else None)
     finally:
         store.close()
     order = {"share": lambda r: (-r.window_share, -r.window_updates, r.device_id),
@@ -273,16 +277,22 @@ def _devices(args: argparse.Namespace) -> int:
              "last": lambda r: -(r.last_at or 0.0)}[args.sort]
     rows = sorted(report.devices, key=order)[:args.limit or None]
     if args.json:
-        print(json.dumps(report.to_dict(rows), indent=1))
+        out = report.to_dict(rows)
+        if eps is not None:
+            for row in out["devices"]:  # type: ignore[attr-defined]
+                row["epsilon"] = eps.get(row["device_id"], 0.0)
+        print(json.dumps(out, indent=1))
         return 0
     print(f"{'device':<24} {'accepted':>8} {'samples':>9} {'stale':>6} {'rejected':>8} "
-          f"{'capped':>6} {'window':>6} {'share':>6}  last seen (UTC)")
+          f"{'capped':>6} {'window':>6} {'share':>6}" + (f" {'epsilon':>8}" if eps is not None
+                                                          else "") + "  last seen (UTC)")
     for r in rows:
         stale = "-" if r.mean_staleness is None else f"{r.mean_staleness:.1f}"
         last = "-" if r.last_at is None else time.strftime("%Y-%m-%d %H:%M:%S",
                                                            time.gmtime(r.last_at))
+        spent = "" if eps is None else f" {eps.get(r.device_id, 0.0):>8.3f}"
         print(f"{r.device_id:<24} {r.accepted:>8} {r.samples:>9} {stale:>6} {r.rejected:>8} "
-              f"{r.capped:>6} {r.window_updates:>6} {r.window_share:>6.1%}  {last}")
+              f"{r.capped:>6} {r.window_updates:>6} {r.window_share:>6.1%}{spent}  {last}")
     s = report.summary()
     ratio = "-" if s["max_median_ratio"] is None else f"{s['max_median_ratio']:.2f}"
     print(f"\n{s['devices_seen']} devices seen, {s['active_devices']} active in the last "

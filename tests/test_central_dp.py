@@ -158,6 +158,11 @@ def test_status_and_versions_report_the_coordinators_epsilon(broker, fleet_name,
     assert rows[3]["epsilon"] == pytest.approx(expected)
     assert rows[1]["epsilon"] == pytest.approx(epsilon([(0.8, 1)], 1e-5))
     assert "epsilon" not in rows[0] or rows[0]["epsilon"] is None
+    assert main(["devices", "--config", str(config), "--json"]) == 0
+    spent = {r["device_id"]: r["epsilon"] for r in json.loads(capsys.readouterr().out)["devices"]}
+    assert spent == pytest.approx({"dev-a": expected, "dev-b": epsilon([(0.8, 2)], 1e-5)})
+    assert main(["devices", "--config", str(config)]) == 0
+    assert "epsilon" in capsys.readouterr().out.splitlines()[0]
 
     # Restarted, the coordinator counts from the lineage.
     again = make_service(broker, fleet_name, tmp_path, rule=rule, central_dp=DP)
