@@ -122,8 +122,13 @@ class PrivacyLedger:
         allowed = self.error is None and self.next is not None and self.next <= budget
         if not allowed and not self._stopped_logged:
             self._stopped_logged = True
-            why = self.error or (f"the next update would take it to epsilon {self.next:.3g} "
-                                 f"(delta {self.config.delta:g}) past its budget {budget:g}")
+            if self.error is not None:
+                why = self.error
+            elif self.next is None:
+                why = "the accountant could not say what the next update would cost"
+            else:
+                why = (f"the next update would take it to epsilon {self.next:.3g} (delta "
+                       f"{self.config.delta:g}) past its budget {budget:g}")
             log.warning("privacy budget: this device sends no more updates (it keeps fetching "
                         "models for inference): %s; spent %s over %d update(s)", why,
                         self._show(self.spent), self.count)

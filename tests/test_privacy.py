@@ -18,7 +18,7 @@ from agent._privacy import (
     device_multiplier,
 )
 from agent._trainer import TrainConfig
-from models import ConfigError
+from models import ConfigError, FedAsyncError
 from models._dp import epsilon
 
 DELTA = 1e-5
@@ -220,3 +220,21 @@ def test_the_benchmarks_calibration_finds_the_least_noise() -> None:
     assert epsilon([(sigma / 2, 20)], DELTA) <= 8.0 < epsilon([(0.99 * sigma / 2, 20)], DELTA)
     z = central_z(2.0, 50)
     assert epsilon([(z, 50)], DELTA) <= 2.0 < epsilon([(0.99 * z, 50)], DELTA)
+
+
+def test_an_accountant_that_fails_stops_sending_under_a_budget(tmp_path, caplog) -> None:
+    """A fault a real accountant does not produce on demand: its child process failing."""
+    def failing(mechanisms, delta) -> float:
+        raise FedAsyncError("privacy accountant failed (1): ImportError")
+
+    config = PrivacyConfig(epsilon_budget=8.0)
+    with caplog.at_level(logging.WARNING, logger="fedasync.agent.privacy"):
+        ledger = PrivacyLedger(tmp_path, config, noise_multiplier=4.0, accountant=failing)
+        assert not ledger.allows_next()
+    assert "ImportError" in caplog.text and "could not say" in caplog.text
+    assert ledger.status()["exhausted"] and ledger.status()["epsilon_spent"] is None
+    # Without a budget nothing is enforced: the update goes, and is counted.
+    free = PrivacyLedger(tmp_path, PrivacyConfig(), noise_multiplier=4.0, accountant=failing)
+    assert free.allows_next()
+    free.record()
+    assert json.loads((tmp_path / LEDGER_FILE).read_text())["releases"] == [[2.0, 1]]
