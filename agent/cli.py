@@ -10,13 +10,15 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent._config import AgentConfig, load_config
-from agent._policy import Check
 from models import FedAsyncError
 from models._cli import add_version, log_level, make_parser
 from models._logging import setup_logging
+
+if TYPE_CHECKING:
+    from agent._privacy import PrivacyLedger
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -127,7 +129,8 @@ def _check(args: argparse.Namespace) -> int:
     threading.Event().wait(0.5)  # CPU load is a rate: measure it over half a second
     readings = reader.read()
     decision = evaluate(readings, config.policy,
-                        extra=[data, _privacy_check(config), *(hook(readings) for hook in hooks)])
+                        extra=[data, _privacy_ledger(config).check(),
+                               *(hook(readings) for hook in hooks)])
     if args.json:
         print(json.dumps(decision.to_dict(), indent=1))
     else:
@@ -135,12 +138,12 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if decision.eligible else 1
 
 
-def _privacy_check(config: AgentConfig) -> tuple[Check, str]:
-    """Whether the device's lifetime privacy budget lets it send one more update."""
+def _privacy_ledger(config: AgentConfig) -> PrivacyLedger:
+    """The device's lifetime privacy ledger, as its config reads it."""
     from agent._privacy import PrivacyLedger
 
     return PrivacyLedger(Path(config.state_dir), config.privacy,
-                         noise_multiplier=config.training.noise_multiplier).check()
+                         noise_multiplier=config.training.noise_multiplier)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -188,6 +191,7 @@ def _status(args: argparse.Namespace) -> int:
     out["spool_depth"] = len(spool)
     out["spool_bytes"] = spool.total_bytes()
     out["held"] = len(HeldUpdates(state / "held"))
+    out["privacy"] = _privacy_ledger(config).status()
     try:
         out["progress"] = json.loads((state / "progress.json").read_text())
     except (OSError, ValueError):

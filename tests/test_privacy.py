@@ -212,6 +212,10 @@ def test_check_command_shows_the_spent_budget(tmp_path, capsys) -> None:
     assert not row["passed"] and "over 2 update(s)" in row["reading"]
     assert "privacy budget spent" in decision["reason"]
 
+    assert main(["--config", str(config), "status"]) == 0
+    privacy = json.loads(capsys.readouterr().out)["privacy"]
+    assert privacy["updates"] == 2 and privacy["exhausted"]
+
 
 def test_the_benchmarks_calibration_finds_the_least_noise() -> None:
     from bench.privacy import central_z, local_sigma
