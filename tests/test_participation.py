@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from coordinator import cli as coordinator_cli
 from coordinator._engine import Engine, Incoming
@@ -22,7 +24,14 @@ from coordinator._participation import (
     max_median_ratio,
     participation_factor,
 )
-from coordinator._rules import Contribution, FedAsync, FedBuff, RuleConfig, build_rule
+from coordinator._rules import (
+    Contribution,
+    FedAsync,
+    FedBuff,
+    RuleConfig,
+    build_rule,
+    default_staleness,
+)
 from coordinator._staleness import Staleness
 from coordinator._store import Store
 from models import ConfigError, ModelError, ModelSpec
@@ -160,11 +169,30 @@ def contribution(uid: str, *, p: float = 1.0, n: int = 10, staleness: int = 0) -
                         n_samples=n, delta=np.ones(N, dtype=np.float32), participation=p)
 
 
-def test_fedasync_multiplies_the_mixing_weight_and_caps_it_at_one() -> None:
-    rule = FedAsync(alpha=0.5, staleness=Staleness(kind="constant"))
+def test_fedasync_multiplies_the_mixing_weight_and_caps_it_at_alpha() -> None:
+    rule = FedAsync(alpha=0.5, staleness=Staleness(kind="polynomial", a=1.0))
     model = np.zeros(N, dtype=np.float32)
+    # A frequent device's fresh update is weighed down: 0.5 * 1 * 0.5.
     assert rule.offer(model, contribution("u1", p=0.5), now=0).weights == (0.25,)
-    assert rule.offer(model, contribution("u2", p=3.0), now=0).weights == (1.0,)
+    # A rare device's update three versions stale (s = 1/4) is lifted toward the fresh step:
+    # 0.5 * 0.25 * 2 instead of the plain 0.125...
+    assert rule.offer(model, contribution("u2", p=2.0, staleness=3), now=0).weights == (0.25,)
+    # ...but never past alpha, fresh (0.5 * 3) or stale (0.5 * 0.25 * 8).
+    assert rule.offer(model, contribution("u3", p=3.0), now=0).weights == (0.5,)
+    assert rule.offer(model, contribution("u4", p=8.0, staleness=3), now=0).weights == (0.5,)
+
+
+@settings(derandomize=True, max_examples=200)
+@given(alpha=st.floats(0.01, 1.0), p=st.floats(1e-3, 1e6), staleness=st.integers(0, 2000),
+       memory=st.booleans())
+def test_no_fedasync_step_exceeds_alpha_however_large_the_factor(
+        alpha: float, p: float, staleness: int, memory: bool) -> None:
+    rule = FedAsync(alpha=alpha, staleness=default_staleness("fedasync"),
+                    memory_s=100.0 if memory else 0.0)
+    model = np.zeros(N, dtype=np.float32)
+    merge = rule.offer(model, contribution("u", p=p, staleness=staleness), now=0)
+    assert merge.weights[0] * merge.scale <= alpha * (1 + 1e-12)
+    assert float(np.abs(merge.params).max()) <= alpha * (1 + 1e-6)  # the delta is all ones
 
 
 def test_fedbuff_keeps_the_factor_out_of_the_denominator() -> None:
@@ -246,20 +274,25 @@ def test_engine_reweights_frequent_devices_and_records_the_weight(tmp_path: Path
     weights = {r.update_id: r.weight for r in engine.store.lineage()}
     fast = [r.weight for r in engine.store.lineage(device_id="fast")]
     [slow] = [r.weight for r in engine.store.lineage(device_id="slow")]
-    # fast: 1st alone (factor 1), 2nd 2 vs mean 2 (1), 3rd 3 vs mean 3 (1); slow: 1 vs mean 2.
+    # fast: 1st alone (factor 1), 2nd 2 vs mean 2 (1), 3rd 3 vs mean 3 (1); slow: 1 vs mean 2,
+    # factor 2, its fresh update capped at alpha.
     assert fast == pytest.approx([0.5, 0.5, 0.5])
-    assert slow == pytest.approx(min(0.5 * 2.0, 1.0))
+    assert slow == pytest.approx(min(0.5 * 2.0, 0.5))
     assert len(weights) == 4
     send(engine, "fast", clock)  # 4 vs mean (4+1)/2 = 2.5
-    assert engine.store.lineage(device_id="fast")[-1].weight == pytest.approx(0.5 * 2.5 / 4)
+    fourth = engine.store.lineage(device_id="fast")[-1].weight
+    assert fourth == pytest.approx(0.5 * 2.5 / 4)
+    assert slow / fourth == pytest.approx(1.6)  # the rare device weighs more than the frequent
 
 
 def test_by_default_fedasync_reweights_and_fedbuff_does_not(tmp_path: Path) -> None:
     clock = Clock()
-    for rule, rare_weight in ((RuleConfig(name="fedasync", alpha=0.2, staleness="constant"),
-                               0.2 * 2.0),
-                              (RuleConfig(name="fedbuff", buffer_size=1, staleness="constant",
-                                          weight_by_samples=False), 1.0)):
+    # FedAsync: the rare device's factor 2 is capped at alpha, the frequent one's next update
+    # (4 against a mean of 2.5) weighed down; FedBuff: every weight its plain 1.
+    for rule, rare_weight, often_weight in (
+            (RuleConfig(name="fedasync", alpha=0.2, staleness="constant"), 0.2, 0.2 * 2.5 / 4),
+            (RuleConfig(name="fedbuff", buffer_size=1, staleness="constant",
+                        weight_by_samples=False), 1.0, 1.0)):
         engine = make_engine(tmp_path / rule.name, ParticipationConfig(), clock, rule)
         assert engine.participation.reweight is (rule.name == "fedasync")
         for _ in range(3):
@@ -268,6 +301,8 @@ def test_by_default_fedasync_reweights_and_fedbuff_does_not(tmp_path: Path) -> N
         send(engine, "rare", clock)  # 1 update against a mean of 2 per device in the window
         [rare] = [r.weight for r in engine.store.lineage(device_id="rare")]
         assert rare == pytest.approx(rare_weight)
+        send(engine, "often", clock)
+        assert engine.store.lineage(device_id="often")[-1].weight == pytest.approx(often_weight)
         engine.store.close()
 
 
@@ -411,10 +446,10 @@ def test_agent_backs_off_when_the_coordinator_asks(tmp_path: Path) -> None:
 
 
 def mem_contribution(uid: str, device: str, delta: float, *, base: int, version: int,
-                     n: int = 10) -> Contribution:
+                     n: int = 10, p: float = 1.0) -> Contribution:
     return Contribution(update_id=uid, device_id=device, base_version=base,
                         staleness=version - base, n_samples=n,
-                        delta=np.full(N, delta, dtype=np.float32))
+                        delta=np.full(N, delta, dtype=np.float32), participation=p)
 
 
 def test_memory_keeps_a_rare_device_in_every_merge_until_it_expires() -> None:
@@ -477,3 +512,17 @@ def test_fedasync_with_memory_steps_along_the_devices_mean() -> None:
     assert m2.weights == (0.25,)  # a_t times its share of the mean
     m3 = rule.offer(m2.params, mem_contribution("f2", "fast", 2.0, base=2, version=2), now=120)
     np.testing.assert_allclose(m3.params, m2.params + 0.5 * 2.0)  # the rare one expired
+
+
+def test_fedasync_with_memory_caps_a_boosted_step_at_alpha_keeping_the_ratios() -> None:
+    rule = FedAsync(alpha=0.5, staleness=Staleness(kind="constant"), memory_s=100.0)
+    x = np.zeros(N, dtype=np.float32)
+    # Alone in memory with factor 4: 0.5 * 4 = 2 deltas uncapped, alpha = 0.5 capped.
+    m1 = rule.offer(x, mem_contribution("r1", "rare", 4.0, base=0, version=0, p=4.0), now=0)
+    assert m1.weights == (0.5,)
+    np.testing.assert_allclose(m1.params, 2.0)
+    # With a plain device: shares 4/2 and 1/2 (2.5 x 0.5 = 1.25 in all) scaled to 0.5 in all,
+    # 0.4 and 0.1: the rare device still weighs 4x the other.
+    m2 = rule.offer(m1.params, mem_contribution("f1", "fast", 0.0, base=1, version=1), now=50)
+    assert m2.weights == pytest.approx((0.1,))
+    np.testing.assert_allclose(m2.params, 2.0 + 0.4 * 4.0)
