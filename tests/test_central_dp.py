@@ -127,7 +127,7 @@ def test_config_refuses_what_the_guarantee_does_not_cover() -> None:
 def test_status_and_versions_report_the_coordinators_epsilon(broker, fleet_name, tmp_path,
                                                              capsys) -> None:
     from coordinator.cli import main
-    from tests.test_coordinator_service import N, Device, make_service
+    from tests.test_coordinator_service import Device, N, make_service
 
     rule = RuleConfig(name="fedbuff", buffer_size=2, weight_by_samples=False)
     service = make_service(broker, fleet_name, tmp_path, rule=rule, central_dp=DP)
