@@ -15,6 +15,7 @@ import math
 import random
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 from models import validate_id
 from models._wire import MAX_COHORT
@@ -22,8 +23,8 @@ from models._wire import MAX_COHORT
 MAX_STATUS_BYTES = 16 * 1024
 
 
-def parse_status(payload: bytes) -> bool | None:
-    """The ``eligible`` flag of a device's status JSON; None when absent or unreadable (a
+def decode_status(payload: bytes) -> dict[str, Any] | None:
+    """A device's status JSON as a dict; None when oversized, unreadable or not an object (a
     status is advisory: a garbled one must never break the coordinator)."""
     if len(payload) > MAX_STATUS_BYTES:
         return None
@@ -31,10 +32,22 @@ def parse_status(payload: bytes) -> bool | None:
         data = json.loads(payload)
     except (ValueError, RecursionError):
         return None
-    if not isinstance(data, dict) or data.get("state") == "offline":
-        return False if isinstance(data, dict) else None
-    eligible = data.get("eligible")
+    return data if isinstance(data, dict) else None
+
+
+def eligible_of(status: dict[str, Any] | None) -> bool | None:
+    """The ``eligible`` flag of a decoded status: False when offline, None when absent."""
+    if status is None:
+        return None
+    if status.get("state") == "offline":
+        return False
+    eligible = status.get("eligible")
     return eligible if isinstance(eligible, bool) else None
+
+
+def parse_status(payload: bytes) -> bool | None:
+    """The ``eligible`` flag of a device's status JSON; None when absent or unreadable."""
+    return eligible_of(decode_status(payload))
 
 
 @dataclass(slots=True)

@@ -43,6 +43,9 @@ class Metrics:
         self.republished = Counter("fedasync_snapshots_republished",
                                    "Retained models published again unchanged "
                                    "(snapshots.republish_s)", registry=r)
+        self.bad_statuses = Counter("fedasync_device_status_ignored", "Device statuses whose "
+                                    "privacy figures were refused, by reason", ["reason"],
+                                    registry=r)
         self._tally: Tally[str] = Tally()
 
     def observe_batch(self, outcomes: Sequence[Outcome], seconds: float) -> None:
@@ -56,6 +59,10 @@ class Metrics:
                 self._tally[f"rejected:{o.ack.reason}"] += 1
             if o.staleness is not None and o.staleness >= 0:
                 self.staleness.observe(o.staleness)
+
+    def bad_status(self, reason: str) -> None:
+        self.bad_statuses.labels(reason).inc()
+        self._tally[f"status_ignored:{reason}"] += 1
 
     def counts(self) -> dict[str, int]:
         return dict(self._tally)

@@ -36,9 +36,10 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from coordinator._central_dp import privacy_status, with_central_dp
-from coordinator._cohort import CohortSelector, parse_status
+from coordinator._cohort import CohortSelector, decode_status, eligible_of
 from coordinator._config import CoordinatorConfig
 from coordinator._control import service_token
+from coordinator._device_privacy import BadStatus, PrivacyBook, from_status, with_local_privacy
 from coordinator._engine import Engine, Evaluator, Incoming, Outcome
 from coordinator._http import Rollback, StatusServer
 from coordinator._identity import HOST, Identity, LookTimeout, Presence, Survey, look
@@ -124,6 +125,11 @@ class CoordinatorService:
         self.metrics.devices_seen.set(self.store.devices_seen())
         # SimpleQueue: C-implemented, ~25x cheaper per put/get than Queue (1 us), twice per update.
         self._inbox: queue.SimpleQueue[Incoming] = queue.SimpleQueue()
+        # Each device's local privacy ledger as its status claims it: observed on the network
+        # thread, written by the writer when the figures change (coordinator/_device_privacy.py).
+        self._privacy = PrivacyBook(self.store.device_privacy())
+        self._privacy_due = -float("inf")  # monotonic: when the writer next records them
+        self._bad_status_seen: set[str] = set()  # devices whose bad status was logged
         self._engine_lock = threading.Lock()
         self._stop = threading.Event()
         self._connected = threading.Event()
@@ -208,6 +214,7 @@ class CoordinatorService:
             self._snapshot_wanted.notify_all()
         for t in self._threads:
             t.join(timeout=10)
+        self._write_privacy()  # the writer is done: what it had not written yet
         if self._http is not None:
             self._http.stop()
         # The state directory's lock goes before "offline" is said: a standby that takes over
@@ -432,9 +439,12 @@ class CoordinatorService:
             self._on_foreign(client, msg)
             return
         device = self.topics.device_of(topic, "status")
-        if device is not None:  # a device checking in; only synchronous rounds use it
-            if self._cohorts is not None:
-                self._cohorts.observe(device, parse_status(bytes(msg.payload)))
+        if device is not None:  # a device checking in (synchronous rounds), and its privacy
+            if msg.payload:  # empty: a retained status cleared
+                status = decode_status(bytes(msg.payload))
+                if self._cohorts is not None:
+                    self._cohorts.observe(device, eligible_of(status))
+                self._observe_privacy(device, status)
             return
         if self._failure is not None:
             return  # not ours to merge any more; unacked, the broker keeps it
@@ -490,10 +500,31 @@ class CoordinatorService:
                     "answer, and unsubscribed", msg.topic, self.config.fleet,
                     self.config.mqtt_client_id, pattern)
 
+    def _observe_privacy(self, device: str, status: dict[str, Any] | None) -> None:
+        """Keep what a device's status says of its privacy ledger; a bad one is counted and
+        logged (once per device at WARNING) and changes nothing."""
+        try:
+            if status is None:
+                raise BadStatus("unreadable", "not a JSON object of at most 16 KiB")
+            report = from_status(status, now=self._clock())
+        except BadStatus as exc:
+            self.metrics.bad_status(exc.reason)
+            first = device not in self._bad_status_seen
+            self._bad_status_seen.add(device)
+            (log.warning if first else log.debug)(
+                "ignored the privacy figures of device %r's status (%s): %s; the last figures "
+                "it reported stay", device, exc.reason, exc)
+            return
+        if report is not None and self._privacy.observe(device, report):
+            log.debug("device %r reports epsilon %s of budget %s (reached: %s)", device,
+                      report.epsilon, report.budget, report.reached)
+
     # -- writer ------------------------------------------------------------------------------
     def _writer(self) -> None:
         retry: list[Incoming] = []  # a batch whose commit failed: tried again after a wait
         while not self._stop.is_set():
+            if self._monotonic() >= self._privacy_due:
+                self._write_privacy()
             if retry:
                 if self._stop.wait(self._commits.delay):
                     break
@@ -559,6 +590,24 @@ class CoordinatorService:
             for incoming in batch:
                 self.metrics.ack_seconds.observe(max(0.0, now - incoming.received_at))
         self._after_change(before)
+
+    def _write_privacy(self) -> None:
+        """Record the privacy figures that changed. Not through `_guarded`: these are not
+        updates, so they neither ack anything nor start or end a run of commit failures; one
+        that fails is kept and tried again later."""
+        self._privacy_due = self._monotonic() + PRIVACY_WRITE_S
+        todo = self._privacy.unwritten()
+        if self._failure is not None or not todo:
+            return
+        try:
+            with self._engine_lock:  # one transaction at a time on the store's connection
+                self.store.record_privacy(todo)
+        except StateError as exc:
+            self._privacy_due = self._monotonic() + PRIVACY_RETRY_S
+            log.warning("could not record the privacy figures of %d device(s), kept for another "
+                        "attempt in %.0f s: %s", len(todo), PRIVACY_RETRY_S, exc)
+            return
+        self._privacy.written(todo)
 
     def _tick(self) -> None:
         if self._monotonic() - self._state_checked >= 1.0:
@@ -673,6 +722,8 @@ class CoordinatorService:
                 for item in part:  # unacked: the next step tries it again
                     self._inbox.put(item)
         self._guarded(self._tick)
+        if self._monotonic() >= self._privacy_due:  # a transaction per instant would be many
+            self._write_privacy()
         published = self._snapshot_wait() == 0 and self._link.online
         if published:
             self._publish_newest()
@@ -894,10 +945,16 @@ class CoordinatorService:
         return "online" if self._connected.is_set() else "connecting"
 
     def devices(self) -> dict[str, Any]:
-        """The participation report: the fairness summary and one row per device seen."""
-        return self.engine.ledger.report(now=self._clock()).to_dict()
+        """The participation report: the fairness summary and one row per device seen, with
+        the local privacy each device reports."""
+        return with_local_privacy(self.engine.ledger.report(now=self._clock()).to_dict(),
+                                  self._privacy.latest())
 
 
+# The writer records changed privacy figures (one small transaction) at most this often, and
+# after a failure waits longer: a full disk shows in the updates' commits already.
+PRIVACY_WRITE_S = 1.0
+PRIVACY_RETRY_S = 30.0
 ROLLBACK_WAIT_S = 10.0  # for the broker's PUBACK of a rolled-back snapshot, beyond the interval
 
 

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
+from coordinator._device_privacy import DevicePrivacy
 from coordinator._lock import StateLock
 from coordinator._participation import Ledger, ParticipationConfig, Seed, Totals
 from coordinator._readonly import connect_readonly
@@ -71,6 +72,15 @@ CREATE TABLE IF NOT EXISTS pending (
     n_samples    INTEGER NOT NULL,
     delta        BLOB NOT NULL,
     participation REAL NOT NULL DEFAULT 1.0
+);
+CREATE TABLE IF NOT EXISTS device_privacy (
+    device_id   TEXT PRIMARY KEY,
+    epsilon     REAL,
+    delta       REAL NOT NULL,
+    budget      REAL,
+    reached     INTEGER NOT NULL,
+    updates     INTEGER NOT NULL,
+    reported_at REAL NOT NULL
 );
 """
 
@@ -311,6 +321,18 @@ class Store:
                              self._db.execute("SELECT DISTINCT device_id FROM updates")}
         return len(self._devices)
 
+    def device_privacy(self) -> dict[str, DevicePrivacy]:
+        """What each device last reported of its local privacy ledger (`_device_privacy`)."""
+        # A state written before the table existed, opened read-only, has none: nothing known.
+        if self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                            "name = 'device_privacy'").fetchone() is None:
+            return {}
+        return {r[0]: DevicePrivacy(epsilon=r[1], delta=r[2], budget=r[3], reached=bool(r[4]),
+                                    updates=r[5], reported_at=r[6])
+                for r in self._db.execute(
+                    "SELECT device_id, epsilon, delta, budget, reached, updates, reported_at "
+                    "FROM device_privacy ORDER BY device_id")}
+
     def load_checkpoint(self, version: int) -> Params:
         path = self._checkpoint_path(version)
         record = self.version(version)
@@ -397,6 +419,19 @@ class Store:
             self._devices.update(u.device_id for u in commit.updates)
         if commit.model is not None:
             self._prune_checkpoints(commit.model[0])
+
+    def record_privacy(self, reports: dict[str, DevicePrivacy]) -> None:
+        """Keep the newest privacy figures of these devices, in one transaction."""
+        self._writable()
+        try:
+            with self._transaction() as db:
+                db.executemany(
+                    "INSERT OR REPLACE INTO device_privacy(device_id, epsilon, delta, budget, "
+                    "reached, updates, reported_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(d, p.epsilon, p.delta, p.budget, int(p.reached), p.updates,
+                      p.reported_at) for d, p in reports.items()])
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot record the devices' privacy figures: {exc}") from exc
 
     def set_metrics(self, version: int, metrics: dict[str, float]) -> None:
         self._writable()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import sys
 import threading
@@ -19,6 +20,7 @@ import numpy as np
 
 from coordinator._config import CoordinatorConfig, load_config
 from coordinator._control import TOKEN_FILE, client_token, configured_token
+from coordinator._device_privacy import DevicePrivacy, summary, with_local_privacy
 from coordinator._engine import Engine, Evaluator
 from coordinator._http import Rollback
 from coordinator._lock import StateDirInUse
@@ -93,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     common(devices)
     devices.add_argument("--window", type=float,
                          help="sliding window in seconds (default: participation.window_s)")
-    devices.add_argument("--sort", choices=["share", "updates", "accepted", "device", "last"],
+    devices.add_argument("--sort", choices=["share", "updates", "accepted", "device", "last",
+                                            "epsilon"],
                          default="share", help="row order (%(default)s)")
     devices.add_argument("--limit", type=int, default=0, help="show at most N rows (0: all)")
     devices.add_argument("--json", action="store_true")
@@ -268,29 +271,41 @@ def _devices(args: argparse.Namespace) -> int:
         # Central DP: each device's epsilon (delta in the config), from the versions it shaped.
         eps = (device_epsilons(store.lineage(), config.central_dp)
                if config.central_dp.enabled else None)
+        # Local DP: each device's own ledger, as its last status claimed it.
+        local = store.device_privacy()
     finally:
         store.close()
+
+    def local_epsilon(device_id: str) -> float:
+        found = local.get(device_id)
+        return -1.0 if found is None else math.inf if found.epsilon is None else found.epsilon
+
     order = {"share": lambda r: (-r.window_share, -r.window_updates, r.device_id),
              "updates": lambda r: (-r.window_updates, r.device_id),
              "accepted": lambda r: (-r.accepted, r.device_id),
              "device": lambda r: r.device_id,
-             "last": lambda r: -(r.last_at or 0.0)}[args.sort]
+             "last": lambda r: -(r.last_at or 0.0),
+             "epsilon": lambda r: (-local_epsilon(r.device_id), r.device_id)}[args.sort]
     rows = sorted(report.devices, key=order)[:args.limit or None]
     if args.json:
-        out = report.to_dict(rows)
+        out = with_local_privacy(report.to_dict(rows), local)
         if eps is not None:
-            for row in out["devices"]:  # type: ignore[attr-defined]
+            for row in out["devices"]:
                 row["epsilon"] = eps.get(row["device_id"], 0.0)
         print(json.dumps(out, indent=1))
         return 0
     print(f"{'device':<24} {'accepted':>8} {'samples':>9} {'stale':>6} {'rejected':>8} "
           f"{'capped':>6} {'window':>6} {'share':>6}" + (f" {'epsilon':>8}" if eps is not None
-                                                          else "") + "  last seen (UTC)")
+                                                          else "")
+          + (f" {'local eps':>9} {'budget':>7} {'reached':>7}" if local else "")
+          + "  last seen (UTC)")
     for r in rows:
         stale = "-" if r.mean_staleness is None else f"{r.mean_staleness:.1f}"
         last = "-" if r.last_at is None else time.strftime("%Y-%m-%d %H:%M:%S",
                                                            time.gmtime(r.last_at))
         spent = "" if eps is None else f" {eps.get(r.device_id, 0.0):>8.3f}"
+        if local:
+            spent += _local_columns(local.get(r.device_id))
         print(f"{r.device_id:<24} {r.accepted:>8} {r.samples:>9} {stale:>6} {r.rejected:>8} "
               f"{r.capped:>6} {r.window_updates:>6} {r.window_share:>6.1%}{spent}  {last}")
     s = report.summary()
@@ -298,7 +313,22 @@ def _devices(args: argparse.Namespace) -> int:
     print(f"\n{s['devices_seen']} devices seen, {s['active_devices']} active in the last "
           f"{window.window_s:g} s; participation Gini {s['gini']:.3f} (0 = even), "
           f"max/median contribution {ratio}")
+    if local:
+        p = summary(local)
+        top = "-" if p["max_epsilon"] is None else f"{p['max_epsilon']:.3g}"
+        print(f"local privacy (each device's own claim): {p['devices']} devices report a ledger, "
+              f"{len(p['reached_budget'])} at their budget, largest epsilon {top}, "
+              f"{p['unbounded']} without a bound")
     return 0
+
+
+def _local_columns(found: DevicePrivacy | None) -> str:
+    """A device's local epsilon, budget and whether it reached it ('-': never reported)."""
+    if found is None:
+        return f" {'-':>9} {'-':>7} {'-':>7}"
+    spent = "no bound" if found.epsilon is None else f"{found.epsilon:.4g}"
+    budget = "-" if found.budget is None else f"{found.budget:g}"
+    return f" {spent:>9} {budget:>7} {'yes' if found.reached else 'no':>7}"
 
 
 def _export(args: argparse.Namespace) -> int:
