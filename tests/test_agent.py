@@ -51,10 +51,11 @@ def digits_dir(tmp_path_factory) -> Path:
     return d
 
 
-def coordinator(broker: MosquittoBroker, fleet: str, state: Path) -> CoordinatorService:
+def coordinator(broker: MosquittoBroker, fleet: str, state: Path, *,
+                http: str = "") -> CoordinatorService:
     service = CoordinatorService(CoordinatorConfig(
         model=SPEC, broker=broker.url, fleet=fleet, state_dir=str(state),
-        client_id=f"coord-{fleet}", http="",
+        client_id=f"coord-{fleet}", http=http,
         rule=RuleConfig(name="fedasync", alpha=0.5), snapshots=SnapshotConfig(min_interval_s=0),
         evaluation=EvalConfig(test_file="builtin:digits")),
         evaluator=None)
