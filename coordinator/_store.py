@@ -73,6 +73,8 @@ CREATE TABLE IF NOT EXISTS pending (
     delta        BLOB NOT NULL,
     participation REAL NOT NULL DEFAULT 1.0
 );
+-- What each device last claimed of its local privacy ledger (coordinator/_device_privacy.py).
+-- WITHOUT ROWID: rows in device order, whatever order they were written in.
 CREATE TABLE IF NOT EXISTS device_privacy (
     device_id   TEXT PRIMARY KEY,
     epsilon     REAL,
@@ -81,7 +83,7 @@ CREATE TABLE IF NOT EXISTS device_privacy (
     reached     INTEGER NOT NULL,
     updates     INTEGER NOT NULL,
     reported_at REAL NOT NULL
-);
+) WITHOUT ROWID;
 """
 
 _UPDATE_COLUMNS = ("update_id, device_id, base_version, staleness, n_samples, received_at, "
@@ -429,7 +431,7 @@ class Store:
                     "INSERT OR REPLACE INTO device_privacy(device_id, epsilon, delta, budget, "
                     "reached, updates, reported_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [(d, p.epsilon, p.delta, p.budget, int(p.reached), p.updates,
-                      p.reported_at) for d, p in reports.items()])
+                      p.reported_at) for d, p in sorted(reports.items())])
         except sqlite3.Error as exc:
             raise StateError(f"cannot record the devices' privacy figures: {exc}") from exc
 
