@@ -147,6 +147,11 @@ def test_an_agent_at_its_budget_sends_no_more_even_after_a_restart(broker, fleet
         assert local(offline, "pi-1") == shown
         assert local(offline, "pi-2")["budget"] is None and not local(offline, "pi-2")["reached"]
         assert offline["local_privacy"]["reached_budget"] == ["pi-1"]
+        assert coordinator_cli(["devices", "--state-dir", str(state), "--json",
+                                "--sort", "epsilon"]) == 0
+        # Most spent first: pi-2 sends without noise, which no epsilon bounds.
+        assert [r["device_id"] for r in json.loads(capsys.readouterr().out)["devices"]] == [
+            "pi-2", "pi-1"]
         assert coordinator_cli(["devices", "--state-dir", str(state)]) == 0
         table = capsys.readouterr().out.splitlines()
         assert "local eps" in table[0] and "reached" in table[0]
