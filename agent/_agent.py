@@ -56,7 +56,7 @@ from agent._privacy import PrivacyLedger, account_here, account_in_child
 from agent._readings import ReadingsSource
 from agent._spool import Spool, Spooled
 from agent._trainer import train_update
-from models import FedAsyncError, Topics, WireError
+from models import FedAsyncError, StateError, Topics, WireError
 from models import _signing as signing
 from models._wire import (
     Ack,
@@ -175,7 +175,14 @@ class Agent:
         self.trainer = trainer
         self.rng = rng or np.random.default_rng()
         self.state_dir = Path(config.state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except FileExistsError as exc:  # mkdir(exist_ok=True) raises it only for a non-directory
+            raise StateError(f"cannot use state directory {self.state_dir}: it exists and is "
+                             "not a directory; set state_dir to a directory") from exc
+        except OSError as exc:
+            raise StateError(f"cannot use state directory {self.state_dir}: "
+                             f"{exc.strerror or exc}") from exc
         self.templates_dir = self.state_dir / TEMPLATES_DIR
         self.spool = Spool(self.state_dir / "spool", max_count=config.spool_max_count,
                            max_bytes=config.spool_max_bytes)

@@ -306,6 +306,29 @@ def test_run_with_a_missing_data_directory_exits_2(tmp_path: Path) -> None:
         f"error: data directory {tmp_path / 'nope'} does not exist: create it or set data")
 
 
+@pytest.mark.parametrize(("prog", "argv"), [
+    ("fedasync-agent", ["--config", "{config}", "--state-dir", "{state}", "run"]),
+    ("fedasync-coordinator", ["run", "--config", "{config}", "--state-dir", "{state}",
+                              "--model", "logistic", "--http", ""]),
+])
+def test_a_state_directory_that_is_a_file_is_one_line(tmp_path: Path, prog: str,
+                                                      argv: list[str]) -> None:
+    # An operator's slip: --state-dir names a file (a backup archive, a config).
+    state = write(tmp_path / "state.tar", "not a directory\n")
+    data = tmp_path / "data"
+    data.mkdir()
+    np.savez(data / "local.npz", X=np.zeros((20, 4)), y=np.arange(20) % 2)
+    config = (agent_toml(tmp_path, str(data)) if prog == "fedasync-agent"
+              else write(tmp_path / "coordinator.toml", f'broker = "{NOWHERE}"\n'))
+
+    done = cli(prog, *(a.format(config=config, state=state) for a in argv), timeout=60)
+
+    assert done.returncode == 2
+    line = one_line_error(done.stderr)
+    assert str(state) in line and "not a directory" in line.lower(), line
+    assert state.read_text() == "not a directory\n"
+
+
 def test_an_empty_data_directory_waits_with_a_warning(tmp_path: Path,
                                                       caplog: pytest.LogCaptureFixture) -> None:
     # The installer creates the directory empty and starts the agent; the data comes later.
