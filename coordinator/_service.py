@@ -594,10 +594,11 @@ class CoordinatorService:
     def _write_privacy(self) -> None:
         """Record the privacy figures that changed. Not through `_guarded`: these are not
         updates, so they neither ack anything nor start or end a run of commit failures; one
-        that fails is kept and tried again later."""
+        that fails is kept and tried again later. Not tried while commits fail: the disk that
+        fails them fails this too, and that run of failures is logged once already."""
         self._privacy_due = self._monotonic() + PRIVACY_WRITE_S
         todo = self._privacy.unwritten()
-        if self._failure is not None or not todo:
+        if self._failure is not None or self._commits.failing or not todo:
             return
         try:
             with self._engine_lock:  # one transaction at a time on the store's connection

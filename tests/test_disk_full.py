@@ -31,6 +31,7 @@ from coordinator._guards import GuardConfig
 from coordinator._retries import Recovery, Retries
 from coordinator._rules import RuleConfig
 from coordinator._service import CoordinatorService
+from coordinator._store import Store
 from fleet._broker import MosquittoBroker
 from models import ModelSpec, Topics, decode_ack
 from tests.helpers import Listener, update_bytes, wait_for
@@ -212,6 +213,49 @@ def test_a_full_tmpfs_under_the_state_directory_backs_off_and_resumes(
     check_disk_full(broker, fleet_name, small_disk / "state", fill=lambda: fill_up(filler),
                     free=filler.unlink, caplog=caplog)
 
+
+@pytest.mark.broker
+def test_a_device_status_on_a_full_disk_is_recorded_once_commits_resume_without_a_warning(
+        broker: MosquittoBroker, fleet_name: str, small_disk: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The failing commits are said once; a device's privacy figures arriving meanwhile were
+    a WARNING of their own every 30 s for as long as the disk stayed full."""
+    caplog.set_level(logging.INFO, logger="fedasync")
+    state, filler = small_disk / "state", small_disk / "filler"
+    service = service_for(broker, fleet_name, state)
+    service.start()
+    topics = Topics(fleet_name)
+    device = Listener(broker.url, [topics.ack("dev-1")])
+    ledger = {"epsilon_spent": 1.2, "bounded": True, "epsilon_budget": 2.0, "delta": 1e-5,
+              "updates": 2, "next_epsilon": 1.5, "exhausted": False, "error": None}
+    try:
+        assert service.wait_connected(30)
+        fill_up(filler)
+        device.publish(topics.update("dev-1"), update_bytes(0.01 * np.ones(N), device="dev-1",
+                                                            update_id="u1", base_version=0))
+        assert wait_for(lambda: service.status()["commit_failures"] >= 1, 60)
+        device.publish(topics.status("dev-1"), json.dumps(
+            {"state": "online", "device_id": "dev-1", "eligible": True,
+             "privacy": ledger}).encode())
+        assert wait_for(lambda: service.devices()["local_privacy"]["devices"] == 1, 30)
+        taken = service.status()["commit_failures"]
+        # Retries 0.5, 1, 2 s apart: well past the figures' 1 s write interval, in which the
+        # writer would have tried them.
+        assert wait_for(lambda: service.status()["commit_failures"] >= taken + 3, 60)
+        filler.unlink()
+        ack = decode_ack(device.get(60).payload)
+        assert (ack.update_id, ack.status) == ("u1", "accepted")
+    finally:
+        device.close()
+        service.stop()
+    store = Store.open_readonly(state)
+    try:
+        assert store.device_privacy()["dev-1"].epsilon == 1.2
+    finally:
+        store.close()
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not [m for m in said if "privacy figures" in m], said
+    assert len([m for m in said if "cannot commit to the state directory" in m]) == 1
 
 def test_retries_back_off_exponentially_and_say_so_once_then_every_few_minutes() -> None:
     now = [100.0]
