@@ -38,6 +38,9 @@ from models import ModelSpec, StateError
 
 Params = NDArray[np.float32]
 
+_WAL_PAGES = 256  # SQLite pages of 4 KiB: 1 MiB of write-ahead log between checkpoints
+_WAL_BYTES = 1 << 20
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS versions (
@@ -183,6 +186,11 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             # FULL: a committed group survives power loss, not only a process crash.
             self._db.execute("PRAGMA synchronous=FULL")
+            # The log is reused only after a checkpoint, by default at 1,000 pages (4 MB): on a
+            # small volume (a 3 MB tmpfs) the log alone filled it, and as a failing commit never
+            # checkpoints it stayed full. Checkpoint at 1 MB and truncate the file back to it.
+            self._db.execute(f"PRAGMA wal_autocheckpoint={_WAL_PAGES}")
+            self._db.execute(f"PRAGMA journal_size_limit={_WAL_BYTES}")
             self._db.executescript(_SCHEMA)
             self._migrate()
             self._db_file = _file_id(self.db_path)
@@ -377,6 +385,12 @@ class Store:
         database "succeeds", and a failed one is only retried while there is a point."""
         try:
             self._commit(commit, meta)
+        except StateError:
+            # A full disk: moving the log into the database and truncating it frees what the
+            # log held, often enough for the next try.
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            raise
         finally:
             self.check_present()
 

@@ -273,3 +273,27 @@ def test_retries_back_off_exponentially_and_say_so_once_then_every_few_minutes()
     recovery = retries.succeeded()
     assert recovery == Recovery(failures=16, seconds=sum(delays))
     assert (retries.failing, retries.delay, retries.succeeded()) == (False, 0.0, None)
+
+
+def test_the_write_ahead_log_does_not_fill_a_small_state_directory(small_disk: Path) -> None:
+    # Found by trying it (a 3 MB tmpfs as the state directory): SQLite reuses its log only
+    # after a checkpoint, by default at 4 MB, so the log alone filled the volume at version
+    # 236 (state.db 57 kB, state.db-wal 2.9 MB) and a failing commit never checkpointed it.
+    store = Store(small_disk / "state", keep_checkpoints=3)
+    rng = np.random.default_rng(0)
+    try:
+        for v in range(1, 601):
+            store.commit(coordinator._store.Commit(
+                updates=[coordinator._store.UpdateRecord(
+                    update_id=f"u{v}", device_id=f"dev-{v % 20}", base_version=v - 1,
+                    staleness=0, n_samples=10, received_at=float(v), outcome="accepted",
+                    weight=0.5, version=v)],
+                versions=[coordinator._store.VersionRecord(
+                    version=v, created_at=float(v), n_updates=1, checksum=f"{v:064x}",
+                    source="merge", metrics={"accuracy": 0.5})],
+                model=(v, rng.standard_normal(650))))
+            wal = small_disk / "state" / "state.db-wal"
+            assert not wal.exists() or wal.stat().st_size <= 2 * coordinator._store._WAL_BYTES
+        assert store.current_version() == 600
+    finally:
+        store.close()
