@@ -209,8 +209,9 @@ class Engine:
         wait: float | None = None
         try:
             if msg.device_id != item.device_id:
-                raise InvalidUpdate("device_mismatch", f"payload names device {msg.device_id!r} "
-                                                       f"but arrived on {item.device_id!r}'s topic")
+                raise InvalidUpdate("device_mismatch",
+                                    f"payload names device {msg.device_id!r} but arrived on the "
+                                    f"topic of device {item.device_id!r}")
             if known is not None:
                 raise InvalidUpdate("update_id_conflict",
                                     f"update id {msg.update_id} belongs to another device")

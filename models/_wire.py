@@ -312,10 +312,11 @@ def _check_header(header: dict[str, Any], known_kinds: tuple[str, ...], kind: st
     if isinstance(schema, bool) or not isinstance(schema, int):
         raise WireError(f"schema must be an integer, got {_show(schema)}")
     if schema != SCHEMA:
-        relation = "newer" if schema > SCHEMA else "older"
+        relation, fix = (("newer", "upgrade the side that reads it") if schema > SCHEMA else
+                         ("older", "upgrade the side that sent it"))
         raise UnsupportedSchema(
             f"{kind} has schema {_show(schema)}, {relation} than the schema {SCHEMA} this build "
-            f"speaks; {'upgrade this side' if schema > SCHEMA else 'upgrade the sender'}",
+            f"speaks; {fix}",
             schema=schema)
     got = header.get("kind")
     if not isinstance(got, str):
