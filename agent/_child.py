@@ -1,6 +1,6 @@
 """Train in a short-lived child process, so the long-running agent never imports scikit-learn.
 
-Measured (see README "Footprint"): the agent idles far lighter this way, and all memory used by
+Measured (README, "The agent"): the agent idles far lighter this way, and all memory used by
 training returns to the OS when the child exits. The parent keeps checking the device while the
 child trains and kills it when the device stops allowing training.
 

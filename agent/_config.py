@@ -62,7 +62,7 @@ class AgentConfig:
     on_refused: Literal["keep", "drop"] = "drop"
     training: TrainConfig = field(default_factory=TrainConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
-    # The lifetime differential-privacy budget (agent/_privacy.py; README "Privacy").
+    # The lifetime differential-privacy budget (agent/_privacy.py; docs/privacy.md).
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     log_level: str = "INFO"
 

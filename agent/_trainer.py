@@ -10,7 +10,7 @@ Privacy loss adds up with every update a device sends: the agent's lifetime ledg
 them with an accountant and stops sending at `privacy.epsilon_budget` (agent/_privacy.py). The
 coordinator's central DP (coordinator/_central_dp.py) adds noise to aggregates instead, and
 protects nothing from the coordinator itself. Noise strong enough for a small epsilon costs
-accuracy (README "Privacy").
+accuracy (docs/privacy.md).
 """
 
 from __future__ import annotations

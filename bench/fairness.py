@@ -1,8 +1,8 @@
 """Uneven participation on the virtual clock: each correction against its plain rule, per seed.
 
-The fleet of README "Uneven participation": 50 devices, digits split by Dirichlet 0.1, the
-devices whose most common label is 0, 1 or 2 made slow rare chargers (availability correlated
-with data), 24 simulated hours. Every seed runs the plain rules and each correction
+The fleet of docs/benchmarks.md "Uneven participation": 50 devices, digits split by Dirichlet
+0.1, the devices whose most common label is 0, 1 or 2 made slow rare chargers (availability
+correlated with data), 24 simulated hours. Every seed runs the plain rules and each correction
 (FedAsync's default reweighting against ``fedasync+plain``, ``fedbuff+memory``,
 ``fedbuff+cap``) on the same fleet; the virtual
 clock makes each run reproducible, so a difference is the correction's, not the machine's.

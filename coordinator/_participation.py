@@ -37,9 +37,9 @@ class ParticipationConfig:
     and FedBuff; synchronous FedAvg, the baseline, is left as is: its cohort selection already
     spreads the rounds). Unset, it is on for FedAsync only (`for_rule`): on a fleet whose
     availability follows its data it raised the worst-served 10% of devices by 26 points and
-    global accuracy by 5.8 (median of 5 seeds, README "Uneven participation"), and moved final
-    accuracy by at most a point across the fleet speeds of bench/robustness.py; FedBuff was not
-    measured with it.
+    global accuracy by 5.8 (median of 5 seeds, docs/benchmarks.md "Uneven participation"), and
+    moved final accuracy by at most a point across the fleet speeds of bench/robustness.py;
+    FedBuff was not measured with it.
     The defaults (4 h window, boost 4, max 16) are the measured ones.
     """
 
@@ -108,7 +108,7 @@ def participation_factor(count: float, mean_count: float, *, power: float = 1.0,
     times as often gets a quarter of it for each, so per window every device shapes the model
     about equally. Boosting the rarer ones (``max_boost`` > 1) is the other half of that, but
     one update of a rare device, trained on its skewed data, can then pull the whole model
-    toward it: off by default (measured: README, "Uneven participation").
+    toward it: off by default (measured: docs/benchmarks.md, "Uneven participation").
     """
     if count <= 0 or mean_count <= 0:
         return 1.0

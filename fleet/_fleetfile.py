@@ -1,7 +1,7 @@
 """Fleet files: a user's own fleet for ``fedasync-sim --fleet-file``, and `export_fleet`, which
 writes the synthetic fleet in the same format so a user can start from it and edit.
 
-A fleet file (TOML, JSON or CSV; the format is in README.md, "Replay your own fleet") lists one
+A fleet file (TOML, JSON or CSV; the format is in docs/fleet-files.md) lists one
 entry per device: its data file, an optional test file, its compute time per local epoch and
 optional trace CSVs of ``start,end`` intervals (online, Wi-Fi, charging, owner busy). Three steps:
 
@@ -847,7 +847,7 @@ def export_fleet(config: SimConfig, out: Path) -> Path:
     lines = [
         f"# The synthetic fleet of `fedasync-sim export-fleet` ({len(fleet.traces)} devices, "
         f"seed {config.seed}), to edit.",
-        "# Format: README.md, \"Replay your own fleet\". Paths are relative to this file.",
+        "# Format: docs/fleet-files.md. Paths are relative to this file.",
         "",
         "[run]",
         'test_file = "data/test.npz"',

@@ -154,7 +154,7 @@ class SimConfig:
     reweight_max_boost: float = 4.0
     participation_cap: int = 3  # updates per window, "+cap" only
     fit_window_fraction: float = 0.5  # the agents' training.window_fraction (not with +plain)
-    # Differential privacy (README "Privacy"): local (the agents' training.noise_multiplier,
+    # Differential privacy (docs/privacy.md): local (the agents' training.noise_multiplier,
     # clip_norm and privacy.epsilon_budget) and central (the coordinator's [central_dp]; FedBuff
     # and synchronous FedAvg only). One delta for both.
     noise_multiplier: float = 0.0

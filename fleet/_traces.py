@@ -521,7 +521,7 @@ class SimReader(ReadingsSource):
 
 def summarize(traces: Sequence[DeviceTrace], duration_s: float, *,
               policy: PolicyConfig | None = None, step_s: float = 300.0) -> dict[str, float]:
-    """Fleet statistics over ``[0, duration_s)``, for the README and benchmark reports.
+    """Fleet statistics over ``[0, duration_s)``, for the benchmark reports (docs/benchmarks.md).
 
     Fractions are means over devices of the share of time in each state (``charging``: battery
     devices only). ``eligible``: share of device-time online and passing `evaluate` with its

@@ -156,7 +156,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     c.add_argument("--snapshot-interval", type=float,
                    help="the coordinator's snapshots.min_interval_s, wall seconds: at most one "
                         "snapshot per this long (1 simulated second, at least 0.05)")
-    dp = p.add_argument_group("differential privacy (README \"Privacy\"; summary.json 'privacy')")
+    dp = p.add_argument_group("differential privacy (docs/privacy.md; summary.json 'privacy')")
     dp.add_argument("--noise-multiplier", type=float,
                     help="local DP: the agents add N(0, (S x clip)^2) to each update "
                          f"({d.noise_multiplier:g}: off)")
@@ -192,7 +192,7 @@ def _parser() -> argparse.ArgumentParser:
     _common(run)
     run.add_argument("--fleet-file", type=Path,
                      help="replay your own fleet: devices, data and traces from this TOML, JSON "
-                          "or CSV file (README: \"Replay your own fleet\")")
+                          "or CSV file (format: docs/fleet-files.md)")
     run.add_argument("--test-file", type=Path,
                      help="held-out CSV/NPZ for the coordinator's evaluation (with "
                           "--fleet-file; default: its [run] test_file, else the devices' test "

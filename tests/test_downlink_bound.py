@@ -1,7 +1,7 @@
 """Models on demand, per device: in a real-time run (scale 1, a snapshot allowed every second)
 each device fetches snapshots only for its own trainings and refreshes, while the coordinator
 publishes many more versions than any one device fetches (issue 14's done-when; the 10-minute,
-50-device figure is in README "Communication").
+50-device figure is in docs/benchmarks.md "Communication").
 
 The bound: one fetch per training or refresh (the agent's decision, exact), and per fetch the
 retained snapshot plus any newer one published while the fetch is still subscribed (MQTT has no
