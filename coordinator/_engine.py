@@ -147,25 +147,29 @@ class Engine:
                     else self._reject_undecoded(item, *m)
                     for item, m in zip(batch, decoded, strict=True)]
         self._poll(state)
-        try:
-            self._commit(state, start_version)
-        except StateError:
-            # Nothing of this batch is durable: forget it all, so memory matches disk. The
-            # messages are not PUBACKed and the broker will redeliver them.
-            self.version, self.params = start_version, start_params
-            self.rule.restore(self.store.pending(), now=self.clock())
-            self.ledger = self._load_ledger()
-            raise
+        self._commit_or_forget(state, start_version, start_params)
         return outcomes
 
     def tick(self) -> bool:
         """Time-driven work (a synchronous round's deadline); True if a new version was made."""
         state = _Batch()
-        start_version = self.version
+        start_version, start_params = self.version, self.params
         self._poll(state)
         if state.versions:
-            self._commit(state, start_version)
+            self._commit_or_forget(state, start_version, start_params)
         return bool(state.versions)
+
+    def _commit_or_forget(self, state: _Batch, start_version: int, start_params: Params) -> None:
+        try:
+            self._commit(state, start_version)
+        except StateError:
+            # Nothing of this work is durable: forget it all, so memory matches disk (a batch's
+            # messages are not PUBACKed and the broker redelivers them; a round's buffer comes
+            # back from the store and its deadline is counted again).
+            self.version, self.params = start_version, start_params
+            self.rule.restore(self.store.pending(), now=self.clock())
+            self.ledger = self._load_ledger()
+            raise
 
     def _poll(self, state: _Batch) -> None:
         merge = self.rule.poll(self.params, now=self.clock())

@@ -218,6 +218,34 @@ def test_failed_commit_keeps_memory_equal_to_disk(tmp_path: Path, monkeypatch) -
     np.testing.assert_array_equal(engine.params, np.ones(N))
 
 
+def test_a_round_closed_by_its_deadline_whose_commit_fails_is_forgotten_then_closes(
+        tmp_path: Path, monkeypatch) -> None:
+    now = [1000.0]
+    engine = make_engine(tmp_path, RuleConfig(name="fedavg-sync", cohort_size=5, deadline_s=10,
+                                              min_updates=2), clock=lambda: now[0])
+    engine.process([incoming(update_bytes(np.ones(N), n_samples=1)),
+                    incoming(update_bytes(4 * np.ones(N), n_samples=3))])
+    commit = engine.store.commit
+
+    def broken(*args, **kwargs):
+        raise StateError("disk full")
+
+    monkeypatch.setattr(engine.store, "commit", broken)
+    now[0] += 11
+    with pytest.raises(StateError):
+        engine.tick()
+    # Memory equals disk: version 0, the round's two updates buffered again from the store.
+    assert engine.version == 0
+    np.testing.assert_array_equal(engine.params, np.zeros(N))
+
+    monkeypatch.setattr(engine.store, "commit", commit)
+    assert not engine.tick()  # the restored round's deadline is counted from now
+    now[0] += 11
+    assert engine.tick()
+    assert engine.version == 1 == engine.store.current_version()
+    np.testing.assert_allclose(engine.params, (1 + 12) / 4 * np.ones(N))
+
+
 def test_orphan_checkpoint_from_a_crash_is_removed(tmp_path: Path) -> None:
     engine = make_engine(tmp_path)
     engine.process([incoming(update_bytes(np.ones(N)))])
