@@ -45,20 +45,25 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from agent._budget import WorkBudget
-from agent._config import AgentConfig
-from agent._data import DataSource
-from agent._held import HeldUpdates
-from agent._hooks import Approval, load_approval, load_eligibility_hooks, update_metadata
-from agent._instance import Instance
-from agent._policy import Decision, EligibilityGate
-from agent._privacy import PrivacyLedger, account_here, account_in_child
-from agent._readings import ReadingsSource
-from agent._spool import Spool, Spooled
-from agent._trainer import train_update
-from models import FedAsyncError, StateError, Topics, WireError
-from models import _signing as signing
-from models._wire import (
+from fedasync_iot.agent._budget import WorkBudget
+from fedasync_iot.agent._config import AgentConfig
+from fedasync_iot.agent._data import DataSource
+from fedasync_iot.agent._held import HeldUpdates
+from fedasync_iot.agent._hooks import (
+    Approval,
+    load_approval,
+    load_eligibility_hooks,
+    update_metadata,
+)
+from fedasync_iot.agent._instance import Instance
+from fedasync_iot.agent._policy import Decision, EligibilityGate
+from fedasync_iot.agent._privacy import PrivacyLedger, account_here, account_in_child
+from fedasync_iot.agent._readings import ReadingsSource
+from fedasync_iot.agent._spool import Spool, Spooled
+from fedasync_iot.agent._trainer import train_update
+from fedasync_iot.models import FedAsyncError, StateError, Topics, WireError
+from fedasync_iot.models import _signing as signing
+from fedasync_iot.models._wire import (
     Ack,
     Announcement,
     Snapshot,

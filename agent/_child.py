@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from agent._trainer import TrainConfig, train_update
-from models import FedAsyncError, ModelSpec
-from models._files import Features, Labels
-from models._wire import Snapshot, UpdateMessage, decode_update, encode_update
+from fedasync_iot.agent._trainer import TrainConfig, train_update
+from fedasync_iot.models import FedAsyncError, ModelSpec
+from fedasync_iot.models._files import Features, Labels
+from fedasync_iot.models._wire import Snapshot, UpdateMessage, decode_update, encode_update
 
 log = logging.getLogger("fedasync.agent.child")
 
@@ -45,7 +45,7 @@ def train_in_child(
     update_id: str | None = None,
     timeout_s: float = 3600.0,
 ) -> UpdateMessage | None:
-    """Same contract as `train_update`, run in ``python -m agent._child``."""
+    """Same contract as `train_update`, run in ``python -m fedasync_iot.agent._child``."""
     with tempfile.TemporaryDirectory(prefix="fedasync-train-") as tmp:
         job = Path(tmp)
         np.savez(job / "data.npz", X=X, y=y, weights=snapshot.weights)
@@ -57,7 +57,7 @@ def train_in_child(
                        "noise_multiplier": config.noise_multiplier},
         }))
         with (job / "stderr.txt").open("wb") as err:  # a file, not a pipe: it cannot fill up
-            proc = subprocess.Popen([sys.executable, "-m", "agent._child", str(job)],
+            proc = subprocess.Popen([sys.executable, "-m", "fedasync_iot.agent._child", str(job)],
                                     stderr=err)
         deadline = time.monotonic() + timeout_s
         while proc.poll() is None:

@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from agent._hooks import COMMAND_PREFIX, check_spec, command_argv
-from agent._policy import PolicyConfig
-from agent._privacy import PrivacyConfig
-from agent._trainer import TrainConfig
-from models import ConfigError
-from models._config import load
-from models._mqtt import check_broker
+from fedasync_iot.agent._hooks import COMMAND_PREFIX, check_spec, command_argv
+from fedasync_iot.agent._policy import PolicyConfig
+from fedasync_iot.agent._privacy import PrivacyConfig
+from fedasync_iot.agent._trainer import TrainConfig
+from fedasync_iot.models import ConfigError
+from fedasync_iot.models._config import load
+from fedasync_iot.models._mqtt import check_broker
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -20,10 +20,10 @@ from typing import Protocol
 
 import numpy as np
 
-from agent._hooks import load_hook
-from agent._policy import Check
-from models import ConfigError
-from models._files import Features, Labels, load_xy
+from fedasync_iot.agent._hooks import load_hook
+from fedasync_iot.agent._policy import Check
+from fedasync_iot.models import ConfigError
+from fedasync_iot.models._files import Features, Labels, load_xy
 
 log = logging.getLogger("fedasync.agent")
 

@@ -16,9 +16,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from agent._spool import Spool, Spooled
-from models import FedAsyncError
-from models._wire import decode_update
+from fedasync_iot.agent._spool import Spool, Spooled
+from fedasync_iot.models import FedAsyncError
+from fedasync_iot.models._wire import decode_update
 
 log = logging.getLogger("fedasync.agent.held")
 

@@ -38,10 +38,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from agent._policy import Check
-from agent._readings import Readings
-from models import ConfigError
-from models._wire import UpdateMessage
+from fedasync_iot.agent._policy import Check
+from fedasync_iot.agent._readings import Readings
+from fedasync_iot.models import ConfigError
+from fedasync_iot.models._wire import UpdateMessage
 
 log = logging.getLogger("fedasync.agent.hooks")
 

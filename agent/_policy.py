@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
-from agent._readings import Readings
-from models._errors import ConfigError, FedAsyncError
+from fedasync_iot.agent._readings import Readings
+from fedasync_iot.models._errors import ConfigError, FedAsyncError
 
 _DAY = 24 * 60
 

@@ -2,7 +2,7 @@
 
 For the device's own application::
 
-    from agent import Predictor
+    from fedasync_iot.agent import Predictor
     predictor = Predictor("/var/lib/fedasync-agent")
     labels = predictor.predict(features)      # reloads by itself when a newer model arrives
 
@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from agent._agent import TEMPLATES_DIR, load_template
-from models import ModelError
-from models._wire import decode_snapshot, decode_weights, frame_kind
+from fedasync_iot.agent._agent import TEMPLATES_DIR, load_template
+from fedasync_iot.models import ModelError
+from fedasync_iot.models._wire import decode_snapshot, decode_weights, frame_kind
 
 SNAPSHOT_FILE = "model.snapshot"
 
@@ -35,7 +35,9 @@ class Predictor:
         self.version: int | None = None
 
     def _current(self) -> Any:
-        from models._inference import OnnxModel  # onnxruntime loads on first prediction
+        from fedasync_iot.models._inference import (
+            OnnxModel,  # onnxruntime loads on first prediction
+        )
 
         try:
             mtime = self.path.stat().st_mtime_ns

@@ -35,9 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent._policy import Check
-from models import ConfigError, FedAsyncError
-from models._dp import Mechanism, epsilon
+from fedasync_iot.agent._policy import Check
+from fedasync_iot.models import ConfigError, FedAsyncError
+from fedasync_iot.models._dp import Mechanism, epsilon
 
 log = logging.getLogger("fedasync.agent.privacy")
 
@@ -71,13 +71,14 @@ def device_multiplier(noise_multiplier: float) -> float:
 
 
 def account_in_child(mechanisms: Sequence[Mechanism], delta: float) -> float:
-    """`models._dp.epsilon` in ``python -m agent._privacy``: the library never loads here."""
+    """`models._dp.epsilon` in ``python -m fedasync_iot.agent._privacy``: the library never loads
+    here."""
     if all(n <= 0 for _, n in mechanisms) or any(z <= 0 for z, n in mechanisms if n > 0):
         return epsilon(mechanisms, delta)  # 0 or inf: answered without the library
     job = json.dumps({"mechanisms": list(mechanisms), "delta": delta})
     try:
-        out = subprocess.run([sys.executable, "-m", "agent._privacy", job], capture_output=True,
-                             text=True, timeout=CHILD_TIMEOUT_S, check=False)
+        out = subprocess.run([sys.executable, "-m", "fedasync_iot.agent._privacy", job],
+                             capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired as exc:
         raise FedAsyncError(f"privacy accountant did not answer in {CHILD_TIMEOUT_S:.0f} s"
                             ) from exc

@@ -12,13 +12,13 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from agent._agent import Agent
-from agent._config import AgentConfig
-from agent._data import open_source
-from agent._instance import Instance, TwinWatch, process_identity
-from agent._readings import PsutilReader, ReadingsSource
-from models import Topics
-from models._mqtt import BrokerAddress, Connection, make_client
+from fedasync_iot.agent._agent import Agent
+from fedasync_iot.agent._config import AgentConfig
+from fedasync_iot.agent._data import open_source
+from fedasync_iot.agent._instance import Instance, TwinWatch, process_identity
+from fedasync_iot.agent._readings import PsutilReader, ReadingsSource
+from fedasync_iot.models import Topics
+from fedasync_iot.models._mqtt import BrokerAddress, Connection, make_client
 
 log = logging.getLogger("fedasync.agent")
 
@@ -204,9 +204,9 @@ class AgentRunner:
 
 def _trainer_for(config: AgentConfig) -> Any:
     if config.train_in_subprocess:
-        from agent._child import train_in_child
+        from fedasync_iot.agent._child import train_in_child
 
         return train_in_child
-    from agent._trainer import train_update
+    from fedasync_iot.agent._trainer import train_update
 
     return train_update

@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from models import StateError
+from fedasync_iot.models import StateError
 
 log = logging.getLogger("fedasync.agent.spool")
 

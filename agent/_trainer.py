@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
-from models import ConfigError
-from models._wire import ENCODINGS, Encoding, UpdateMessage
+from fedasync_iot.models import ConfigError
+from fedasync_iot.models._wire import ENCODINGS, Encoding, UpdateMessage
 
 if TYPE_CHECKING:
-    from models._files import Features, Labels
-    from models._wire import Snapshot
+    from fedasync_iot.models._files import Features, Labels
+    from fedasync_iot.models._wire import Snapshot
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,7 +89,9 @@ def train_update(
 ) -> UpdateMessage | None:
     """Train from the snapshot's weights; None when `should_stop` cut the training short (a
     partial epoch under a device that asked us to stop is not worth sending)."""
-    from models import build_model  # scikit-learn loads here, not when the agent starts
+    from fedasync_iot.models import (
+        build_model,  # scikit-learn loads here, not when the agent starts
+    )
 
     adapter = build_model(snapshot.spec)
     adapter.set_params_vector(snapshot.weights)

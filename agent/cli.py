@@ -12,13 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent._config import AgentConfig, load_config
-from models import FedAsyncError
-from models._cli import add_version, log_level, make_parser
-from models._logging import setup_logging
+from fedasync_iot.agent._config import AgentConfig, load_config
+from fedasync_iot.models import FedAsyncError
+from fedasync_iot.models._cli import add_version, log_level, make_parser
+from fedasync_iot.models._logging import setup_logging
 
 if TYPE_CHECKING:
-    from agent._privacy import PrivacyLedger
+    from fedasync_iot.agent._privacy import PrivacyLedger
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -102,7 +102,7 @@ def _config(args: argparse.Namespace, *, need_id: bool = True) -> AgentConfig:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from agent._runner import AgentRunner
+    from fedasync_iot.agent._runner import AgentRunner
 
     config = _config(args)
     setup_logging(config.log_level, args.log_format)  # the config's (or FEDASYNC_) log_level
@@ -115,10 +115,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from agent._data import check_source
-    from agent._hooks import load_eligibility_hooks
-    from agent._policy import evaluate, format_decision
-    from agent._readings import PsutilReader
+    from fedasync_iot.agent._data import check_source
+    from fedasync_iot.agent._hooks import load_eligibility_hooks
+    from fedasync_iot.agent._policy import evaluate, format_decision
+    from fedasync_iot.agent._readings import PsutilReader
 
     config = _config(args, need_id=False)
     hooks = load_eligibility_hooks(config.eligibility_hooks)
@@ -140,15 +140,15 @@ def _check(args: argparse.Namespace) -> int:
 
 def _privacy_ledger(config: AgentConfig) -> PrivacyLedger:
     """The device's lifetime privacy ledger, as its config reads it."""
-    from agent._privacy import PrivacyLedger
+    from fedasync_iot.agent._privacy import PrivacyLedger
 
     return PrivacyLedger(Path(config.state_dir), config.privacy,
                          noise_multiplier=config.training.noise_multiplier)
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from agent._predict import Predictor
-    from models._files import load_xy
+    from fedasync_iot.agent._predict import Predictor
+    from fedasync_iot.models._files import load_xy
 
     config = _config(args, need_id=False)
     X = _features(args.input, load_xy, config.label_column)
@@ -174,9 +174,9 @@ def _features(path: Path, load_xy: Any, label: str) -> Any:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from agent._agent import decode_saved
-    from agent._held import HeldUpdates
-    from agent._spool import Spool
+    from fedasync_iot.agent._agent import decode_saved
+    from fedasync_iot.agent._held import HeldUpdates
+    from fedasync_iot.agent._spool import Spool
 
     config = _config(args, need_id=False)
     state = Path(config.state_dir)
@@ -213,7 +213,7 @@ def _liveness(state: Path, connection: Any) -> str:
     """"running (pid N)" when the process that wrote connection.json is alive (the same pid and
     start time), else "not running (last seen ...)": the newest write to the state directory.
     A killed agent (SIGKILL, power loss) leaves "online" in the file."""
-    from agent._instance import process_identity, utc
+    from fedasync_iot.agent._instance import process_identity, utc
 
     pid = connection.get("pid") if isinstance(connection, dict) else None
     if isinstance(pid, int):
@@ -233,8 +233,8 @@ def _liveness(state: Path, connection: Any) -> str:
 
 
 def _held(args: argparse.Namespace) -> int:
-    from agent._held import HeldUpdates
-    from agent._spool import Spool
+    from fedasync_iot.agent._held import HeldUpdates
+    from fedasync_iot.agent._spool import Spool
 
     config = _config(args, need_id=False)
     state = Path(config.state_dir)

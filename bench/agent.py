@@ -1,6 +1,6 @@
 """Agent footprint: idle memory and CPU waiting for a model, peak memory while training.
 
-    python -m bench.agent [--samples 500] [--json OUT]
+    python -m fedasync_iot.bench.agent [--samples 500] [--json OUT]
 
 Measured on this machine, side by side in one run: (1) a real ``fedasync-agent run`` process
 connected to a private Mosquitto with no coordinator (idle, waiting for a model); (2) training the
@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import psutil
 
-from fleet import MosquittoBroker
-from models import ModelSpec
+from fedasync_iot.fleet import MosquittoBroker
+from fedasync_iot.models import ModelSpec
 
 MIB = 1024 * 1024
 SPEC = ModelSpec(kind="mlp", n_features=64, classes=tuple(range(10)), hidden=(32,))
@@ -37,7 +37,8 @@ def _idle_agent(broker: MosquittoBroker, workdir: Path, settle_s: float, window_
     config.write_text(f'device_id = "bench"\nbroker = "{broker.url}"\nfleet = "bench"\n'
                       f'state_dir = "{workdir / "state"}"\ndata = "{workdir}"\n'
                       "check_interval_s = 15.0\n")
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "--config", str(config), "run"],
+    proc = subprocess.Popen([sys.executable, "-m", "fedasync_iot.agent.cli",
+                             "--config", str(config), "run"],
                             stderr=subprocess.DEVNULL)
     try:
         p = psutil.Process(proc.pid)
@@ -53,10 +54,10 @@ def _idle_agent(broker: MosquittoBroker, workdir: Path, settle_s: float, window_
 
 
 def _train_child(n: int) -> dict[str, float]:
-    from agent._child import train_in_child
-    from agent._trainer import TrainConfig
-    from models import Snapshot, build_model
-    from models._datasets import load_digits
+    from fedasync_iot.agent._child import train_in_child
+    from fedasync_iot.agent._trainer import TrainConfig
+    from fedasync_iot.models import Snapshot, build_model
+    from fedasync_iot.models._datasets import load_digits
 
     train, _ = load_digits()
     weights = build_model(SPEC).get_params_vector()

@@ -16,7 +16,7 @@ tenth, the mean accuracy of the worst-served 10% of devices on their own label m
 correction earns a default when it raises the median worst 10% over the seeds without costing
 more than 1 point of median global accuracy (issue 16).
 
-    python -m bench.fairness --seeds 1,2,3,4,5 --out runs/fairness [--resume]
+    python -m fedasync_iot.bench.fairness --seeds 1,2,3,4,5 --out runs/fairness [--resume]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from fleet import SimConfig, build_fleet, run_rule
+from fedasync_iot.fleet import SimConfig, build_fleet, run_rule
 
 # what is measured: against what. The product's defaults (FedAsync reweights; every agent fits
 # its work to its windows) are the bare rule names; "+plain" turns both off, and a correction
@@ -81,7 +81,8 @@ def verdicts(per_seed: dict[int, dict[str, dict[str, float | None]]]) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.fairness", description=__doc__.split(
+    p = argparse.ArgumentParser(prog="python -m fedasync_iot.bench.fairness",
+                                description=__doc__.split(
         "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="1,2,3,4,5", help="comma-separated (1,2,3,4,5)")
     p.add_argument("--rules", default=",".join(RULES), help=f"({','.join(RULES)})")

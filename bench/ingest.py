@@ -1,6 +1,6 @@
 """Coordinator ingest against a bare MQTT subscriber, side by side on one private broker (issue 3).
 
-    python -m bench.ingest [--updates N] [--devices D] [--rule fedasync|fedbuff|both]
+    python -m fedasync_iot.bench.ingest [--updates N] [--devices D] [--rule fedasync|fedbuff|both]
                                   [--publisher raw|paho|both] [--repeats R] [--json OUT]
 
 Load: D device connections in a child process publish N pre-encoded float32 updates of the MLP on
@@ -58,15 +58,15 @@ import numpy as np
 import paho.mqtt
 import paho.mqtt.client as mqtt
 
-from coordinator._config import CoordinatorConfig, EvalConfig, SnapshotConfig
-from coordinator._engine import Incoming
-from coordinator._guards import GuardConfig
-from coordinator._rules import RuleConfig
-from coordinator._service import CoordinatorService
-from fleet import MosquittoBroker
-from fleet._broker import mosquitto_path
-from models import ModelSpec, Topics, UpdateMessage, decode_ack, encode_update
-from models._mqtt import BrokerAddress, make_client
+from fedasync_iot.coordinator._config import CoordinatorConfig, EvalConfig, SnapshotConfig
+from fedasync_iot.coordinator._engine import Incoming
+from fedasync_iot.coordinator._guards import GuardConfig
+from fedasync_iot.coordinator._rules import RuleConfig
+from fedasync_iot.coordinator._service import CoordinatorService
+from fedasync_iot.fleet import MosquittoBroker
+from fedasync_iot.fleet._broker import mosquitto_path
+from fedasync_iot.models import ModelSpec, Topics, UpdateMessage, decode_ack, encode_update
+from fedasync_iot.models._mqtt import BrokerAddress, make_client
 
 SPEC = ModelSpec(kind="mlp", n_features=64, classes=tuple(range(10)), hidden=(32,))
 N_PARAMS = 64 * 32 + 32 + 32 * 10 + 10  # 2410
@@ -622,7 +622,7 @@ def _table(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m bench.ingest",
+        prog="python -m fedasync_iot.bench.ingest",
         description="Durably merged-and-acked updates per second of the coordinator against a "
                     "bare paho subscriber's receive rate, side by side on one private Mosquitto.")
     p.add_argument("--updates", type=int, default=10_000,

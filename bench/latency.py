@@ -1,6 +1,6 @@
 """Update-to-end-to-end-ack latency of the coordinator at paced offered rates (issue 17, item 4).
 
-    python -m bench.latency [--rule fedasync|fedbuff|both] [--rates 100,300,1000,...]
+    python -m fedasync_iot.bench.latency [--rule fedasync|fedbuff|both] [--rates 100,300,1000,...]
                             [--duration S] [--warmup S] [--devices D] [--json OUT]
 
 What is measured: for each update, the time from the moment its MQTT PUBLISH has been written
@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from bench.ingest import (
+from fedasync_iot.bench.ingest import (
     BROKER_INFLIGHT,
     RULES,
     _environment,
@@ -67,9 +67,9 @@ from bench.ingest import (
     coordinator_settings,
     running_coordinator,
 )
-from fleet import MosquittoBroker
-from models import Topics, decode_ack
-from models._mqtt import BrokerAddress
+from fedasync_iot.fleet import MosquittoBroker
+from fedasync_iot.models import Topics, decode_ack
+from fedasync_iot.models._mqtt import BrokerAddress
 
 DEFAULT_RATES = (100, 300, 1000, 2000, 3000, 4000, 5000, 6000, 8000, 10_000)
 REQUIRED_RATES = (100, 1000)  # the issue's two fixed points: run even after a failure
@@ -405,7 +405,7 @@ def _table(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m bench.latency",
+        prog="python -m fedasync_iot.bench.latency",
         description="Update-to-end-to-end-ack latency of the durable coordinator at paced "
                     "offered rates, and the highest rate it sustains, on a private Mosquitto.")
     p.add_argument("--rule", choices=[*RULES, "both"], default="fedasync",

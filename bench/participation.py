@@ -1,6 +1,6 @@
 """What participation accounting costs the coordinator's single writer, measured side by side.
 
-``python -m bench.participation`` times `Engine.process` on the same batches of real
+``python -m fedasync_iot.bench.participation`` times `Engine.process` on the same batches of real
 encoded updates (FedAsync, MLP-sized deltas, 200 devices, durable commits on real SQLite) with
 the ledger's bookkeeping only, with reweighting (FedAsync's default), with the cap and
 reweighting on, and the ledger's own calls alone; runs alternate so a noisy machine affects
@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from coordinator._engine import Engine, Incoming
-from coordinator._guards import GuardConfig
-from coordinator._participation import Ledger, ParticipationConfig
-from coordinator._rules import Contribution, RuleConfig, build_rule
-from coordinator._store import Store
-from models import ModelSpec, UpdateMessage, encode_update
+from fedasync_iot.coordinator._engine import Engine, Incoming
+from fedasync_iot.coordinator._guards import GuardConfig
+from fedasync_iot.coordinator._participation import Ledger, ParticipationConfig
+from fedasync_iot.coordinator._rules import Contribution, RuleConfig, build_rule
+from fedasync_iot.coordinator._store import Store
+from fedasync_iot.models import ModelSpec, UpdateMessage, encode_update
 
 SPEC = ModelSpec(kind="mlp", n_features=64, classes=tuple(range(10)), hidden=(32,))
 N_PARAMS = 64 * 32 + 32 + 32 * 10 + 10

@@ -2,7 +2,8 @@
 DP (the agents' noise and lifetime budget) and central DP (the coordinator's), on the bench
 fleet, the virtual clock, median of seeds.
 
-    nice -n 10 python -m bench.privacy [--seeds 1,2,3] [--rule fedbuff] [--out runs/privacy]
+    nice -n 10 python -m fedasync_iot.bench.privacy [--seeds 1,2,3] [--rule fedbuff]
+        [--out runs/privacy]
 
 Calibration, on seed 0 (not reported), without DP: how many updates the median device sends
 (T) and how many versions the busiest device shapes (V) in the run. At each epsilon, local DP
@@ -25,12 +26,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from agent._privacy import device_multiplier
-from coordinator._central_dp import versions_per_device
-from coordinator._store import Store
-from fleet._fleets import build_fleet
-from fleet._sim import SimConfig, run_rule
-from models._dp import epsilon
+from fedasync_iot.agent._privacy import device_multiplier
+from fedasync_iot.coordinator._central_dp import versions_per_device
+from fedasync_iot.coordinator._store import Store
+from fedasync_iot.fleet._fleets import build_fleet
+from fedasync_iot.fleet._sim import SimConfig, run_rule
+from fedasync_iot.models._dp import epsilon
 
 # The issue's 1-8, then where the accuracy comes back on a fleet this small.
 EPSILONS = (1.0, 2.0, 4.0, 8.0, 64.0, 512.0)
@@ -166,7 +167,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.privacy", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m fedasync_iot.bench.privacy", description=__doc__)
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--rule", default="fedbuff", choices=["fedbuff", "fedavg-sync"])
     p.add_argument("--out", type=Path, default=Path("runs/privacy"))

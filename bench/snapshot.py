@@ -1,6 +1,6 @@
 """Snapshot size: today's weights + full ONNX against a per-spec template + weights per version.
 
-    python -m bench.snapshot [--repeats 30] [--steps 40] [--seeds 3] [--json OUT]
+    python -m fedasync_iot.bench.snapshot [--repeats 30] [--steps 40] [--seeds 3] [--json OUT]
 
 Per model kind (logistic 64x10 and MLPs 64-32-10, 64-64-32-10 on digits; a linear regressor on
 64 synthetic features), all in one run on this machine:
@@ -44,13 +44,13 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from models._adapters import build_model
-from models._datasets import Dataset, dirichlet_partition, load_digits, make_synthetic
-from models._inference import OnnxModel
-from models._onnx import export_onnx, export_template
-from models._spec import ModelSpec
-from models._template import Binding, OnnxTemplate
-from models._wire import Snapshot, encode_snapshot
+from fedasync_iot.models._adapters import build_model
+from fedasync_iot.models._datasets import Dataset, dirichlet_partition, load_digits, make_synthetic
+from fedasync_iot.models._inference import OnnxModel
+from fedasync_iot.models._onnx import export_onnx, export_template
+from fedasync_iot.models._spec import ModelSpec
+from fedasync_iot.models._template import Binding, OnnxTemplate
+from fedasync_iot.models._wire import Snapshot, encode_snapshot
 
 ENCODINGS = ("float32", "float16", "int8/v", "int8/b")
 SEED = 0

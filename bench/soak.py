@@ -1,10 +1,11 @@
 """Soak: a fleet runs for minutes while the memory of every process is sampled; resident memory
 must not keep growing once warmed up.
 
-    python -m bench.soak --minutes 10 [--devices 50] [--bound 0.2] [--out runs/soak]
+    python -m fedasync_iot.bench.soak --minutes 10 [--devices 50] [--bound 0.2] [--out runs/soak]
 
 What runs: a private Mosquitto (loopback, free port); the real coordinator as its own process
-(``python -m coordinator.cli run --config soak.toml``: FedBuff, held-out evaluation, ONNX
+(``python -m fedasync_iot.coordinator.cli run --config soak.toml``: FedBuff, held-out evaluation,
+ONNX
 snapshots, as deployed); the fleet simulator's worker processes (the real agent code on seeded
 simulated devices with uneven speed, battery, Wi-Fi and flapping connections: fleet/_worker.py).
 Nobody joins late or leaves for good, so the load stays steady.
@@ -39,11 +40,11 @@ from typing import Any
 import numpy as np
 import psutil
 
-from agent._trainer import TrainConfig
-from fleet import FleetProfile, MosquittoBroker, SimConfig, build_fleet
-from fleet._broker import free_port
-from fleet._worker import WorkerSpec, run_worker
-from models import ConfigError, ModelSpec
+from fedasync_iot.agent._trainer import TrainConfig
+from fedasync_iot.fleet import FleetProfile, MosquittoBroker, SimConfig, build_fleet
+from fedasync_iot.fleet._broker import free_port
+from fedasync_iot.fleet._worker import WorkerSpec, run_worker
+from fedasync_iot.models import ConfigError, ModelSpec
 
 MIB = 2**20
 
@@ -151,9 +152,10 @@ def run_soak(config: SoakConfig, *, out: Path, progress: bool = True) -> dict[st
                           spec=fleet.spec, http=http)
         with (out / "coordinator.log").open("wb") as log:
             coordinator = subprocess.Popen(
-                [sys.executable, "-m", "coordinator.cli", "run", "--config", str(toml)],
+                [sys.executable, "-m", "fedasync_iot.coordinator.cli",
+                 "run", "--config", str(toml)],
                 stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
         deadline = time.monotonic() + 60
         while _status(http).get("state") != "online":
             if coordinator.poll() is not None or time.monotonic() > deadline:
@@ -255,7 +257,8 @@ def _sample(config: SoakConfig, *, start: float, duration: float, http: str, rep
 
 def main(argv: list[str] | None = None) -> int:
     d = SoakConfig()
-    p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fedasync_iot.bench.soak",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--minutes", type=float, default=d.minutes)
     p.add_argument("--devices", type=int, default=d.devices)
     p.add_argument("--seed", type=int, default=d.seed)

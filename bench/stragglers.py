@@ -1,4 +1,5 @@
-"""Issue 22's straggler fleet as a fleet file: ``python -m bench.stragglers --out DIR``.
+"""Issue 22's straggler fleet as a fleet file:
+``python -m fedasync_iot.bench.stragglers --out DIR``.
 
 Exports the synthetic fleet's data (20 devices, digits split Dirichlet 0.5, seed 1) and writes
 ``DIR/stragglers.toml``: every device always available (no traces, no battery), epochs
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fleet.cli import main as sim
+from fedasync_iot.fleet.cli import main as sim
 
 
 def always_on_fleet(out: Path, name: str, epochs: Sequence[float], *, check_interval_s: float,
@@ -49,7 +50,7 @@ def straggler_fleet(out: Path, devices: int = 20) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.stragglers",
+    p = argparse.ArgumentParser(prog="python -m fedasync_iot.bench.stragglers",
                                 description=(__doc__ or "").split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="directory for the fleet file")
     p.add_argument("--devices", type=int, default=20)

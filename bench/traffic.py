@@ -1,7 +1,7 @@
 """Communication cost of the simulated fleet, the same way for any version of the code:
 
-    python -m bench.traffic --devices 50,200,1000 --seeds 1
-    python -m bench.traffic --code /path/to/an/older/checkout --json before.json
+    python -m fedasync_iot.bench.traffic --devices 50,200,1000 --seeds 1
+    python -m fedasync_iot.bench.traffic --code /path/to/an/older/checkout --json before.json
 
 Per device count and seed, one run of ``fedasync-sim --rule fedasync`` (the code under
 ``--code``, by default this checkout) against a fresh private Mosquitto with $SYS every second,
@@ -39,8 +39,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fleet import MosquittoBroker
-from fleet._traffic import KINDS, classify
+from fedasync_iot.fleet import MosquittoBroker
+from fedasync_iot.fleet._traffic import KINDS, classify
 
 HERE = Path(__file__).resolve().parent.parent
 
@@ -59,8 +59,8 @@ class Listener:
     totals)."""
 
     def __init__(self, url: str) -> None:
-        from fleet._broker import SYS_COUNTERS
-        from models._mqtt import BrokerAddress, make_client
+        from fedasync_iot.fleet._broker import SYS_COUNTERS
+        from fedasync_iot.models._mqtt import BrokerAddress, make_client
 
         self.counts: dict[str, dict[str, int]] = {k: {"messages": 0, "bytes": 0,
                                                       "payload_bytes": 0} for k in KINDS}
@@ -141,6 +141,12 @@ def _per(value: float | None, by: float) -> float | None:
     return None if value is None or by <= 0 else round(value / by, 1)
 
 
+def _sim_module(code: Path) -> str:
+    """The simulator's module in `code`: checkouts older than the one import name (issue 25)
+    have it at the top."""
+    return "fedasync_iot.fleet.cli" if (code / "fedasync_iot").is_dir() else "fleet.cli"
+
+
 def measure(*, code: Path, devices: int, seed: int, rule: str, duration: float, out: Path,
             extra: list[str]) -> dict[str, Any]:
     """One run of the simulator under `code` against a fresh broker, measured."""
@@ -152,13 +158,13 @@ def measure(*, code: Path, devices: int, seed: int, rule: str, duration: float, 
     listener: Listener | None = None
     try:
         listener = Listener(broker.url)
-        cmd = [sys.executable, "-m", "fleet.cli", "run", "--devices", str(devices), "--rule",
+        cmd = [sys.executable, "-m", _sim_module(code), "run", "--devices", str(devices), "--rule",
                rule, "--duration", f"{duration:g}", "--seed", str(seed), "--broker",
                broker.url, "--out", str(run_dir / "sim"), *extra]
         t0 = time.monotonic()
         with (run_dir / "sim.log").open("wb") as log:
-            # cwd: the code under test, so `-m fleet.cli` cannot pick up another checkout's
-            # package from the current directory.
+            # cwd: the code under test, so `-m` cannot pick up another checkout's package from
+            # the current directory.
             rc = subprocess.run(cmd, cwd=code, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 check=False, timeout=duration * 10 + 600).returncode
         wall = time.monotonic() - t0
@@ -228,7 +234,7 @@ def measure(*, code: Path, devices: int, seed: int, rule: str, duration: float, 
 def accuracy(*, code: Path, seed: int, devices: int, rules: str, out: Path,
              extra: list[str]) -> dict[str, Any]:
     run_dir = out / f"acc-s{seed}"
-    cmd = [sys.executable, "-m", "fleet.cli", "run", "--devices", str(devices), "--compare",
+    cmd = [sys.executable, "-m", _sim_module(code), "run", "--devices", str(devices), "--compare",
            rules, "--seed", str(seed), "--out", str(run_dir), *extra]
     run_dir.mkdir(parents=True, exist_ok=True)
     with (run_dir / "sim.log").open("wb") as log:
@@ -287,7 +293,7 @@ def _compare(before: dict[str, Any], after: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.traffic", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m fedasync_iot.bench.traffic", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devices", type=_ints, default=[50, 200, 1000])
     p.add_argument("--seeds", type=_ints, default=[1])

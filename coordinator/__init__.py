@@ -1,10 +1,15 @@
 """The coordinator: validates and merges updates as they arrive, versions the model durably and
 publishes snapshots to the fleet."""
 
-from coordinator._config import CoordinatorConfig, EvalConfig, SnapshotConfig, load_config
-from coordinator._engine import Engine, Incoming, Outcome
-from coordinator._guards import GuardConfig, check_update
-from coordinator._rules import (
+from fedasync_iot.coordinator._config import (
+    CoordinatorConfig,
+    EvalConfig,
+    SnapshotConfig,
+    load_config,
+)
+from fedasync_iot.coordinator._engine import Engine, Incoming, Outcome
+from fedasync_iot.coordinator._guards import GuardConfig, check_update
+from fedasync_iot.coordinator._rules import (
     Contribution,
     FedAsync,
     FedAvgSync,
@@ -14,8 +19,8 @@ from coordinator._rules import (
     RuleConfig,
     build_rule,
 )
-from coordinator._staleness import Staleness
-from coordinator._store import Store
+from fedasync_iot.coordinator._staleness import Staleness
+from fedasync_iot.coordinator._store import Store
 
 __all__ = [
     "Contribution",

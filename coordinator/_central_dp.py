@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from coordinator._guards import Params
-from coordinator._rules import Contribution, Merge, MergeRule, PendingLike
-from models import ConfigError
-from models._dp import epsilon
+from fedasync_iot.coordinator._guards import Params
+from fedasync_iot.coordinator._rules import Contribution, Merge, MergeRule, PendingLike
+from fedasync_iot.models import ConfigError
+from fedasync_iot.models._dp import epsilon
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -8,13 +8,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from coordinator._central_dp import CentralDPConfig
-from coordinator._guards import GuardConfig
-from coordinator._participation import ParticipationConfig
-from coordinator._rules import RuleConfig
-from models import ConfigError, ModelSpec
-from models._config import load
-from models._mqtt import check_broker
+from fedasync_iot.coordinator._central_dp import CentralDPConfig
+from fedasync_iot.coordinator._guards import GuardConfig
+from fedasync_iot.coordinator._participation import ParticipationConfig
+from fedasync_iot.coordinator._rules import RuleConfig
+from fedasync_iot.models import ConfigError, ModelSpec
+from fedasync_iot.models._config import load
+from fedasync_iot.models._mqtt import check_broker
 
 _MIN_TOKEN = 16
 _PLACEHOLDER_MODEL = ModelSpec(kind="linear", n_features=1)

@@ -20,8 +20,8 @@ import os
 import secrets
 from pathlib import Path
 
-from coordinator._config import CoordinatorConfig
-from models import ConfigError, StateError
+from fedasync_iot.coordinator._config import CoordinatorConfig
+from fedasync_iot.models import ConfigError, StateError
 
 log = logging.getLogger("fedasync.coordinator")
 

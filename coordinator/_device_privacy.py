@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from models import WireError
+from fedasync_iot.models import WireError
 
 # Far past any epsilon that states a guarantee (a device with almost no noise can claim 1e6
 # honestly); beyond, a figure is a broken or hostile status.

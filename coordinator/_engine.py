@@ -15,10 +15,10 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from coordinator._guards import GuardConfig, check_update
-from coordinator._participation import Ledger, ParticipationConfig
-from coordinator._rules import Contribution, Merge, MergeRule
-from coordinator._store import (
+from fedasync_iot.coordinator._guards import GuardConfig, check_update
+from fedasync_iot.coordinator._participation import Ledger, ParticipationConfig
+from fedasync_iot.coordinator._rules import Contribution, Merge, MergeRule
+from fedasync_iot.coordinator._store import (
     Commit,
     Params,
     Relabel,
@@ -28,7 +28,7 @@ from coordinator._store import (
     checksum,
     load_ledger,
 )
-from models import (
+from fedasync_iot.models import (
     InvalidUpdate,
     ModelError,
     ModelSpec,
@@ -36,7 +36,7 @@ from models import (
     UnsupportedSchema,
     WireError,
 )
-from models._wire import Ack, AckStatus, UpdateMessage, decode_update, update_label
+from fedasync_iot.models._wire import Ack, AckStatus, UpdateMessage, decode_update, update_label
 
 log = logging.getLogger("fedasync.coordinator")
 

@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from models import ConfigError, InvalidUpdate
+from fedasync_iot.models import ConfigError, InvalidUpdate
 
 Params = NDArray[np.float32]
 

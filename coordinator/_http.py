@@ -17,9 +17,9 @@ from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from coordinator._control import token_matches
-from coordinator._lock import StateLock
-from models import FedAsyncError
+from fedasync_iot.coordinator._control import token_matches
+from fedasync_iot.coordinator._lock import StateLock
+from fedasync_iot.models import FedAsyncError
 
 log = logging.getLogger("fedasync.coordinator.http")
 

@@ -30,8 +30,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from models import Topics
-from models._mqtt import BrokerAddress, BrokerRefused, describe_refusal, make_client
+from fedasync_iot.models import Topics
+from fedasync_iot.models._mqtt import BrokerAddress, BrokerRefused, describe_refusal, make_client
 
 HOST = socket.gethostname()
 # Instances running in this process: a status naming this host and pid is alive only if listed.

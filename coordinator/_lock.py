@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from models import StateError
+from fedasync_iot.models import StateError
 
 LOCK_NAME = "lock"
 

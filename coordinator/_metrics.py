@@ -9,8 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from coordinator._engine import Outcome
-from coordinator._participation import Report
+from fedasync_iot.coordinator._engine import Outcome
+from fedasync_iot.coordinator._participation import Report
 
 
 class Metrics:

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from models import ConfigError
+from fedasync_iot.models import ConfigError
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -24,8 +24,8 @@ import sqlite3
 import stat
 from pathlib import Path
 
-from coordinator._lock import LOCK_NAME, Holder, read_holder
-from models import StateError
+from fedasync_iot.coordinator._lock import LOCK_NAME, Holder, read_holder
+from fedasync_iot.models import StateError
 
 DB_NAME = "state.db"
 

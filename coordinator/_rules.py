@@ -17,9 +17,9 @@ from typing import ClassVar, Literal, Protocol, get_args
 import numpy as np
 from numpy.typing import NDArray
 
-from coordinator._guards import Params
-from coordinator._staleness import Staleness
-from models import ConfigError, InvalidUpdate, ModelError, StateError
+from fedasync_iot.coordinator._guards import Params
+from fedasync_iot.coordinator._staleness import Staleness
+from fedasync_iot.models import ConfigError, InvalidUpdate, ModelError, StateError
 
 RuleName = Literal["fedasync", "fedbuff", "fedavg-sync"]
 RULE_NAMES: tuple[str, ...] = get_args(RuleName)
@@ -364,7 +364,7 @@ class RuleConfig:
     The defaults (alpha 0.6, K = 5, s = `default_staleness`) are meant to work at any fleet
     speed without tuning: measured from one device training at a time to 100 at once, on
     fleets fast compared with the system's latency and on straggler-heavy ones
-    (``python -m bench.robustness``).
+    (``python -m fedasync_iot.bench.robustness``).
     """
 
     name: RuleName = "fedasync"

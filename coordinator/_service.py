@@ -35,23 +35,28 @@ from typing import Any, NamedTuple
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from coordinator._central_dp import privacy_status, with_central_dp
-from coordinator._cohort import CohortSelector, decode_status, eligible_of
-from coordinator._config import CoordinatorConfig
-from coordinator._control import service_token
-from coordinator._device_privacy import BadStatus, PrivacyBook, from_status, with_local_privacy
-from coordinator._engine import Engine, Evaluator, Incoming, Outcome
-from coordinator._http import Rollback, StatusServer
-from coordinator._identity import HOST, Identity, LookTimeout, Presence, Survey, look
-from coordinator._metrics import Metrics
-from coordinator._retries import Retries
-from coordinator._rules import build_rule
-from coordinator._store import Params, StateLost, Store
-from models import FedAsyncError, StateError, Topics, build_model
-from models._mqtt import BrokerAddress, Connection, describe_error, make_client
-from models._signing import Signer
-from models._template import OnnxTemplate
-from models._wire import (
+from fedasync_iot.coordinator._central_dp import privacy_status, with_central_dp
+from fedasync_iot.coordinator._cohort import CohortSelector, decode_status, eligible_of
+from fedasync_iot.coordinator._config import CoordinatorConfig
+from fedasync_iot.coordinator._control import service_token
+from fedasync_iot.coordinator._device_privacy import (
+    BadStatus,
+    PrivacyBook,
+    from_status,
+    with_local_privacy,
+)
+from fedasync_iot.coordinator._engine import Engine, Evaluator, Incoming, Outcome
+from fedasync_iot.coordinator._http import Rollback, StatusServer
+from fedasync_iot.coordinator._identity import HOST, Identity, LookTimeout, Presence, Survey, look
+from fedasync_iot.coordinator._metrics import Metrics
+from fedasync_iot.coordinator._retries import Retries
+from fedasync_iot.coordinator._rules import build_rule
+from fedasync_iot.coordinator._store import Params, StateLost, Store
+from fedasync_iot.models import FedAsyncError, StateError, Topics, build_model
+from fedasync_iot.models._mqtt import BrokerAddress, Connection, describe_error, make_client
+from fedasync_iot.models._signing import Signer
+from fedasync_iot.models._template import OnnxTemplate
+from fedasync_iot.models._wire import (
     Announcement,
     Snapshot,
     TemplateMessage,
@@ -758,7 +763,10 @@ class CoordinatorService:
         template = self._template_of_spec()
         onnx = b""
         if self.config.snapshots.include_onnx:
-            from models._onnx import bake_onnx, export_onnx  # heavy: loaded on first use
+            from fedasync_iot.models._onnx import (  # heavy: loaded on first use
+                bake_onnx,
+                export_onnx,
+            )
 
             if self._onnx_template is not None:  # the template filled: no conversion
                 onnx = bake_onnx(self._onnx_template, params)
@@ -797,7 +805,9 @@ class CoordinatorService:
         only on the spec, fixed for this coordinator); None, said once, when the model cannot
         have one: then only full snapshots are published, as before."""
         if self._template is None:
-            from models._onnx import export_template  # skl2onnx is heavy: load on first use
+            from fedasync_iot.models._onnx import (
+                export_template,  # skl2onnx is heavy: load on first use
+            )
 
             try:
                 made = export_template(self._adapter)

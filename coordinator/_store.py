@@ -29,12 +29,12 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
-from coordinator._device_privacy import DevicePrivacy
-from coordinator._lock import StateLock
-from coordinator._participation import Ledger, ParticipationConfig, Seed, Totals
-from coordinator._readonly import connect_readonly
-from coordinator._rules import Contribution
-from models import ModelSpec, StateError
+from fedasync_iot.coordinator._device_privacy import DevicePrivacy
+from fedasync_iot.coordinator._lock import StateLock
+from fedasync_iot.coordinator._participation import Ledger, ParticipationConfig, Seed, Totals
+from fedasync_iot.coordinator._readonly import connect_readonly
+from fedasync_iot.coordinator._rules import Contribution
+from fedasync_iot.models import ModelSpec, StateError
 
 Params = NDArray[np.float32]
 

@@ -18,19 +18,19 @@ from typing import Any
 
 import numpy as np
 
-from coordinator._config import CoordinatorConfig, load_config
-from coordinator._control import TOKEN_FILE, client_token, configured_token
-from coordinator._device_privacy import DevicePrivacy, summary, with_local_privacy
-from coordinator._engine import Engine, Evaluator
-from coordinator._http import Rollback
-from coordinator._lock import StateDirInUse
-from coordinator._rules import build_rule
-from coordinator._store import Store
-from models import ConfigError, FedAsyncError, ModelSpec, StateError, build_model
-from models._cli import add_version, log_level, make_parser
-from models._datasets import load_digits
-from models._files import load_xy
-from models._logging import setup_logging
+from fedasync_iot.coordinator._config import CoordinatorConfig, load_config
+from fedasync_iot.coordinator._control import TOKEN_FILE, client_token, configured_token
+from fedasync_iot.coordinator._device_privacy import DevicePrivacy, summary, with_local_privacy
+from fedasync_iot.coordinator._engine import Engine, Evaluator
+from fedasync_iot.coordinator._http import Rollback
+from fedasync_iot.coordinator._lock import StateDirInUse
+from fedasync_iot.coordinator._rules import build_rule
+from fedasync_iot.coordinator._store import Store
+from fedasync_iot.models import ConfigError, FedAsyncError, ModelSpec, StateError, build_model
+from fedasync_iot.models._cli import add_version, log_level, make_parser
+from fedasync_iot.models._datasets import load_digits
+from fedasync_iot.models._files import load_xy
+from fedasync_iot.models._logging import setup_logging
 
 log = logging.getLogger("fedasync.coordinator")
 
@@ -124,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("--out", type=Path, required=True, help="directory for .key and .pub")
     keygen.set_defaults(func=_keygen, log_level="INFO", log_format="text")
 
-    from coordinator._provision import add_provision_parser
+    from fedasync_iot.coordinator._provision import add_provision_parser
 
     add_provision_parser(sub)  # provision-device: broker accounts (coordinator/_provision.py)
 
@@ -179,7 +179,7 @@ def make_evaluator(config: CoordinatorConfig) -> Evaluator | None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from coordinator._service import CoordinatorService, wait_as_standby
+    from fedasync_iot.coordinator._service import CoordinatorService, wait_as_standby
 
     # Handlers first: a stop (systemd, ^C) while the service is still loading is a clean exit.
     stop = threading.Event()
@@ -225,7 +225,7 @@ def _reader(args: argparse.Namespace) -> tuple[CoordinatorConfig, Store]:
 
 
 def _versions(args: argparse.Namespace) -> int:
-    from coordinator._central_dp import epsilon_by_version
+    from fedasync_iot.coordinator._central_dp import epsilon_by_version
 
     config, store = _reader(args)
     try:
@@ -258,8 +258,8 @@ def _versions(args: argparse.Namespace) -> int:
 def _devices(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from coordinator._central_dp import device_epsilons
-    from coordinator._store import load_ledger
+    from fedasync_iot.coordinator._central_dp import device_epsilons
+    from fedasync_iot.coordinator._store import load_ledger
 
     config, store = _reader(args)
     window = config.participation
@@ -332,7 +332,7 @@ def _local_columns(found: DevicePrivacy | None) -> str:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from models._onnx import export_onnx
+    from fedasync_iot.models._onnx import export_onnx
 
     config, store = _reader(args)
     try:
@@ -365,7 +365,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from models._signing import generate_keypair
+    from fedasync_iot.models._signing import generate_keypair
 
     private, public = generate_keypair(args.out)
     print(f"private key (keep on the coordinator, set signing_key): {private}\n"

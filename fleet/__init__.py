@@ -1,8 +1,8 @@
 """Fleet simulation and benchmarks: many simulated devices running the real agent code against a
 real broker and the real coordinator."""
 
-from fleet._broker import EmbeddedBroker, MosquittoBroker, start_broker
-from fleet._fleetfile import (
+from fedasync_iot.fleet._broker import EmbeddedBroker, MosquittoBroker, start_broker
+from fedasync_iot.fleet._fleetfile import (
     DeviceEntry,
     FleetFile,
     FleetFileError,
@@ -11,9 +11,15 @@ from fleet._fleetfile import (
     parse_fleet_file,
     replay_config,
 )
-from fleet._fleets import build_fleet
-from fleet._sim import Fleet, RunResult, SimConfig, local_evaluation, run_rule
-from fleet._traces import DeviceTrace, FleetProfile, Intervals, SimClock, generate_fleet
+from fedasync_iot.fleet._fleets import build_fleet
+from fedasync_iot.fleet._sim import Fleet, RunResult, SimConfig, local_evaluation, run_rule
+from fedasync_iot.fleet._traces import (
+    DeviceTrace,
+    FleetProfile,
+    Intervals,
+    SimClock,
+    generate_fleet,
+)
 
 __all__ = [
     "DeviceEntry",

@@ -20,9 +20,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from fleet._compare import compare
-from fleet._fleets import build_fleet
-from fleet._sim import RULES, SimConfig, run_rule
+from fedasync_iot.fleet._compare import compare
+from fedasync_iot.fleet._fleets import build_fleet
+from fedasync_iot.fleet._sim import RULES, SimConfig, run_rule
 
 
 def _stats(values: list[float]) -> dict[str, float] | None:
@@ -69,7 +69,7 @@ def run_bench(config: SimConfig, *, out: Path, seeds: list[int], quick: bool = F
     # 2. Encodings, FedBuff on the first seed.
     import numpy as np
 
-    from models import UpdateMessage, build_model, encode_update
+    from fedasync_iot.models import UpdateMessage, build_model, encode_update
 
     enc_config = replace(config, seed=seeds[0])
     fleet = build_fleet(enc_config)
@@ -94,7 +94,7 @@ def run_bench(config: SimConfig, *, out: Path, seeds: list[int], quick: bool = F
 
     # 3. Coordinator ingest and agent footprint.
     _say("coordinator ingest benchmark")
-    from bench.ingest import run as run_ingest
+    from fedasync_iot.bench.ingest import run as run_ingest
 
     ingest = run_ingest(updates=600 if quick else 3000)
     result["coordinator_ingest"] = ingest
@@ -103,7 +103,7 @@ def run_bench(config: SimConfig, *, out: Path, seeds: list[int], quick: bool = F
     _say("agent footprint")
     # In a fresh process: ru_maxrss of children would otherwise include the sim's workers.
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "bench.agent", "--json",
+        subprocess.run([sys.executable, "-m", "fedasync_iot.bench.agent", "--json",
                         f"{tmp}/agent.json"], check=True, stdout=subprocess.DEVNULL)
         agent = json.loads(Path(f"{tmp}/agent.json").read_text())
     result.update({k: agent[k] for k in ("agent_idle_rss_mb", "agent_idle_cpu_percent",

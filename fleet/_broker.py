@@ -18,7 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from models import FedAsyncError
+from fedasync_iot.models import FedAsyncError
 
 
 class BrokerError(FedAsyncError):
@@ -258,7 +258,7 @@ def read_sys_counters(url: str, *, timeout: float = 15.0) -> dict[str, int] | No
     connection (well under 1 KB)."""
     import threading
 
-    from models._mqtt import BrokerAddress, make_client
+    from fedasync_iot.models._mqtt import BrokerAddress, make_client
 
     values: dict[str, int] = {}
     ticks = 0

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fleet._fleets import build_fleet
-from fleet._plot import plot_accuracy
-from fleet._sim import (
+from fedasync_iot.fleet._fleets import build_fleet
+from fedasync_iot.fleet._plot import plot_accuracy
+from fedasync_iot.fleet._sim import (
     RunResult,
     SimConfig,
     fleet_summary,

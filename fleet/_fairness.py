@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from coordinator._participation import gini, max_median_ratio
-from fleet._traces import FleetProfile
+from fedasync_iot.coordinator._participation import gini, max_median_ratio
+from fedasync_iot.fleet._traces import FleetProfile
 
 XY = tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]
 

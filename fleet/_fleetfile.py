@@ -41,14 +41,14 @@ from typing import Any
 
 import numpy as np
 
-from agent._policy import PolicyConfig
-from fleet._fairness import XY
-from fleet._sim import Fleet, SimConfig, model_spec, synthetic_fleet
-from fleet._traces import _TOPIC_UNSAFE, Battery, DeviceTrace, Intervals, Span
-from models import MODEL_KINDS, ConfigError, FedAsyncError, ModelSpec
-from models._config import check_layer, load_toml, read_utf8
-from models._datasets import Dataset
-from models._files import load_xy, save_npz
+from fedasync_iot.agent._policy import PolicyConfig
+from fedasync_iot.fleet._fairness import XY
+from fedasync_iot.fleet._sim import Fleet, SimConfig, model_spec, synthetic_fleet
+from fedasync_iot.fleet._traces import _TOPIC_UNSAFE, Battery, DeviceTrace, Intervals, Span
+from fedasync_iot.models import MODEL_KINDS, ConfigError, FedAsyncError, ModelSpec
+from fedasync_iot.models._config import check_layer, load_toml, read_utf8
+from fedasync_iot.models._datasets import Dataset
+from fedasync_iot.models._files import load_xy, save_npz
 
 FLEET_SUFFIXES = (".toml", ".json", ".csv")
 TRACE_KINDS = ("online", "wifi", "charging", "busy")
@@ -808,7 +808,7 @@ def measure_epoch_s(spec: ModelSpec, X: Any, y: Any, *,
     """Wall seconds of one local epoch over (X, y) with the real adapter, from the model's
     seeded initial weights: the best of a few runs after a warm-up (the first fit pays for
     scikit-learn's lazy set-up)."""
-    from models import build_model
+    from fedasync_iot.models import build_model
 
     adapter = build_model(spec)
     initial = adapter.get_params_vector()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fleet._fleetfile import load_fleet, parse_fleet_file
-from fleet._sim import Fleet, SimConfig, synthetic_fleet
+from fedasync_iot.fleet._fleetfile import load_fleet, parse_fleet_file
+from fedasync_iot.fleet._sim import Fleet, SimConfig, synthetic_fleet
 
 
 def build_fleet(config: SimConfig) -> Fleet:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from fleet._sim import RunResult
+    from fedasync_iot.fleet._sim import RunResult
 
 COLORS = {"fedbuff": "tab:blue", "fedasync": "tab:green", "fedavg-sync": "tab:red"}
 

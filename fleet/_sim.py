@@ -33,16 +33,16 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from agent._policy import PolicyConfig
-from agent._privacy import PrivacyConfig
-from agent._trainer import TrainConfig
-from coordinator._central_dp import CentralDPConfig, privacy_status
-from coordinator._config import CoordinatorConfig, SnapshotConfig
-from coordinator._guards import GuardConfig
-from coordinator._participation import ParticipationConfig
-from coordinator._rules import RuleConfig
-from coordinator._service import CoordinatorService
-from fleet._broker import (
+from fedasync_iot.agent._policy import PolicyConfig
+from fedasync_iot.agent._privacy import PrivacyConfig
+from fedasync_iot.agent._trainer import TrainConfig
+from fedasync_iot.coordinator._central_dp import CentralDPConfig, privacy_status
+from fedasync_iot.coordinator._config import CoordinatorConfig, SnapshotConfig
+from fedasync_iot.coordinator._guards import GuardConfig
+from fedasync_iot.coordinator._participation import ParticipationConfig
+from fedasync_iot.coordinator._rules import RuleConfig
+from fedasync_iot.coordinator._service import CoordinatorService
+from fedasync_iot.fleet._broker import (
     EmbeddedBroker,
     MosquittoBroker,
     diff_counters,
@@ -50,7 +50,7 @@ from fleet._broker import (
     read_sys_counters,
     start_broker,
 )
-from fleet._fairness import (
+from fedasync_iot.fleet._fairness import (
     XY,
     constrained_devices,
     constrained_profile,
@@ -58,27 +58,34 @@ from fleet._fairness import (
     participation_summary,
     worst_fraction_mean,
 )
-from fleet._latency import PREFIX as ACK_PREFIX
-from fleet._latency import histogram_counts
-from fleet._latency import percentiles as ack_percentiles
-from fleet._privacy import privacy_summary
-from fleet._traces import DeviceTrace, FleetProfile, _int, _num, generate_device, summarize
-from fleet._traffic import attach as count_traffic
-from fleet._traffic import (
+from fedasync_iot.fleet._latency import PREFIX as ACK_PREFIX
+from fedasync_iot.fleet._latency import histogram_counts
+from fedasync_iot.fleet._latency import percentiles as ack_percentiles
+from fedasync_iot.fleet._privacy import privacy_summary
+from fedasync_iot.fleet._traces import (
+    DeviceTrace,
+    FleetProfile,
+    _int,
+    _num,
+    generate_device,
+    summarize,
+)
+from fedasync_iot.fleet._traffic import attach as count_traffic
+from fedasync_iot.fleet._traffic import (
     device_downlink_bytes,
     downlink_bound,
     snapshot_downloads,
     summarize_per_device,
     summarize_traffic,
 )
-from fleet._virtual import EPOCH, Controller, VirtualClock
-from fleet._worker import DEVICE_PREFIX, WorkerSpec, run_virtual_worker, run_worker
-from models import ConfigError, ModelSpec, build_model
-from models._datasets import Dataset, dirichlet_partition, load_digits, make_synthetic
-from models._mqtt import broker_urls
+from fedasync_iot.fleet._virtual import EPOCH, Controller, VirtualClock
+from fedasync_iot.fleet._worker import DEVICE_PREFIX, WorkerSpec, run_virtual_worker, run_worker
+from fedasync_iot.models import ConfigError, ModelSpec, build_model
+from fedasync_iot.models._datasets import Dataset, dirichlet_partition, load_digits, make_synthetic
+from fedasync_iot.models._mqtt import broker_urls
 
 if TYPE_CHECKING:
-    from models import ModelAdapter
+    from fedasync_iot.models import ModelAdapter
 
 log = logging.getLogger("fedasync.fleet")
 
@@ -884,7 +891,7 @@ def _outcome(coord_state: Path, *, start: float, scale: float, metric: str, dura
                         list[np.ndarray[Any, Any]]]:
     """From the coordinator's store: evaluations, update arrivals and the final models (those
     of the last tenth of the run, like the final metric; one asynchronous version is noisy)."""
-    from coordinator._store import Store
+    from fedasync_iot.coordinator._store import Store
 
     store = Store(coord_state)
     try:

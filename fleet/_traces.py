@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from agent._policy import PolicyConfig, evaluate
-from agent._readings import Readings, ReadingsSource
-from models._errors import ConfigError, FedAsyncError
+from fedasync_iot.agent._policy import PolicyConfig, evaluate
+from fedasync_iot.agent._readings import Readings, ReadingsSource
+from fedasync_iot.models._errors import ConfigError, FedAsyncError
 
 DAY_S = 86_400.0
 _HOUR = 3_600.0

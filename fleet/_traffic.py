@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from models._topics import Topics
+from fedasync_iot.models._topics import Topics
 
 # The simulator's own control messages (its virtual clock's markers, fleet/_virtual.py) travel
 # on topics under this root: not the product's traffic, never counted.

@@ -43,13 +43,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import paho.mqtt.client as mqtt
 
-from fleet._traces import SimClock
-from fleet._traffic import SIM_CONTROL_ROOT
-from models import StateError
-from models._mqtt import BrokerAddress, make_client
+from fedasync_iot.fleet._traces import SimClock
+from fedasync_iot.fleet._traffic import SIM_CONTROL_ROOT
+from fedasync_iot.models import StateError
+from fedasync_iot.models._mqtt import BrokerAddress, make_client
 
 if TYPE_CHECKING:
-    from coordinator._service import CoordinatorService
+    from fedasync_iot.coordinator._service import CoordinatorService
 
 log = logging.getLogger("fedasync.fleet.virtual")
 

@@ -24,16 +24,16 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from agent._agent import Agent
-from agent._config import AgentConfig
-from agent._policy import PolicyConfig
-from agent._privacy import PrivacyConfig
-from agent._trainer import TrainConfig, train_update
-from fleet._latency import bucket
-from fleet._netloop import NetLoop
-from fleet._traces import DeviceTrace, SimClock, SimReader
-from fleet._traffic import attach as count_traffic
-from fleet._virtual import (
+from fedasync_iot.agent._agent import Agent
+from fedasync_iot.agent._config import AgentConfig
+from fedasync_iot.agent._policy import PolicyConfig
+from fedasync_iot.agent._privacy import PrivacyConfig
+from fedasync_iot.agent._trainer import TrainConfig, train_update
+from fedasync_iot.fleet._latency import bucket
+from fedasync_iot.fleet._netloop import NetLoop
+from fedasync_iot.fleet._traces import DeviceTrace, SimClock, SimReader
+from fedasync_iot.fleet._traffic import attach as count_traffic
+from fedasync_iot.fleet._virtual import (
     DeviceTimers,
     Shard,
     Timers,
@@ -41,10 +41,10 @@ from fleet._virtual import (
     device_sync_topic,
     sync_topic,
 )
-from models import Topics, UpdateMessage, WireError, decode_ack, encode_ack
-from models._files import Features, Labels
-from models._mqtt import BrokerAddress, broker_urls, make_client
-from models._wire import MAX_RETRY_AFTER_S
+from fedasync_iot.models import Topics, UpdateMessage, WireError, decode_ack, encode_ack
+from fedasync_iot.models._files import Features, Labels
+from fedasync_iot.models._mqtt import BrokerAddress, broker_urls, make_client
+from fedasync_iot.models._wire import MAX_RETRY_AFTER_S
 
 log = logging.getLogger("fedasync.fleet.worker")
 
@@ -381,8 +381,8 @@ def run_worker(spec: WorkerSpec, go: multiprocessing.synchronize.Event, start: A
     """Process entry point: report ready, wait for `go` (sim time 0 is `start.value`), then run
     the shard until `stop` is set, reporting stats every second."""
     logging.basicConfig(level=log_level, format=f"worker{spec.index} %(levelname)s %(message)s")
-    import agent._trainer  # noqa: F401 - pay scikit-learn's import before the clock starts
-    import models._adapters  # noqa: F401
+    import fedasync_iot.agent._trainer
+    import fedasync_iot.models._adapters  # noqa: F401
 
     reports.put((spec.index, time.time(), None))
     if not go.wait(timeout=120):
@@ -436,8 +436,8 @@ def run_virtual_worker(spec: WorkerSpec, conn: Any, log_level: str = "WARNING") 
     """Process entry point under the virtual clock: load the shard, say ("ready",), then serve
     the controller's commands on `conn` (fleet/_virtual.py) until it says stop."""
     logging.basicConfig(level=log_level, format=f"worker{spec.index} %(levelname)s %(message)s")
-    import agent._trainer  # noqa: F401 - pay scikit-learn's import before the run starts
-    import models._adapters  # noqa: F401
+    import fedasync_iot.agent._trainer
+    import fedasync_iot.models._adapters  # noqa: F401
 
     clock = VirtualClock(spec.scale)
     timers = Timers(clock)

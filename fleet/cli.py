@@ -13,16 +13,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from fleet._compare import compare
-from fleet._sim import (
+from fedasync_iot.fleet._compare import compare
+from fedasync_iot.fleet._sim import (
     RULES,
     SimConfig,
     split_rule,
 )
-from fleet._traffic import per_device_line, table_cells
-from models import ConfigError, FedAsyncError
-from models._cli import add_version, log_level, make_parser
-from models._logging import setup_logging
+from fedasync_iot.fleet._traffic import per_device_line, table_cells
+from fedasync_iot.models import ConfigError, FedAsyncError
+from fedasync_iot.models._cli import add_version, log_level, make_parser
+from fedasync_iot.models._logging import setup_logging
 
 log = logging.getLogger("fedasync.fleet")
 
@@ -242,7 +242,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         flags["test_file"] = str(args.test_file)
     if fleet_file is None:
         return replace(SimConfig(), **flags)
-    from fleet._fleetfile import replay_config
+    from fedasync_iot.fleet._fleetfile import replay_config
 
     clash = [flag for name, flag in _SYNTHETIC_ONLY.items() if name in flags]
     if clash:
@@ -298,7 +298,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from fleet._fleetfile import export_fleet
+    from fedasync_iot.fleet._fleetfile import export_fleet
 
     config = config_from_args(args)
     path = export_fleet(config, args.out)
@@ -308,7 +308,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from fleet._bench import tune
+    from fedasync_iot.fleet._bench import tune
 
     config = config_from_args(args)
     result = tune(config, out=args.out, seed=config.seed)
@@ -319,7 +319,7 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from fleet._bench import run_bench
+    from fedasync_iot.fleet._bench import run_bench
 
     run_bench(config_from_args(args), out=args.out,
               seeds=list(args.seeds), quick=args.quick)

@@ -6,7 +6,7 @@ and most of a second, which an idle agent on a 512 MB board should not pay.
 
 from typing import TYPE_CHECKING, Any
 
-from models._errors import (
+from fedasync_iot.models._errors import (
     ConfigError,
     FedAsyncError,
     InvalidUpdate,
@@ -15,9 +15,9 @@ from models._errors import (
     UnsupportedSchema,
     WireError,
 )
-from models._spec import MODEL_KINDS, ModelKind, ModelSpec
-from models._topics import Topics
-from models._wire import (
+from fedasync_iot.models._spec import MODEL_KINDS, ModelKind, ModelSpec
+from fedasync_iot.models._topics import Topics
+from fedasync_iot.models._wire import (
     ACK_STATUSES,
     ENCODINGS,
     Ack,
@@ -35,7 +35,7 @@ from models._wire import (
 )
 
 if TYPE_CHECKING:
-    from models._adapters import (
+    from fedasync_iot.models._adapters import (
         FitReport,
         LinearAdapter,
         LogisticAdapter,
@@ -50,7 +50,7 @@ _LAZY = {"FitReport", "LinearAdapter", "LogisticAdapter", "MLPAdapter", "ModelAd
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        from models import _adapters
+        from fedasync_iot.models import _adapters
 
         return getattr(_adapters, name)
     raise AttributeError(f"module 'models' has no attribute {name!r}")

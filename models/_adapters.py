@@ -44,8 +44,8 @@ from sklearn.linear_model import SGDClassifier, SGDRegressor
 from sklearn.metrics import mean_squared_error, r2_score
 from sklearn.neural_network import MLPClassifier
 
-from models._errors import ModelError
-from models._spec import ModelSpec
+from fedasync_iot.models._errors import ModelError
+from fedasync_iot.models._spec import ModelSpec
 
 if TYPE_CHECKING:
     from typing_extensions import Self

@@ -9,8 +9,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from models._errors import ConfigError
-from models._logging import check_level
+from fedasync_iot.models._errors import ConfigError
+from fedasync_iot.models._logging import check_level
 
 DISTRIBUTION = "fedasync-iot"  # pyproject.toml's [project] name
 

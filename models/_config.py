@@ -32,8 +32,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from models._errors import ConfigError, FedAsyncError
-from models._logging import check_level
+from fedasync_iot.models._errors import ConfigError, FedAsyncError
+from fedasync_iot.models._logging import check_level
 
 if sys.version_info >= (3, 11):
     import tomllib

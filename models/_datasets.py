@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from models._errors import ModelError
+from fedasync_iot.models._errors import ModelError
 
 Task = Literal["classification", "regression"]
 

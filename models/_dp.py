@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from models._errors import ConfigError, FedAsyncError
+from fedasync_iot.models._errors import ConfigError, FedAsyncError
 
 Mechanism = tuple[float, int]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from models._errors import ConfigError
+from fedasync_iot.models._errors import ConfigError
 
 Features = NDArray[np.float32]
 Labels = NDArray[np.generic]

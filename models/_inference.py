@@ -17,8 +17,8 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import ArrayLike, NDArray
 
-from models._errors import ModelError
-from models._template import (
+from fedasync_iot.models._errors import ModelError
+from fedasync_iot.models._template import (
     BINDINGS_METADATA_KEY,
     bound_tensors,
     canonical_bindings,

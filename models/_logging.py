@@ -8,7 +8,7 @@ import logging
 import sys
 import time
 
-from models._errors import ConfigError
+from fedasync_iot.models._errors import ConfigError
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 

@@ -25,7 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from models._errors import ConfigError
+from fedasync_iot.models._errors import ConfigError
 
 _DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 # Several URLs in one text: split at a comma that starts another URL (scheme://), so that a

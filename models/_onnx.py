@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from numpy.typing import ArrayLike, NDArray
 
-from models._errors import ModelError
-from models._template import (
+from fedasync_iot.models._errors import ModelError
+from fedasync_iot.models._template import (
     BINDINGS_METADATA_KEY,
     PLACEHOLDER_LOCATION,
     Binding,
@@ -36,7 +36,7 @@ from models._template import (
 if TYPE_CHECKING:
     import onnx
 
-    from models._adapters import ModelAdapter
+    from fedasync_iot.models._adapters import ModelAdapter
 
 # The newest opset a converted model may use. onnxruntime has implemented opset 17 and ai.onnx.ml 3
 # since 1.12, and skl2onnx writes IR version 8 for opset 17, so any runtime the `agent` extra allows
@@ -115,7 +115,7 @@ def export_template(adapter: ModelAdapter, *, opset: int = TARGET_OPSET) -> Onnx
     LinearRegressor node, which nothing can override; the template computes the same with a
     MatMul and an Add over two initializers instead.
     """
-    from models._adapters import build_model
+    from fedasync_iot.models._adapters import build_model
 
     spec = adapter.spec
     probe = build_model(spec)

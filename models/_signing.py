@@ -17,7 +17,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from models._errors import ConfigError, WireError
+from fedasync_iot.models._errors import ConfigError, WireError
 
 TRAILER_MAGIC = b"FSIG"
 ALG_ED25519 = 1

@@ -9,7 +9,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
-from models._errors import ModelError
+from fedasync_iot.models._errors import ModelError
 
 ModelKind = Literal["logistic", "mlp", "linear"]
 MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from models._errors import ModelError
+from fedasync_iot.models._errors import ModelError
 
 BINDINGS_METADATA_KEY = "fedasync.bindings"
 # Where a placeholder's data would live if nothing replaced it. onnxruntime only reads it when a

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from models._errors import ConfigError
+from fedasync_iot.models._errors import ConfigError
 
 _LEVEL = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 

@@ -38,9 +38,9 @@ from typing import Any, Literal, NoReturn, get_args
 import numpy as np
 from numpy.typing import NDArray
 
-from models._errors import ModelError, UnsupportedSchema, WireError
-from models._spec import ModelSpec
-from models._template import OnnxTemplate, parse_bindings
+from fedasync_iot.models._errors import ModelError, UnsupportedSchema, WireError
+from fedasync_iot.models._spec import ModelSpec
+from fedasync_iot.models._template import OnnxTemplate, parse_bindings
 
 MAGIC = b"FAIO"
 FRAME_VERSION = 1

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet._broker import MosquittoBroker
+from fedasync_iot.fleet._broker import MosquittoBroker
 from tests.nats_cluster import NatsCluster, nats_server_path
 
 _counter = itertools.count()

@@ -12,8 +12,8 @@ from collections.abc import Callable
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from models import UpdateMessage, encode_update
-from models._mqtt import BrokerAddress, make_client
+from fedasync_iot.models import UpdateMessage, encode_update
+from fedasync_iot.models._mqtt import BrokerAddress, make_client
 
 
 def update_bytes(

@@ -27,7 +27,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleet._broker import free_port
+from fedasync_iot.fleet._broker import free_port
 from tests.helpers import clear_retained, retained_round_trip
 
 NAMES = ("A", "B", "C")

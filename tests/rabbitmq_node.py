@@ -61,7 +61,7 @@ import time
 import uuid
 from pathlib import Path
 
-from fleet._broker import free_port
+from fedasync_iot.fleet._broker import free_port
 from tests.helpers import clear_retained, retained_round_trip
 
 VHOST = "fedasync"

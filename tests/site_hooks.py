@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent import Check, Readings
+from fedasync_iot.agent import Check, Readings
 
 ANSWER: dict[str, bool] = {"eligible": True, "approve": True}
 SEEN: list[dict[str, Any]] = []

@@ -14,20 +14,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent._agent import Agent
-from agent._config import AgentConfig
-from agent._data import DirectorySource
-from agent._policy import PolicyConfig
-from agent._predict import Predictor
-from agent._readings import Readings, StaticReader
-from agent._runner import AgentRunner
-from coordinator._config import CoordinatorConfig, EvalConfig, SnapshotConfig
-from coordinator._rules import RuleConfig
-from coordinator._service import CoordinatorService
-from fleet._broker import MosquittoBroker
-from models import ModelSpec, build_model, decode_snapshot
-from models._datasets import load_digits
-from models._files import save_npz
+from fedasync_iot.agent._agent import Agent
+from fedasync_iot.agent._config import AgentConfig
+from fedasync_iot.agent._data import DirectorySource
+from fedasync_iot.agent._policy import PolicyConfig
+from fedasync_iot.agent._predict import Predictor
+from fedasync_iot.agent._readings import Readings, StaticReader
+from fedasync_iot.agent._runner import AgentRunner
+from fedasync_iot.coordinator._config import CoordinatorConfig, EvalConfig, SnapshotConfig
+from fedasync_iot.coordinator._rules import RuleConfig
+from fedasync_iot.coordinator._service import CoordinatorService
+from fedasync_iot.fleet._broker import MosquittoBroker
+from fedasync_iot.models import ModelSpec, build_model, decode_snapshot
+from fedasync_iot.models._datasets import load_digits
+from fedasync_iot.models._files import save_npz
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.broker
@@ -163,7 +163,7 @@ def test_killed_agent_delivers_its_spool_after_restart(broker, fleet_name, tmp_p
         '[policy]\nmin_dwell_s = 0.0\nmax_cpu_percent = 100.0\nallowed_interfaces = ["*"]\n'
         'denied_interfaces = []\nmin_mem_available_mb = 0.0\nmax_temperature_c = 500.0\n')
     spool = tmp_path / "agent" / "spool"
-    cmd = [sys.executable, "-m", "agent.cli", "--config", str(config), "run"]
+    cmd = [sys.executable, "-m", "fedasync_iot.agent.cli", "--config", str(config), "run"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
 
     first = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
@@ -192,13 +192,13 @@ def test_killed_agent_delivers_its_spool_after_restart(broker, fleet_name, tmp_p
 
 
 def test_predict_matches_scikit_learn_on_the_same_weights(tmp_path) -> None:
-    from models._onnx import export_onnx
+    from fedasync_iot.models._onnx import export_onnx
 
     train, test = load_digits()
     adapter = build_model(SPEC)
     adapter.partial_fit(train.X, train.y, epochs=2)
     snapshot = _snapshot(adapter.get_params_vector(), export_onnx(adapter))
-    from models import encode_snapshot
+    from fedasync_iot.models import encode_snapshot
 
     (tmp_path / "model.snapshot").write_bytes(encode_snapshot(snapshot))
 
@@ -211,7 +211,7 @@ def test_predict_matches_scikit_learn_on_the_same_weights(tmp_path) -> None:
 
 
 def test_check_command_explains_each_check(capsys) -> None:
-    from agent.cli import main
+    from fedasync_iot.agent.cli import main
 
     code = main(["check", "--json"])
 
@@ -221,7 +221,7 @@ def test_check_command_explains_each_check(capsys) -> None:
 
 
 def _snapshot(weights=None, onnx: bytes = b""):
-    from models import Snapshot
+    from fedasync_iot.models import Snapshot
 
     w = build_model(SPEC).get_params_vector() if weights is None else weights
     return decode_snapshot(__import__("models").encode_snapshot(
@@ -229,8 +229,8 @@ def _snapshot(weights=None, onnx: bytes = b""):
 
 
 def test_training_in_a_child_process(tmp_path) -> None:
-    from agent._child import train_in_child
-    from agent._trainer import TrainConfig
+    from fedasync_iot.agent._child import train_in_child
+    from fedasync_iot.agent._trainer import TrainConfig
 
     train, _ = load_digits()
     snapshot = _snapshot()

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent._instance import Instance, TwinWatch
-from agent._readings import StaticReader
-from agent._runner import AgentRunner
-from agent._spool import Spool
-from fleet._broker import MosquittoBroker
-from models import Topics
+from fedasync_iot.agent._instance import Instance, TwinWatch
+from fedasync_iot.agent._readings import StaticReader
+from fedasync_iot.agent._runner import AgentRunner
+from fedasync_iot.agent._spool import Spool
+from fedasync_iot.fleet._broker import MosquittoBroker
+from fedasync_iot.models import Topics
 from tests.helpers import Listener, clear_retained, update_bytes, wait_for
 from tests.test_agent import agent_config, coordinator, digits_dir, readings
 
@@ -127,7 +127,7 @@ def test_an_update_of_a_newer_schema_leaves_the_spool(broker, fleet_name, tmp_pa
 
 
 class AgentProcess:
-    """`python -m agent.cli run` with its own config and log file."""
+    """`python -m fedasync_iot.agent.cli run` with its own config and log file."""
 
     def __init__(self, broker: MosquittoBroker, fleet: str, root: Path, data: Path,
                  name: str, device_id: str) -> None:
@@ -142,7 +142,7 @@ class AgentProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def cli(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "agent.cli", "--config", str(self.config), *args]
+        return [sys.executable, "-m", "fedasync_iot.agent.cli", "--config", str(self.config), *args]
 
     def start(self) -> AgentProcess:
         with self.log.open("wb") as log:

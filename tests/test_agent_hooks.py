@@ -17,15 +17,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-import agent.cli
-from agent._agent import Agent
-from agent._config import AgentConfig, load_config
-from agent._data import CallableSource
-from agent._hooks import CommandApproval
-from agent._policy import EligibilityGate, PolicyConfig, format_decision
-from agent._readings import Readings, StaticReader
-from agent._runner import PahoLink
-from models import (
+from fedasync_iot.agent import cli as agent_cli
+from fedasync_iot.agent._agent import Agent
+from fedasync_iot.agent._config import AgentConfig, load_config
+from fedasync_iot.agent._data import CallableSource
+from fedasync_iot.agent._hooks import CommandApproval
+from fedasync_iot.agent._policy import EligibilityGate, PolicyConfig, format_decision
+from fedasync_iot.agent._readings import Readings, StaticReader
+from fedasync_iot.agent._runner import PahoLink
+from fedasync_iot.models import (
     Ack,
     ConfigError,
     ModelSpec,
@@ -68,9 +68,9 @@ def _reset_site_hooks() -> Iterator[None]:
 
 @pytest.fixture
 def cli(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """`agent.cli.main` without its logging set-up, which would replace pytest's handlers."""
-    monkeypatch.setattr(agent.cli, "setup_logging", lambda *a, **k: None)
-    return agent.cli.main
+    """`agent_cli.main` without its logging set-up, which would replace pytest's handlers."""
+    monkeypatch.setattr(agent_cli, "setup_logging", lambda *a, **k: None)
+    return agent_cli.main
 
 
 def make_agent(tmp_path: Path, *, link: Any = None, reader: Any = None, **changes: Any) -> Agent:
@@ -262,7 +262,7 @@ def test_a_hook_error_is_logged_again_after_it_recovered(tmp_path: Path,
 
 
 def test_hysteresis_and_dwell_apply_to_hooks_too() -> None:
-    from agent._hooks import load_eligibility_hooks
+    from fedasync_iot.agent._hooks import load_eligibility_hooks
 
     gate = EligibilityGate(PolicyConfig(min_dwell_s=60.0),
                            extra_checks=load_eligibility_hooks([f"{HOOKS}:switch"]))

@@ -8,8 +8,8 @@ import socket
 import paho.mqtt.client as mqtt
 import pytest
 
-from fleet._broker import MosquittoBroker
-from models._mqtt import BrokerAddress, make_client
+from fedasync_iot.fleet._broker import MosquittoBroker
+from fedasync_iot.models._mqtt import BrokerAddress, make_client
 
 pytestmark = pytest.mark.broker
 

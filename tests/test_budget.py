@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent._agent import Agent
-from agent._budget import MIN_FITTED_SAMPLES, MIN_WINDOWS, WorkBudget, fit_work
-from agent._config import AgentConfig
-from agent._policy import PolicyConfig
-from agent._readings import Readings, StaticReader
-from agent._trainer import TrainConfig
-from models import ConfigError, ModelSpec, Snapshot, UpdateMessage
+from fedasync_iot.agent._agent import Agent
+from fedasync_iot.agent._budget import MIN_FITTED_SAMPLES, MIN_WINDOWS, WorkBudget, fit_work
+from fedasync_iot.agent._config import AgentConfig
+from fedasync_iot.agent._policy import PolicyConfig
+from fedasync_iot.agent._readings import Readings, StaticReader
+from fedasync_iot.agent._trainer import TrainConfig
+from fedasync_iot.models import ConfigError, ModelSpec, Snapshot, UpdateMessage
 
 
 def test_work_that_fits_is_left_alone() -> None:

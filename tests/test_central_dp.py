@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from coordinator._central_dp import (
+from fedasync_iot.coordinator._central_dp import (
     CentralDP,
     CentralDPConfig,
     central_epsilon,
@@ -19,11 +19,11 @@ from coordinator._central_dp import (
     versions_per_device,
     with_central_dp,
 )
-from coordinator._config import CoordinatorConfig
-from coordinator._rules import Contribution, FedAvgSync, FedBuff, Merge, RuleConfig
-from coordinator._staleness import Staleness
-from models import ConfigError, ModelSpec
-from models._dp import epsilon
+from fedasync_iot.coordinator._config import CoordinatorConfig
+from fedasync_iot.coordinator._rules import Contribution, FedAvgSync, FedBuff, Merge, RuleConfig
+from fedasync_iot.coordinator._staleness import Staleness
+from fedasync_iot.models import ConfigError, ModelSpec
+from fedasync_iot.models._dp import epsilon
 from tests.helpers import update_bytes, wait_for
 
 SPEC = ModelSpec(kind="logistic", n_features=4, classes=(0, 1, 2))
@@ -126,7 +126,7 @@ def test_config_refuses_what_the_guarantee_does_not_cover() -> None:
 @pytest.mark.broker
 def test_status_and_versions_report_the_coordinators_epsilon(broker, fleet_name, tmp_path,
                                                              capsys) -> None:
-    from coordinator.cli import main
+    from fedasync_iot.coordinator.cli import main
     from tests.test_coordinator_service import Device, N, make_service
 
     rule = RuleConfig(name="fedbuff", buffer_size=2, weight_by_samples=False)

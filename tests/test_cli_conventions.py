@@ -17,17 +17,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import agent.cli
-import coordinator.cli
-import fleet.cli
-from agent._data import check_source, open_source
-from models import ConfigError, Topics
+from fedasync_iot.agent import cli as agent_cli
+from fedasync_iot.agent._data import check_source, open_source
+from fedasync_iot.coordinator import cli as coordinator_cli
+from fedasync_iot.fleet import cli as fleet_cli
+from fedasync_iot.models import ConfigError, Topics
 from tests.helpers import Listener
 
 ROOT = Path(__file__).parents[1]
 EXAMPLES = ROOT / "examples"
-MODULES = {"fedasync-agent": "agent.cli", "fedasync-coordinator": "coordinator.cli",
-           "fedasync-sim": "fleet.cli"}
+MODULES = {"fedasync-agent": "fedasync_iot.agent.cli",
+           "fedasync-coordinator": "fedasync_iot.coordinator.cli",
+           "fedasync-sim": "fedasync_iot.fleet.cli"}
 NOWHERE = "mqtt://127.0.0.1:9"  # the discard port: nothing here may connect anywhere
 
 
@@ -43,7 +44,7 @@ def cli(prog: str, *args: str, env: dict[str, str] | None = None, timeout: float
 def quiet_logging(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The CLIs' logging set-up would replace pytest's handlers: record the level instead."""
     levels: list[str] = []
-    for module in (agent.cli, coordinator.cli, fleet.cli):
+    for module in (agent_cli, coordinator_cli, fleet_cli):
         monkeypatch.setattr(module, "setup_logging",
                             lambda level="INFO", fmt="text": levels.append(level))
     return levels
@@ -70,7 +71,7 @@ def test_version_on_all_three_commands(prog: str) -> None:
 
 def test_sim_help_lists_its_commands(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as done:
-        fleet.cli.main(["--help"])
+        fleet_cli.main(["--help"])
 
     out = capsys.readouterr().out
     assert done.value.code == 0
@@ -80,10 +81,10 @@ def test_sim_help_lists_its_commands(capsys: pytest.CaptureFixture[str]) -> None
 
 
 @pytest.mark.parametrize(("main", "argv"), [
-    (agent.cli.main, ["--log-level", "LOUD", "status"]),
-    (coordinator.cli.main, ["versions", "--log-level", "LOUD"]),
-    (fleet.cli.main, ["--log-level", "LOUD"]),
-    (fleet.cli.main, ["bench", "--log-level", "LOUD"]),
+    (agent_cli.main, ["--log-level", "LOUD", "status"]),
+    (coordinator_cli.main, ["versions", "--log-level", "LOUD"]),
+    (fleet_cli.main, ["--log-level", "LOUD"]),
+    (fleet_cli.main, ["bench", "--log-level", "LOUD"]),
 ])
 def test_a_bad_log_level_is_a_one_line_error(main: Callable[[list[str]], int], argv: list[str],
                                              capsys: pytest.CaptureFixture[str],
@@ -100,14 +101,14 @@ def test_a_bad_log_level_is_a_one_line_error(main: Callable[[list[str]], int], a
 
 def test_log_level_is_case_insensitive(tmp_path: Path, quiet_logging: list[str],
                                        capsys: pytest.CaptureFixture[str]) -> None:
-    assert agent.cli.main(["--log-level", "debug", "--state-dir", str(tmp_path), "status"]) == 0
+    assert agent_cli.main(["--log-level", "debug", "--state-dir", str(tmp_path), "status"]) == 0
     assert quiet_logging == ["DEBUG"]
 
 
 def test_bad_seeds_are_a_one_line_error(capsys: pytest.CaptureFixture[str],
                                         quiet_logging: list[str]) -> None:
     with pytest.raises(SystemExit) as done:
-        fleet.cli.main(["bench", "--seeds", "1,x"])
+        fleet_cli.main(["bench", "--seeds", "1,x"])
 
     assert done.value.code == 2
     assert one_line_error(capsys.readouterr().err) == (
@@ -182,7 +183,7 @@ def test_a_numeric_device_id_from_the_environment_is_a_string(
            "FEDASYNC_DATA": str(data), "FEDASYNC_CHECK_INTERVAL_S": "0.2"}
     listener = Listener(broker.url, [Topics(fleet_name).status("123")])
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("FEDASYNC_")}
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run"], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "fedasync_iot.agent.cli", "run"], cwd=ROOT,
                             env={**full_env, "PYTHONPATH": str(ROOT), **env},
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -206,7 +207,8 @@ def test_the_coordinator_runs_beside_the_agents_variables(broker, fleet_name: st
                    '[snapshots]\ninclude_onnx = false\n')
     listener = Listener(broker.url, [Topics(fleet_name).model])
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("FEDASYNC_")}
-    proc = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "run", "--config",
+    proc = subprocess.Popen([sys.executable, "-m", "fedasync_iot.coordinator.cli",
+                             "run", "--config",
                              str(config)], cwd=ROOT, stderr=subprocess.PIPE, text=True,
                             env={**full_env, "PYTHONPATH": str(ROOT), "FEDASYNC_DEVICE_ID": "pi-1",
                                  "FEDASYNC_POLICY__MIN_BATTERY_PERCENT": "60"})
@@ -236,7 +238,7 @@ def test_check_with_a_missing_data_directory_is_not_eligible(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], quiet_logging: list[str]) -> None:
     missing = tmp_path / "nope"
 
-    code = agent.cli.main(["--config", str(agent_toml(tmp_path, str(missing))), "check",
+    code = agent_cli.main(["--config", str(agent_toml(tmp_path, str(missing))), "check",
                            "--json"])
 
     decision = json.loads(capsys.readouterr().out)
@@ -253,7 +255,7 @@ def test_check_shows_usable_data(tmp_path: Path, capsys: pytest.CaptureFixture[s
     (data / "a.csv").write_text("x1,x2,label\n0.5,1.5,1\n")
     np.savez(data / "b.npz", X=np.zeros((2, 2)), y=np.zeros(2))
 
-    agent.cli.main(["--config", str(agent_toml(tmp_path, str(data))), "check"])
+    agent_cli.main(["--config", str(agent_toml(tmp_path, str(data))), "check"])
 
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("data "))

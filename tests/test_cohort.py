@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from agent._agent import Agent
-from agent._config import AgentConfig
-from agent._data import DirectorySource
-from agent._policy import PolicyConfig
-from agent._readings import StaticReader
-from coordinator._cohort import CohortSelector, parse_status
-from models import ModelSpec, Snapshot, encode_snapshot
+from fedasync_iot.agent._agent import Agent
+from fedasync_iot.agent._config import AgentConfig
+from fedasync_iot.agent._data import DirectorySource
+from fedasync_iot.agent._policy import PolicyConfig
+from fedasync_iot.agent._readings import StaticReader
+from fedasync_iot.coordinator._cohort import CohortSelector, parse_status
+from fedasync_iot.models import ModelSpec, Snapshot, encode_snapshot
 from tests.test_agent import readings
 
 

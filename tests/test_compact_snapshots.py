@@ -22,17 +22,24 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent._agent import Agent
-from agent._predict import Predictor
-from agent._readings import StaticReader
-from coordinator._config import SnapshotConfig
-from models import ModelSpec, Snapshot, Topics, UnsupportedSchema, WireError, encode_snapshot
-from models._adapters import build_model
-from models._inference import OnnxModel
-from models._onnx import export_template
-from models._signing import Signer, generate_keypair, split
-from models._template import OnnxTemplate
-from models._wire import (
+from fedasync_iot.agent._agent import Agent
+from fedasync_iot.agent._predict import Predictor
+from fedasync_iot.agent._readings import StaticReader
+from fedasync_iot.coordinator._config import SnapshotConfig
+from fedasync_iot.models import (
+    ModelSpec,
+    Snapshot,
+    Topics,
+    UnsupportedSchema,
+    WireError,
+    encode_snapshot,
+)
+from fedasync_iot.models._adapters import build_model
+from fedasync_iot.models._inference import OnnxModel
+from fedasync_iot.models._onnx import export_template
+from fedasync_iot.models._signing import Signer, generate_keypair, split
+from fedasync_iot.models._template import OnnxTemplate
+from fedasync_iot.models._wire import (
     Announcement,
     TemplateMessage,
     WeightsMessage,
@@ -384,7 +391,7 @@ def test_an_agent_fetches_the_template_once_then_compact_snapshots(broker, fleet
                                       full.weights.astype(np.float16).astype(np.float32))
         # Its Predictor (template + weights) agrees with the full ONNX of the same version.
         predictor = Predictor(tmp_path / "agent")
-        from models._datasets import load_digits
+        from fedasync_iot.models._datasets import load_digits
 
         _, test = load_digits()
         X = test.X[:300].astype(np.float32)
@@ -481,8 +488,7 @@ def test_a_compact_fetch_that_never_arrives_falls_back_to_full_snapshots(
         tmp_path: Path, small_template: OnnxTemplate) -> None:
     """A broker whose ACL predates compact snapshots hides their topics: the agent waits out
     one fetch, then takes the full snapshot, and keeps doing so for COMPACT_RETRY_S."""
-    import agent._agent as agent_module
-
+    import fedasync_iot.agent._agent as agent_module
     now = [1000.0]
     agent = offline_agent(tmp_path, StaticReader(UNPLUGGED))
     agent.monotonic = agent.net_clock = lambda: now[0]

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from agent._config import load_config as load_agent
-from coordinator._config import load_config as load_coordinator
-from models import ConfigError
+from fedasync_iot.agent._config import load_config as load_agent
+from fedasync_iot.coordinator._config import load_config as load_coordinator
+from fedasync_iot.models import ConfigError
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 

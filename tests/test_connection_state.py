@@ -18,19 +18,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent._agent import Agent
-from agent._config import AgentConfig
-from agent._data import CallableSource
-from agent._policy import PolicyConfig
-from agent._readings import Readings, StaticReader
-from agent._runner import AgentRunner, PahoLink
-from agent.cli import main as agent_main
-from coordinator._config import CoordinatorConfig, SnapshotConfig
-from coordinator._service import CoordinatorService
-from fleet._broker import MosquittoBroker, free_port
-from models import ModelSpec, Topics, decode_snapshot
-from models._files import save_npz
-from models._mqtt import BrokerAddress, make_client
+from fedasync_iot.agent._agent import Agent
+from fedasync_iot.agent._config import AgentConfig
+from fedasync_iot.agent._data import CallableSource
+from fedasync_iot.agent._policy import PolicyConfig
+from fedasync_iot.agent._readings import Readings, StaticReader
+from fedasync_iot.agent._runner import AgentRunner, PahoLink
+from fedasync_iot.agent.cli import main as agent_main
+from fedasync_iot.coordinator._config import CoordinatorConfig, SnapshotConfig
+from fedasync_iot.coordinator._service import CoordinatorService
+from fedasync_iot.fleet._broker import MosquittoBroker, free_port
+from fedasync_iot.models import ModelSpec, Topics, decode_snapshot
+from fedasync_iot.models._files import save_npz
+from fedasync_iot.models._mqtt import BrokerAddress, make_client
 from tests.helpers import Listener, wait_for
 
 SPEC = ModelSpec(kind="logistic", n_features=4, classes=(0, 1, 2))

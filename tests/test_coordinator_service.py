@@ -10,13 +10,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from coordinator._config import CoordinatorConfig, SnapshotConfig
-from coordinator._guards import GuardConfig
-from coordinator._rules import RuleConfig
-from coordinator._service import CoordinatorService
-from coordinator._store import checksum
-from fleet._broker import MosquittoBroker
-from models import ModelSpec, Topics, decode_ack, decode_snapshot
+from fedasync_iot.coordinator._config import CoordinatorConfig, SnapshotConfig
+from fedasync_iot.coordinator._guards import GuardConfig
+from fedasync_iot.coordinator._rules import RuleConfig
+from fedasync_iot.coordinator._service import CoordinatorService
+from fedasync_iot.coordinator._store import checksum
+from fedasync_iot.fleet._broker import MosquittoBroker
+from fedasync_iot.models import ModelSpec, Topics, decode_ack, decode_snapshot
 from tests.helpers import Listener, update_bytes, wait_for
 
 pytestmark = pytest.mark.broker

@@ -34,7 +34,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from coordinator._provision import (
+from fedasync_iot.coordinator._provision import (
     COORDINATOR_USER,
     hash_password,
     provision,
@@ -42,11 +42,11 @@ from coordinator._provision import (
     set_password,
     verify_password,
 )
-from coordinator.cli import main as coordinator_main
-from fleet._broker import MosquittoBroker, free_port, mosquitto_path
-from models import ConfigError
-from models._config import tomllib
-from models._mqtt import BrokerAddress, make_client
+from fedasync_iot.coordinator.cli import main as coordinator_main
+from fedasync_iot.fleet._broker import MosquittoBroker, free_port, mosquitto_path
+from fedasync_iot.models import ConfigError
+from fedasync_iot.models._config import tomllib
+from fedasync_iot.models._mqtt import BrokerAddress, make_client
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -532,7 +532,7 @@ def _run_cli(*argv: str) -> tuple[int, str, str]:
 
 
 def test_provision_device_cli_writes_a_working_agent_config(tmp_path: Path) -> None:
-    from agent._config import load_config
+    from fedasync_iot.agent._config import load_config
 
     code, out, err = _run_cli(
         "provision-device", "pi-01", "--passwd", str(tmp_path / "passwd"),
@@ -566,7 +566,7 @@ def test_provision_device_cli_writes_a_working_agent_config(tmp_path: Path) -> N
 def test_provision_device_for_a_cluster_lists_every_node(tmp_path: Path) -> None:
     """Several --broker URLs (a cluster's nodes): the agent config lists them all, each with
     the device's account, for the agent to fail over between (docs/brokers.md)."""
-    from agent._config import load_config
+    from fedasync_iot.agent._config import load_config
 
     nodes = "mqtts://a.lan:8883,mqtts://b.lan:8883,mqtts://c.lan:8883"
     code, out, err = _run_cli("provision-device", "pi-02", "--passwd", str(tmp_path / "passwd"),
@@ -732,7 +732,7 @@ def test_installer_refuses_old_python(tmp_path: Path) -> None:
 
 
 def test_installer_without_pip_makes_venv_and_config_and_is_idempotent(tmp_path: Path) -> None:
-    from agent._config import load_config
+    from fedasync_iot.agent._config import load_config
 
     prefix = tmp_path / "agent"
     args = ["--prefix", str(prefix), "--no-systemd", "--no-pip", "--device-id", "pi-01",
@@ -767,7 +767,7 @@ def test_installer_without_pip_makes_venv_and_config_and_is_idempotent(tmp_path:
 
 
 def test_installer_installs_a_provisioned_config(tmp_path: Path) -> None:
-    from agent._config import load_config
+    from fedasync_iot.agent._config import load_config
 
     made = provision("pi-02", passwd_file=tmp_path / "passwd", broker="mqtts://broker.lan:8883",
                      out_dir=tmp_path / "out")
@@ -863,12 +863,12 @@ def test_units_have_the_hardening_and_paths(name: str) -> None:
     assert f"/etc/fedasync/{kind}.toml" in argv and "${STATE_DIRECTORY}" in argv
     argv = [a.replace("${STATE_DIRECTORY}", "/var/lib/x") for a in argv[1:]]
     if kind == "agent":
-        from agent.cli import _parser as agent_parser
+        from fedasync_iot.agent.cli import _parser as agent_parser
 
         args = agent_parser().parse_args(argv)
         assert (args.command, args.log_format) == ("run", "json")
     else:
-        from coordinator.cli import _parser as coordinator_parser
+        from fedasync_iot.coordinator.cli import _parser as coordinator_parser
 
         args = coordinator_parser().parse_args(argv)
         assert (args.command, args.log_format) == ("run", "json")
@@ -920,8 +920,8 @@ def _doc_commands() -> list[list[str]]:
 
 
 def test_operations_doc_commands_exist() -> None:
-    from agent.cli import _parser as agent_parser
-    from coordinator.cli import _parser as coordinator_parser
+    from fedasync_iot.agent.cli import _parser as agent_parser
+    from fedasync_iot.coordinator.cli import _parser as coordinator_parser
 
     commands = _doc_commands()
     checked = 0

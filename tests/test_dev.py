@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from fleet._broker import mosquitto_path
-from models._config import tomllib
+from fedasync_iot.fleet._broker import mosquitto_path
+from fedasync_iot.models._config import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_mosquitto = pytest.mark.skipif(mosquitto_path() is None,
@@ -71,7 +71,8 @@ def test_demo_help_lists_the_demo_options(tmp_path: Path) -> None:
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "python").symlink_to(sys.executable)
     sim = venv / "bin" / "fedasync-sim"
-    sim.write_text(f'#!/bin/sh\nPYTHONPATH="{ROOT}" exec "{sys.executable}" -m fleet.cli "$@"\n')
+    sim.write_text(f'#!/bin/sh\nPYTHONPATH="{ROOT}" exec "{sys.executable}" '
+                   '-m fedasync_iot.fleet.cli "$@"\n')
     sim.chmod(0o755)
     (venv / ".installed").touch()
     later = time.time() + 86400  # newer than pyproject.toml, whatever its mtime: no install

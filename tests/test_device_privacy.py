@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from agent._privacy import PrivacyConfig, PrivacyLedger
-from coordinator._device_privacy import (
+from fedasync_iot.agent._privacy import PrivacyConfig, PrivacyLedger
+from fedasync_iot.coordinator._device_privacy import (
     MAX_EPSILON,
     BadStatus,
     DevicePrivacy,
     PrivacyBook,
     from_status,
 )
-from coordinator._store import Store
-from models import Topics
+from fedasync_iot.coordinator._store import Store
+from fedasync_iot.models import Topics
 from tests.helpers import Listener, wait_for
 from tests.test_privacy import budget_for
 

@@ -25,15 +25,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-import coordinator._store
-from coordinator._config import CoordinatorConfig, SnapshotConfig
-from coordinator._guards import GuardConfig
-from coordinator._retries import Recovery, Retries
-from coordinator._rules import RuleConfig
-from coordinator._service import CoordinatorService
-from coordinator._store import Store
-from fleet._broker import MosquittoBroker
-from models import ModelSpec, Topics, decode_ack
+from fedasync_iot.coordinator import _store as store_module
+from fedasync_iot.coordinator._config import CoordinatorConfig, SnapshotConfig
+from fedasync_iot.coordinator._guards import GuardConfig
+from fedasync_iot.coordinator._retries import Recovery, Retries
+from fedasync_iot.coordinator._rules import RuleConfig
+from fedasync_iot.coordinator._service import CoordinatorService
+from fedasync_iot.coordinator._store import Store
+from fedasync_iot.fleet._broker import MosquittoBroker
+from fedasync_iot.models import ModelSpec, Topics, decode_ack
 from tests.helpers import Listener, update_bytes, wait_for
 
 SPEC = ModelSpec(kind="logistic", n_features=4, classes=(0, 1, 2))
@@ -115,8 +115,8 @@ class Enospc:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.full = False
         self.attempts: list[float] = []
-        self._fsync_dir = coordinator._store._fsync_dir
-        monkeypatch.setattr(coordinator._store, "_fsync_dir", self._fsync)
+        self._fsync_dir = store_module._fsync_dir
+        monkeypatch.setattr(store_module, "_fsync_dir", self._fsync)
 
     def _fsync(self, path: Path) -> None:
         if self.full:
@@ -283,17 +283,17 @@ def test_the_write_ahead_log_does_not_fill_a_small_state_directory(small_disk: P
     rng = np.random.default_rng(0)
     try:
         for v in range(1, 601):
-            store.commit(coordinator._store.Commit(
-                updates=[coordinator._store.UpdateRecord(
+            store.commit(store_module.Commit(
+                updates=[store_module.UpdateRecord(
                     update_id=f"u{v}", device_id=f"dev-{v % 20}", base_version=v - 1,
                     staleness=0, n_samples=10, received_at=float(v), outcome="accepted",
                     weight=0.5, version=v)],
-                versions=[coordinator._store.VersionRecord(
+                versions=[store_module.VersionRecord(
                     version=v, created_at=float(v), n_updates=1, checksum=f"{v:064x}",
                     source="merge", metrics={"accuracy": 0.5})],
                 model=(v, rng.standard_normal(650))))
             wal = small_disk / "state" / "state.db-wal"
-            assert not wal.exists() or wal.stat().st_size <= 2 * coordinator._store._WAL_BYTES
+            assert not wal.exists() or wal.stat().st_size <= 2 * store_module._WAL_BYTES
         assert store.current_version() == 600
     finally:
         store.close()

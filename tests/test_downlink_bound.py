@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fleet import build_fleet
-from fleet._broker import MosquittoBroker
-from fleet._fleetfile import replay_config
-from fleet._sim import run_rule
-from fleet._traffic import (
+from fedasync_iot.fleet import build_fleet
+from fedasync_iot.fleet._broker import MosquittoBroker
+from fedasync_iot.fleet._fleetfile import replay_config
+from fedasync_iot.fleet._sim import run_rule
+from fedasync_iot.fleet._traffic import (
     downlink_bound,
     per_device_line,
     snapshot_downloads,

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator._engine import Engine, Incoming
-from coordinator._guards import GuardConfig
-from coordinator._rules import RuleConfig, build_rule
-from coordinator._store import Store
-from models import ModelSpec, StateError
+from fedasync_iot.coordinator._engine import Engine, Incoming
+from fedasync_iot.coordinator._guards import GuardConfig
+from fedasync_iot.coordinator._rules import RuleConfig, build_rule
+from fedasync_iot.coordinator._store import Store
+from fedasync_iot.models import ModelSpec, StateError
 from tests.helpers import update_bytes
 
 SPEC = ModelSpec(kind="linear", n_features=3)  # 4 parameters: 3 weights + intercept

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from agent._config import load_config as load_agent_config
-from coordinator._config import load_config as load_coordinator_config
-from fleet._broker import MosquittoBroker, free_port
-from models import ConfigError
-from models._mqtt import BrokerAddress, Connection, broker_urls, make_client
+from fedasync_iot.agent._config import load_config as load_agent_config
+from fedasync_iot.coordinator._config import load_config as load_coordinator_config
+from fedasync_iot.fleet._broker import MosquittoBroker, free_port
+from fedasync_iot.models import ConfigError
+from fedasync_iot.models._mqtt import BrokerAddress, Connection, broker_urls, make_client
 from tests.helpers import wait_for
 from tests.test_connection_state import agent_on
 
@@ -129,9 +129,9 @@ def test_the_coordinator_logs_each_urls_own_failure(tmp_path: Path,
     """Its check for another coordinator runs before each attempt, on the URL that attempt
     uses: a failure is logged against that URL with that URL's reason (it probed every URL
     once, and a dead node's attempt was blamed on the last URL's unresolvable name)."""
-    from coordinator._config import CoordinatorConfig
-    from coordinator._service import CoordinatorService
-    from models import ModelSpec
+    from fedasync_iot.coordinator._config import CoordinatorConfig
+    from fedasync_iot.coordinator._service import CoordinatorService
+    from fedasync_iot.models import ModelSpec
 
     caplog.set_level(logging.INFO, logger="fedasync")
     dead = f"mqtt://127.0.0.1:{free_port()}"  # bound and closed: nothing listens there

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fleet._fairness import (
+from fedasync_iot.fleet._fairness import (
     constrained_devices,
     constrained_profile,
     dominant_labels,
@@ -13,7 +13,7 @@ from fleet._fairness import (
     participation_summary,
     worst_fraction_mean,
 )
-from fleet._traces import FleetProfile, generate_device
+from fedasync_iot.fleet._traces import FleetProfile, generate_device
 
 
 def part(*labels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -72,14 +72,14 @@ def test_worst_fraction_and_participation_summary() -> None:
 
 
 def test_rule_variants_parse_and_map_to_participation_settings() -> None:
-    from fleet._sim import (
+    from fedasync_iot.fleet._sim import (
         SimConfig,
         fit_fraction,
         participation_config,
         rule_config,
         split_rule,
     )
-    from models import ConfigError
+    from fedasync_iot.models import ConfigError
 
     assert split_rule("fedbuff+reweight") == ("fedbuff", {"reweight"})
     assert split_rule("fedasync+plain+fit") == ("fedasync", {"plain", "fit"})
@@ -106,8 +106,8 @@ def test_rule_variants_parse_and_map_to_participation_settings() -> None:
 def test_correlated_fleet_changes_only_the_constrained_devices() -> None:
     from dataclasses import replace
 
-    from fleet import build_fleet
-    from fleet._sim import SimConfig
+    from fedasync_iot.fleet import build_fleet
+    from fedasync_iot.fleet._sim import SimConfig
 
     plain = build_fleet(SimConfig(devices=30, seed=2))
     tied = build_fleet(replace(SimConfig(devices=30, seed=2), correlate_labels=(0, 1, 2)))
@@ -121,8 +121,8 @@ def test_correlated_fleet_changes_only_the_constrained_devices() -> None:
 
 
 def test_correlation_needs_the_synthetic_fleet() -> None:
-    from fleet._sim import SimConfig
-    from models import ConfigError
+    from fedasync_iot.fleet._sim import SimConfig
+    from fedasync_iot.models import ConfigError
 
     with pytest.raises(ConfigError, match="correlate_labels"):
         SimConfig(correlate_labels=(1,), fleet_file="examples/fleet/fleet.toml")
@@ -141,8 +141,8 @@ def test_a_capped_run_holds_every_device_to_the_cap_and_agents_back_off(broker, 
     1300-2800 sim s, makes it try 3-5 times per 2-hour window against a cap of 2."""
     from dataclasses import replace
 
-    from fleet import build_fleet
-    from fleet._sim import SimConfig, run_rule
+    from fedasync_iot.fleet import build_fleet
+    from fedasync_iot.fleet._sim import SimConfig, run_rule
 
     profile = FleetProfile(speed_median_s=300.0, mains_fraction=1.0, cellular_fraction=0.0,
                            late_join_fraction=0.0, early_leave_fraction=0.0, flap_fraction=0.0,

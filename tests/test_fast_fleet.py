@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.stragglers import always_on_fleet
-from fleet.cli import main
+from fedasync_iot.bench.stragglers import always_on_fleet
+from fedasync_iot.fleet.cli import main
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 

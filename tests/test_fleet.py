@@ -11,13 +11,18 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from fleet import build_fleet
-from fleet._broker import EmbeddedBroker, MosquittoBroker, mosquitto_path, raise_fd_limit
-from fleet._netloop import NetLoop
-from fleet._sim import SimConfig, time_to_target
-from fleet._traces import FleetProfile
-from fleet.cli import compare
-from models._mqtt import BrokerAddress, make_client
+from fedasync_iot.fleet import build_fleet
+from fedasync_iot.fleet._broker import (
+    EmbeddedBroker,
+    MosquittoBroker,
+    mosquitto_path,
+    raise_fd_limit,
+)
+from fedasync_iot.fleet._netloop import NetLoop
+from fedasync_iot.fleet._sim import SimConfig, time_to_target
+from fedasync_iot.fleet._traces import FleetProfile
+from fedasync_iot.fleet.cli import compare
+from fedasync_iot.models._mqtt import BrokerAddress, make_client
 from tests.helpers import Listener, wait_for
 
 

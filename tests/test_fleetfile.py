@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent._policy import PolicyConfig
-from fleet import build_fleet
-from fleet._fleetfile import (
+from fedasync_iot.agent._policy import PolicyConfig
+from fedasync_iot.fleet import build_fleet
+from fedasync_iot.fleet._fleetfile import (
     FleetFileError,
     export_fleet,
     load_fleet,
@@ -24,11 +24,11 @@ from fleet._fleetfile import (
     read_trace,
     replay_config,
 )
-from fleet._sim import SimConfig, fleet_summary, local_evaluation, metric_of
-from fleet._traces import Battery, Intervals
-from fleet.cli import compare, main
-from models import ConfigError
-from models._files import save_npz
+from fedasync_iot.fleet._sim import SimConfig, fleet_summary, local_evaluation, metric_of
+from fedasync_iot.fleet._traces import Battery, Intervals
+from fedasync_iot.fleet.cli import compare, main
+from fedasync_iot.models import ConfigError
+from fedasync_iot.models._files import save_npz
 
 INF = math.inf
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "fleet" / "fleet.toml"
@@ -564,7 +564,7 @@ def test_a_regression_fleet_uses_the_linear_model_and_r2(tmp_path) -> None:
 
     assert fleet.spec.kind == "linear" and fleet.spec.classes == ()
     assert metric_of(fleet.spec) == "r2"
-    from models import build_model
+    from fedasync_iot.models import build_model
 
     model = build_model(fleet.spec)
     model.partial_fit(*fleet.parts[0], epochs=30)
@@ -702,8 +702,8 @@ def test_local_evaluation_reports_the_mean_and_the_worst_tenth() -> None:
 def test_device_accuracies_computed_at_once_equal_one_evaluation_per_device(kind: str) -> None:
     """`device_scores` scores every device's set with one prediction per model: the same
     figures as `evaluate` on each set, devices without a set left out."""
-    from fleet._sim import device_scores
-    from models import ModelSpec, build_model
+    from fedasync_iot.fleet._sim import device_scores
+    from fedasync_iot.models import ModelSpec, build_model
 
     rng = np.random.default_rng(3)
     model = build_model(ModelSpec(kind=kind, n_features=6, classes=(0, 1, 2, 5), hidden=(8,)))

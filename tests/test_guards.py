@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from coordinator._guards import GuardConfig, check_update
-from models import ConfigError, InvalidUpdate
+from fedasync_iot.coordinator._guards import GuardConfig, check_update
+from fedasync_iot.models import ConfigError, InvalidUpdate
 
 CLIP = GuardConfig(max_norm=1.0, norm_policy="clip", max_staleness=3)
 REJECT = GuardConfig(max_norm=1.0, norm_policy="reject", max_staleness=3)

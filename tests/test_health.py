@@ -14,13 +14,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-import coordinator.cli
-from coordinator._config import CoordinatorConfig, SnapshotConfig
-from coordinator._guards import GuardConfig
-from coordinator._rules import RuleConfig
-from coordinator._service import CoordinatorService
-from fleet._broker import MosquittoBroker
-from models import ModelSpec, Topics, decode_ack
+from fedasync_iot.coordinator import cli as coordinator_cli
+from fedasync_iot.coordinator._config import CoordinatorConfig, SnapshotConfig
+from fedasync_iot.coordinator._guards import GuardConfig
+from fedasync_iot.coordinator._rules import RuleConfig
+from fedasync_iot.coordinator._service import CoordinatorService
+from fedasync_iot.fleet._broker import MosquittoBroker
+from fedasync_iot.models import ModelSpec, Topics, decode_ack
 from tests.helpers import Listener, update_bytes, wait_for
 
 SPEC = ModelSpec(kind="logistic", n_features=4, classes=(0, 1, 2))
@@ -38,7 +38,7 @@ def healthz(port: int) -> tuple[int, Any]:
 def test_healthz_and_rollback_say_when_the_broker_is_down(
         private_broker: MosquittoBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(coordinator.cli, "setup_logging", lambda *a, **k: None)
+    monkeypatch.setattr(coordinator_cli, "setup_logging", lambda *a, **k: None)
     state, topics = tmp_path / "state", Topics("health")
     service = CoordinatorService(CoordinatorConfig(
         model=SPEC, broker=private_broker.url, fleet="health", state_dir=str(state),
@@ -50,7 +50,7 @@ def test_healthz_and_rollback_say_when_the_broker_is_down(
     assert port is not None
 
     def rollback() -> tuple[int, str]:
-        code = coordinator.cli.main(["rollback", "--state-dir", str(state), "--to", "0"])
+        code = coordinator_cli.main(["rollback", "--state-dir", str(state), "--to", "0"])
         return code, capsys.readouterr().out
 
     try:

@@ -29,19 +29,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent._agent import Agent
-from agent._config import AgentConfig
-from agent._policy import PolicyConfig
-from agent._readings import Readings, StaticReader
-from coordinator._config import CoordinatorConfig, SnapshotConfig
-from coordinator._engine import Engine, Incoming, Outcome
-from coordinator._guards import GuardConfig
-from coordinator._participation import ParticipationConfig
-from coordinator._rules import RuleConfig, build_rule
-from coordinator._service import CoordinatorService
-from coordinator._store import Store
-from fleet._broker import MosquittoBroker
-from models import (
+from fedasync_iot.agent._agent import Agent
+from fedasync_iot.agent._config import AgentConfig
+from fedasync_iot.agent._policy import PolicyConfig
+from fedasync_iot.agent._readings import Readings, StaticReader
+from fedasync_iot.coordinator._config import CoordinatorConfig, SnapshotConfig
+from fedasync_iot.coordinator._engine import Engine, Incoming, Outcome
+from fedasync_iot.coordinator._guards import GuardConfig
+from fedasync_iot.coordinator._participation import ParticipationConfig
+from fedasync_iot.coordinator._rules import RuleConfig, build_rule
+from fedasync_iot.coordinator._service import CoordinatorService
+from fedasync_iot.coordinator._store import Store
+from fedasync_iot.fleet._broker import MosquittoBroker
+from fedasync_iot.models import (
     ModelSpec,
     Snapshot,
     Topics,
@@ -54,7 +54,7 @@ from models import (
     encode_snapshot,
     encode_update,
 )
-from models._wire import ENCODINGS, MAGIC, update_label
+from fedasync_iot.models._wire import ENCODINGS, MAGIC, update_label
 from tests.helpers import Listener, update_bytes, wait_for
 
 SPEC = ModelSpec(kind="linear", n_features=7)  # 8 parameters: a small model keeps 10k commits fast

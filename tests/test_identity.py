@@ -24,15 +24,15 @@ from urllib.parse import quote
 import numpy as np
 import pytest
 
-from coordinator._config import CoordinatorConfig, SnapshotConfig, load_config
-from coordinator._guards import GuardConfig
-from coordinator._identity import HOST, PID_NAMESPACE, Presence
-from coordinator._provision import COORDINATOR_USER
-from coordinator._rules import RuleConfig
-from coordinator._service import CoordinatorService
-from fleet._broker import MosquittoBroker
-from models import ConfigError, ModelSpec, Topics, decode_ack
-from models._mqtt import BrokerAddress, make_client
+from fedasync_iot.coordinator._config import CoordinatorConfig, SnapshotConfig, load_config
+from fedasync_iot.coordinator._guards import GuardConfig
+from fedasync_iot.coordinator._identity import HOST, PID_NAMESPACE, Presence
+from fedasync_iot.coordinator._provision import COORDINATOR_USER
+from fedasync_iot.coordinator._rules import RuleConfig
+from fedasync_iot.coordinator._service import CoordinatorService
+from fedasync_iot.fleet._broker import MosquittoBroker
+from fedasync_iot.models import ConfigError, ModelSpec, Topics, decode_ack
+from fedasync_iot.models._mqtt import BrokerAddress, make_client
 from tests.helpers import Listener, update_bytes, wait_for
 
 SPEC = ModelSpec(kind="logistic", n_features=4, classes=(0, 1, 2))
@@ -82,7 +82,8 @@ def accepted_ids(service: CoordinatorService) -> set[str]:
 
 def run_cli(toml: Path) -> subprocess.CompletedProcess[str]:
     """`fedasync-coordinator run --config TOML` to its end (a refusal)."""
-    return subprocess.run([sys.executable, "-m", "coordinator.cli", "run", "--config", str(toml)],
+    return subprocess.run([sys.executable, "-m", "fedasync_iot.coordinator.cli",
+                           "run", "--config", str(toml)],
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
                           text=True, timeout=120, check=False)
 
@@ -348,7 +349,7 @@ def test_run_standby_on_the_same_state_directory_takes_over_where_the_first_stop
     log = tmp_path / "standby.log"
     with log.open("wb") as out:
         standby = subprocess.Popen(
-            [sys.executable, "-m", "coordinator.cli", "run", "--standby", "--config",
+            [sys.executable, "-m", "fedasync_iot.coordinator.cli", "run", "--standby", "--config",
              str(write_toml(tmp_path / "standby.toml", broker, fleet_name, state))],
             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -519,10 +520,10 @@ def test_topics_a_broker_rewrote_are_recognised(tmp_path: Path,
     """RabbitMQ's MQTT plugin delivers 'fl/t.dot/model' as 'fl/t/dot/model' (tests/
     test_rabbitmq.py): our own topics, rewritten, are told from another fleet's, and the agent
     says why once instead of handing an announcement to its ack handler."""
-    from agent._agent import Agent
-    from agent._config import AgentConfig
-    from agent._data import CallableSource
-    from agent._readings import StaticReader
+    from fedasync_iot.agent._agent import Agent
+    from fedasync_iot.agent._config import AgentConfig
+    from fedasync_iot.agent._data import CallableSource
+    from fedasync_iot.agent._readings import StaticReader
     from tests.test_agent import readings
     from tests.test_models_on_demand import RecordingLink
 

@@ -17,19 +17,26 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from agent._agent import Agent
-from agent._config import AgentConfig
-from agent._data import CallableSource
-from agent._policy import PolicyConfig
-from agent._readings import StaticReader
-from agent._runner import AgentRunner, PahoLink
-from coordinator._config import CoordinatorConfig, SnapshotConfig
-from coordinator._rules import RuleConfig
-from coordinator._service import CoordinatorService
-from fleet._broker import MosquittoBroker
-from models import ModelSpec, Snapshot, Topics, UnsupportedSchema, WireError, encode_snapshot
-from models._signing import generate_keypair, split
-from models._wire import (
+from fedasync_iot.agent._agent import Agent
+from fedasync_iot.agent._config import AgentConfig
+from fedasync_iot.agent._data import CallableSource
+from fedasync_iot.agent._policy import PolicyConfig
+from fedasync_iot.agent._readings import StaticReader
+from fedasync_iot.agent._runner import AgentRunner, PahoLink
+from fedasync_iot.coordinator._config import CoordinatorConfig, SnapshotConfig
+from fedasync_iot.coordinator._rules import RuleConfig
+from fedasync_iot.coordinator._service import CoordinatorService
+from fedasync_iot.fleet._broker import MosquittoBroker
+from fedasync_iot.models import (
+    ModelSpec,
+    Snapshot,
+    Topics,
+    UnsupportedSchema,
+    WireError,
+    encode_snapshot,
+)
+from fedasync_iot.models._signing import generate_keypair, split
+from fedasync_iot.models._wire import (
     Ack,
     Announcement,
     decode_announcement,
@@ -194,8 +201,7 @@ def test_follow_mode_subscribes_to_the_model_while_the_network_allows(tmp_path: 
 def test_without_announcements_the_agent_follows_snapshots_until_one_is_heard(
         tmp_path: Path) -> None:
     """An agent upgraded before its coordinator (which announces nothing) must keep training."""
-    import agent._agent as agent_module
-
+    import fedasync_iot.agent._agent as agent_module
     now = [0.0]
     config = AgentConfig(device_id="pi-1", state_dir=str(tmp_path), policy=OPEN,
                          min_train_interval_s=0.0, train_in_subprocess=False)
@@ -223,8 +229,7 @@ def test_an_unheard_announcement_subscription_is_made_again(tmp_path: Path) -> N
     """A node of a clustered broker can miss the retained announcement (NATS: a CI run saw two
     of six agents never hear it): unheard for RELISTEN_S, the agent subscribes again, which
     makes the broker send it again; once heard, never again."""
-    import agent._agent as agent_module
-
+    import fedasync_iot.agent._agent as agent_module
     now = [0.0]
     link = RecordingLink()
     config = AgentConfig(device_id="pi-1", state_dir=str(tmp_path), policy=OPEN,
@@ -262,8 +267,7 @@ def test_a_poll_waiting_for_an_announcement_subscribes_again_while_it_waits(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The runner's poll waits up to `model_wait_s` for the announcement: the subscription is
     made again within that wait, not only at the next poll."""
-    import agent._agent as agent_module
-
+    import fedasync_iot.agent._agent as agent_module
     monkeypatch.setattr(agent_module, "RELISTEN_S", 0.2)
     agent = offline_agent(tmp_path, StaticReader(readings()))
     link = agent.link
@@ -280,8 +284,7 @@ def test_a_poll_waits_for_no_announcement_from_a_coordinator_that_does_not_annou
     """The poll's wait for the model ends where the announcement wait does, and once the agent
     follows snapshots it waits for no announcement at all (it waited `model_wait_s`, every
     poll)."""
-    import agent._agent as agent_module
-
+    import fedasync_iot.agent._agent as agent_module
     offset = [0.0]
     config = AgentConfig(device_id="pi-1", state_dir=str(tmp_path), policy=OPEN,
                          min_train_interval_s=0.0, train_in_subprocess=False)
@@ -321,7 +324,7 @@ def test_a_stopping_agent_ends_its_wait_for_the_model_at_once(tmp_path: Path) ->
 
 
 def test_bad_settings_are_refused() -> None:
-    from models import ConfigError
+    from fedasync_iot.models import ConfigError
 
     with pytest.raises(ConfigError, match="model_refresh_s"):
         AgentConfig(device_id="pi-1", model_refresh_s=-1)
@@ -408,7 +411,7 @@ def new_versions(broker: MosquittoBroker, service: CoordinatorService, fleet: st
 
 
 def digits_data() -> CallableSource:
-    from models._datasets import load_digits
+    from fedasync_iot.models._datasets import load_digits
 
     train, _ = load_digits()
     return CallableSource(lambda: (train.X[:100], train.y[:100]))
@@ -526,8 +529,7 @@ def test_an_ineligible_agent_gets_no_snapshot_then_fetches_only_the_newest(
 @pytest.mark.broker
 def test_an_agent_trains_under_a_coordinator_that_does_not_announce(
         broker, fleet_name, tmp_path, monkeypatch) -> None:
-    import agent._agent as agent_module
-
+    import fedasync_iot.agent._agent as agent_module
     monkeypatch.setattr(agent_module, "ANNOUNCE_WAIT_S", 0.5)  # 30 s in production
     old = Listener(broker.url, [Topics(fleet_name).ack("old-coordinator")])
     try:  # what an older coordinator leaves: a retained snapshot and no announcement

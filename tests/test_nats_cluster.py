@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models import Snapshot, Topics, decode_snapshot
-from models._mqtt import BrokerAddress, make_client
+from fedasync_iot.models import Snapshot, Topics, decode_snapshot
+from fedasync_iot.models._mqtt import BrokerAddress, make_client
 from tests.helpers import wait_for
 from tests.nats_cluster import NatsCluster
 from tests.test_reliability import (

@@ -14,12 +14,18 @@ import onnxruntime as ort
 import pytest
 from numpy.typing import NDArray
 
-from models._adapters import ModelAdapter, build_model
-from models._datasets import Dataset, load_digits, make_synthetic
-from models._errors import ModelError
-from models._inference import OnnxModel
-from models._onnx import SPEC_METADATA_KEY, TARGET_OPSET, bake_onnx, export_onnx, export_template
-from models._spec import ModelSpec
+from fedasync_iot.models._adapters import ModelAdapter, build_model
+from fedasync_iot.models._datasets import Dataset, load_digits, make_synthetic
+from fedasync_iot.models._errors import ModelError
+from fedasync_iot.models._inference import OnnxModel
+from fedasync_iot.models._onnx import (
+    SPEC_METADATA_KEY,
+    TARGET_OPSET,
+    bake_onnx,
+    export_onnx,
+    export_template,
+)
+from fedasync_iot.models._spec import ModelSpec
 
 CASES = ("logistic", "logistic-binary", "mlp", "mlp-binary", "linear")
 

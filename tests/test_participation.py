@@ -14,17 +14,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator import cli as coordinator_cli
-from coordinator._engine import Engine, Incoming
-from coordinator._guards import GuardConfig
-from coordinator._participation import (
+from fedasync_iot.coordinator import cli as coordinator_cli
+from fedasync_iot.coordinator._engine import Engine, Incoming
+from fedasync_iot.coordinator._guards import GuardConfig
+from fedasync_iot.coordinator._participation import (
     Ledger,
     ParticipationConfig,
     gini,
     max_median_ratio,
     participation_factor,
 )
-from coordinator._rules import (
+from fedasync_iot.coordinator._rules import (
     Contribution,
     FedAsync,
     FedBuff,
@@ -32,9 +32,9 @@ from coordinator._rules import (
     build_rule,
     default_staleness,
 )
-from coordinator._staleness import Staleness
-from coordinator._store import Store
-from models import ConfigError, ModelError, ModelSpec
+from fedasync_iot.coordinator._staleness import Staleness
+from fedasync_iot.coordinator._store import Store
+from fedasync_iot.models import ConfigError, ModelError, ModelSpec
 from tests.helpers import update_bytes
 
 SPEC = ModelSpec(kind="linear", n_features=3)
@@ -412,11 +412,11 @@ def test_status_devices_and_metrics_over_http(broker, fleet_name, tmp_path: Path
 
 
 def test_agent_backs_off_when_the_coordinator_asks(tmp_path: Path) -> None:
-    from agent._agent import Agent
-    from agent._config import AgentConfig
-    from agent._policy import PolicyConfig
-    from agent._readings import StaticReader
-    from models import Ack, encode_ack
+    from fedasync_iot.agent._agent import Agent
+    from fedasync_iot.agent._config import AgentConfig
+    from fedasync_iot.agent._policy import PolicyConfig
+    from fedasync_iot.agent._readings import StaticReader
+    from fedasync_iot.models import Ack, encode_ack
     from tests.test_agent import _snapshot, readings
 
     class Link:

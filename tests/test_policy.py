@@ -8,9 +8,16 @@ from typing import Any
 
 import pytest
 
-from agent._policy import Check, Decision, EligibilityGate, PolicyConfig, evaluate, format_decision
-from agent._readings import Readings
-from models._errors import ConfigError, FedAsyncError
+from fedasync_iot.agent._policy import (
+    Check,
+    Decision,
+    EligibilityGate,
+    PolicyConfig,
+    evaluate,
+    format_decision,
+)
+from fedasync_iot.agent._readings import Readings
+from fedasync_iot.models._errors import ConfigError, FedAsyncError
 
 # A device that passes every default check; each test changes only what it is about.
 GOOD = Readings(

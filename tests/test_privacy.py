@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from agent._config import AgentConfig
-from agent._privacy import (
+from fedasync_iot.agent._config import AgentConfig
+from fedasync_iot.agent._privacy import (
     LEDGER_FILE,
     PrivacyConfig,
     PrivacyLedger,
@@ -17,9 +17,9 @@ from agent._privacy import (
     account_in_child,
     device_multiplier,
 )
-from agent._trainer import TrainConfig
-from models import ConfigError, FedAsyncError
-from models._dp import epsilon
+from fedasync_iot.agent._trainer import TrainConfig
+from fedasync_iot.models import ConfigError, FedAsyncError
+from fedasync_iot.models._dp import epsilon
 
 DELTA = 1e-5
 
@@ -191,7 +191,7 @@ def test_config_validation() -> None:
 
 
 def test_check_command_shows_the_spent_budget(tmp_path, capsys) -> None:
-    from agent.cli import main
+    from fedasync_iot.agent.cli import main
 
     config = tmp_path / "agent.toml"
     config.write_text(f'state_dir = "{tmp_path / "state"}"\n'
@@ -218,7 +218,7 @@ def test_check_command_shows_the_spent_budget(tmp_path, capsys) -> None:
 
 
 def test_the_benchmarks_calibration_finds_the_least_noise() -> None:
-    from bench.privacy import central_z, local_sigma
+    from fedasync_iot.bench.privacy import central_z, local_sigma
 
     sigma = local_sigma(8.0, 20)
     assert epsilon([(sigma / 2, 20)], DELTA) <= 8.0 < epsilon([(0.99 * sigma / 2, 20)], DELTA)

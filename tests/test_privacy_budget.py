@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from agent._privacy import PrivacyConfig
-from agent._readings import Readings, StaticReader
-from agent._runner import AgentRunner
-from agent._trainer import TrainConfig
-from coordinator.cli import main as coordinator_cli
-from models import Topics
+from fedasync_iot.agent._privacy import PrivacyConfig
+from fedasync_iot.agent._readings import Readings, StaticReader
+from fedasync_iot.agent._runner import AgentRunner
+from fedasync_iot.agent._trainer import TrainConfig
+from fedasync_iot.coordinator.cli import main as coordinator_cli
+from fedasync_iot.models import Topics
 from tests.helpers import Listener, wait_for
 from tests.test_agent import agent_config, coordinator, digits_dir, readings
 from tests.test_privacy import budget_for

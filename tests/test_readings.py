@@ -10,8 +10,8 @@ from typing import Any
 import psutil
 import pytest
 
-from agent._readings import PsutilReader, Readings, ReadingsSource, StaticReader
-from models._errors import FedAsyncError
+from fedasync_iot.agent._readings import PsutilReader, Readings, ReadingsSource, StaticReader
+from fedasync_iot.models._errors import FedAsyncError
 
 GOOD = Readings(
     battery_percent=55.0, charging=True, interfaces_up=("wlan0",), cpu_percent=12.5,

@@ -12,7 +12,8 @@ random delta at once: training cost is not what is tested, and 20 agent processe
 scikit-learn would take longer than the fault itself. `test_agent_sigkill_during_a_broker_outage`
 uses real `fedasync-agent run` processes with real training for the one fault that needs them
 (a process killed with a spool on disk). The coordinator is a real
-`python -m coordinator.cli run --config X.toml` process wherever it is killed or measured.
+`python -m fedasync_iot.coordinator.cli run --config X.toml` process wherever it is killed or
+measured.
 """
 
 from __future__ import annotations
@@ -33,19 +34,19 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent._agent import Agent
-from agent._config import AgentConfig
-from agent._policy import PolicyConfig
-from agent._readings import Readings, StaticReader
-from agent._runner import PahoLink
-from coordinator._config import CoordinatorConfig, SnapshotConfig
-from coordinator._guards import GuardConfig
-from coordinator._participation import ParticipationConfig
-from coordinator._rules import RuleConfig
-from coordinator._service import CoordinatorService
-from coordinator._store import Store, checksum
-from fleet._broker import MosquittoBroker
-from models import (
+from fedasync_iot.agent._agent import Agent
+from fedasync_iot.agent._config import AgentConfig
+from fedasync_iot.agent._policy import PolicyConfig
+from fedasync_iot.agent._readings import Readings, StaticReader
+from fedasync_iot.agent._runner import PahoLink
+from fedasync_iot.coordinator._config import CoordinatorConfig, SnapshotConfig
+from fedasync_iot.coordinator._guards import GuardConfig
+from fedasync_iot.coordinator._participation import ParticipationConfig
+from fedasync_iot.coordinator._rules import RuleConfig
+from fedasync_iot.coordinator._service import CoordinatorService
+from fedasync_iot.coordinator._store import Store, checksum
+from fedasync_iot.fleet._broker import MosquittoBroker
+from fedasync_iot.models import (
     Ack,
     ModelSpec,
     Snapshot,
@@ -56,9 +57,9 @@ from models import (
     decode_snapshot,
     encode_update,
 )
-from models._datasets import load_digits
-from models._files import save_npz
-from models._mqtt import BrokerAddress, make_client
+from fedasync_iot.models._datasets import load_digits
+from fedasync_iot.models._files import save_npz
+from fedasync_iot.models._mqtt import BrokerAddress, make_client
 from tests.helpers import Listener, wait_for
 
 pytestmark = pytest.mark.broker
@@ -93,7 +94,8 @@ def child_env() -> dict[str, str]:
 
 
 class CoordinatorProcess:
-    """`python -m coordinator.cli run --config X.toml` as a child process, logging to a file."""
+    """`python -m fedasync_iot.coordinator.cli run --config X.toml` as a child process, logging to
+    a file."""
 
     def __init__(self, config: Path, log: Path) -> None:
         self.config = config
@@ -110,7 +112,8 @@ class CoordinatorProcess:
         self._started_at_byte = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "coordinator.cli", "run", "--config", str(self.config)],
+                [sys.executable, "-m", "fedasync_iot.coordinator.cli",
+                 "run", "--config", str(self.config)],
                 env=child_env(), stdout=out,
                 stderr=subprocess.STDOUT)
 
@@ -511,8 +514,8 @@ def test_the_device_hears_its_ack_before_the_broker_forgets_the_update(tmp_path:
     run in ten): the end-to-end ack is queued before the PUBACK, on one FIFO connection. The
     other way round a kill between them left the update PUBACKed (the broker never redelivers
     it) and unacked (the device keeps it spooled until it happens to reconnect)."""
-    from coordinator._engine import Incoming
-    from coordinator._service import _Token
+    from fedasync_iot.coordinator._engine import Incoming
+    from fedasync_iot.coordinator._service import _Token
     from tests.helpers import update_bytes
 
     service = CoordinatorService(CoordinatorConfig(
@@ -652,7 +655,8 @@ def test_agent_sigkill_during_a_broker_outage_delivers_every_spooled_update_once
             'denied_interfaces = []\nmin_mem_available_mb = 0.0\nmax_temperature_c = 500.0\n'
             'min_battery_percent = 0.0\n')
         with (tmp_path / f"agent{i}.log").open("ab") as out:
-            return subprocess.Popen([sys.executable, "-m", "agent.cli", "--config", str(config),
+            return subprocess.Popen([sys.executable, "-m", "fedasync_iot.agent.cli",
+                                     "--config", str(config),
                                      "run"], env=child_env(),
                                     stdout=out, stderr=subprocess.STDOUT)
 
@@ -863,9 +867,9 @@ SOAK_MINUTES = float(os.environ.get("SOAK_MINUTES", "10"))
                     reason="a soak takes minutes: set RUN_SOAK=1 (and SOAK_MINUTES, default 10)")
 @pytest.mark.timeout(SOAK_MINUTES * 60 + 300)
 def test_soak_memory_stays_flat(tmp_path: Path) -> None:
-    """`python -m bench.soak --minutes 10` as a test: RSS of the coordinator, the workers and
-    Mosquitto grows by at most 20% from just after warm-up to the end."""
-    from bench.soak import SoakConfig, run_soak
+    """`python -m fedasync_iot.bench.soak --minutes 10` as a test: RSS of the coordinator, the
+    workers and Mosquitto grows by at most 20% from just after warm-up to the end."""
+    from fedasync_iot.bench.soak import SoakConfig, run_soak
 
     minutes = SOAK_MINUTES
     result = run_soak(SoakConfig(minutes=minutes), out=tmp_path)

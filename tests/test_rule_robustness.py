@@ -12,10 +12,17 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from bench.robustness import FleetSpec, LogisticSGD, _Data, run, straggler_fleet
-from coordinator._rules import Contribution, FedAsync, FedBuff, MergeRule, RuleConfig, build_rule
-from coordinator._staleness import Staleness
-from models import build_model
+from fedasync_iot.bench.robustness import FleetSpec, LogisticSGD, _Data, run, straggler_fleet
+from fedasync_iot.coordinator._rules import (
+    Contribution,
+    FedAsync,
+    FedBuff,
+    MergeRule,
+    RuleConfig,
+    build_rule,
+)
+from fedasync_iot.coordinator._staleness import Staleness
+from fedasync_iot.models import build_model
 
 FEDASYNC = RuleConfig(name="fedasync")
 FEDBUFF = RuleConfig(name="fedbuff")

@@ -13,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from coordinator._config import load_config
-from coordinator._rules import (
+from fedasync_iot.coordinator._config import load_config
+from fedasync_iot.coordinator._rules import (
     Contribution,
     FedAsync,
     FedAvgSync,
@@ -24,8 +24,8 @@ from coordinator._rules import (
     build_rule,
     default_staleness,
 )
-from coordinator._staleness import Staleness
-from models import ConfigError, InvalidUpdate, ModelError, StateError
+from fedasync_iot.coordinator._staleness import Staleness
+from fedasync_iot.models import ConfigError, InvalidUpdate, ModelError, StateError
 
 CONSTANT = Staleness(kind="constant")
 

@@ -10,10 +10,10 @@ from typing import Any, Literal
 
 import pytest
 
-from agent._config import load_config as load_agent
-from coordinator._config import load_config as load_coordinator
-from models import ConfigError
-from models._config import build, env_layer
+from fedasync_iot.agent._config import load_config as load_agent
+from fedasync_iot.coordinator._config import load_config as load_coordinator
+from fedasync_iot.models import ConfigError
+from fedasync_iot.models._config import build, env_layer
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 COORDINATOR = (EXAMPLES / "coordinator.toml").read_text()

@@ -7,14 +7,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent._agent import Agent
-from agent._config import AgentConfig
-from agent._data import DirectorySource
-from agent._readings import StaticReader
-from coordinator._config import CoordinatorConfig, SnapshotConfig
-from coordinator._service import CoordinatorService
-from models import ModelSpec, Snapshot, Topics, WireError, decode_snapshot, encode_snapshot
-from models._signing import Signer, Verifier, generate_keypair
+from fedasync_iot.agent._agent import Agent
+from fedasync_iot.agent._config import AgentConfig
+from fedasync_iot.agent._data import DirectorySource
+from fedasync_iot.agent._readings import StaticReader
+from fedasync_iot.coordinator._config import CoordinatorConfig, SnapshotConfig
+from fedasync_iot.coordinator._service import CoordinatorService
+from fedasync_iot.models import (
+    ModelSpec,
+    Snapshot,
+    Topics,
+    WireError,
+    decode_snapshot,
+    encode_snapshot,
+)
+from fedasync_iot.models._signing import Signer, Verifier, generate_keypair
 from tests.helpers import Listener
 from tests.test_agent import readings
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from coordinator._central_dp import versions_per_device
-from coordinator._store import Store
-from fleet._fleets import build_fleet
-from fleet._sim import SimConfig, run_rule
-from fleet._traces import FleetProfile
-from models import ConfigError
-from models._dp import epsilon
+from fedasync_iot.coordinator._central_dp import versions_per_device
+from fedasync_iot.coordinator._store import Store
+from fedasync_iot.fleet._fleets import build_fleet
+from fedasync_iot.fleet._sim import SimConfig, run_rule
+from fedasync_iot.fleet._traces import FleetProfile
+from fedasync_iot.models import ConfigError
+from fedasync_iot.models._dp import epsilon
 from tests.test_privacy import budget_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

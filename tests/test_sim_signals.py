@@ -17,7 +17,8 @@ import psutil
 
 def test_sigterm_ends_a_run_and_leaves_nothing_running(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fleet.cli", "run", "--rule", "fedasync", "--devices", "4",
+        [sys.executable, "-m", "fedasync_iot.fleet.cli",
+         "run", "--rule", "fedasync", "--devices", "4",
          "--workers", "1", "--duration", "3600", "--out", str(tmp_path / "out")],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -16,12 +16,12 @@ import pytest
 from numpy.typing import NDArray
 from onnx import numpy_helper
 
-from models._adapters import ModelAdapter, build_model
-from models._errors import ModelError
-from models._inference import OnnxModel
-from models._onnx import _PROBE_BASE, _discover, export_onnx, export_template
-from models._spec import ModelSpec
-from models._template import (
+from fedasync_iot.models._adapters import ModelAdapter, build_model
+from fedasync_iot.models._errors import ModelError
+from fedasync_iot.models._inference import OnnxModel
+from fedasync_iot.models._onnx import _PROBE_BASE, _discover, export_onnx, export_template
+from fedasync_iot.models._spec import ModelSpec
+from fedasync_iot.models._template import (
     BINDINGS_METADATA_KEY,
     Binding,
     OnnxTemplate,
@@ -408,7 +408,7 @@ def test_discovery_refuses_an_initializer_mixing_weights_and_constants() -> None
 def test_benchmark_quantisation_errors_stay_within_half_a_step(
     templates: dict[str, OnnxTemplate],
 ) -> None:
-    from bench.snapshot import quantised
+    from fedasync_iot.bench.snapshot import quantised
 
     t = templates["mlp-2"]
     w = _adapter("mlp-2", seed=10).get_params_vector()
@@ -431,7 +431,7 @@ def test_benchmark_quantisation_errors_stay_within_half_a_step(
 
 
 def test_benchmark_measures_the_logistic_case_side_by_side() -> None:
-    from bench.snapshot import CASES, measure, report
+    from fedasync_iot.bench.snapshot import CASES, measure, report
 
     row = measure(CASES[0], repeats=2, steps=2, seeds=1)
 

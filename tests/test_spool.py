@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent._spool import Spool
-from models import StateError
+from fedasync_iot.agent._spool import Spool
+from fedasync_iot.models import StateError
 
 
 def test_put_list_remove_in_order(tmp_path: Path) -> None:

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from coordinator._lock import read_holder
-from fleet._broker import MosquittoBroker
-from models import Topics, decode_ack
+from fedasync_iot.coordinator._lock import read_holder
+from fedasync_iot.fleet._broker import MosquittoBroker
+from fedasync_iot.models import Topics, decode_ack
 from tests.helpers import Listener, update_bytes, wait_for
 
 ROOT = Path(__file__).parents[1]
@@ -41,7 +41,8 @@ def files(tmp_path: Path, broker: MosquittoBroker, fleet: str) -> tuple[Path, Pa
 
 
 def command(config: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "coordinator.cli", "run", "--config", str(config), *extra]
+    return [sys.executable, "-m", "fedasync_iot.coordinator.cli",
+            "run", "--config", str(config), *extra]
 
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -30,17 +30,17 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-import coordinator.cli
-from coordinator._config import CoordinatorConfig, SnapshotConfig
-from coordinator._engine import Engine, Incoming
-from coordinator._guards import GuardConfig
-from coordinator._lock import LOCK_NAME, StateDirInUse, StateLock, read_holder
-from coordinator._rules import RuleConfig, build_rule
-from coordinator._service import CoordinatorService
-from coordinator._store import Store
-from fleet._broker import MosquittoBroker
-from models import ConfigError, ModelSpec, StateError, Topics, build_model, decode_ack
-from models._onnx import SPEC_METADATA_KEY
+from fedasync_iot.coordinator import cli as coordinator_cli
+from fedasync_iot.coordinator._config import CoordinatorConfig, SnapshotConfig
+from fedasync_iot.coordinator._engine import Engine, Incoming
+from fedasync_iot.coordinator._guards import GuardConfig
+from fedasync_iot.coordinator._lock import LOCK_NAME, StateDirInUse, StateLock, read_holder
+from fedasync_iot.coordinator._rules import RuleConfig, build_rule
+from fedasync_iot.coordinator._service import CoordinatorService
+from fedasync_iot.coordinator._store import Store
+from fedasync_iot.fleet._broker import MosquittoBroker
+from fedasync_iot.models import ConfigError, ModelSpec, StateError, Topics, build_model, decode_ack
+from fedasync_iot.models._onnx import SPEC_METADATA_KEY
 from tests.helpers import Listener, update_bytes, wait_for
 
 ROOT = Path(__file__).parents[1]
@@ -54,10 +54,10 @@ RULE = RuleConfig(name="fedasync", alpha=0.5, staleness="constant")
 def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Any:
     """`fedasync-coordinator ARGS...` in process -> (exit code, stdout, stderr); without its
     logging set-up, which would replace pytest's handlers."""
-    monkeypatch.setattr(coordinator.cli, "setup_logging", lambda *a, **k: None)
+    monkeypatch.setattr(coordinator_cli, "setup_logging", lambda *a, **k: None)
 
     def run(*argv: str | Path) -> tuple[int, str, str]:
-        code = coordinator.cli.main([str(a) for a in argv])
+        code = coordinator_cli.main([str(a) for a in argv])
         out = capsys.readouterr()
         return code, out.out, out.err
 
@@ -454,7 +454,8 @@ def test_read_commands_as_a_user_who_may_not_write_or_read_the_state(tmp_path: P
     make_state(state, 2)
 
     def versions() -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*prefix, sys.executable, "-m", "coordinator.cli", "versions",
+        return subprocess.run([*prefix, sys.executable, "-m", "fedasync_iot.coordinator.cli",
+                               "versions",
                                "--state-dir", str(state), "--json"], env=child_env(),
                               capture_output=True, text=True, timeout=120, check=False)
 
@@ -544,7 +545,8 @@ def test_read_commands_between_checkpoint_and_commit_leave_the_checkpoint(
 
 def run_process(config: Path, log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "coordinator.cli", "run", "--config",
+        return subprocess.Popen([sys.executable, "-m", "fedasync_iot.coordinator.cli",
+                                 "run", "--config",
                                  str(config)], env=child_env(), stdout=out,
                                 stderr=subprocess.STDOUT)
 
@@ -564,7 +566,8 @@ def test_a_second_run_on_the_same_state_dir_refuses(broker: MosquittoBroker, fle
         control = read_holder(state).control
         assert read_holder(state).pid == first.pid
 
-        second = subprocess.run([sys.executable, "-m", "coordinator.cli", "run", "--config",
+        second = subprocess.run([sys.executable, "-m", "fedasync_iot.coordinator.cli",
+                                 "run", "--config",
                                  str(config)], env=child_env(), capture_output=True,
                                 text=True, timeout=120, check=False)
         assert second.returncode == 2, second.stderr

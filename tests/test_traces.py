@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent._policy import EligibilityGate, PolicyConfig, evaluate
-from agent._readings import ReadingsSource
-from fleet._traces import (
+from fedasync_iot.agent._policy import EligibilityGate, PolicyConfig, evaluate
+from fedasync_iot.agent._readings import ReadingsSource
+from fedasync_iot.fleet._traces import (
     DAY_S,
     Battery,
     DeviceTrace,
@@ -24,7 +24,7 @@ from fleet._traces import (
     generate_fleet,
     summarize,
 )
-from models._errors import ConfigError, FedAsyncError
+from fedasync_iot.models._errors import ConfigError, FedAsyncError
 
 H = 3600.0
 INF = math.inf

@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fleet import build_fleet
-from fleet._broker import MosquittoBroker, diff_counters, read_sys_counters
-from fleet._sim import SimConfig, run_rule
-from fleet._traces import FleetProfile
-from fleet._traffic import (
+from fedasync_iot.fleet import build_fleet
+from fedasync_iot.fleet._broker import MosquittoBroker, diff_counters, read_sys_counters
+from fedasync_iot.fleet._sim import SimConfig, run_rule
+from fedasync_iot.fleet._traces import FleetProfile
+from fedasync_iot.fleet._traffic import (
     KINDS,
     TrafficCounter,
     attach,
@@ -22,7 +22,7 @@ from fleet._traffic import (
     summarize_traffic,
     table_cells,
 )
-from models import Topics, build_model
+from fedasync_iot.models import Topics, build_model
 from tests.helpers import Listener
 
 
@@ -134,7 +134,7 @@ def test_sys_counters_see_what_was_published(broker: MosquittoBroker, fleet_name
 
 
 def test_sys_counters_none_without_a_broker() -> None:
-    from fleet._broker import free_port
+    from fedasync_iot.fleet._broker import free_port
 
     assert read_sys_counters(f"mqtt://127.0.0.1:{free_port()}", timeout=2) is None
     assert diff_counters(None, {"bytes_sent": 1}) is None
@@ -203,7 +203,7 @@ def test_a_small_run_reports_its_traffic(tmp_path) -> None:
 def test_ack_latency_buckets_add_up_to_percentiles_within_a_bucket() -> None:
     from collections import Counter
 
-    from fleet._latency import EDGES_MS, bucket, percentiles
+    from fedasync_iot.fleet._latency import EDGES_MS, bucket, percentiles
 
     rng = np.random.default_rng(7)
     samples = rng.lognormal(mean=3.0, sigma=1.0, size=5000)  # ms, median ~20
@@ -222,7 +222,7 @@ def test_ack_latency_buckets_add_up_to_percentiles_within_a_bucket() -> None:
 def test_a_prometheus_histogram_reads_back_as_the_same_percentiles() -> None:
     from prometheus_client import CollectorRegistry, Histogram
 
-    from fleet._latency import histogram_counts, percentiles
+    from fedasync_iot.fleet._latency import histogram_counts, percentiles
 
     h = Histogram("t_seconds", "t", registry=CollectorRegistry(), buckets=(0.01, 0.1, 1.0))
     for seconds in [0.005] * 50 + [0.05] * 40 + [0.5] * 9 + [5.0]:

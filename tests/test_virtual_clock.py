@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from fleet import FleetProfile, SimConfig, build_fleet
-from fleet._sim import run_rule
-from fleet._virtual import EPOCH, Timers, VirtualClock
+from fedasync_iot.fleet import FleetProfile, SimConfig, build_fleet
+from fedasync_iot.fleet._sim import run_rule
+from fedasync_iot.fleet._virtual import EPOCH, Timers, VirtualClock
 
 
 def test_timers_release_in_time_then_device_then_order_set() -> None:

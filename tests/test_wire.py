@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from numpy.typing import NDArray
 
-from models._errors import UnsupportedSchema, WireError
-from models._spec import ModelSpec
-from models._wire import (
+from fedasync_iot.models._errors import UnsupportedSchema, WireError
+from fedasync_iot.models._spec import ModelSpec
+from fedasync_iot.models._wire import (
     ENCODINGS,
     MAGIC,
     MAX_HEADER_BYTES,
@@ -629,7 +629,7 @@ def test_a_message_too_malformed_to_name_its_update_can_still_be_rejected() -> N
 
 
 def test_snapshot_cohort_round_trips_and_is_absent_when_unused() -> None:
-    from models._wire import MAX_COHORT, Snapshot, decode_snapshot, encode_snapshot
+    from fedasync_iot.models._wire import MAX_COHORT, Snapshot, decode_snapshot, encode_snapshot
 
     spec = ModelSpec(kind="linear", n_features=2)
     weights = np.zeros(3, dtype=np.float32)
