@@ -35,7 +35,7 @@ class Predictor:
         self.version: int | None = None
 
     def _current(self) -> Any:
-        from fedasync_iot.models._inference import (
+        from fedasync_iot.models.ml._inference import (
             OnnxModel,  # onnxruntime loads on first prediction
         )
 

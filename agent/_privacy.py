@@ -4,7 +4,7 @@ What is protected: the device's whole local dataset (device-level DP). Each upda
 to L2 norm C and gets N(0, (sigma C)^2) noise (agent/_trainer.py); any two datasets give clipped
 updates inside the same C-ball, so the L2 sensitivity is 2C and one update is a Gaussian
 mechanism with noise multiplier sigma / 2. The ledger composes every such release over the
-device's life with the RDP accountant of `dp-accounting` (models/_dp.py).
+device's life with the RDP accountant of `dp-accounting` (models/ml/_dp.py).
 
 No amplification by sampling: the trainer runs `local_epochs` over all local samples, or, when
 `training.window_fraction` fits the work into short windows (agent/_budget.py), over a uniform
@@ -37,7 +37,7 @@ from typing import Any
 
 from fedasync_iot.agent._policy import Check
 from fedasync_iot.models import ConfigError, FedAsyncError
-from fedasync_iot.models._dp import Mechanism, epsilon
+from fedasync_iot.models.ml._dp import Mechanism, epsilon
 
 log = logging.getLogger("fedasync.agent.privacy")
 
@@ -71,7 +71,7 @@ def device_multiplier(noise_multiplier: float) -> float:
 
 
 def account_in_child(mechanisms: Sequence[Mechanism], delta: float) -> float:
-    """`models._dp.epsilon` in ``python -m fedasync_iot.agent._privacy``: the library never loads
+    """`models.ml._dp.epsilon` in ``python -m fedasync_iot.agent._privacy``: the library never loads
     here."""
     if all(n <= 0 for _, n in mechanisms) or any(z <= 0 for z, n in mechanisms if n > 0):
         return epsilon(mechanisms, delta)  # 0 or inf: answered without the library

@@ -57,7 +57,7 @@ def _train_child(n: int) -> dict[str, float]:
     from fedasync_iot.agent._child import train_in_child
     from fedasync_iot.agent._trainer import TrainConfig
     from fedasync_iot.models import Snapshot, build_model
-    from fedasync_iot.models._datasets import load_digits
+    from fedasync_iot.models.ml._datasets import load_digits
 
     train, _ = load_digits()
     weights = build_model(SPEC).get_params_vector()
@@ -75,9 +75,9 @@ def _train_child(n: int) -> dict[str, float]:
 def _train_inprocess(n: int) -> dict[str, float]:
     code = (
         "import resource, time, json, numpy as np, psutil\n"
-        "from agent._trainer import TrainConfig, train_update\n"
-        "from models import Snapshot, build_model, ModelSpec\n"
-        "from models._datasets import load_digits\n"
+        "from fedasync_iot.agent._trainer import TrainConfig, train_update\n"
+        "from fedasync_iot.models import Snapshot, build_model, ModelSpec\n"
+        "from fedasync_iot.models.ml._datasets import load_digits\n"
         f"spec = ModelSpec.from_dict(json.loads({json.dumps(json.dumps(SPEC.to_dict()))}))\n"
         "train, _ = load_digits()\n"
         "snap = Snapshot(version=0, spec=spec, weights=build_model(spec).get_params_vector())\n"

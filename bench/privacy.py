@@ -31,7 +31,7 @@ from fedasync_iot.coordinator._central_dp import versions_per_device
 from fedasync_iot.coordinator._store import Store
 from fedasync_iot.fleet._fleets import build_fleet
 from fedasync_iot.fleet._sim import SimConfig, run_rule
-from fedasync_iot.models._dp import epsilon
+from fedasync_iot.models.ml._dp import epsilon
 
 # The 1-8, then where the accuracy comes back on a fleet this small.
 EPSILONS = (1.0, 2.0, 4.0, 8.0, 64.0, 512.0)

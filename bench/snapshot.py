@@ -44,13 +44,18 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fedasync_iot.models._adapters import build_model
-from fedasync_iot.models._datasets import Dataset, dirichlet_partition, load_digits, make_synthetic
-from fedasync_iot.models._inference import OnnxModel
-from fedasync_iot.models._onnx import export_onnx, export_template
 from fedasync_iot.models._spec import ModelSpec
 from fedasync_iot.models._template import Binding, OnnxTemplate
 from fedasync_iot.models._wire import Snapshot, encode_snapshot
+from fedasync_iot.models.ml._adapters import build_model
+from fedasync_iot.models.ml._datasets import (
+    Dataset,
+    dirichlet_partition,
+    load_digits,
+    make_synthetic,
+)
+from fedasync_iot.models.ml._inference import OnnxModel
+from fedasync_iot.models.ml._onnx import export_onnx, export_template
 
 ENCODINGS = ("float32", "float16", "int8/v", "int8/b")
 SEED = 0

@@ -315,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     code = args.code.resolve()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    which = subprocess.run([sys.executable, "-c", "import fleet; print(fleet.__file__)"],
+    sim = _sim_module(code).removesuffix(".cli")
+    which = subprocess.run([sys.executable, "-c", f"import {sim}; print({sim}.__file__)"],
                            cwd=code, env={**os.environ, "PYTHONPATH": str(code)},
                            capture_output=True, text=True, check=True).stdout.strip()
     commit = subprocess.run(["git", "-C", str(code), "rev-parse", "HEAD"], capture_output=True,

@@ -16,7 +16,7 @@ models. What it does not: which devices took part, when, and with how many sampl
 weights and the lineage are not private, and there is no random sampling of devices to
 amplify with: a device merges when it is eligible); the updates themselves, which the
 coordinator receives in the clear (local DP, agent/_privacy.py, protects against the
-coordinator). The accountant composes, per device, the versions it shaped (RDP, models/_dp.py);
+coordinator). The accountant composes, per device, the versions it shaped (RDP, models/ml/_dp.py);
 the coordinator's epsilon is the largest: the guarantee every device has.
 
 FedAsync: each version is one device's update, so the same noise per version costs the model
@@ -36,7 +36,7 @@ import numpy as np
 from fedasync_iot.coordinator._guards import Params
 from fedasync_iot.coordinator._rules import Contribution, Merge, MergeRule, PendingLike
 from fedasync_iot.models import ConfigError
-from fedasync_iot.models._dp import epsilon
+from fedasync_iot.models.ml._dp import epsilon
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

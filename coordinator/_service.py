@@ -763,7 +763,7 @@ class CoordinatorService:
         template = self._template_of_spec()
         onnx = b""
         if self.config.snapshots.include_onnx:
-            from fedasync_iot.models._onnx import (  # heavy: loaded on first use
+            from fedasync_iot.models.ml._onnx import (  # heavy: loaded on first use
                 bake_onnx,
                 export_onnx,
             )
@@ -805,7 +805,7 @@ class CoordinatorService:
         only on the spec, fixed for this coordinator); None, said once, when the model cannot
         have one: then only full snapshots are published, as before."""
         if self._template is None:
-            from fedasync_iot.models._onnx import (
+            from fedasync_iot.models.ml._onnx import (
                 export_template,  # skl2onnx is heavy: load on first use
             )
 

@@ -28,9 +28,9 @@ from fedasync_iot.coordinator._rules import build_rule
 from fedasync_iot.coordinator._store import Store
 from fedasync_iot.models import ConfigError, FedAsyncError, ModelSpec, StateError, build_model
 from fedasync_iot.models._cli import add_version, log_level, make_parser
-from fedasync_iot.models._datasets import load_digits
 from fedasync_iot.models._files import load_xy
 from fedasync_iot.models._logging import setup_logging
+from fedasync_iot.models.ml._datasets import load_digits
 
 log = logging.getLogger("fedasync.coordinator")
 
@@ -332,7 +332,7 @@ def _local_columns(found: DevicePrivacy | None) -> str:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from fedasync_iot.models._onnx import export_onnx
+    from fedasync_iot.models.ml._onnx import export_onnx
 
     config, store = _reader(args)
     try:

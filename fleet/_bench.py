@@ -36,6 +36,15 @@ def _say(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def _bench_json(name: str, *args: str) -> dict[str, Any]:
+    """`python -m fedasync_iot.bench.<name> ARGS --json FILE`, and what it wrote."""
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", f"fedasync_iot.bench.{name}", *args, "--json",
+                        f"{tmp}/out.json"], check=True, stdout=subprocess.DEVNULL)
+        result: dict[str, Any] = json.loads(Path(f"{tmp}/out.json").read_text())
+    return result
+
+
 def run_bench(config: SimConfig, *, out: Path, seeds: list[int], quick: bool = False
               ) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
@@ -93,19 +102,16 @@ def run_bench(config: SimConfig, *, out: Path, seeds: list[int], quick: bool = F
     _write(out, result)
 
     # 3. Coordinator ingest and agent footprint.
+    # Both in fresh processes, through their command lines: bench sits above fleet (it may use
+    # the simulator; the simulator never imports a benchmark), and ru_maxrss of children would
+    # otherwise include the sim's workers.
     _say("coordinator ingest benchmark")
-    from fedasync_iot.bench.ingest import run as run_ingest
-
-    ingest = run_ingest(updates=600 if quick else 3000)
+    ingest = _bench_json("ingest", "--updates", str(600 if quick else 3000))
     result["coordinator_ingest"] = ingest
     result["coordinator_ingest_ratio"] = ingest.get("ratio") or ingest.get(
         "coordinator_ingest_ratio")
     _say("agent footprint")
-    # In a fresh process: ru_maxrss of children would otherwise include the sim's workers.
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "fedasync_iot.bench.agent", "--json",
-                        f"{tmp}/agent.json"], check=True, stdout=subprocess.DEVNULL)
-        agent = json.loads(Path(f"{tmp}/agent.json").read_text())
+    agent = _bench_json("agent")
     result.update({k: agent[k] for k in ("agent_idle_rss_mb", "agent_idle_cpu_percent",
                                          "agent_train_peak_rss_mb",
                                          "inprocess_rss_after_train_mb")})

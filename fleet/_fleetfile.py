@@ -47,8 +47,8 @@ from fedasync_iot.fleet._sim import Fleet, SimConfig, model_spec, synthetic_flee
 from fedasync_iot.fleet._traces import _TOPIC_UNSAFE, Battery, DeviceTrace, Intervals, Span
 from fedasync_iot.models import MODEL_KINDS, ConfigError, FedAsyncError, ModelSpec
 from fedasync_iot.models._config import check_layer, load_toml, read_utf8
-from fedasync_iot.models._datasets import Dataset
 from fedasync_iot.models._files import load_xy, save_npz
+from fedasync_iot.models.ml._datasets import Dataset
 
 FLEET_SUFFIXES = (".toml", ".json", ".csv")
 TRACE_KINDS = ("online", "wifi", "charging", "busy")

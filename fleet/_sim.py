@@ -81,8 +81,13 @@ from fedasync_iot.fleet._traffic import (
 from fedasync_iot.fleet._virtual import EPOCH, Controller, VirtualClock
 from fedasync_iot.fleet._worker import DEVICE_PREFIX, WorkerSpec, run_virtual_worker, run_worker
 from fedasync_iot.models import ConfigError, ModelSpec, build_model
-from fedasync_iot.models._datasets import Dataset, dirichlet_partition, load_digits, make_synthetic
 from fedasync_iot.models._mqtt import broker_urls
+from fedasync_iot.models.ml._datasets import (
+    Dataset,
+    dirichlet_partition,
+    load_digits,
+    make_synthetic,
+)
 
 if TYPE_CHECKING:
     from fedasync_iot.models import ModelAdapter

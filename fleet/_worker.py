@@ -382,7 +382,7 @@ def run_worker(spec: WorkerSpec, go: multiprocessing.synchronize.Event, start: A
     the shard until `stop` is set, reporting stats every second."""
     logging.basicConfig(level=log_level, format=f"worker{spec.index} %(levelname)s %(message)s")
     import fedasync_iot.agent._trainer
-    import fedasync_iot.models._adapters  # noqa: F401
+    import fedasync_iot.models.ml._adapters  # noqa: F401
 
     reports.put((spec.index, time.time(), None))
     if not go.wait(timeout=120):
@@ -437,7 +437,7 @@ def run_virtual_worker(spec: WorkerSpec, conn: Any, log_level: str = "WARNING") 
     the controller's commands on `conn` (fleet/_virtual.py) until it says stop."""
     logging.basicConfig(level=log_level, format=f"worker{spec.index} %(levelname)s %(message)s")
     import fedasync_iot.agent._trainer
-    import fedasync_iot.models._adapters  # noqa: F401
+    import fedasync_iot.models.ml._adapters  # noqa: F401
 
     clock = VirtualClock(spec.scale)
     timers = Timers(clock)

@@ -35,7 +35,7 @@ from fedasync_iot.models._wire import (
 )
 
 if TYPE_CHECKING:
-    from fedasync_iot.models._adapters import (
+    from fedasync_iot.models.ml._adapters import (
         FitReport,
         LinearAdapter,
         LogisticAdapter,
@@ -50,7 +50,7 @@ _LAZY = {"FitReport", "LinearAdapter", "LogisticAdapter", "MLPAdapter", "ModelAd
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        from fedasync_iot.models import _adapters
+        from fedasync_iot.models.ml import _adapters
 
         return getattr(_adapters, name)
     raise AttributeError(f"module 'models' has no attribute {name!r}")

@@ -4,8 +4,8 @@ A model's ONNX graph depends only on its `ModelSpec`, yet a full export embeds t
 snapshot carrying both the flat weights and the export pays for them twice. A template is the
 graph with every weight initializer replaced by an external-data placeholder (name, dtype, dims,
 no data), plus *bindings* saying how each placeholder is cut from the flat parameter vector. The
-coordinator makes one with `models._onnx.export_template`; a device builds a session from it and
-a weight vector with `models._inference.OnnxModel.from_template`.
+coordinator makes one with `models.ml._onnx.export_template`; a device builds a session from it and
+a weight vector with `models.ml._inference.OnnxModel.from_template`.
 
 This module is imported on devices: numpy only (no onnx, no skl2onnx, no onnxruntime).
 

@@ -10,7 +10,9 @@ import pytest
 from numpy.typing import NDArray
 from sklearn.metrics import accuracy_score, log_loss
 
-from fedasync_iot.models._adapters import (
+from fedasync_iot.models._errors import ModelError
+from fedasync_iot.models._spec import ModelSpec
+from fedasync_iot.models.ml._adapters import (
     FitReport,
     LinearAdapter,
     LogisticAdapter,
@@ -18,9 +20,7 @@ from fedasync_iot.models._adapters import (
     ModelAdapter,
     build_model,
 )
-from fedasync_iot.models._datasets import Dataset, load_digits, make_synthetic
-from fedasync_iot.models._errors import ModelError
-from fedasync_iot.models._spec import ModelSpec
+from fedasync_iot.models.ml._datasets import Dataset, load_digits, make_synthetic
 
 DIGITS = tuple(range(10))
 KINDS = ("logistic", "mlp", "linear")

@@ -26,8 +26,8 @@ from fedasync_iot.coordinator._rules import RuleConfig
 from fedasync_iot.coordinator._service import CoordinatorService
 from fedasync_iot.fleet._broker import MosquittoBroker
 from fedasync_iot.models import ModelSpec, build_model, decode_snapshot
-from fedasync_iot.models._datasets import load_digits
 from fedasync_iot.models._files import save_npz
+from fedasync_iot.models.ml._datasets import load_digits
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.broker
@@ -192,7 +192,7 @@ def test_killed_agent_delivers_its_spool_after_restart(broker, fleet_name, tmp_p
 
 
 def test_predict_matches_scikit_learn_on_the_same_weights(tmp_path) -> None:
-    from fedasync_iot.models._onnx import export_onnx
+    from fedasync_iot.models.ml._onnx import export_onnx
 
     train, test = load_digits()
     adapter = build_model(SPEC)

@@ -23,7 +23,7 @@ from fedasync_iot.coordinator._config import CoordinatorConfig
 from fedasync_iot.coordinator._rules import Contribution, FedAvgSync, FedBuff, Merge, RuleConfig
 from fedasync_iot.coordinator._staleness import Staleness
 from fedasync_iot.models import ConfigError, ModelSpec
-from fedasync_iot.models._dp import epsilon
+from fedasync_iot.models.ml._dp import epsilon
 from tests.helpers import update_bytes, wait_for
 
 SPEC = ModelSpec(kind="logistic", n_features=4, classes=(0, 1, 2))

@@ -34,9 +34,6 @@ from fedasync_iot.models import (
     WireError,
     encode_snapshot,
 )
-from fedasync_iot.models._adapters import build_model
-from fedasync_iot.models._inference import OnnxModel
-from fedasync_iot.models._onnx import export_template
 from fedasync_iot.models._signing import Signer, generate_keypair, split
 from fedasync_iot.models._template import OnnxTemplate
 from fedasync_iot.models._wire import (
@@ -52,6 +49,9 @@ from fedasync_iot.models._wire import (
     encode_weights,
     frame_kind,
 )
+from fedasync_iot.models.ml._adapters import build_model
+from fedasync_iot.models.ml._inference import OnnxModel
+from fedasync_iot.models.ml._onnx import export_template
 from tests.helpers import Listener, wait_for
 from tests.test_agent import readings
 from tests.test_models_on_demand import (
@@ -391,7 +391,7 @@ def test_an_agent_fetches_the_template_once_then_compact_snapshots(broker, fleet
                                       full.weights.astype(np.float16).astype(np.float32))
         # Its Predictor (template + weights) agrees with the full ONNX of the same version.
         predictor = Predictor(tmp_path / "agent")
-        from fedasync_iot.models._datasets import load_digits
+        from fedasync_iot.models.ml._datasets import load_digits
 
         _, test = load_digits()
         X = test.X[:300].astype(np.float32)

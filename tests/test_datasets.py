@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from fedasync_iot.models._datasets import Dataset, dirichlet_partition, load_digits, make_synthetic
 from fedasync_iot.models._errors import ModelError
+from fedasync_iot.models.ml._datasets import (
+    Dataset,
+    dirichlet_partition,
+    load_digits,
+    make_synthetic,
+)
 
 
 def _mean_label_entropy(y: NDArray[Any], parts: list[NDArray[np.int64]]) -> float:

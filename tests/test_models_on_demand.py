@@ -411,7 +411,7 @@ def new_versions(broker: MosquittoBroker, service: CoordinatorService, fleet: st
 
 
 def digits_data() -> CallableSource:
-    from fedasync_iot.models._datasets import load_digits
+    from fedasync_iot.models.ml._datasets import load_digits
 
     train, _ = load_digits()
     return CallableSource(lambda: (train.X[:100], train.y[:100]))

@@ -14,18 +14,18 @@ import onnxruntime as ort
 import pytest
 from numpy.typing import NDArray
 
-from fedasync_iot.models._adapters import ModelAdapter, build_model
-from fedasync_iot.models._datasets import Dataset, load_digits, make_synthetic
 from fedasync_iot.models._errors import ModelError
-from fedasync_iot.models._inference import OnnxModel
-from fedasync_iot.models._onnx import (
+from fedasync_iot.models._spec import ModelSpec
+from fedasync_iot.models.ml._adapters import ModelAdapter, build_model
+from fedasync_iot.models.ml._datasets import Dataset, load_digits, make_synthetic
+from fedasync_iot.models.ml._inference import OnnxModel
+from fedasync_iot.models.ml._onnx import (
     SPEC_METADATA_KEY,
     TARGET_OPSET,
     bake_onnx,
     export_onnx,
     export_template,
 )
-from fedasync_iot.models._spec import ModelSpec
 
 CASES = ("logistic", "logistic-binary", "mlp", "mlp-binary", "linear")
 
@@ -294,7 +294,7 @@ def test_export_rejects_unusable_opsets(
 
 def test_inference_imports_neither_skl2onnx_nor_onnx() -> None:
     code = (
-        "import sys, models._inference, models._onnx\n"
+        "import sys, models.ml._inference, models.ml._onnx\n"
         "bad = sorted({m.split('.')[0] for m in sys.modules} & {'skl2onnx', 'onnx'})\n"
         "print(','.join(bad))\n"
     )

@@ -34,9 +34,11 @@ def test_one_top_level_import_name(record: list[str]) -> None:
 def test_every_part_installed_under_it(record: list[str]) -> None:
     files = set(record)
     for part in PARTS:
-        sources = {f"fedasync_iot/{part}/{p.name}" for p in (ROOT / part).glob("*.py")}
+        sources = {f"fedasync_iot/{p.relative_to(ROOT).as_posix()}"
+                   for p in (ROOT / part).rglob("*.py")}
         assert sources <= files, sorted(sources - files)
         assert f"fedasync_iot/{part}/py.typed" in files
     assert "fedasync_iot/py.typed" in files
+    assert "fedasync_iot/models/ml/py.typed" in files
     scripts = {Path(p).name for p in record if p.startswith("..")}
     assert {"fedasync-agent", "fedasync-coordinator", "fedasync-sim"} <= scripts

@@ -19,7 +19,7 @@ from fedasync_iot.agent._privacy import (
 )
 from fedasync_iot.agent._trainer import TrainConfig
 from fedasync_iot.models import ConfigError, FedAsyncError
-from fedasync_iot.models._dp import epsilon
+from fedasync_iot.models.ml._dp import epsilon
 
 DELTA = 1e-5
 

@@ -57,9 +57,9 @@ from fedasync_iot.models import (
     decode_snapshot,
     encode_update,
 )
-from fedasync_iot.models._datasets import load_digits
 from fedasync_iot.models._files import save_npz
 from fedasync_iot.models._mqtt import BrokerAddress, make_client
+from fedasync_iot.models.ml._datasets import load_digits
 from tests.helpers import Listener, wait_for
 
 pytestmark = pytest.mark.broker

@@ -15,7 +15,7 @@ from fedasync_iot.fleet._fleets import build_fleet
 from fedasync_iot.fleet._sim import SimConfig, run_rule
 from fedasync_iot.fleet._traces import FleetProfile
 from fedasync_iot.models import ConfigError
-from fedasync_iot.models._dp import epsilon
+from fedasync_iot.models.ml._dp import epsilon
 from tests.test_privacy import budget_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

@@ -16,10 +16,7 @@ import pytest
 from numpy.typing import NDArray
 from onnx import numpy_helper
 
-from fedasync_iot.models._adapters import ModelAdapter, build_model
 from fedasync_iot.models._errors import ModelError
-from fedasync_iot.models._inference import OnnxModel
-from fedasync_iot.models._onnx import _PROBE_BASE, _discover, export_onnx, export_template
 from fedasync_iot.models._spec import ModelSpec
 from fedasync_iot.models._template import (
     BINDINGS_METADATA_KEY,
@@ -28,6 +25,9 @@ from fedasync_iot.models._template import (
     bound_tensors,
     parse_bindings,
 )
+from fedasync_iot.models.ml._adapters import ModelAdapter, build_model
+from fedasync_iot.models.ml._inference import OnnxModel
+from fedasync_iot.models.ml._onnx import _PROBE_BASE, _discover, export_onnx, export_template
 
 DIGITS = tuple(range(10))
 SPECS = {
@@ -195,7 +195,7 @@ def test_device_side_needs_neither_onnx_nor_skl2onnx(
     np.save(tmp_path / "X.npy", X)
     code = (
         "import json, sys, pathlib, numpy as np\n"
-        "from models._inference import OnnxModel\n"
+        "from fedasync_iot.models.ml._inference import OnnxModel\n"
         f"d = pathlib.Path({str(tmp_path)!r})\n"
         "m = OnnxModel.from_template((d / 'graph.onnx').read_bytes(),\n"
         "    json.loads((d / 'bindings.json').read_text()), np.load(d / 'w.npy'))\n"

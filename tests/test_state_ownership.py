@@ -40,7 +40,7 @@ from fedasync_iot.coordinator._service import CoordinatorService
 from fedasync_iot.coordinator._store import Store
 from fedasync_iot.fleet._broker import MosquittoBroker
 from fedasync_iot.models import ConfigError, ModelSpec, StateError, Topics, build_model, decode_ack
-from fedasync_iot.models._onnx import SPEC_METADATA_KEY
+from fedasync_iot.models.ml._onnx import SPEC_METADATA_KEY
 from tests.helpers import Listener, update_bytes, wait_for
 
 ROOT = Path(__file__).parents[1]
@@ -202,7 +202,7 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path: Path, dead_port: int) ->
 
 def hold_lock_in_child(state: Path, *, control: str) -> subprocess.Popen[str]:
     """Another process holding `state`'s lock, as a coordinator would, until killed."""
-    code = ("import sys, pathlib; from coordinator._lock import StateLock; "
+    code = ("import sys, pathlib; from fedasync_iot.coordinator._lock import StateLock; "
             "lock = StateLock.acquire(pathlib.Path(sys.argv[1])); lock.note_control(sys.argv[2]);"
             " print('locked', flush=True); sys.stdin.read()")
     proc = subprocess.Popen([sys.executable, "-c", code, str(state), control], env=child_env(),

@@ -197,8 +197,8 @@ fi
 
 # --- config ---------------------------------------------------------------------------------------
 check_config() {  # the agent's own loader, when the package is installed
-    if [ -x "$venv/bin/python" ] && "$venv/bin/python" -I -c 'import agent' 2>/dev/null; then
-        "$venv/bin/python" -I -c 'import sys; from pathlib import Path; from agent._config import load_config; load_config(Path(sys.argv[1]))' "$1" \
+    if [ -x "$venv/bin/python" ] && "$venv/bin/python" -I -c 'import fedasync_iot.agent' 2>/dev/null; then
+        "$venv/bin/python" -I -c 'import sys; from pathlib import Path; from fedasync_iot.agent import load_config; load_config(Path(sys.argv[1]))' "$1" \
             || die "$2 is not a valid agent config (see the message above)"
     fi
 }

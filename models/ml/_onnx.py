@@ -4,7 +4,7 @@ skl2onnx and onnx are imported inside `export_onnx` and `export_template`, not a
 so that importing the `models` package on a device (the ``agent`` extra has neither) stays cheap
 and possible. `export_template` writes the weight-free graph of a spec (`models._template`).
 
-Output contract, relied on by `models._inference.OnnxModel`:
+Output contract, relied on by `models.ml._inference.OnnxModel`:
 
 - one input ``"input"``: float32, shape ``[None, n_features]``;
 - classifiers: ``"label"`` (int64, ``[None]``, values from ``spec.classes``) then
@@ -36,7 +36,7 @@ from fedasync_iot.models._template import (
 if TYPE_CHECKING:
     import onnx
 
-    from fedasync_iot.models._adapters import ModelAdapter
+    from fedasync_iot.models.ml._adapters import ModelAdapter
 
 # The newest opset a converted model may use. onnxruntime has implemented opset 17 and ai.onnx.ml 3
 # since 1.12, and skl2onnx writes IR version 8 for opset 17, so any runtime the `agent` extra allows
@@ -109,13 +109,13 @@ def export_template(adapter: ModelAdapter, *, opset: int = TARGET_OPSET) -> Onnx
     the export (no per-kind table to fall out of step with skl2onnx). Every float initializer
     holding probe values becomes an external-data placeholder: name, dtype and dims, no data.
     The graph carries the spec and the bindings in its metadata. A device fills it with
-    `models._inference.OnnxModel.from_template`. Any failure is a `ModelError`.
+    `models.ml._inference.OnnxModel.from_template`. Any failure is a `ModelError`.
 
     The linear regressor's converter writes its weights as attributes of an ``ai.onnx.ml``
     LinearRegressor node, which nothing can override; the template computes the same with a
     MatMul and an Add over two initializers instead.
     """
-    from fedasync_iot.models._adapters import build_model
+    from fedasync_iot.models.ml._adapters import build_model
 
     spec = adapter.spec
     probe = build_model(spec)

@@ -1,7 +1,7 @@
 """ONNX inference with onnxruntime (device side).
 
 Imports onnxruntime only: never skl2onnx or onnx, which the ``agent`` extra does not install.
-Understands the models `models._onnx.export_onnx` writes (see its output contract): one float32
+Understands the models `models.ml._onnx.export_onnx` writes (see its output contract): one float32
 input of fixed width; two outputs (labels, probabilities) for a classifier, one for a regressor.
 `OnnxModel.from_template` builds the same from a weight-free template (`models._template`) and
 a flat weight vector.
@@ -85,7 +85,7 @@ class OnnxModel:
     def from_template(cls, graph: bytes, bindings: object, weights: ArrayLike) -> OnnxModel:
         """A model from a weight-free template graph and one flat weight vector.
 
-        `graph` and `bindings` come from `models._onnx.export_template` (the bindings as the JSON
+        `graph` and `bindings` come from `models.ml._onnx.export_template` (the bindings as the JSON
         list `OnnxTemplate.bindings_json` gives, or `Binding`s); `weights` is the version's flat
         float32 vector. Everything is checked, as hostile input: the bindings themselves, the
         weights against the bindings (length, finite), the placeholders of the graph against the
