@@ -37,6 +37,7 @@ from fedasync_iot.coordinator._guards import Params
 from fedasync_iot.coordinator._rules import Contribution, Merge, MergeRule, PendingLike
 from fedasync_iot.models import ConfigError
 from fedasync_iot.models._dp import epsilon
+from fedasync_iot.models._wire import Rejection
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -132,7 +133,7 @@ class CentralDP:
     def name(self) -> str:
         return self.inner.name
 
-    def accepts(self, base_version: int, current_version: int) -> str | None:
+    def accepts(self, base_version: int, current_version: int) -> Rejection | None:
         return self.inner.accepts(base_version, current_version)
 
     def next_deadline(self) -> float | None:

@@ -18,6 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedasync_iot.models import ConfigError, InvalidUpdate
+from fedasync_iot.models._wire import Rejection
 
 Params = NDArray[np.float32]
 
@@ -53,19 +54,21 @@ def check_update(delta: Params, *, n_params: int, staleness: int,
     """Return a float32 copy of `delta` (clipped to max_norm under "clip") and whether it was
     clipped; raise `InvalidUpdate` with a reason code from the module docstring."""
     if not isinstance(delta, np.ndarray) or delta.dtype.kind != "f":
-        raise InvalidUpdate("shape", f"delta must be a floating numpy vector, got "
-                                     f"{getattr(delta, 'dtype', type(delta).__name__)}")
+        raise InvalidUpdate(Rejection.SHAPE, f"delta must be a floating numpy vector, got "
+                                              f"{getattr(delta, 'dtype', type(delta).__name__)}")
     if delta.shape != (n_params,):
-        raise InvalidUpdate("shape", f"delta has shape {delta.shape}, expected ({n_params},)")
+        raise InvalidUpdate(Rejection.SHAPE,
+                            f"delta has shape {delta.shape}, expected ({n_params},)")
     # Always a copy, so neither the caller nor a rule's buffer can alias the other's array.
     with np.errstate(over="ignore"):
         out = delta.astype(np.float32)
     if not np.isfinite(out).all():
-        raise InvalidUpdate("non_finite", "delta contains NaN or infinite values")
+        raise InvalidUpdate(Rejection.NON_FINITE, "delta contains NaN or infinite values")
     if staleness < 0:
-        raise InvalidUpdate("future_version", f"base version is {-staleness} ahead of the model")
+        raise InvalidUpdate(Rejection.FUTURE_VERSION,
+                            f"base version is {-staleness} ahead of the model")
     if staleness > config.max_staleness:
-        raise InvalidUpdate("too_stale",
+        raise InvalidUpdate(Rejection.TOO_STALE,
                             f"staleness {staleness} exceeds max_staleness {config.max_staleness}")
     # float64: squares of hostile float32 values (up to 3.4e38) overflow float32 to inf.
     wide = out.astype(np.float64)
@@ -73,5 +76,6 @@ def check_update(delta: Params, *, n_params: int, staleness: int,
     if norm <= config.max_norm:
         return out, False
     if config.norm_policy == "reject":
-        raise InvalidUpdate("norm", f"delta norm {norm:.6g} exceeds max_norm {config.max_norm}")
+        raise InvalidUpdate(Rejection.NORM,
+                            f"delta norm {norm:.6g} exceeds max_norm {config.max_norm}")
     return (wide * (config.max_norm / norm)).astype(np.float32), True

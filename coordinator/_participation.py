@@ -23,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 from fedasync_iot.models import ConfigError
+from fedasync_iot.models._wire import Rejection
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -262,7 +263,7 @@ class Ledger:
         with self._lock:
             d = self._device(device_id)
             d.rejected += 1
-            d.capped += reason == "participation_cap"
+            d.capped += reason == Rejection.PARTICIPATION_CAP
             d.last_at = now
 
     # -- the readers' side -------------------------------------------------------------------

@@ -20,6 +20,7 @@ from numpy.typing import NDArray
 from fedasync_iot.coordinator._guards import Params
 from fedasync_iot.coordinator._staleness import Staleness
 from fedasync_iot.models import ConfigError, InvalidUpdate, ModelError, StateError
+from fedasync_iot.models._wire import Rejection
 
 RuleName = Literal["fedasync", "fedbuff", "fedavg-sync"]
 RULE_NAMES: tuple[str, ...] = get_args(RuleName)
@@ -44,12 +45,12 @@ class Contribution:
 
     def __post_init__(self) -> None:
         if self.staleness < 0:
-            raise InvalidUpdate("future_version", f"negative staleness {self.staleness}")
+            raise InvalidUpdate(Rejection.FUTURE_VERSION, f"negative staleness {self.staleness}")
         if isinstance(self.n_samples, bool) or not 0 < self.n_samples <= _MAX_SAMPLES:
-            raise InvalidUpdate("n_samples", f"n_samples must be in 1..2**53, got "
-                                             f"{self.n_samples!r}")
+            raise InvalidUpdate(Rejection.N_SAMPLES, f"n_samples must be in 1..2**53, got "
+                                                      f"{self.n_samples!r}")
         if self.delta.ndim != 1:
-            raise InvalidUpdate("shape", f"delta must be 1-D, got shape {self.delta.shape}")
+            raise InvalidUpdate(Rejection.SHAPE, f"delta must be 1-D, got shape {self.delta.shape}")
         if not (isinstance(self.participation, float) and 0 < self.participation < math.inf):
             raise ModelError(f"participation must be a positive float, got "
                              f"{self.participation!r}")
@@ -94,7 +95,7 @@ class MergeRule(Protocol):
     @property
     def name(self) -> str: ...
 
-    def accepts(self, base_version: int, current_version: int) -> str | None:
+    def accepts(self, base_version: int, current_version: int) -> Rejection | None:
         """A rule-specific rejection reason, or None. Ask before `offer`, which raises it."""
         ...
 
@@ -126,7 +127,7 @@ class _Buffered:
     def __init__(self) -> None:
         self._buffer: list[Contribution] = []
 
-    def accepts(self, base_version: int, current_version: int) -> str | None:
+    def accepts(self, base_version: int, current_version: int) -> Rejection | None:
         return None
 
     def pending(self) -> tuple[Contribution, ...]:
@@ -153,12 +154,13 @@ class _Buffered:
         if (reason := self._refusal(c)) is not None:
             raise InvalidUpdate(reason, f"{self.name} refuses update {c.update_id}: {reason}")
         if c.delta.shape != model.shape:
-            raise InvalidUpdate("shape", f"delta has shape {c.delta.shape}, model {model.shape}")
+            raise InvalidUpdate(Rejection.SHAPE,
+                                f"delta has shape {c.delta.shape}, model {model.shape}")
 
-    def _refusal(self, c: Contribution) -> str | None:
+    def _refusal(self, c: Contribution) -> Rejection | None:
         # The service de-duplicates by update_id first; a duplicate here is a bug upstream.
         if any(p.update_id == c.update_id for p in self._buffer):
-            return "duplicate"
+            return Rejection.DUPLICATE
         return self.accepts(c.base_version, c.base_version + c.staleness)
 
     def restore(self, pending: Sequence[PendingLike], *, now: float) -> None:
@@ -323,9 +325,9 @@ class FedAvgSync(_Buffered):
         self.server_lr = _positive("server_lr", server_lr)
         self.round_start: float | None = None
 
-    def accepts(self, base_version: int, current_version: int) -> str | None:
+    def accepts(self, base_version: int, current_version: int) -> Rejection | None:
         # A base newer than the model is left to the guards' sharper "future_version".
-        return "wrong_round" if base_version < current_version else None
+        return Rejection.WRONG_ROUND if base_version < current_version else None
 
     def start_round(self, now: float) -> None:
         self.round_start = now

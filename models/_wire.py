@@ -32,6 +32,7 @@ import struct
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from types import MappingProxyType
 from typing import Any, Literal, NoReturn, get_args
 
@@ -65,6 +66,48 @@ Encoding = Literal["float32", "float16", "int8", "topk"]
 ENCODINGS: tuple[Encoding, ...] = get_args(Encoding)
 AckStatus = Literal["accepted", "buffered", "duplicate", "rejected"]
 ACK_STATUSES: tuple[AckStatus, ...] = get_args(AckStatus)
+
+
+
+class Rejection(str, Enum):
+    """Why the coordinator rejected an update: the ack's ``reason``, the lineage's and the
+    ``rejected{reason=...}`` metric's label (docs/wire.md, "Rejection reasons"). The values are
+    wire strings: never change one. A member is a `str`, equal to and hashed like its value, so
+    a decoded ack's plain string compares with it; an agent must accept reasons it does not
+    know (a newer coordinator's)."""
+
+    BAD_TOPIC = "bad_topic"
+    OVERSIZED = "oversized"
+    MALFORMED = "malformed"
+    UNSUPPORTED_SCHEMA = "unsupported_schema"
+    DEVICE_MISMATCH = "device_mismatch"
+    UPDATE_ID_CONFLICT = "update_id_conflict"
+    WRONG_ROUND = "wrong_round"
+    PARTICIPATION_CAP = "participation_cap"
+    SHAPE = "shape"
+    N_SAMPLES = "n_samples"
+    NON_FINITE = "non_finite"
+    FUTURE_VERSION = "future_version"
+    TOO_STALE = "too_stale"
+    NORM = "norm"
+    DUPLICATE = "duplicate"
+    MERGE_FAILED = "merge_failed"
+    REWRITTEN_TOPIC = "rewritten_topic"
+
+    # Python 3.11+ renders a mixed-in enum as "Rejection.TOO_STALE" in str() and f-strings; log
+    # lines, metric labels and messages must keep the wire string.
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+# Normal operation, not a fault (late work in a fleet: the model moved on, a round closed, a
+# device over its share): logged at INFO by the coordinator and the agent, the rest at WARNING.
+ROUTINE_REJECTIONS: frozenset[Rejection] = frozenset(
+    {Rejection.TOO_STALE, Rejection.WRONG_ROUND, Rejection.PARTICIPATION_CAP})
+
 
 _PREFIX = struct.Struct("<4sBI")
 _FRAME_KINDS = ("update", "snapshot", "template", "weights")
