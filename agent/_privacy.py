@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -38,6 +37,7 @@ from typing import Any
 from fedasync_iot.agent._policy import Check
 from fedasync_iot.models import ConfigError, FedAsyncError
 from fedasync_iot.models._dp import Mechanism, epsilon
+from fedasync_iot.models._files import atomic_write
 
 log = logging.getLogger("fedasync.agent.privacy")
 
@@ -232,17 +232,7 @@ class PrivacyLedger:
         if self.spent is not None and self.next is not None:  # null stands for infinity
             doc["epsilon"] = {"delta": self.config.delta, "multiplier": self.multiplier,
                               "spent": _finite(self.spent), "next": _finite(self.next)}
-        tmp = self.path.with_suffix(".json.tmp")
-        with tmp.open("w") as f:
-            json.dump(doc, f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        atomic_write(self.path, json.dumps(doc).encode())
 
 
 def _main(job: str) -> int:

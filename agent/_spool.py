@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedasync_iot.models import StateError
+from fedasync_iot.models._files import atomic_write
 
 log = logging.getLogger("fedasync.agent.spool")
 
@@ -93,21 +94,9 @@ class Spool:
         with self._lock:
             path = self.directory / f"{self._next:020d}-{update_id}.upd"
             self._next += 1
-            tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
             try:
-                with tmp.open("wb") as f:
-                    f.write(payload)
-                    f.flush()
-                    os.fsync(f.fileno())
-                tmp.replace(path)
-                fd = os.open(self.directory, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                atomic_write(path, payload)
             except OSError as exc:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
                 raise StateError(f"cannot spool update {update_id}: {exc}") from exc
             spooled = Spooled(self._next - 1, update_id, path, len(payload))
             self._enforce_bounds(keep=path)
