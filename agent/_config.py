@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from fedasync_iot.agent._privacy import PrivacyConfig
 from fedasync_iot.agent._trainer import TrainConfig
 from fedasync_iot.models import ConfigError
 from fedasync_iot.models._config import load
+from fedasync_iot.models._ids import ID_RULE, is_valid_id
 from fedasync_iot.models._mqtt import check_broker
 
 
@@ -68,9 +68,8 @@ class AgentConfig:
 
     def __post_init__(self) -> None:
         check_broker(self.broker)
-        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.device_id):
-            raise ConfigError("device_id must be 1-64 characters of A-Z a-z 0-9 _ . -",
-                              key="device_id")
+        if not is_valid_id(self.device_id):
+            raise ConfigError(f"device_id must be {ID_RULE}", key="device_id")
         for key in ("min_samples", "min_new_samples", "spool_max_count", "spool_max_bytes"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < (1 if key.startswith("spool") else 0):

@@ -21,10 +21,11 @@ from pathlib import Path
 
 from fedasync_iot.models import StateError
 from fedasync_iot.models._files import atomic_write
+from fedasync_iot.models._ids import ID_PATTERN, is_valid_id
 
 log = logging.getLogger("fedasync.agent.spool")
 
-_NAME = re.compile(r"^(\d{20})-([A-Za-z0-9_.-]{1,64})\.upd$")
+_NAME = re.compile(rf"^(\d{{20}})-({ID_PATTERN.pattern})\.upd$")
 _TMP_PID = re.compile(r"\.(\d+)\.tmp$")
 
 
@@ -89,7 +90,7 @@ class Spool:
 
     def put(self, update_id: str, payload: bytes) -> Spooled:
         """Store durably, then make room by dropping the oldest beyond the bounds."""
-        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", update_id):
+        if not is_valid_id(update_id):
             raise StateError(f"bad update id {update_id!r}")
         with self._lock:
             path = self.directory / f"{self._next:020d}-{update_id}.upd"

@@ -40,6 +40,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedasync_iot.models._errors import ModelError, UnsupportedSchema, WireError
+from fedasync_iot.models._ids import ID_RULE, is_valid_id
 from fedasync_iot.models._spec import ModelSpec
 from fedasync_iot.models._template import OnnxTemplate, parse_bindings
 
@@ -111,7 +112,6 @@ ROUTINE_REJECTIONS: frozenset[Rejection] = frozenset(
 
 _PREFIX = struct.Struct("<4sBI")
 _FRAME_KINDS = ("update", "snapshot", "template", "weights")
-_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _REASON = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -134,9 +134,9 @@ _ACK_KEYS = frozenset({"schema", "kind", "update_id", "status", "reason", "versi
 
 def validate_id(value: object, what: str) -> str:
     """`value` if it is a valid device/update id (an MQTT topic level and a file name), else
-    `WireError`: 1..64 characters of ``A-Z a-z 0-9 _ . -``, and not ``.`` or ``..``."""
-    if not isinstance(value, str) or not _ID.fullmatch(value) or value in {".", ".."}:
-        raise WireError(f"{what} must be 1-64 characters of A-Z a-z 0-9 _ . -, got {_show(value)}")
+    `WireError`: `models._ids.ID_RULE`, and not ``.`` or ``..``."""
+    if not is_valid_id(value):
+        raise WireError(f"{what} must be {ID_RULE}, got {_show(value)}")
     return value
 
 
