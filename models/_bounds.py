@@ -6,9 +6,9 @@ A frozen config dataclass declares a field's range next to its default::
 
 and its ``__post_init__`` calls ``check_fields(self)``: one `ConfigError` (key: the field's name)
 for the first field out of range, with a message that names the key, the bound and the value
-(``alpha must be in (0, 1], got 1.5``). Checks across fields stay code in ``__post_init__``.
-A value is in range only if it is a number (never a bool), finite, an `int` where ``integer``,
-and within every bound given; None passes where ``optional``.
+(``alpha must be a number in (0, 1], got 1.5``). Checks across fields stay code in
+``__post_init__``. A value is in range only if it is a number (never a bool), finite, an `int`
+where ``integer``, and within every bound given; None passes where ``optional``.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ class Bounds:
                 and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
 
     def describe(self) -> str:
-        """The bound as messages say it: ``finite and > 0``, ``in (0, 1]``, ``an integer >= 1``."""
+        """The bound as messages say it: ``finite and > 0``, ``a number in (0, 1]``, ``an integer
+        >= 1``."""
         if self.rule is not None:
             return self.rule
         low = (f"[{_num(self.ge)}" if self.ge is not None else
@@ -63,7 +64,7 @@ class Bounds:
             else:
                 text = "an integer " + " and ".join(self._sides())
         elif low is not None and high is not None:
-            text = f"in {low}, {high}"
+            text = f"a number in {low}, {high}"
         else:
             text = " and ".join(["finite", *self._sides()])
         return text + (" (or unset)" if self.optional else "")
@@ -71,6 +72,10 @@ class Bounds:
     def _sides(self) -> list[str]:
         pairs = ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
         return [f"{op} {_num(v)}" for op, v in pairs if v is not None]
+
+    def metadata(self) -> Mapping[str, Bounds]:
+        """The ``metadata`` of a dataclass field with this range."""
+        return MappingProxyType({_KEY: self})
 
     def check(self, name: str, value: object, *,
               error: type[FedAsyncError] = ConfigError) -> None:
@@ -87,8 +92,8 @@ def bounds(*, ge: float | None = None, gt: float | None = None, le: float | None
            lt: float | None = None, integer: bool = False, optional: bool = False,
            rule: str | None = None) -> Mapping[str, Bounds]:
     """The ``metadata`` of a dataclass field with this range (see the module docstring)."""
-    return MappingProxyType({_KEY: Bounds(ge=ge, gt=gt, le=le, lt=lt, integer=integer,
-                                          optional=optional, rule=rule)})
+    return Bounds(ge=ge, gt=gt, le=le, lt=lt, integer=integer, optional=optional,
+                  rule=rule).metadata()
 
 
 def check_fields(obj: object, *, error: type[FedAsyncError] = ConfigError) -> None:
