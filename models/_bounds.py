@@ -105,4 +105,4 @@ def check_fields(obj: object, *, error: type[FedAsyncError] = ConfigError) -> No
 
 
 def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+    return str(x) if isinstance(x, int) else f"{x:g}"
