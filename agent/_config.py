@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,8 +12,13 @@ from fedasync_iot.agent._policy import PolicyConfig
 from fedasync_iot.agent._privacy import PrivacyConfig
 from fedasync_iot.agent._trainer import TrainConfig
 from fedasync_iot.models import ConfigError
+from fedasync_iot.models._bounds import bounds, check_fields
 from fedasync_iot.models._config import load
+from fedasync_iot.models._ids import ID_RULE, is_valid_id
 from fedasync_iot.models._mqtt import check_broker
+
+_COUNT_0 = bounds(ge=0, integer=True, rule="a non-negative integer")
+_SECONDS = bounds(ge=0, rule="a non-negative number of seconds")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -33,19 +36,20 @@ class AgentConfig:
     state_dir: str = "agent-state"
     data: str = "data"  # a directory/file of CSV or NPZ, or module:function
     label_column: str = "label"
-    min_samples: int = 10  # never train on less
-    min_new_samples: int = 50  # new local samples that justify training on the same model
+    min_samples: int = field(default=10, metadata=_COUNT_0)  # never train on less
+    # New local samples that justify training on the same model.
+    min_new_samples: int = field(default=50, metadata=_COUNT_0)
     retrain_on_new_model: bool = True  # a newer global model alone justifies training
-    min_train_interval_s: float = 60.0
-    check_interval_s: float = 15.0
+    min_train_interval_s: float = field(default=60.0, metadata=_SECONDS)
+    check_interval_s: float = field(default=15.0, metadata=_SECONDS)
     # Models on demand (docs/architecture.md): the full snapshot is fetched when the agent is
     # about to train on a newer version, or when its inference model was last checked this long
     # ago. 0 follows every version as it is published.
-    model_refresh_s: float = 3600.0
+    model_refresh_s: float = field(default=3600.0, metadata=_SECONDS)
     # A metered network (no interface the policy allows is up) fetches nothing unless true.
     fetch_on_metered: bool = False
-    spool_max_count: int = 100
-    spool_max_bytes: int = 64 * 1024 * 1024
+    spool_max_count: int = field(default=100, metadata=bounds(ge=1, integer=True))
+    spool_max_bytes: int = field(default=64 * 1024 * 1024, metadata=bounds(ge=1, integer=True))
     train_in_subprocess: bool = True
     # The coordinator's Ed25519 public key(s) (PEM files). When set, a model that is not signed
     # by one of them is refused and the previous model kept.
@@ -56,7 +60,9 @@ class AgentConfig:
     # Asked before a finished update is spooled: "package.module:function" or
     # "cmd:/path/to/program args..." (metadata as JSON on stdin; exit status 0 approves).
     approval_hook: str | None = None
-    approval_timeout_s: float = 30.0  # a command still running then is killed: a refusal
+    # A command still running then is killed: a refusal.
+    approval_timeout_s: float = field(default=30.0, metadata=bounds(
+        gt=0, rule="a positive number of seconds"))
     # A refused update is deleted ("drop") or kept in <state_dir>/held ("keep") until an
     # operator releases or drops it (fedasync-agent held ...). Never sent either way.
     on_refused: Literal["keep", "drop"] = "drop"
@@ -68,20 +74,12 @@ class AgentConfig:
 
     def __post_init__(self) -> None:
         check_broker(self.broker)
-        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.device_id):
-            raise ConfigError("device_id must be 1-64 characters of A-Z a-z 0-9 _ . -",
-                              key="device_id")
-        for key in ("min_samples", "min_new_samples", "spool_max_count", "spool_max_bytes"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value < (1 if key.startswith("spool") else 0):
-                raise ConfigError(f"{key} must be a non-negative integer", key=key)
+        if not is_valid_id(self.device_id):
+            raise ConfigError(f"device_id must be {ID_RULE}", key="device_id")
+        check_fields(self)
         if not isinstance(self.fetch_on_metered, bool):
             raise ConfigError(f"fetch_on_metered must be true or false, got "
                               f"{self.fetch_on_metered!r}", key="fetch_on_metered")
-        for key in ("min_train_interval_s", "check_interval_s", "model_refresh_s"):
-            value = getattr(self, key)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ConfigError(f"{key} must be a non-negative number of seconds", key=key)
         self._check_site_control()
         if self.privacy.epsilon_budget is not None and self.training.noise_multiplier <= 0:
             raise ConfigError("privacy.epsilon_budget needs training.noise_multiplier > 0: an "
@@ -106,11 +104,6 @@ class AgentConfig:
             command_argv(hook)
         elif hook is not None:
             check_spec(hook, key="approval_hook", alternative=f" or {COMMAND_PREFIX}program args")
-        timeout = self.approval_timeout_s
-        if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                or not math.isfinite(timeout) or timeout <= 0):
-            raise ConfigError(f"approval_timeout_s must be a positive number of seconds, got "
-                              f"{timeout!r}", key="approval_timeout_s")
         if self.on_refused not in ("keep", "drop"):
             raise ConfigError(f'on_refused must be "keep" or "drop", got {self.on_refused!r}',
                               key="on_refused")

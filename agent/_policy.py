@@ -30,44 +30,43 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 
 from fedasync_iot.agent._readings import Readings
+from fedasync_iot.models._bounds import bounds, check_fields
 from fedasync_iot.models._errors import ConfigError, FedAsyncError
 
 _DAY = 24 * 60
+# Written [0, inf] in messages, as fleet files and operators have long read it.
+_AT_LEAST_0 = bounds(ge=0, le=math.inf)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PolicyConfig:
     """When a device may train; the rules are in the module docstring."""
 
-    min_battery_percent: float = 80.0  # on battery and not charging
+    # On battery and not charging.
+    min_battery_percent: float = field(default=80.0, metadata=bounds(ge=0, le=100))
     require_charging: bool = False  # battery devices train only while charging
     # Case-sensitive fnmatch patterns; a name matching a denied pattern is never usable (metered:
     # cellular, tethering), whatever the allowed ones say.
     allowed_interfaces: tuple[str, ...] = ("eth*", "en*", "wlan*", "wl*")
     denied_interfaces: tuple[str, ...] = ("wwan*", "ppp*", "usb*", "rmnet*")
-    max_cpu_percent: float = 30.0
-    min_mem_available_mb: float = 150.0
-    max_temperature_c: float = 70.0
+    max_cpu_percent: float = field(default=30.0, metadata=bounds(ge=0, le=100))
+    min_mem_available_mb: float = field(default=150.0, metadata=_AT_LEAST_0)
+    max_temperature_c: float = field(default=70.0, metadata=bounds(ge=-273.15, le=math.inf))
     time_window: tuple[int, int] | None = None  # minutes since midnight [start, end); may wrap
-    battery_margin: float = 5.0
-    temperature_margin: float = 5.0
-    cpu_margin: float = 10.0
-    min_dwell_s: float = 60.0
+    battery_margin: float = field(default=5.0, metadata=_AT_LEAST_0)
+    temperature_margin: float = field(default=5.0, metadata=_AT_LEAST_0)
+    cpu_margin: float = field(default=10.0, metadata=_AT_LEAST_0)
+    min_dwell_s: float = field(default=60.0, metadata=_AT_LEAST_0)
 
     def __post_init__(self) -> None:
         if not isinstance(self.require_charging, bool):
             raise ConfigError("require_charging must be true or false", key="require_charging")
-        _number("min_battery_percent", self.min_battery_percent, 0.0, 100.0)
-        _number("max_cpu_percent", self.max_cpu_percent, 0.0, 100.0)
-        _number("min_mem_available_mb", self.min_mem_available_mb, 0.0, math.inf)
-        _number("max_temperature_c", self.max_temperature_c, -273.15, math.inf)
-        for name in ("battery_margin", "temperature_margin", "cpu_margin", "min_dwell_s"):
-            _number(name, getattr(self, name), 0.0, math.inf)
+        check_fields(self)
         for name in ("allowed_interfaces", "denied_interfaces"):
             value = getattr(self, name)
             if not isinstance(value, tuple) or not all(isinstance(p, str) and p for p in value):
@@ -85,12 +84,6 @@ class PolicyConfig:
             raise ConfigError(
                 f"time_window must be [start, end] minutes since midnight, each 0..1439 and "
                 f"different (omit it for any time), got {w!r}", key="time_window")
-
-
-def _number(key: str, value: object, lo: float, hi: float) -> None:
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or not math.isfinite(value) or not lo <= value <= hi):
-        raise ConfigError(f"{key} must be a number in [{lo:g}, {hi:g}], got {value!r}", key=key)
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,16 +27,17 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedasync_iot.agent._policy import Check
-from fedasync_iot.models import ConfigError, FedAsyncError
+from fedasync_iot.models import FedAsyncError
+from fedasync_iot.models._bounds import bounds, check_fields
+from fedasync_iot.models._files import atomic_write
 from fedasync_iot.models.ml._dp import Mechanism, epsilon
 
 log = logging.getLogger("fedasync.agent.privacy")
@@ -51,18 +52,12 @@ Accountant = Callable[[Sequence[Mechanism], float], float]
 class PrivacyConfig:
     # The device's lifetime epsilon: no update is sent that would take it past. None: counted
     # and reported, never enforced.
-    epsilon_budget: float | None = None
+    epsilon_budget: float | None = field(default=None, metadata=bounds(gt=0, optional=True))
     # Below 1 / (the number of devices in the fleet), as usual for a device-level guarantee.
-    delta: float = 1e-5
+    delta: float = field(default=1e-5, metadata=bounds(gt=0, lt=1))
 
     def __post_init__(self) -> None:
-        budget = self.epsilon_budget
-        if budget is not None and (isinstance(budget, bool) or not math.isfinite(budget)
-                                   or budget <= 0):
-            raise ConfigError(f"epsilon_budget must be a positive number, got {budget!r}",
-                              key="epsilon_budget")
-        if isinstance(self.delta, bool) or not 0 < self.delta < 1:
-            raise ConfigError(f"delta must be in (0, 1), got {self.delta!r}", key="delta")
+        check_fields(self)
 
 
 def device_multiplier(noise_multiplier: float) -> float:
@@ -232,17 +227,7 @@ class PrivacyLedger:
         if self.spent is not None and self.next is not None:  # null stands for infinity
             doc["epsilon"] = {"delta": self.config.delta, "multiplier": self.multiplier,
                               "spent": _finite(self.spent), "next": _finite(self.next)}
-        tmp = self.path.with_suffix(".json.tmp")
-        with tmp.open("w") as f:
-            json.dump(doc, f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        atomic_write(self.path, json.dumps(doc).encode())
 
 
 def _main(job: str) -> int:

@@ -20,10 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedasync_iot.models import StateError
+from fedasync_iot.models._files import atomic_write
+from fedasync_iot.models._ids import ID_PATTERN, is_valid_id
 
 log = logging.getLogger("fedasync.agent.spool")
 
-_NAME = re.compile(r"^(\d{20})-([A-Za-z0-9_.-]{1,64})\.upd$")
+_NAME = re.compile(rf"^(\d{{20}})-({ID_PATTERN.pattern})\.upd$")
 _TMP_PID = re.compile(r"\.(\d+)\.tmp$")
 
 
@@ -88,26 +90,14 @@ class Spool:
 
     def put(self, update_id: str, payload: bytes) -> Spooled:
         """Store durably, then make room by dropping the oldest beyond the bounds."""
-        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", update_id):
+        if not is_valid_id(update_id):
             raise StateError(f"bad update id {update_id!r}")
         with self._lock:
             path = self.directory / f"{self._next:020d}-{update_id}.upd"
             self._next += 1
-            tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
             try:
-                with tmp.open("wb") as f:
-                    f.write(payload)
-                    f.flush()
-                    os.fsync(f.fileno())
-                tmp.replace(path)
-                fd = os.open(self.directory, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                atomic_write(path, payload)
             except OSError as exc:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
                 raise StateError(f"cannot spool update {update_id}: {exc}") from exc
             spooled = Spooled(self._next - 1, update_id, path, len(payload))
             self._enforce_bounds(keep=path)

@@ -18,13 +18,14 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
 
 from fedasync_iot.models import ConfigError
+from fedasync_iot.models._bounds import bounds, check_fields
 from fedasync_iot.models._wire import ENCODINGS, Encoding, UpdateMessage
 
 if TYPE_CHECKING:
@@ -34,31 +35,22 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TrainConfig:
-    local_epochs: int = 1
-    clip_norm: float = 5.0
-    noise_multiplier: float = 0.0
+    local_epochs: int = field(default=1, metadata=bounds(ge=1, integer=True))
+    clip_norm: float = field(default=5.0, metadata=bounds(gt=0))
+    noise_multiplier: float = field(default=0.0, metadata=bounds(ge=0))
     encoding: Encoding = "float32"
-    topk_fraction: float = 0.1
+    topk_fraction: float = field(default=0.1, metadata=bounds(gt=0, le=1))
     # > 0: fit each training's work into this fraction of the device's typical eligible window
     # (agent/_budget.py); 0: always the full local_epochs over every sample. 0.5 by default:
     # on a fleet whose availability follows its data it raised global accuracy by 1.1 points
     # (FedAsync, median of 5 seeds; 1.0 with reweighting) and the worst-served devices' too,
     # and a device that is always eligible does the full work anyway.
-    window_fraction: float = 0.5
+    window_fraction: float = field(default=0.5, metadata=bounds(ge=0, le=1))
 
     def __post_init__(self) -> None:
-        if self.local_epochs < 1:
-            raise ConfigError("local_epochs must be >= 1", key="local_epochs")
-        if not math.isfinite(self.clip_norm) or self.clip_norm <= 0:
-            raise ConfigError("clip_norm must be a positive number", key="clip_norm")
-        if not math.isfinite(self.noise_multiplier) or self.noise_multiplier < 0:
-            raise ConfigError("noise_multiplier must be >= 0", key="noise_multiplier")
+        check_fields(self)
         if self.encoding not in ENCODINGS:
             raise ConfigError(f"encoding must be one of {ENCODINGS}", key="encoding")
-        if not 0 < self.topk_fraction <= 1:
-            raise ConfigError("topk_fraction must be in (0, 1]", key="topk_fraction")
-        if not 0 <= self.window_fraction <= 1:
-            raise ConfigError("window_fraction must be in [0, 1]", key="window_fraction")
 
 
 def clip(delta: NDArray[np.float32], max_norm: float) -> NDArray[np.float32]:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,8 @@ import numpy as np
 from fedasync_iot.coordinator._guards import Params
 from fedasync_iot.coordinator._rules import Contribution, Merge, MergeRule, PendingLike
 from fedasync_iot.models import ConfigError
+from fedasync_iot.models._bounds import bounds, check_fields
+from fedasync_iot.models._wire import Rejection
 from fedasync_iot.models.ml._dp import epsilon
 
 
@@ -43,21 +45,16 @@ from fedasync_iot.models.ml._dp import epsilon
 class CentralDPConfig:
     """The coordinator's ``[central_dp]`` table; off while `noise_multiplier` is 0."""
 
-    noise_multiplier: float = 0.0  # z: noise sigma / (S x the largest device share)
-    clip_norm: float = 1.0  # S: each device's delta, L2
-    delta: float = 1e-5
+    # z: noise sigma / (S x the largest device share)
+    noise_multiplier: float = field(default=0.0, metadata=bounds(ge=0))
+    clip_norm: float = field(default=1.0, metadata=bounds(gt=0))  # S: each device's delta, L2
+    delta: float = field(default=1e-5, metadata=bounds(gt=0, lt=1))
     # Fixed noise for reproducible simulations only: a coordinator in service must draw fresh
     # noise (None), or anyone who knows the seed can remove it.
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        z, s = self.noise_multiplier, self.clip_norm
-        if isinstance(z, bool) or not math.isfinite(z) or z < 0:
-            raise ConfigError(f"noise_multiplier must be >= 0, got {z!r}", key="noise_multiplier")
-        if isinstance(s, bool) or not math.isfinite(s) or s <= 0:
-            raise ConfigError(f"clip_norm must be > 0, got {s!r}", key="clip_norm")
-        if isinstance(self.delta, bool) or not 0 < self.delta < 1:
-            raise ConfigError(f"delta must be in (0, 1), got {self.delta!r}", key="delta")
+        check_fields(self)
 
     @property
     def enabled(self) -> bool:
@@ -132,7 +129,7 @@ class CentralDP:
     def name(self) -> str:
         return self.inner.name
 
-    def accepts(self, base_version: int, current_version: int) -> str | None:
+    def accepts(self, base_version: int, current_version: int) -> Rejection | None:
         return self.inner.accepts(base_version, current_version)
 
     def next_deadline(self) -> float | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -13,6 +12,7 @@ from fedasync_iot.coordinator._guards import GuardConfig
 from fedasync_iot.coordinator._participation import ParticipationConfig
 from fedasync_iot.coordinator._rules import RuleConfig
 from fedasync_iot.models import ConfigError, ModelSpec
+from fedasync_iot.models._bounds import bounds, check_fields
 from fedasync_iot.models._config import load
 from fedasync_iot.models._mqtt import check_broker
 
@@ -24,19 +24,17 @@ _PLACEHOLDER_MODEL = ModelSpec(kind="linear", n_features=1)
 class SnapshotConfig:
     """How often the retained model snapshot is republished (exporting ONNX costs time)."""
 
-    min_interval_s: float = 1.0
+    min_interval_s: float = field(default=1.0, metadata=bounds(ge=0))
     include_onnx: bool = True
     # Publish the retained model, its compact parts and the announcement again, unchanged, after
     # this long without a new version (0: never). A node of a clustered broker can keep an old
     # retained copy or miss one (NATS 2.9, docs/brokers.md); a fresh publication reaches it,
     # and every device listening there. One Mosquitto needs none.
-    republish_s: float = 0.0
+    republish_s: float = field(default=0.0,
+                               metadata=bounds(ge=0, rule="finite and >= 0 (0: never)"))
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.min_interval_s) or self.min_interval_s < 0:
-            raise ConfigError("snapshots.min_interval_s must be >= 0", key="min_interval_s")
-        if not math.isfinite(self.republish_s) or self.republish_s < 0:
-            raise ConfigError("snapshots.republish_s must be >= 0 (0: never)", key="republish_s")
+        check_fields(self)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -44,11 +42,10 @@ class EvalConfig:
     """Held-out evaluation of new versions: a file (NPZ/CSV) or ``builtin:digits``."""
 
     test_file: str | None = None
-    every: int = 1
+    every: int = field(default=1, metadata=bounds(ge=1, integer=True))
 
     def __post_init__(self) -> None:
-        if self.every < 1:
-            raise ConfigError("evaluation.every must be >= 1", key="every")
+        check_fields(self)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -68,7 +65,7 @@ class CoordinatorConfig:
     client_id: str | None = None
     standby: bool = False  # another coordinator serves the fleet: wait for it to stop (else exit)
     state_dir: str = "coordinator-state"
-    keep_checkpoints: int = 10
+    keep_checkpoints: int = field(default=10, metadata=bounds(ge=1, integer=True))
     signing_key: str | None = None  # Ed25519 private key (PEM): sign every snapshot
     rule: RuleConfig = field(default_factory=RuleConfig)
     guards: GuardConfig = field(default_factory=GuardConfig)
@@ -76,8 +73,9 @@ class CoordinatorConfig:
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     participation: ParticipationConfig = field(default_factory=ParticipationConfig)
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)  # coordinator/_central_dp
-    batch_max: int = 500
-    max_message_bytes: int = 16 * 1024 * 1024
+    batch_max: int = field(default=500, metadata=bounds(ge=1, integer=True))
+    max_message_bytes: int = field(default=16 * 1024 * 1024,
+                                   metadata=bounds(ge=1024, integer=True))
     http: str = "127.0.0.1:9464"  # metrics + status; "" turns it off; port 0 picks a free one
     # What POST /rollback requires (coordinator/_control.py); neither set: the service makes a
     # token at each start in <state_dir>/control.token.
@@ -87,18 +85,13 @@ class CoordinatorConfig:
 
     def __post_init__(self) -> None:
         check_broker(self.broker)
+        check_fields(self)
         self.central_dp.check_rule(self.rule.name, memory_s=self.rule.memory_s)
-        if self.batch_max < 1:
-            raise ConfigError("batch_max must be >= 1", key="batch_max")
         if self.client_id is not None and (not self.client_id or self.client_id != "".join(
                 self.client_id.split())):
             raise ConfigError(f"client_id must be a non-empty name without spaces, got "
                               f"{self.client_id!r} (leave it unset for one derived from the "
                               "fleet)", key="client_id")
-        if self.max_message_bytes < 1024:
-            raise ConfigError("max_message_bytes must be >= 1024", key="max_message_bytes")
-        if self.keep_checkpoints < 1:
-            raise ConfigError("keep_checkpoints must be >= 1", key="keep_checkpoints")
         if self.http and (":" not in self.http or not self.http.rsplit(":", 1)[1].isdigit()):
             raise ConfigError(f"http must be HOST:PORT or empty, got {self.http!r}", key="http")
         if self.control_token is not None and self.control_token_file is not None:

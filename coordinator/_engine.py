@@ -36,12 +36,23 @@ from fedasync_iot.models import (
     UnsupportedSchema,
     WireError,
 )
-from fedasync_iot.models._wire import Ack, AckStatus, UpdateMessage, decode_update, update_label
+from fedasync_iot.models._wire import (
+    ROUTINE_REJECTIONS,
+    Ack,
+    AckStatus,
+    Rejection,
+    UpdateMessage,
+    decode_update,
+    update_label,
+)
 
 log = logging.getLogger("fedasync.coordinator")
 
 Evaluator = Callable[[Params], dict[str, float]]
-_ROUTINE = frozenset({"too_stale", "wrong_round", "participation_cap"})
+# Lineage keeps rejections, but not of ids this device must not be credited with, nor of a base
+# ahead of the model (see _reject).
+_UNRECORDED = frozenset({Rejection.DEVICE_MISMATCH, Rejection.UPDATE_ID_CONFLICT,
+                         Rejection.FUTURE_VERSION})
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,14 +187,14 @@ class Engine:
         if merge is not None:
             self._apply(merge, state, source="merge")
 
-    def _decode(self, item: Incoming) -> UpdateMessage | tuple[str, str]:
+    def _decode(self, item: Incoming) -> UpdateMessage | tuple[Rejection, str]:
         """The update in `item`, or why it does not decode (reason, detail)."""
         try:
             if item.device_id is None:
-                raise InvalidUpdate("bad_topic", "update topic does not name a device")
+                raise InvalidUpdate(Rejection.BAD_TOPIC, "update topic does not name a device")
             if len(item.payload) > self.max_message_bytes:
-                raise InvalidUpdate("oversized", f"{len(item.payload)} bytes > "
-                                                 f"{self.max_message_bytes}")
+                raise InvalidUpdate(Rejection.OVERSIZED, f"{len(item.payload)} bytes > "
+                                                        f"{self.max_message_bytes}")
             # A wrong length stays the guards' "shape" rejection, more useful to the sender than
             # "malformed". But the byte limit alone does not bound the work: a top-k frame of
             # ~200 bytes may claim 10 million parameters (a 40 MB zero vector each, 20 GB for a
@@ -192,11 +203,11 @@ class Engine:
             msg = decode_update(item.payload, max_message_bytes=self.max_message_bytes,
                                 max_params=max(self.n_params, len(item.payload)))
         except InvalidUpdate as exc:
-            return exc.reason, str(exc)
+            return Rejection(exc.reason), str(exc)
         except UnsupportedSchema as exc:
-            return "unsupported_schema", str(exc)
+            return Rejection.UNSUPPORTED_SCHEMA, str(exc)
         except WireError as exc:
-            return "malformed", str(exc)
+            return Rejection.MALFORMED, str(exc)
         return msg
 
     def _one(self, item: Incoming, msg: UpdateMessage, committed: dict[str, UpdateRecord],
@@ -213,11 +224,11 @@ class Engine:
         wait: float | None = None
         try:
             if msg.device_id != item.device_id:
-                raise InvalidUpdate("device_mismatch",
+                raise InvalidUpdate(Rejection.DEVICE_MISMATCH,
                                     f"payload names device {msg.device_id!r} but arrived on the "
                                     f"topic of device {item.device_id!r}")
             if known is not None:
-                raise InvalidUpdate("update_id_conflict",
+                raise InvalidUpdate(Rejection.UPDATE_ID_CONFLICT,
                                     f"update id {msg.update_id} belongs to another device")
             reason = self.rule.accepts(msg.base_version, self.version)
             if reason is not None:
@@ -228,8 +239,9 @@ class Engine:
             wait = self.ledger.retry_after(msg.device_id, now=item.received_at)
             if wait is not None:
                 p = self.participation
-                raise InvalidUpdate("participation_cap", f"{p.cap} update(s) per {p.window_s:g} s "
-                                                         f"already taken; retry in {wait:.0f} s")
+                raise InvalidUpdate(Rejection.PARTICIPATION_CAP,
+                                    f"{p.cap} update(s) per {p.window_s:g} s already taken; "
+                                    f"retry in {wait:.0f} s")
             delta, clipped = check_update(msg.delta, n_params=self.n_params,
                                           staleness=staleness, config=self.guards)
 
@@ -241,8 +253,8 @@ class Engine:
         except InvalidUpdate as exc:
             return self._reject(item, msg, staleness, exc, state, retry_after=wait)
         except ModelError as exc:  # the merge itself would be non-finite; the rule kept nothing
-            return self._reject(item, msg, staleness, InvalidUpdate("merge_failed", str(exc)),
-                                state)
+            failed = InvalidUpdate(Rejection.MERGE_FAILED, str(exc))
+            return self._reject(item, msg, staleness, failed, state)
         state.records[msg.update_id] = UpdateRecord(
             update_id=msg.update_id, device_id=msg.device_id, base_version=msg.base_version,
             staleness=staleness, n_samples=msg.n_samples, received_at=item.received_at,
@@ -278,7 +290,7 @@ class Engine:
                 state.relabel.append(Relabel(c.update_id, "accepted", None, self.version,
                                              float(w)))
 
-    def _reject_undecoded(self, item: Incoming, reason: str, detail: str) -> Outcome:
+    def _reject_undecoded(self, item: Incoming, reason: Rejection, detail: str) -> Outcome:
         # Named whenever the header names it (a newer schema major, a damaged body): the sender
         # clears its spool by this id, and with none it would resend the update forever.
         update_id, _ = update_label(item.payload)
@@ -292,10 +304,10 @@ class Engine:
     def _reject(self, item: Incoming, msg: UpdateMessage, staleness: int, exc: InvalidUpdate,
                 state: _Batch, *, retry_after: float | None = None) -> Outcome:
         # Late work is routine in a fleet (a round closed, the model moved on): not a warning.
-        level = logging.INFO if exc.reason in _ROUTINE else logging.WARNING
+        level = logging.INFO if exc.reason in ROUTINE_REJECTIONS else logging.WARNING
         log.log(level, "rejected update %s from %s: %s (%s)", msg.update_id, item.device_id,
                 exc.reason, exc)
-        if exc.reason not in ("device_mismatch", "update_id_conflict", "future_version"):
+        if exc.reason not in _UNRECORDED:
             # Lineage keeps rejections too; not for ids we must not attribute to this device,
             # nor a base ahead of the model: that is "not yet" (this state was reset, or restored
             # from an older backup), and the agent keeps the update to send it again once the

@@ -13,7 +13,6 @@ start, so nothing here needs its own persistence.
 
 from __future__ import annotations
 
-import math
 import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -23,6 +22,8 @@ from typing import NamedTuple
 import numpy as np
 
 from fedasync_iot.models import ConfigError
+from fedasync_iot.models._bounds import bounds, check_fields
+from fedasync_iot.models._wire import Rejection
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -43,39 +44,26 @@ class ParticipationConfig:
     The defaults (4 h window, boost 4, max 16) are the measured ones.
     """
 
-    window_s: float = 4 * 3600.0
-    cap: int = 0
+    window_s: float = field(default=4 * 3600.0,
+                            metadata=bounds(gt=0, le=366 * 86_400, rule="in (0, 1 year]"))
+    cap: int = field(default=0, metadata=bounds(ge=0, integer=True,
+                                                rule="an integer >= 0 (0: no cap)"))
     reweight: bool | None = None
-    power: float = 1.0
-    max_factor: float = 16.0  # a frequent device's update keeps at least 1/max_factor of its weight
-    max_boost: float = 4.0  # a rare device's update gets at most this much more (1: damp only)
+    power: float = field(default=1.0, metadata=bounds(ge=0, le=4))
+    # A frequent device's update keeps at least 1/max_factor of its weight.
+    max_factor: float = field(default=16.0, metadata=bounds(ge=1, le=100))
+    # A rare device's update gets at most this much more (1: damp only).
+    max_boost: float = field(default=4.0, metadata=bounds(ge=1, le=100))
 
     def __post_init__(self) -> None:
-        if not (_number(self.window_s) and 0 < self.window_s <= 366 * 86_400):
-            raise ConfigError(f"window_s must be in (0, 1 year], got {self.window_s!r}",
-                              key="window_s")
-        if isinstance(self.cap, bool) or not isinstance(self.cap, int) or self.cap < 0:
-            raise ConfigError(f"cap must be an integer >= 0 (0: no cap), got {self.cap!r}",
-                              key="cap")
+        check_fields(self)
         if self.reweight is not None and not isinstance(self.reweight, bool):
             raise ConfigError("reweight must be true or false (unset: on for fedasync)",
                               key="reweight")
-        if not (_number(self.power) and 0 <= self.power <= 4):
-            raise ConfigError(f"power must be in [0, 4], got {self.power!r}", key="power")
-        if not (_number(self.max_factor) and 1 <= self.max_factor <= 100):
-            raise ConfigError(f"max_factor must be in [1, 100], got {self.max_factor!r}",
-                              key="max_factor")
-        if not (_number(self.max_boost) and 1 <= self.max_boost <= 100):
-            raise ConfigError(f"max_boost must be in [1, 100], got {self.max_boost!r}",
-                              key="max_boost")
 
     def for_rule(self, rule: str) -> ParticipationConfig:
         """This table with ``reweight`` decided for `rule`: when unset, on for FedAsync only."""
         return self if self.reweight is not None else replace(self, reweight=rule == "fedasync")
-
-
-def _number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 # -- the math ----------------------------------------------------------------------------------
@@ -262,7 +250,7 @@ class Ledger:
         with self._lock:
             d = self._device(device_id)
             d.rejected += 1
-            d.capped += reason == "participation_cap"
+            d.capped += reason == Rejection.PARTICIPATION_CAP
             d.last_at = now
 
     # -- the readers' side -------------------------------------------------------------------

@@ -42,6 +42,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from fedasync_iot.models import ConfigError, Topics, WireError, validate_id
+from fedasync_iot.models._files import atomic_write
 from fedasync_iot.models._mqtt import BrokerAddress, broker_urls
 
 PBKDF2_ITERATIONS = 101  # Mosquitto 2.0's PW_DEFAULT_ITERATIONS
@@ -130,46 +131,27 @@ def _mosquitto_gid() -> int | None:
 
 def write_file_atomic(path: Path, data: bytes, *, mode: int, like: Path | None = None,
                       gid: int | None = None) -> None:
-    """Write `data` to `path` via a temp file in the same directory, fsync and rename.
+    """Write `data` to `path` atomically (`models._files.atomic_write`: fsync'd, renamed).
 
     The new file gets `mode`, or the mode and owner of `like` when that file exists (replacing
     /etc/mosquitto/fedasync.passwd must not make it unreadable to the broker).
     """
-    directory = path.parent
-    tmp = directory / f".{path.name}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            try:
-                st = os.stat(like) if like is not None else None
-            except FileNotFoundError:
-                st = None
-            if st is not None:
-                os.fchmod(f.fileno(), st.st_mode & 0o7777)
-                if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
-                    try:
-                        os.fchown(f.fileno(), st.st_uid, st.st_gid)
-                    except PermissionError as exc:
-                        raise ConfigError(
-                            f"cannot keep the owner of {like} (uid {st.st_uid}, gid "
-                            f"{st.st_gid}): run as root or as its owner") from exc
-            else:
-                os.fchmod(f.fileno(), mode)
-                if gid is not None:
-                    os.fchown(f.fileno(), -1, gid)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        st = os.stat(like) if like is not None else None
+    except FileNotFoundError:
+        st = None
+    if st is None:
+        atomic_write(path, data, mode=mode, owner=None if gid is None else (-1, gid))
+        return
+    keep = (st.st_uid, st.st_gid)
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        atomic_write(path, data, mode=st.st_mode & 0o7777,
+                     owner=None if keep == (os.geteuid(), os.getegid()) else keep)
+    except PermissionError as exc:
+        if exc.filename is not None:  # the directory or the rename, not the chown
+            raise
+        raise ConfigError(f"cannot keep the owner of {like} (uid {st.st_uid}, gid "
+                          f"{st.st_gid}): run as root or as its owner") from exc
 
 
 def set_password(path: Path, username: str, password: str, *,

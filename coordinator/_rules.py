@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Protocol, get_args
 
 import numpy as np
@@ -20,12 +20,19 @@ from numpy.typing import NDArray
 from fedasync_iot.coordinator._guards import Params
 from fedasync_iot.coordinator._staleness import Staleness
 from fedasync_iot.models import ConfigError, InvalidUpdate, ModelError, StateError
+from fedasync_iot.models._bounds import Bounds, bounds, check_fields
+from fedasync_iot.models._wire import Rejection
 
 RuleName = Literal["fedasync", "fedbuff", "fedavg-sync"]
 RULE_NAMES: tuple[str, ...] = get_args(RuleName)
 
 # float64 holds every integer up to 2**53 exactly; more samples than that is a hostile claim.
 _MAX_SAMPLES = 2**53
+# The ranges of the rules' settings: RuleConfig's fields and the rules' own arguments.
+_POSITIVE = Bounds(gt=0)
+_UNIT = Bounds(gt=0, le=1)
+_NON_NEGATIVE = Bounds(ge=0)
+_COUNT = Bounds(ge=1, integer=True)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -44,12 +51,12 @@ class Contribution:
 
     def __post_init__(self) -> None:
         if self.staleness < 0:
-            raise InvalidUpdate("future_version", f"negative staleness {self.staleness}")
+            raise InvalidUpdate(Rejection.FUTURE_VERSION, f"negative staleness {self.staleness}")
         if isinstance(self.n_samples, bool) or not 0 < self.n_samples <= _MAX_SAMPLES:
-            raise InvalidUpdate("n_samples", f"n_samples must be in 1..2**53, got "
-                                             f"{self.n_samples!r}")
+            raise InvalidUpdate(Rejection.N_SAMPLES, f"n_samples must be in 1..2**53, got "
+                                                      f"{self.n_samples!r}")
         if self.delta.ndim != 1:
-            raise InvalidUpdate("shape", f"delta must be 1-D, got shape {self.delta.shape}")
+            raise InvalidUpdate(Rejection.SHAPE, f"delta must be 1-D, got shape {self.delta.shape}")
         if not (isinstance(self.participation, float) and 0 < self.participation < math.inf):
             raise ModelError(f"participation must be a positive float, got "
                              f"{self.participation!r}")
@@ -94,7 +101,7 @@ class MergeRule(Protocol):
     @property
     def name(self) -> str: ...
 
-    def accepts(self, base_version: int, current_version: int) -> str | None:
+    def accepts(self, base_version: int, current_version: int) -> Rejection | None:
         """A rule-specific rejection reason, or None. Ask before `offer`, which raises it."""
         ...
 
@@ -126,7 +133,7 @@ class _Buffered:
     def __init__(self) -> None:
         self._buffer: list[Contribution] = []
 
-    def accepts(self, base_version: int, current_version: int) -> str | None:
+    def accepts(self, base_version: int, current_version: int) -> Rejection | None:
         return None
 
     def pending(self) -> tuple[Contribution, ...]:
@@ -153,12 +160,13 @@ class _Buffered:
         if (reason := self._refusal(c)) is not None:
             raise InvalidUpdate(reason, f"{self.name} refuses update {c.update_id}: {reason}")
         if c.delta.shape != model.shape:
-            raise InvalidUpdate("shape", f"delta has shape {c.delta.shape}, model {model.shape}")
+            raise InvalidUpdate(Rejection.SHAPE,
+                                f"delta has shape {c.delta.shape}, model {model.shape}")
 
-    def _refusal(self, c: Contribution) -> str | None:
+    def _refusal(self, c: Contribution) -> Rejection | None:
         # The service de-duplicates by update_id first; a duplicate here is a bug upstream.
         if any(p.update_id == c.update_id for p in self._buffer):
-            return "duplicate"
+            return Rejection.DUPLICATE
         return self.accepts(c.base_version, c.base_version + c.staleness)
 
     def restore(self, pending: Sequence[PendingLike], *, now: float) -> None:
@@ -323,9 +331,9 @@ class FedAvgSync(_Buffered):
         self.server_lr = _positive("server_lr", server_lr)
         self.round_start: float | None = None
 
-    def accepts(self, base_version: int, current_version: int) -> str | None:
+    def accepts(self, base_version: int, current_version: int) -> Rejection | None:
         # A base newer than the model is left to the guards' sharper "future_version".
-        return "wrong_round" if base_version < current_version else None
+        return Rejection.WRONG_ROUND if base_version < current_version else None
 
     def start_round(self, now: float) -> None:
         self.round_start = now
@@ -370,19 +378,19 @@ class RuleConfig:
     name: RuleName = "fedasync"
     # None: `default_staleness(name)`; after construction always a Staleness
     staleness: Staleness | None = None
-    alpha: float = 0.6  # fedasync
-    buffer_size: int = 5  # fedbuff
+    alpha: float = field(default=0.6, metadata=_UNIT.metadata())  # fedasync
+    buffer_size: int = field(default=5, metadata=_COUNT.metadata())  # fedbuff
     weight_by_samples: bool = True  # fedbuff
-    server_lr: float = 1.0  # fedbuff, fedavg-sync
-    cohort_size: int = 10  # fedavg-sync
-    deadline_s: float = 60.0  # fedavg-sync
+    server_lr: float = field(default=1.0, metadata=_POSITIVE.metadata())  # fedbuff, fedavg-sync
+    cohort_size: int = field(default=10, metadata=_COUNT.metadata())  # fedavg-sync
+    deadline_s: float = field(default=60.0, metadata=_POSITIVE.metadata())  # fedavg-sync
     # fedasync, fedbuff: merge along every device's latest update of the last memory_s seconds
     # (a participation correction, see FedBuff; 0: off)
-    memory_s: float = 0.0
-    min_updates: int = 1  # fedavg-sync
+    memory_s: float = field(default=0.0, metadata=_NON_NEGATIVE.metadata())
+    min_updates: int = field(default=1, metadata=_COUNT.metadata())  # fedavg-sync
     # fedavg-sync: invite this many times cohort_size of the devices that report themselves
     # eligible, as production synchronous systems do, since some invitees never finish.
-    over_selection: float = 1.3
+    over_selection: float = field(default=1.3, metadata=bounds(ge=1, le=100))
 
     def __post_init__(self) -> None:
         if self.name not in RULE_NAMES:
@@ -395,17 +403,8 @@ class RuleConfig:
         if not isinstance(self.staleness, Staleness):
             raise ConfigError(f"staleness must be a Staleness, got {self.staleness!r}",
                               key="staleness")
-        _positive("alpha", self.alpha, at_most_one=True)
-        _count("buffer_size", self.buffer_size)
+        check_fields(self)
         _flag("weight_by_samples", self.weight_by_samples)
-        _non_negative("memory_s", self.memory_s)
-        _positive("server_lr", self.server_lr)
-        _count("cohort_size", self.cohort_size)
-        _positive("deadline_s", self.deadline_s)
-        _count("min_updates", self.min_updates)
-        if not (isinstance(self.over_selection, (int, float)) and 1.0 <= self.over_selection
-                <= 100.0):
-            raise ConfigError("over_selection must be between 1 and 100", key="over_selection")
         if self.min_updates > self.cohort_size:
             raise ConfigError(f"min_updates ({self.min_updates}) exceeds cohort_size "
                               f"({self.cohort_size})", key="min_updates")
@@ -505,24 +504,17 @@ def _merge(model: Params, cs: Sequence[Contribution], weights: Sequence[float], 
 
 
 def _positive(key: str, value: float, *, at_most_one: bool = False) -> float:
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-          and 0 < value <= (1 if at_most_one else math.inf))
-    if not ok:
-        allowed = "in (0, 1]" if at_most_one else "finite and > 0"
-        raise ConfigError(f"{key} must be {allowed}, got {value!r}", key=key)
+    (_UNIT if at_most_one else _POSITIVE).check(key, value)
     return float(value)
 
 
 def _non_negative(key: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            math.isfinite(value) and value >= 0):
-        raise ConfigError(f"{key} must be finite and >= 0, got {value!r}", key=key)
+    _NON_NEGATIVE.check(key, value)
     return float(value)
 
 
 def _count(key: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key} must be an integer >= 1, got {value!r}", key=key)
+    _COUNT.check(key, value)
     return value
 
 

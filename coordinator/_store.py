@@ -35,6 +35,8 @@ from fedasync_iot.coordinator._participation import Ledger, ParticipationConfig,
 from fedasync_iot.coordinator._readonly import connect_readonly
 from fedasync_iot.coordinator._rules import Contribution
 from fedasync_iot.models import ModelSpec, StateError
+from fedasync_iot.models._files import atomic_write
+from fedasync_iot.models._files import sync_directory as _fsync_dir
 
 Params = NDArray[np.float32]
 
@@ -476,13 +478,11 @@ class Store:
 
     def _write_checkpoint(self, version: int, params: Params) -> None:
         path = self._checkpoint_path(version)
-        tmp = path.with_suffix(".tmp")
         try:
-            with tmp.open("wb") as f:
-                np.save(f, np.ascontiguousarray(params, dtype="<f4"), allow_pickle=False)
-                f.flush()
-                os.fsync(f.fileno())
-            tmp.replace(path)
+            atomic_write(path, lambda f: np.save(f, np.ascontiguousarray(params, dtype="<f4"),
+                                                 allow_pickle=False), fsync_dir=False)
+            # Synced here, by name: a full disk shows in it (tests/test_disk_full.py injects
+            # ENOSPC there), and the rename is durable only after it.
             _fsync_dir(self.checkpoint_dir)
         except OSError as exc:
             raise StateError(f"cannot write checkpoint of version {version}: {exc}") from exc
@@ -501,7 +501,8 @@ class Store:
 
     def _remove_orphan_checkpoints(self) -> None:
         current = self.current_version()
-        for p in self.checkpoint_dir.glob("v*.tmp"):
+        # Temp files of atomic_write, and "v*.tmp" of releases before it.
+        for p in [*self.checkpoint_dir.glob(".v*.tmp"), *self.checkpoint_dir.glob("v*.tmp")]:
             with contextlib.suppress(OSError):
                 p.unlink()
         for v in self.checkpointed_versions():
@@ -525,11 +526,3 @@ class StateLost(StateError):
 def _file_id(path: Path) -> tuple[int, int]:
     st = os.stat(path)
     return st.st_dev, st.st_ino
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

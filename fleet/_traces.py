@@ -23,13 +23,14 @@ from __future__ import annotations
 import math
 import time
 from bisect import bisect_right
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from fedasync_iot.agent._policy import PolicyConfig, evaluate
 from fedasync_iot.agent._readings import Readings, ReadingsSource
+from fedasync_iot.models._bounds import Bounds, bounds, check_fields
 from fedasync_iot.models._errors import ConfigError, FedAsyncError
 
 DAY_S = 86_400.0
@@ -56,16 +57,25 @@ def _real(x: object) -> bool:
 
 
 def _num(key: str, value: object, lo: float, hi: float, *, lo_open: bool = False) -> None:
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value) and (lo < value if lo_open else lo <= value) and value <= hi):
-        side = "(" if lo_open else "["
-        raise ConfigError(f"{key} must be a number in {side}{lo:g}, {hi:g}], got {value!r}",
-                          key=key)
+    """The range check of an argument (a field declares its range with `_range`)."""
+    (Bounds(gt=lo, le=hi) if lo_open else Bounds(ge=lo, le=hi)).check(key, value)
 
 
 def _int(key: str, value: object, lo: int, hi: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ConfigError(f"{key} must be an integer in [{lo}, {hi:g}], got {value!r}", key=key)
+    """The range check of an integer argument (`hi` may be math.inf)."""
+    Bounds(ge=lo, le=None if math.isinf(hi) else hi, integer=True).check(key, value)
+
+
+def _range(lo: float, hi: float, *, lo_open: bool = False,
+           optional: bool = False) -> Mapping[str, Bounds]:
+    """A number field's range, `lo` excluded where `lo_open`."""
+    return (bounds(gt=lo, le=hi, optional=optional) if lo_open else
+            bounds(ge=lo, le=hi, optional=optional))
+
+
+_FRACTION = _range(0.0, 1.0)
+_MEAN_S = _range(0.0, 1e12, lo_open=True)
+_MINUTE_OF_DAY = bounds(ge=0, le=24 * 60 - 1, integer=True)
 
 
 # -- intervals ---------------------------------------------------------------------------------
@@ -171,14 +181,14 @@ def _window(t0: float, t1: float) -> None:
 class Battery:
     """Linear battery: drains while not charging, charges while charging, clamped to 0..100%."""
 
-    initial_percent: float = 100.0
-    drain_per_h: float = 5.0  # percentage points per hour, off the charger (idle device)
-    charge_per_h: float = 40.0  # percentage points per hour, on the charger
+    initial_percent: float = field(default=100.0, metadata=_range(0.0, 100.0))
+    # Percentage points per hour, off the charger (idle device).
+    drain_per_h: float = field(default=5.0, metadata=_range(0.0, 1e6))
+    # Percentage points per hour, on the charger.
+    charge_per_h: float = field(default=40.0, metadata=_range(0.0, 1e6))
 
     def __post_init__(self) -> None:
-        _num("initial_percent", self.initial_percent, 0.0, 100.0)
-        _num("drain_per_h", self.drain_per_h, 0.0, 1e6)
-        _num("charge_per_h", self.charge_per_h, 0.0, 1e6)
+        check_fields(self)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -196,18 +206,20 @@ class DeviceTrace:
     """
 
     device_id: str
-    epoch_s_per_100: float
+    epoch_s_per_100: float = field(metadata=_range(0.0, 1e9, lo_open=True))
     online: Intervals
     wifi: Intervals
     charging: Intervals = field(default_factory=Intervals)
     busy: Intervals = field(default_factory=Intervals)
     battery: Battery | None = None
     cellular: bool = False  # a wwan0 modem is up all the time (metered: the policy refuses it)
-    idle_cpu_percent: float = 5.0
-    busy_cpu_percent: float = 85.0
-    mem_available_mb: float = 512.0
-    temperature_c: float | None = 45.0
-    start_local_minutes: int = 8 * 60  # local time of day at sim time 0
+    idle_cpu_percent: float = field(default=5.0, metadata=_range(0.0, 100.0))
+    busy_cpu_percent: float = field(default=85.0, metadata=_range(0.0, 100.0))
+    mem_available_mb: float = field(default=512.0, metadata=_range(0.0, 1e9))
+    temperature_c: float | None = field(default=45.0,
+                                        metadata=_range(-273.15, 1e4, optional=True))
+    # Local time of day at sim time 0.
+    start_local_minutes: int = field(default=8 * 60, metadata=_MINUTE_OF_DAY)
     # Battery breakpoints (every charging boundary): time, level there, slope %/s after it.
     _bp_t: tuple[float, ...] = field(init=False, repr=False, compare=False)
     _bp_level: tuple[float, ...] = field(init=False, repr=False, compare=False)
@@ -218,7 +230,7 @@ class DeviceTrace:
                 or _TOPIC_UNSAFE & set(self.device_id)):
             raise ConfigError(f"device_id must be a non-empty name without / + # or spaces, "
                               f"got {self.device_id!r}", key="device_id")
-        _num("epoch_s_per_100", self.epoch_s_per_100, 0.0, 1e9, lo_open=True)
+        check_fields(self)
         for key in ("online", "wifi", "charging", "busy"):
             if not isinstance(getattr(self, key), Intervals):
                 raise ConfigError(f"{key} must be Intervals, got {getattr(self, key)!r}", key=key)
@@ -227,12 +239,6 @@ class DeviceTrace:
                               key="battery")
         if not isinstance(self.cellular, bool):
             raise ConfigError("cellular must be true or false", key="cellular")
-        _num("idle_cpu_percent", self.idle_cpu_percent, 0.0, 100.0)
-        _num("busy_cpu_percent", self.busy_cpu_percent, 0.0, 100.0)
-        _num("mem_available_mb", self.mem_available_mb, 0.0, 1e9)
-        if self.temperature_c is not None:
-            _num("temperature_c", self.temperature_c, -273.15, 1e4)
-        _int("start_local_minutes", self.start_local_minutes, 0, 24 * 60 - 1)
         self._precompute_battery()
 
     def _precompute_battery(self) -> None:
@@ -307,55 +313,45 @@ class FleetProfile:
     given ranges, initial level uniform in 30..100%.
     """
 
-    n_devices: int = 100
-    seed: int = 0
-    duration_s: float = DAY_S
-    start_local_minutes: int = 8 * 60
+    n_devices: int = field(default=100, metadata=bounds(ge=0, le=10_000_000, integer=True))
+    # SeedSequence entropy must be non-negative.
+    seed: int = field(default=0, metadata=bounds(ge=0, integer=True))
+    duration_s: float = field(default=DAY_S, metadata=_range(0.0, 1e12, lo_open=True))
+    start_local_minutes: int = field(default=8 * 60, metadata=_MINUTE_OF_DAY)
     id_prefix: str = "sim-"
-    speed_median_s: float = 2.0  # sim s per local epoch per 100 samples
-    speed_sigma: float = 0.8  # p90/p50 = exp(1.28 * sigma) = 2.8x
-    mains_fraction: float = 0.2
-    cellular_fraction: float = 0.3
-    rare_charger_fraction: float = 0.15
-    night_charge_prob: float = 0.9
-    day_charges_per_day: float = 0.5
+    # Sim s per local epoch per 100 samples.
+    speed_median_s: float = field(default=2.0, metadata=_range(0.0, 1e9, lo_open=True))
+    # p90/p50 = exp(1.28 * sigma) = 2.8x
+    speed_sigma: float = field(default=0.8, metadata=_range(0.0, 10.0))
+    mains_fraction: float = field(default=0.2, metadata=_FRACTION)
+    cellular_fraction: float = field(default=0.3, metadata=_FRACTION)
+    rare_charger_fraction: float = field(default=0.15, metadata=_FRACTION)
+    night_charge_prob: float = field(default=0.9, metadata=_FRACTION)
+    day_charges_per_day: float = field(default=0.5, metadata=_range(0.0, 1e3))
     drain_per_h: tuple[float, float] = (3.0, 10.0)
     charge_per_h: tuple[float, float] = (25.0, 60.0)
-    wifi_on_mean_s: float = 2 * _HOUR
-    wifi_off_mean_s: float = 40 * 60.0
+    wifi_on_mean_s: float = field(default=2 * _HOUR, metadata=_MEAN_S)
+    wifi_off_mean_s: float = field(default=40 * 60.0, metadata=_MEAN_S)
     wifi_home_overnight: bool = True
-    busy_mean_s: float = 15 * 60.0
-    idle_mean_s: float = 2 * _HOUR
-    late_join_fraction: float = 0.2
-    early_leave_fraction: float = 0.1
-    flap_fraction: float = 0.2
-    flap_on_mean_s: float = _HOUR
-    flap_off_mean_s: float = 10 * 60.0
+    busy_mean_s: float = field(default=15 * 60.0, metadata=_MEAN_S)
+    idle_mean_s: float = field(default=2 * _HOUR, metadata=_MEAN_S)
+    late_join_fraction: float = field(default=0.2, metadata=_FRACTION)
+    early_leave_fraction: float = field(default=0.1, metadata=_FRACTION)
+    flap_fraction: float = field(default=0.2, metadata=_FRACTION)
+    flap_on_mean_s: float = field(default=_HOUR, metadata=_MEAN_S)
+    flap_off_mean_s: float = field(default=10 * 60.0, metadata=_MEAN_S)
 
     def __post_init__(self) -> None:
-        _int("n_devices", self.n_devices, 0, 10_000_000)
-        _int("seed", self.seed, 0, math.inf)  # SeedSequence entropy must be non-negative
-        _num("duration_s", self.duration_s, 0.0, 1e12, lo_open=True)
-        _int("start_local_minutes", self.start_local_minutes, 0, 24 * 60 - 1)
+        check_fields(self)
         if not isinstance(self.id_prefix, str) or _TOPIC_UNSAFE & set(self.id_prefix):
             raise ConfigError(f"id_prefix must be a name without / + # or spaces, "
                               f"got {self.id_prefix!r}", key="id_prefix")
-        _num("speed_median_s", self.speed_median_s, 0.0, 1e9, lo_open=True)
-        _num("speed_sigma", self.speed_sigma, 0.0, 10.0)
-        for key in ("mains_fraction", "cellular_fraction", "rare_charger_fraction",
-                    "night_charge_prob", "late_join_fraction", "early_leave_fraction",
-                    "flap_fraction"):
-            _num(key, getattr(self, key), 0.0, 1.0)
-        _num("day_charges_per_day", self.day_charges_per_day, 0.0, 1e3)
         for key in ("drain_per_h", "charge_per_h"):
             r = getattr(self, key)
             if not (isinstance(r, tuple) and len(r) == 2 and all(map(_real, r))
                     and 0.0 <= r[0] <= r[1] < 1e6):
                 raise ConfigError(f"{key} must be [low, high] with 0 <= low <= high, got {r!r}",
                                   key=key)
-        for key in ("wifi_on_mean_s", "wifi_off_mean_s", "busy_mean_s", "idle_mean_s",
-                    "flap_on_mean_s", "flap_off_mean_s"):
-            _num(key, getattr(self, key), 0.0, 1e12, lo_open=True)
         if not isinstance(self.wifi_home_overnight, bool):
             raise ConfigError("wifi_home_overnight must be true or false",
                               key="wifi_home_overnight")

@@ -5,9 +5,9 @@ Precedence, lowest first: dataclass defaults < TOML file < ``FEDASYNC_*`` enviro
 Every value is checked against its field's type hint before the dataclass is built, so a wrong
 value is one `ConfigError` naming the layer that gave it, the key with its table path, the
 expected type and what it got: ``config file a.toml: broker must be a string (e.g.
-"mqtt://127.0.0.1:1883"), got integer 1883``. Range checks stay in each dataclass's
-``__post_init__``. A file that is not UTF-8 (TOML's encoding) is one `ConfigError` naming the
-first bad byte, its offset, line and column.
+"mqtt://127.0.0.1:1883"), got integer 1883``. Ranges are declared with the dataclass's fields
+(`models._bounds`) and checked by its ``__post_init__``. A file that is not UTF-8 (TOML's
+encoding) is one `ConfigError` naming the first bad byte, its offset, line and column.
 
 Environment names: ``FEDASYNC_BROKER`` for a top-level key, ``FEDASYNC_RULE__BUFFER_SIZE`` for
 ``[rule] buffer_size``. A value is converted by its field's type, never guessed: a string field

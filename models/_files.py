@@ -1,4 +1,5 @@
-"""Feature/label files: what a device's local data and a held-out test set look like on disk.
+"""Files: the one atomic write every durable file goes through, and feature/label files (what a
+device's local data and a held-out test set look like on disk).
 
 - NPZ: arrays ``X`` (n, d) and ``y`` (n,), loaded without pickle.
 - CSV: a header row; the label column is named ``label`` (configurable); every other column is a
@@ -7,9 +8,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import os
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from numpy.typing import NDArray
@@ -18,6 +23,56 @@ from fedasync_iot.models._errors import ConfigError
 
 Features = NDArray[np.float32]
 Labels = NDArray[np.generic]
+
+
+def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], object], *, fsync: bool = True,
+                 fsync_dir: bool = True, mode: int | None = None,
+                 owner: tuple[int, int] | None = None) -> None:
+    """Replace `path` with `data` whole: a reader, or the file after a crash, holds the old
+    content or the new, never part of either.
+
+    Writes a temp file beside it (``.<name>.<pid>.tmp``: a crashed writer's is recognisable),
+    fsyncs it (`fsync`), renames it over `path`, then fsyncs the directory (`fsync_dir`), without
+    which the rename itself may not survive a power cut. `data` is bytes or a function that
+    writes to the open file (a large array, without a copy). `mode`: the file's exact bits from
+    its creation on, whatever the umask (None: what `open` gives). `owner`: (uid, gid), -1 keeps
+    one. Raises the `OSError`, the temp file removed.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()  # left by a crash of a process that had this pid
+    # O_EXCL: never write through a file or link someone else put there.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                 0o666 if mode is None else 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
+            if owner is not None:
+                os.fchown(f.fileno(), *owner)
+            if isinstance(data, bytes):
+                f.write(data)
+            else:
+                data(f)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    if fsync_dir:
+        sync_directory(path.parent)
+
+
+def sync_directory(path: Path) -> None:
+    """fsync a directory: makes the creation, rename or removal of its entries durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_xy(path: Path, *, label: str = "label") -> tuple[Features, Labels]:

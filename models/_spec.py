@@ -5,10 +5,10 @@ A `ModelSpec` travels inside every snapshot, so `from_dict` treats its input as 
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
 
+from fedasync_iot.models._bounds import bounds, check_fields
 from fedasync_iot.models._errors import ModelError
 
 ModelKind = Literal["logistic", "mlp", "linear"]
@@ -29,19 +29,18 @@ class ModelSpec:
     """
 
     kind: ModelKind
-    n_features: int
+    n_features: int = field(metadata=bounds(ge=1, le=_MAX_FEATURES, integer=True))
     classes: tuple[int, ...] = ()
     hidden: tuple[int, ...] = (32,)
-    learning_rate: float = 0.01
-    batch_size: int = 32
-    l2: float = 1e-4
-    seed: int = 0
+    learning_rate: float = field(default=0.01, metadata=bounds(gt=0))
+    batch_size: int = field(default=32, metadata=bounds(ge=1, integer=True))
+    l2: float = field(default=1e-4, metadata=bounds(ge=0))
+    seed: int = field(default=0, metadata=bounds(ge=0, integer=True))
 
     def __post_init__(self) -> None:
         if self.kind not in MODEL_KINDS:
             raise ModelError(f"unknown model kind {self.kind!r}; expected one of {MODEL_KINDS}")
-        if not _is_int(self.n_features) or not 0 < self.n_features <= _MAX_FEATURES:
-            raise ModelError(f"n_features must be in 1..{_MAX_FEATURES}, got {self.n_features!r}")
+        check_fields(self, error=ModelError)
         if self.kind == "linear":
             if self.classes:
                 raise ModelError("a linear regressor takes no classes")
@@ -56,16 +55,6 @@ class ModelSpec:
             _is_int(h) and 0 < h <= _MAX_UNITS for h in self.hidden
         ):
             raise ModelError(f"hidden must be 1..{_MAX_HIDDEN_LAYERS} layers of 1..{_MAX_UNITS}")
-        for name in ("learning_rate", "l2"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ModelError(f"{name} must be a finite non-negative number, got {value!r}")
-        if self.learning_rate <= 0:
-            raise ModelError("learning_rate must be positive")
-        if not _is_int(self.batch_size) or self.batch_size <= 0:
-            raise ModelError(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        if not _is_int(self.seed) or self.seed < 0:
-            raise ModelError(f"seed must be a non-negative integer, got {self.seed!r}")
 
     @property
     def is_classifier(self) -> bool:

@@ -32,6 +32,7 @@ import struct
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from types import MappingProxyType
 from typing import Any, Literal, NoReturn, get_args
 
@@ -39,6 +40,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedasync_iot.models._errors import ModelError, UnsupportedSchema, WireError
+from fedasync_iot.models._ids import ID_RULE, is_valid_id
 from fedasync_iot.models._spec import ModelSpec
 from fedasync_iot.models._template import OnnxTemplate, parse_bindings
 
@@ -66,9 +68,50 @@ ENCODINGS: tuple[Encoding, ...] = get_args(Encoding)
 AckStatus = Literal["accepted", "buffered", "duplicate", "rejected"]
 ACK_STATUSES: tuple[AckStatus, ...] = get_args(AckStatus)
 
+
+
+class Rejection(str, Enum):
+    """Why the coordinator rejected an update: the ack's ``reason``, the lineage's and the
+    ``rejected{reason=...}`` metric's label (docs/wire.md, "Rejection reasons"). The values are
+    wire strings: never change one. A member is a `str`, equal to and hashed like its value, so
+    a decoded ack's plain string compares with it; an agent must accept reasons it does not
+    know (a newer coordinator's)."""
+
+    BAD_TOPIC = "bad_topic"
+    OVERSIZED = "oversized"
+    MALFORMED = "malformed"
+    UNSUPPORTED_SCHEMA = "unsupported_schema"
+    DEVICE_MISMATCH = "device_mismatch"
+    UPDATE_ID_CONFLICT = "update_id_conflict"
+    WRONG_ROUND = "wrong_round"
+    PARTICIPATION_CAP = "participation_cap"
+    SHAPE = "shape"
+    N_SAMPLES = "n_samples"
+    NON_FINITE = "non_finite"
+    FUTURE_VERSION = "future_version"
+    TOO_STALE = "too_stale"
+    NORM = "norm"
+    DUPLICATE = "duplicate"
+    MERGE_FAILED = "merge_failed"
+    REWRITTEN_TOPIC = "rewritten_topic"
+
+    # Python 3.11+ renders a mixed-in enum as "Rejection.TOO_STALE" in str() and f-strings; log
+    # lines, metric labels and messages must keep the wire string.
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+# Normal operation, not a fault (late work in a fleet: the model moved on, a round closed, a
+# device over its share): logged at INFO by the coordinator and the agent, the rest at WARNING.
+ROUTINE_REJECTIONS: frozenset[Rejection] = frozenset(
+    {Rejection.TOO_STALE, Rejection.WRONG_ROUND, Rejection.PARTICIPATION_CAP})
+
+
 _PREFIX = struct.Struct("<4sBI")
 _FRAME_KINDS = ("update", "snapshot", "template", "weights")
-_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _REASON = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -91,9 +134,9 @@ _ACK_KEYS = frozenset({"schema", "kind", "update_id", "status", "reason", "versi
 
 def validate_id(value: object, what: str) -> str:
     """`value` if it is a valid device/update id (an MQTT topic level and a file name), else
-    `WireError`: 1..64 characters of ``A-Z a-z 0-9 _ . -``, and not ``.`` or ``..``."""
-    if not isinstance(value, str) or not _ID.fullmatch(value) or value in {".", ".."}:
-        raise WireError(f"{what} must be 1-64 characters of A-Z a-z 0-9 _ . -, got {_show(value)}")
+    `WireError`: `models._ids.ID_RULE`, and not ``.`` or ``..``."""
+    if not is_valid_id(value):
+        raise WireError(f"{what} must be {ID_RULE}, got {_show(value)}")
     return value
 
 
