@@ -13,15 +13,14 @@ back with no configuration. The token is never logged.
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import logging
-import os
 import secrets
 from pathlib import Path
 
 from fedasync_iot.coordinator._config import CoordinatorConfig
 from fedasync_iot.models import ConfigError, StateError
+from fedasync_iot.models._files import atomic_write
 
 log = logging.getLogger("fedasync.coordinator")
 
@@ -85,17 +84,7 @@ def _read(path: Path, what: str) -> str:
 def _write_private(path: Path, token: str) -> None:
     # Created 0600 from the start (no window where it is readable), written whole, then renamed
     # over the previous run's token: a reader sees the old token or the new, never half of one.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.fchmod(fd, 0o600)  # a leftover temp file may have had other bits
-            os.write(fd, token.encode() + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        tmp.replace(path)
+        atomic_write(path, token.encode() + b"\n", mode=0o600, fsync_dir=False)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise StateError(f"cannot write the control token to {path}: {exc}") from exc

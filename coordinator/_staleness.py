@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from fedasync_iot.models import ConfigError, InvalidUpdate
+from fedasync_iot.models._wire import Rejection
 
 StalenessKind = Literal["constant", "polynomial", "hinge", "knee"]
 STALENESS_KINDS: tuple[str, ...] = get_args(StalenessKind)
@@ -117,5 +118,5 @@ def _finite(text: str) -> float:
 def _check(staleness: int) -> int:
     # The guards reject these first; a rule that still sees one must not compute a weight > 1.
     if staleness < 0:
-        raise InvalidUpdate("future_version", f"negative staleness {staleness}")
+        raise InvalidUpdate(Rejection.FUTURE_VERSION, f"negative staleness {staleness}")
     return staleness

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from fedasync_iot.models._errors import ConfigError
-
-_LEVEL = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+from fedasync_iot.models._ids import ID_PATTERN, ID_RULE
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,10 +17,8 @@ class Topics:
 
     def __post_init__(self) -> None:
         for name in ("fleet", "root"):
-            if not _LEVEL.fullmatch(getattr(self, name)):
-                raise ConfigError(
-                    f"{name} must be 1-64 characters of A-Z a-z 0-9 _ . -", key=name
-                )
+            if not ID_PATTERN.fullmatch(getattr(self, name)):
+                raise ConfigError(f"{name} must be {ID_RULE}", key=name)
 
     @property
     def prefix(self) -> str:
@@ -92,4 +88,4 @@ class Topics:
         if not topic.startswith(head):
             return None
         device = topic[len(head):]
-        return device if _LEVEL.fullmatch(device) else None
+        return device if ID_PATTERN.fullmatch(device) else None
