@@ -6,9 +6,11 @@ client for a real device, the fleet simulator gives many agents a shared one. No
 is ever lost: an update is spooled to disk before it is published and leaves the spool only
 when acked.
 
-`Agent` composes its parts: the model fetcher (models on demand, `agent._fetch`), the model held
-on disk (`agent._model_cache`), the coordinator's acks (`agent._acks`) and what it knows of the
-coordinator's version (`agent._watch`); it keeps the eligibility gate, training and delivery.
+`Agent` composes its parts and keeps the eligibility gate, training and delivery: the model
+fetcher (models on demand, `agent._fetch`) and what arrives on the model topics
+(`agent._intake`, verified by `agent._receipt`), the model held on disk (`agent._model_cache`),
+the coordinator's acks (`agent._acks`) and what it knows of the coordinator's version
+(`agent._watch`). Its link and clocks are shared by all of them (`agent._shared`).
 
 Site control (`agent._hooks`): eligibility hooks are extra checks in the gate; an approval hook,
 when configured, sees each finished update's metadata before it is spooled, and a refused update
@@ -40,6 +42,7 @@ from fedasync_iot.agent._hooks import (
     update_metadata,
 )
 from fedasync_iot.agent._instance import Instance
+from fedasync_iot.agent._intake import ModelIntake
 from fedasync_iot.agent._link import Link, ReportsConnection, Subscribes
 from fedasync_iot.agent._model_cache import TEMPLATES_DIR, ModelCache, decode_saved, load_template
 from fedasync_iot.agent._policy import Decision, EligibilityGate
@@ -77,12 +80,12 @@ class Agent:
     net_clock = Forward[Callable[[], float]]("shared")
     counters = Forward[Counters]("shared")
     snapshot = Forward[Snapshot | None]("cache")
-    wake = Forward[Callable[[], None] | None]("fetcher")
+    wake = Forward[Callable[[], None] | None]("intake")
     announcement = Forward[Announcement | None]("fetcher")
-    model_rejection = Forward[str | None]("fetcher")  # why the last model offered was refused
-    fetches = Forward[int]("fetcher")
-    fetched_bytes = Forward[int]("fetcher")
-    last_fetch = Forward[dict[str, Any] | None]("fetcher")
+    model_rejection = Forward[str | None]("intake")  # why the last model offered was refused
+    fetches = Forward[int]("intake")
+    fetched_bytes = Forward[int]("intake")
+    last_fetch = Forward[dict[str, Any] | None]("intake")
     _subscribed = Forward[set[str]]("fetcher", "subscribed")  # tests/test_reliability.py reads it
     last_rejection = Forward[str | None]("ack_handler")
 
@@ -144,10 +147,11 @@ class Agent:
         self._in_flight = False  # training, or (simulator) its update not yet delivered
         self._rewritten_seen = False  # a topic the broker rewrote ('.' -> '/'), logged once
         self.watch = CoordinatorWatch(self.shared, self.spool)
-        self.fetcher = ModelFetcher(self.shared, self.cache, receipt, self.watch, self.progress,
+        self.fetcher = ModelFetcher(self.shared, self.cache, self.watch,
                                     network_allows=self._network_allows_fetching,
-                                    wants_to_train=self._wants_to_train,
-                                    publish_status=self.publish_status)
+                                    wants_to_train=self._wants_to_train)
+        self.intake = ModelIntake(self.shared, self.fetcher, receipt, self.cache, self.watch,
+                                  self.progress, self.publish_status)
         self.ack_handler = AckHandler(self.shared, self.spool, self.watch, self.fetcher,
                                       self.publish_status)
         self.cache.load()
@@ -183,16 +187,16 @@ class Agent:
         handler(payload)
 
     def on_announce(self, payload: bytes) -> None:
-        self.fetcher.on_announce(payload)
+        self.intake.on_announce(payload)
 
     def on_model(self, payload: bytes) -> None:
-        self.fetcher.on_model(payload)
+        self.intake.on_model(payload)
 
     def on_weights(self, payload: bytes) -> None:
-        self.fetcher.on_weights(payload)
+        self.intake.on_weights(payload)
 
     def on_template(self, payload: bytes) -> None:
-        self.fetcher.on_template(payload)
+        self.intake.on_template(payload)
 
     def on_ack(self, payload: bytes) -> None:
         self.ack_handler.on_ack(payload)
@@ -389,7 +393,13 @@ class Agent:
             "reason": None if d is None else d.reason,
             "checks": None if d is None else d.to_dict()["checks"],
             "model_version": None if self.snapshot is None else self.snapshot.version,
-            **self.fetcher.status(),
+            # What the agent knows of newer models (models on demand): the last announcement
+            # heard, and the last snapshot it received (version, bytes, wall time, refused).
+            "models": self.fetcher.mode.value,
+            "announced_version": None if self.announcement is None else self.announcement.version,
+            "last_fetch": self.last_fetch,
+            "fetches": self.fetches,
+            "fetched_bytes": self.fetched_bytes,
             "spool_depth": len(spooled),
             "spool_dropped": self.spool.dropped,
             "privacy": self.privacy.status(),
@@ -407,7 +417,7 @@ class Agent:
             "held": len(self.held),
             "backoff_s": max(round(self.ack_handler.backoff_until - self.monotonic(), 1), 0.0),
             "model_rejection": self.model_rejection,
-            "models_signed": self.fetcher.receipt.verifier is not None,
+            "models_signed": self.intake.receipt.verifier is not None,
             "connection": self._connection(),
             "model_fetch": self.fetcher.state.value,  # agent._fetch.FetchState
             **({} if self.instance is None else self.instance.fields()),

@@ -13,31 +13,24 @@ ONNX model from template + weights. Both subscriptions are QoS 0, so a persisten
 queues snapshots or announcements while the device is offline; a subscription made again after
 a reconnect brings the retained message. On a metered network (the policy's network check fails)
 it fetches nothing unless ``fetch_on_metered``. ``model_refresh_s = 0`` follows every version
-instead (subscribed to the model topic whenever the network allows). `wake`, when set, is called
-when something arrived that may let the agent train now (a newer model), so its owner can step
-it at once rather than at its next poll; it is called on the network thread and must only hand
-the work over.
+instead (subscribed to the model topic whenever the network allows).
 
-What the fetcher does is one `FetchState`; how models reach it at all is its `Mode`.
+What the fetcher does is one `FetchState`; how models reach it at all is its `Mode`. What
+arrives (announcements, snapshots, templates) is received and verified by `agent._intake`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from collections.abc import Callable
 from enum import Enum
-from typing import Any
 
 from fedasync_iot.agent._link import Subscribes
 from fedasync_iot.agent._model_cache import ModelCache
-from fedasync_iot.agent._progress import TrainingProgress
-from fedasync_iot.agent._receipt import NoTemplate, Receipt
 from fedasync_iot.agent._shared import Shared
 from fedasync_iot.agent._watch import CoordinatorWatch
-from fedasync_iot.models import WireError
-from fedasync_iot.models._wire import Announcement, Snapshot, decode_announcement
+from fedasync_iot.models._wire import Announcement
 
 log = logging.getLogger("fedasync.agent")
 
@@ -137,36 +130,27 @@ class Subscriptions:
 
 
 class ModelFetcher:
-    """Announcements, the snapshot, weights and template received and verified, the
-    subscriptions that bring them, and a poll's wait for the model. All of it under the shared
-    lock: arrivals come on the network thread, checks and polls on the agent's own.
+    """Which model topics to subscribe to, when to fetch and when a fetch failed, in one
+    `FetchState`, and a poll's wait for the model; what arrives is agent._intake's. All of it
+    under the shared lock: arrivals come on the network thread, checks and polls on the
+    agent's own.
 
     `network_allows` says whether the network lets it fetch now; `wants_to_train` whether the
     agent would train on a newer model now (eligible, due, not training already)."""
 
-    def __init__(self, shared: Shared, cache: ModelCache, receipt: Receipt,
-                 watch: CoordinatorWatch, progress: TrainingProgress, *,
-                 network_allows: Callable[[], bool], wants_to_train: Callable[[], bool],
-                 publish_status: Callable[[], None]) -> None:
+    def __init__(self, shared: Shared, cache: ModelCache, watch: CoordinatorWatch, *,
+                 network_allows: Callable[[], bool], wants_to_train: Callable[[], bool]) -> None:
         self.shared = shared
         self.cache = cache
-        self.receipt = receipt
         self.watch = watch
-        self.progress = progress
         self._network_allows = network_allows
         self._wants_to_train = wants_to_train
-        self._publish_status = publish_status
         self.mode = (Mode.LINK if not isinstance(shared.link, Subscribes)
                      else Mode.FOLLOW if shared.config.model_refresh_s == 0 else Mode.ON_DEMAND)
         self._state = FetchState.IDLE
         self.subscriptions = Subscriptions(shared)
         self._at_rest()
-        self.wake: Callable[[], None] | None = None
         self.announcement: Announcement | None = None
-        self.model_rejection: str | None = None  # why the last model offered was refused
-        self.fetches = 0
-        self.fetched_bytes = 0
-        self.last_fetch: dict[str, Any] | None = None
         self._fetch_since = 0.0  # net_clock: when the fetch under way (FETCHING) started
         self._refused_sha: str | None = None  # a snapshot refused: not fetched again
         self._compact_off_until = -float("inf")  # net_clock: full snapshots only until then
@@ -204,10 +188,6 @@ class ModelFetcher:
             self.subscriptions.want(topic, False)
         self._at_rest()
 
-    def _end_verifying(self) -> None:
-        if self._state is FetchState.VERIFYING:
-            self._at_rest()
-
     def reconnected(self) -> bool:
         """A clean slate, when the fetcher subscribes at all (then True): what the broker
         session kept (an older agent's QoS 1 model subscription, a fetch cut short by the
@@ -222,157 +202,55 @@ class ModelFetcher:
                 self._at_rest()
         return True
 
-    # -- arrivals (network thread) -----------------------------------------------------------
-    def on_announce(self, payload: bytes) -> None:
-        """The coordinator's announcement of the snapshot the broker holds: fetch it if this
-        agent would use it now (only subscriptions change here)."""
-        try:
-            announcement = decode_announcement(payload)
-        except WireError as exc:
-            log.warning("ignored a model announcement that does not decode: %s", exc)
-            return
-        self.watch.coordinator_at(announcement.version)
-        with self.shared.lock:
-            self.announcement = announcement
-            if self.subscriptions.listening:
-                self.subscriptions.heard = True
-            if self.mode is Mode.UNANNOUNCED:
-                log.info("the coordinator announces models now: fetching on demand again")
-                self.mode = Mode.ON_DEMAND
-                self._want(self.shared.topics.model, False)
-            self.sync()
-            # Heard, and nothing to fetch: the model held is the newest. If it has not trained
-            # on it yet, that may be all that kept it from training (a fetch wakes it when the
-            # model arrives); woken on a model it already trained on, it would train again.
-            held = self.cache.snapshot
-            untrained = held is not None and held.version > self.progress.last_base_version
-            current = (self.subscriptions.heard and self._state is not FetchState.FETCHING
-                       and untrained)
-        self._news.set()
-        if current and self.wake is not None:
-            self.wake()
+    # -- what arrives (agent._intake, under the lock) ---------------------------------------
+    def heard(self, announcement: Announcement) -> bool:
+        """The coordinator's announcement of the snapshot the broker holds: fetched if this
+        agent would use it now. True when heard with no fetch under way: what it names is held
+        (or refused)."""
+        self.announcement = announcement
+        if self.subscriptions.listening:
+            self.subscriptions.heard = True
+        if self.mode is Mode.UNANNOUNCED:
+            log.info("the coordinator announces models now: fetching on demand again")
+            self.mode = Mode.ON_DEMAND
+            self._want(self.shared.topics.model, False)
+        self.sync()
+        return self.subscriptions.heard and self._state is not FetchState.FETCHING
 
-    def on_model(self, payload: bytes) -> None:
-        """A full snapshot (model topic): weights and, when the coordinator includes it, ONNX."""
-        self._receive(payload, "model", self.receipt.full)
+    def start_verifying(self) -> bool:
+        """A snapshot arrived; True when fetched (a fetch takes one snapshot: the retained
+        one)."""
+        fetched = self._state is FetchState.FETCHING
+        if fetched:
+            self._end_fetch()
+        self._state = FetchState.VERIFYING
+        return fetched
 
-    def on_weights(self, payload: bytes) -> None:
-        """A compact snapshot (weights topic)."""
-        self._receive(payload, "weights", self.receipt.compact)
+    def stop_verifying(self, *, current: bool = False) -> None:
+        """Verified, or not; `current`: it is the broker's newest, as of now."""
+        if self._state is FetchState.VERIFYING:
+            self._at_rest()
+        if current:
+            self._checked_at = self.shared.monotonic()
 
-    def on_template(self, payload: bytes) -> None:
-        """The model's template (template topic): verified and cached on disk by its id; a
-        fetch under way goes on to the weights (a template and its weights are one fetch)."""
-        with self.shared.lock:
-            self.fetches += 1
-            self.fetched_bytes += len(payload)
-        try:
-            template, frame = self.receipt.template(payload)
-        except WireError as exc:
-            with self.shared.lock:
-                if self._state is FetchState.FETCHING:
-                    self._end_fetch()
-                a = self.announcement
-                # Not fetched again for this announcement: the same bytes would be refused.
-                self._refused_sha = (a.weights_sha256 if a is not None and a.compact
-                                     else hashlib.sha256(payload).hexdigest())
-                self._fetched(None, payload, "template")
-                self.sync()
-            self._refuse(f"model template: {exc}")
-            return
+    def refused(self, sha256: str | None) -> None:
+        """What arrived was refused: a fetch under way ends, and the bytes `sha256` names are
+        not fetched again (the same bytes would be refused again; a newer announcement, naming
+        other bytes, is fetched as usual)."""
+        if self._state is FetchState.FETCHING:
+            self._end_fetch()
+        self._refused_sha = sha256
+
+    def template_cached(self) -> None:
+        """The template a compact fetch waited for is cached: on to its weights."""
         topics = self.shared.topics
-        with self.shared.lock:
-            a = self.announcement
-            if a is None or a.template != template.id:
-                log.info("ignored model template %s: not the announced one", template.id[:12])
-                return
-            self.cache.keep_template(template.id, frame)
-            log.info("cached model template %s (%d bytes)", template.id[:12], len(payload))
-            if topics.template in self.subscribed and self._state is FetchState.FETCHING:
-                self._want(topics.template, False)
-                self._start_fetch(topics.weights)
+        if topics.template in self.subscribed and self._state is FetchState.FETCHING:
+            self._want(topics.template, False)
+            self._start_fetch(topics.weights)
 
-    def _fetched(self, version: int | None, payload: bytes, kind: str) -> None:
-        self.last_fetch = {"version": version, "bytes": len(payload), "kind": kind,
-                           "at": self.shared.clock(), "refused": version is None}
-
-    def _refuse(self, why: str) -> None:
-        self.model_rejection = why
-        held = self.cache.snapshot
-        log.warning("refused a model, keeping version %s: %s",
-                    None if held is None else held.version, why)
+    def notify(self) -> None:
+        """Something arrived: a poll waiting for the model looks again."""
         self._news.set()
-        self._publish_status()
-
-    def _receive(self, payload: bytes, kind: str,
-                 decode: Callable[[bytes], tuple[Snapshot, bytes]]) -> None:
-        lock = self.shared.lock
-        with lock:
-            fetched = self._state is FetchState.FETCHING
-            if fetched:  # a fetch takes one snapshot: the retained one
-                self._end_fetch()
-            self._state = FetchState.VERIFYING
-            self.fetches += 1
-            self.fetched_bytes += len(payload)
-        try:
-            snapshot, frame = decode(payload)
-        except NoTemplate as exc:
-            log.info("model weights name template %s, not cached: fetching it", str(exc)[:12])
-            with lock:
-                self._end_verifying()
-                self.sync()
-            return
-        except WireError as exc:
-            with lock:
-                self._end_verifying()
-                # Not fetched again: the same bytes would be refused again (a newer
-                # announcement, naming other bytes, is fetched as usual).
-                self._refused_sha = hashlib.sha256(payload).hexdigest()
-                self._fetched(None, payload, kind)
-                self.sync()
-            self._refuse(str(exc))
-            return
-        except BaseException:
-            with lock:
-                self._end_verifying()
-            raise
-        with lock:
-            self._end_verifying()
-            self._fetched(snapshot.version, payload, kind)
-            self._checked_at = self.shared.monotonic()  # the broker's newest, as of now
-            current = self.cache.snapshot
-            back = (current is not None and snapshot.version < current.version
-                    and self.watch.went_back_to(snapshot.version))
-            if current is not None and snapshot.spec == current.spec and not back and (
-                snapshot.version < current.version
-                or (snapshot.version == current.version and snapshot.cohort == current.cohort)
-            ):
-                self.sync()
-                self._news.set()
-                return  # nothing new (a same-version snapshot may widen a round's cohort)
-            self.model_rejection = None
-            self.cache.keep(snapshot, frame)
-            if back:
-                self.watch.behind = None
-                # Not trained on yet, whatever the number says: the retrain-on-a-new-model rule
-                # and the wake on an announcement compare with it.
-                self.progress.forget_base()
-            self.sync()
-        if back:
-            assert current is not None
-            log.warning("took the coordinator's model version %d, older than version %d held "
-                        "here: the coordinator went back (its state was reset, or restored from "
-                        "an older backup)", snapshot.version, current.version)
-        self.watch.coordinator_at(snapshot.version)
-        log.info("new model version %d%s%s", snapshot.version,
-                 f" (accuracy {snapshot.metrics['accuracy']:.3f})"
-                 if "accuracy" in snapshot.metrics else "",
-                 f", fetched ({len(payload)} bytes{', compact' if kind == 'weights' else ''})"
-                 if fetched else "")
-        self._news.set()
-        self._publish_status()
-        if self.wake is not None:
-            self.wake()
 
     # -- what the agent wants (under the lock) -----------------------------------------------
     def model_is_newest(self) -> bool:
@@ -547,11 +425,3 @@ class ModelFetcher:
             return None
         return max(0.0, since + ANNOUNCE_WAIT_S - self.shared.net_clock())
 
-    def status(self) -> dict[str, Any]:
-        """What the agent knows of newer models: the last announcement heard, and the last
-        snapshot it received (version, bytes, wall time, refused)."""
-        return {"models": self.mode.value,
-                "announced_version": None if self.announcement is None
-                else self.announcement.version,
-                "last_fetch": self.last_fetch, "fetches": self.fetches,
-                "fetched_bytes": self.fetched_bytes}
