@@ -1,9 +1,10 @@
 """The edge agent: trains on local data when the device allows it, sends updates over MQTT,
 keeps them until acknowledged, and runs the newest model locally."""
 
-from fedasync_iot.agent._agent import Agent, Link
+from fedasync_iot.agent._agent import Agent
 from fedasync_iot.agent._config import AgentConfig, load_config
 from fedasync_iot.agent._data import CallableSource, DataSource, DirectorySource
+from fedasync_iot.agent._link import Link
 from fedasync_iot.agent._policy import (
     Check,
     Decision,

@@ -488,7 +488,7 @@ def test_a_compact_fetch_that_never_arrives_falls_back_to_full_snapshots(
         tmp_path: Path, small_template: OnnxTemplate) -> None:
     """A broker whose ACL predates compact snapshots hides their topics: the agent waits out
     one fetch, then takes the full snapshot, and keeps doing so for COMPACT_RETRY_S."""
-    import fedasync_iot.agent._agent as agent_module
+    import fedasync_iot.agent._fetch as fetch_module
     now = [1000.0]
     agent = offline_agent(tmp_path, StaticReader(UNPLUGGED))
     agent.monotonic = agent.net_clock = lambda: now[0]
@@ -497,7 +497,7 @@ def test_a_compact_fetch_that_never_arrives_falls_back_to_full_snapshots(
     w1 = weights_bytes(small_template, 1, np.full(15, 0.1, np.float32))
     agent.on_announce(compact_announcement(full, w1, small_template.id, 1))
     assert topics_of(agent) == {"announce", "template"}
-    now[0] += agent_module.FETCH_TIMEOUT_S + 1
+    now[0] += fetch_module.FETCH_TIMEOUT_S + 1
     agent.check()
     assert topics_of(agent) == {"announce", "model"}
     agent.on_model(full)
@@ -510,7 +510,7 @@ def test_a_compact_fetch_that_never_arrives_falls_back_to_full_snapshots(
     assert topics_of(agent) == {"announce", "model"}
     agent.on_model(encode_snapshot(Snapshot(version=2, spec=SMALL,
                                             weights=np.zeros(15, np.float32))))
-    now[0] += agent_module.COMPACT_RETRY_S
+    now[0] += fetch_module.COMPACT_RETRY_S
     agent.check()
     agent.on_announce(compact_announcement(full, w1, small_template.id, 3))
     assert topics_of(agent) == {"announce", "template"}

@@ -201,7 +201,7 @@ def test_follow_mode_subscribes_to_the_model_while_the_network_allows(tmp_path: 
 def test_without_announcements_the_agent_follows_snapshots_until_one_is_heard(
         tmp_path: Path) -> None:
     """An agent upgraded before its coordinator (which announces nothing) must keep training."""
-    import fedasync_iot.agent._agent as agent_module
+    import fedasync_iot.agent._fetch as fetch_module
     now = [0.0]
     config = AgentConfig(device_id="pi-1", state_dir=str(tmp_path), policy=OPEN,
                          min_train_interval_s=0.0, train_in_subprocess=False)
@@ -211,10 +211,10 @@ def test_without_announcements_the_agent_follows_snapshots_until_one_is_heard(
     agent.on_connected()
     decision = agent.check()
     assert topics_of(agent) == {"announce"}
-    now[0] = agent_module.ANNOUNCE_WAIT_S - 1
+    now[0] = fetch_module.ANNOUNCE_WAIT_S - 1
     agent.check()
     assert topics_of(agent) == {"announce"}  # not yet: the retained one may be on its way
-    now[0] = agent_module.ANNOUNCE_WAIT_S + 1
+    now[0] = fetch_module.ANNOUNCE_WAIT_S + 1
     agent.check()
     assert topics_of(agent) == {"announce", "model"}  # follows, and still listens
     assert agent.status()["models"].startswith("follow (")
@@ -229,7 +229,7 @@ def test_an_unheard_announcement_subscription_is_made_again(tmp_path: Path) -> N
     """A node of a clustered broker can miss the retained announcement (NATS: a CI run saw two
     of six agents never hear it): unheard for RELISTEN_S, the agent subscribes again, which
     makes the broker send it again; once heard, never again."""
-    import fedasync_iot.agent._agent as agent_module
+    import fedasync_iot.agent._fetch as fetch_module
     now = [0.0]
     link = RecordingLink()
     config = AgentConfig(device_id="pi-1", state_dir=str(tmp_path), policy=OPEN,
@@ -245,20 +245,20 @@ def test_an_unheard_announcement_subscription_is_made_again(tmp_path: Path) -> N
         return link.log.count(("sub", "announce"))
 
     first = subscriptions()
-    now[0] = agent_module.RELISTEN_S - 0.5
+    now[0] = fetch_module.RELISTEN_S - 0.5
     agent.check()
     assert subscriptions() == first
-    now[0] = agent_module.RELISTEN_S + 0.5
+    now[0] = fetch_module.RELISTEN_S + 0.5
     agent.check()
     agent.check()
     assert subscriptions() == first + 1  # once per RELISTEN_S, not per check
-    now[0] = 2 * agent_module.RELISTEN_S + 1.0
+    now[0] = 2 * fetch_module.RELISTEN_S + 1.0
     agent.check()
     assert subscriptions() == first + 2
     assert ("unsub", "announce") not in link.log  # made again, never dropped meanwhile
     agent.on_announce(announce(small_snapshot(3), 3))
     assert "model" in topics_of(agent)  # heard: fetching
-    now[0] = 20 * agent_module.RELISTEN_S
+    now[0] = 20 * fetch_module.RELISTEN_S
     agent.check()
     assert subscriptions() == first + 2
 
@@ -267,8 +267,8 @@ def test_a_poll_waiting_for_an_announcement_subscribes_again_while_it_waits(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The runner's poll waits up to `model_wait_s` for the announcement: the subscription is
     made again within that wait, not only at the next poll."""
-    import fedasync_iot.agent._agent as agent_module
-    monkeypatch.setattr(agent_module, "RELISTEN_S", 0.2)
+    import fedasync_iot.agent._fetch as fetch_module
+    monkeypatch.setattr(fetch_module, "RELISTEN_S", 0.2)
     agent = offline_agent(tmp_path, StaticReader(readings()))
     link = agent.link
     assert isinstance(link, RecordingLink)
@@ -284,7 +284,7 @@ def test_a_poll_waits_for_no_announcement_from_a_coordinator_that_does_not_annou
     """The poll's wait for the model ends where the announcement wait does, and once the agent
     follows snapshots it waits for no announcement at all (it waited `model_wait_s`, every
     poll)."""
-    import fedasync_iot.agent._agent as agent_module
+    import fedasync_iot.agent._fetch as fetch_module
     offset = [0.0]
     config = AgentConfig(device_id="pi-1", state_dir=str(tmp_path), policy=OPEN,
                          min_train_interval_s=0.0, train_in_subprocess=False)
@@ -294,7 +294,7 @@ def test_a_poll_waits_for_no_announcement_from_a_coordinator_that_does_not_annou
     agent.model_wait_s = 40.0
     agent.on_connected()
     assert topics_of(agent) == {"announce"}
-    offset[0] = agent_module.ANNOUNCE_WAIT_S - 0.2  # listening, unheard, for nearly as long
+    offset[0] = fetch_module.ANNOUNCE_WAIT_S - 0.2  # listening, unheard, for nearly as long
     started = time.monotonic()
     agent.poll()
     assert time.monotonic() - started < 20.0  # ~0.2 s; the whole model_wait_s before
@@ -314,7 +314,8 @@ def test_a_stopping_agent_ends_its_wait_for_the_model_at_once(tmp_path: Path) ->
     assert topics_of(agent) == {"announce"}  # unheard: a poll would wait for it
     poll = threading.Thread(target=agent.poll, daemon=True)
     poll.start()
-    assert wait_for(lambda: agent._listening_since is not None, timeout=10)
+    assert wait_for(lambda: agent.fetcher.subscriptions.listening_since is not None,
+                    timeout=10)
     agent.interrupt()
     poll.join(20)
     assert not poll.is_alive()
@@ -529,8 +530,8 @@ def test_an_ineligible_agent_gets_no_snapshot_then_fetches_only_the_newest(
 @pytest.mark.broker
 def test_an_agent_trains_under_a_coordinator_that_does_not_announce(
         broker, fleet_name, tmp_path, monkeypatch) -> None:
-    import fedasync_iot.agent._agent as agent_module
-    monkeypatch.setattr(agent_module, "ANNOUNCE_WAIT_S", 0.5)  # 30 s in production
+    import fedasync_iot.agent._fetch as fetch_module
+    monkeypatch.setattr(fetch_module, "ANNOUNCE_WAIT_S", 0.5)  # 30 s in production
     old = Listener(broker.url, [Topics(fleet_name).ack("old-coordinator")])
     try:  # what an older coordinator leaves: a retained snapshot and no announcement
         weights = np.zeros(N_DIGITS, np.float32)
