@@ -12,12 +12,17 @@ from fedasync_iot.agent._shared import Shared
 from fedasync_iot.agent._spool import Spool
 from fedasync_iot.agent._watch import CoordinatorWatch
 from fedasync_iot.models import WireError
-from fedasync_iot.models._wire import Ack, decode_ack, update_label
+from fedasync_iot.models._wire import (
+    ROUTINE_REJECTIONS,
+    Ack,
+    Rejection,
+    decode_ack,
+    update_label,
+)
 
 log = logging.getLogger("fedasync.agent")
 
 # Stale work is routine (the fleet moved on); any other rejection is worth a warning.
-ROUTINE_REJECTIONS = ("too_stale", "wrong_round", "participation_cap")
 
 
 class AckHandler:
@@ -41,7 +46,7 @@ class AckHandler:
             log.warning("coordinator rejected a message it could not read: %s (%s)", ack.reason,
                         ack.detail)
             return
-        if ack.status == "rejected" and ack.reason == "future_version":
+        if ack.status == "rejected" and ack.reason == Rejection.FUTURE_VERSION:
             self._wait_for_coordinator(ack, ack.update_id)
             return
         if ack.version is not None:

@@ -43,8 +43,8 @@ from fedasync_iot.agent._hooks import (
 )
 from fedasync_iot.agent._instance import Instance
 from fedasync_iot.agent._intake import ModelIntake
-from fedasync_iot.agent._link import Link, ReportsConnection, Subscribes
-from fedasync_iot.agent._model_cache import TEMPLATES_DIR, ModelCache, decode_saved, load_template
+from fedasync_iot.agent._link import Link, ReportsConnection
+from fedasync_iot.agent._model_cache import ModelCache
 from fedasync_iot.agent._policy import Decision, EligibilityGate
 from fedasync_iot.agent._privacy import PrivacyLedger, account_here, account_in_child
 from fedasync_iot.agent._progress import TrainingProgress
@@ -64,7 +64,7 @@ from fedasync_iot.models._wire import (
 )
 
 # Where they were before the agent was split: agent._predict and agent.cli import them here.
-__all__ = ["TEMPLATES_DIR", "Agent", "Link", "Subscribes", "decode_saved", "load_template"]
+__all__ = ["Agent"]
 
 log = logging.getLogger("fedasync.agent")
 
@@ -86,7 +86,6 @@ class Agent:
     fetches = Forward[int]("intake")
     fetched_bytes = Forward[int]("intake")
     last_fetch = Forward[dict[str, Any] | None]("intake")
-    _subscribed = Forward[set[str]]("fetcher", "subscribed")  # tests/test_reliability.py reads it
     last_rejection = Forward[str | None]("ack_handler")
 
     def __init__(

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from fedasync_iot.agent._files import atomic_write
 from fedasync_iot.models import WireError
+from fedasync_iot.models._files import atomic_write
 from fedasync_iot.models._wire import (
     Snapshot,
     TemplateMessage,
@@ -47,7 +47,7 @@ class ModelCache:
     def keep(self, snapshot: Snapshot, frame: bytes) -> None:
         """Hold `snapshot` from now on; `frame` (verified) is what is saved."""
         self.snapshot = snapshot
-        atomic_write(self.path, frame)
+        atomic_write(self.path, frame, fsync_dir=False)
 
     def template(self, template_id: str) -> TemplateMessage | None:
         """The cached template `template_id`, None when missing or unreadable (fetched again)."""
@@ -55,7 +55,7 @@ class ModelCache:
 
     def keep_template(self, template_id: str, frame: bytes) -> None:
         self.templates_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.templates_dir / f"{template_id}.template", frame)
+        atomic_write(self.templates_dir / f"{template_id}.template", frame, fsync_dir=False)
 
 
 def decode_saved(data: bytes) -> Snapshot:

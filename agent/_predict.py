@@ -19,11 +19,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from fedasync_iot.agent._agent import TEMPLATES_DIR, load_template
+from fedasync_iot.agent._model_cache import SNAPSHOT_FILE, TEMPLATES_DIR, load_template
 from fedasync_iot.models import ModelError
 from fedasync_iot.models._wire import decode_snapshot, decode_weights, frame_kind
-
-SNAPSHOT_FILE = "model.snapshot"
 
 
 class Predictor:

@@ -7,7 +7,7 @@ import contextlib
 import json
 from pathlib import Path
 
-from fedasync_iot.agent._files import atomic_write
+from fedasync_iot.models._files import atomic_write
 
 
 class TrainingProgress:
@@ -39,4 +39,4 @@ class TrainingProgress:
         self._save()
 
     def _save(self) -> None:
-        atomic_write(self.path, json.dumps(self._values).encode())
+        atomic_write(self.path, json.dumps(self._values).encode(), fsync_dir=False)

@@ -174,8 +174,8 @@ def _features(path: Path, load_xy: Any, label: str) -> Any:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from fedasync_iot.agent._agent import decode_saved
     from fedasync_iot.agent._held import HeldUpdates
+    from fedasync_iot.agent._model_cache import decode_saved
     from fedasync_iot.agent._spool import Spool
 
     config = _config(args, need_id=False)

@@ -242,7 +242,7 @@ class AgentFleet:
     def waiting(self) -> list[dict[str, Any]]:
         """Why the agents not ready are not: connection and model state, for a failure."""
         return [{"id": a.config.device_id, **link.connection_info(),
-                 "subscribed": sorted(t.rsplit("/", 1)[1] for t in a._subscribed),
+                 "subscribed": sorted(t.rsplit("/", 1)[1] for t in a.fetcher.subscribed),
                  **{k: v for k, v in a.status().items() if k in ("models", "announced_version")}}
                 for a, link in zip(self.agents, self.links, strict=True)
                 if not link.connected or a.snapshot is None]
