@@ -20,7 +20,7 @@ from fedasync_iot.models import StateError
 if TYPE_CHECKING:
     from fedasync_iot.coordinator._intake import Intake
     from fedasync_iot.coordinator._publisher import Publisher
-    from fedasync_iot.coordinator._transport import Delivery, Transport
+    from fedasync_iot.coordinator._transport import Delivery, ReceivedWatcher, SentWatcher
 
 
 class Clock(Protocol):
@@ -50,8 +50,8 @@ class Work(Protocol):
     @property
     def publisher(self) -> Publisher: ...
 
-    @property
-    def transport(self) -> Transport: ...
+    def watch_traffic(self, *, sent: SentWatcher | None = None,
+                      received: ReceivedWatcher | None = None) -> None: ...
 
 
 class Scheduler(Protocol):
@@ -92,7 +92,7 @@ class Stepped:
 
     def start(self, work: Work) -> None:
         self._work = work
-        work.transport.watch_sent(self._sent)
+        work.watch_traffic(sent=self._sent)
 
     def join(self, timeout: float) -> None:
         pass

@@ -117,7 +117,7 @@ class CoordinatorService:
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
 
-    # -- what a scheduler runs (coordinator/_scheduling.py's Work) ---------------------------
+    # -- what a scheduler runs (coordinator/_scheduling.py's Work) --------------------------
     @property
     def intake(self) -> Intake:
         return self._intake
@@ -125,10 +125,6 @@ class CoordinatorService:
     @property
     def publisher(self) -> Publisher:
         return self._publisher
-
-    @property
-    def transport(self) -> Transport:
-        return self._transport
 
     # -- watching and extending the traffic (the simulator) ----------------------------------
     def watch_traffic(self, *, sent: SentWatcher | None = None,
