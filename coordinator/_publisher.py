@@ -50,8 +50,8 @@ class Publisher:
     the next version (`run`, on a thread, or `publish_if_due`, stepped)."""
 
     def __init__(self, config: CoordinatorConfig, *, engine: Engine, engine_lock: threading.Lock,
-                 adapter: ModelAdapter, transport: Transport, link: Connection,
-                 lease: FleetLease, metrics: Metrics, clock: Clock,
+                 adapter: ModelAdapter, signer: Signer | None, transport: Transport,
+                 link: Connection, lease: FleetLease, metrics: Metrics, clock: Clock,
                  cohorts: CohortSelector | None, stop: threading.Event) -> None:
         self.config = config
         self.topics = Topics(config.fleet, config.topic_root)
@@ -65,7 +65,7 @@ class Publisher:
         self._clock = clock
         self._cohorts = cohorts
         self._stop = stop
-        self._signer = (Signer.from_file(config.signing_key) if config.signing_key else None)
+        self._signer = signer
         self._wanted = threading.Condition()
         self._last_publish = -float("inf")  # monotonic
         self._frozen = False

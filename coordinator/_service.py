@@ -37,6 +37,7 @@ from fedasync_iot.coordinator._store import Store
 from fedasync_iot.coordinator._transport import Handler, ReceivedWatcher, SentWatcher, Transport
 from fedasync_iot.models import StateError, Topics, build_model
 from fedasync_iot.models._mqtt import BrokerAddress, Connection, make_client
+from fedasync_iot.models._signing import Signer
 
 log = logging.getLogger("fedasync.coordinator")
 
@@ -64,6 +65,9 @@ class CoordinatorService:
         self.address = BrokerAddress.parse(config.broker, ca_file=config.ca_file,
                                            cert_file=config.cert_file, key_file=config.key_file)
         self.metrics = Metrics()
+        # Key and model before the store takes the state directory's lock: a bad key refuses
+        # with nothing held.
+        signer = Signer.from_file(config.signing_key) if config.signing_key else None
         adapter = build_model(config.model)
         self.store = Store(Path(config.state_dir), keep_checkpoints=config.keep_checkpoints)
         now = self._clock.time
@@ -105,7 +109,7 @@ class CoordinatorService:
         engine_lock = threading.Lock()
         self._engine_lock = engine_lock
         self._publisher = Publisher(
-            config, engine=self.engine, engine_lock=engine_lock, adapter=adapter,
+            config, engine=self.engine, engine_lock=engine_lock, adapter=adapter, signer=signer,
             transport=self._transport, link=self._link, lease=self._lease, metrics=self.metrics,
             clock=self._clock, cohorts=cohorts, stop=self._stop)
         self._intake = Intake(
