@@ -179,7 +179,8 @@ def make_evaluator(config: CoordinatorConfig) -> Evaluator | None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fedasync_iot.coordinator._service import CoordinatorService, wait_as_standby
+    from fedasync_iot.coordinator._lease import wait_as_standby
+    from fedasync_iot.coordinator._service import CoordinatorService
 
     # Handlers first: a stop (systemd, ^C) while the service is still loading is a clean exit.
     stop = threading.Event()

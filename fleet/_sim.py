@@ -41,6 +41,7 @@ from fedasync_iot.coordinator._config import CoordinatorConfig, SnapshotConfig
 from fedasync_iot.coordinator._guards import GuardConfig
 from fedasync_iot.coordinator._participation import ParticipationConfig
 from fedasync_iot.coordinator._rules import RuleConfig
+from fedasync_iot.coordinator._scheduling import Stepped
 from fedasync_iot.coordinator._service import CoordinatorService
 from fedasync_iot.fleet._broker import (
     EmbeddedBroker,
@@ -70,8 +71,8 @@ from fedasync_iot.fleet._traces import (
     generate_device,
     summarize,
 )
-from fedasync_iot.fleet._traffic import attach as count_traffic
 from fedasync_iot.fleet._traffic import (
+    TrafficCounter,
     device_downlink_bytes,
     downlink_bound,
     snapshot_downloads,
@@ -532,8 +533,10 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet,
             evaluator_model.set_params_vector(params)
             return dict(evaluator_model.evaluate(test.X, test.y))
 
+        # On the virtual clock the controller steps the coordinator (fleet/_virtual.py).
+        stepper = None if vclock is None else Stepped()
         clocks: dict[str, Any] = ({} if vclock is None else
-                                  {"clock": vclock.wall, "monotonic": vclock.wall, "driven": True})
+                                  {"clock": vclock, "scheduler": stepper})
         service = CoordinatorService(CoordinatorConfig(
             model=fleet.spec, broker=urls, fleet=fleet_name, state_dir=str(run_state),
             client_id=f"coordinator-{fleet_name}", http="", rule=rule_config(config, rule),
@@ -545,7 +548,11 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet,
             # earlier run's retained model under this name (the same seed and process).
             evaluator=evaluate, reset=True, **clocks)
         # What the coordinator publishes (snapshots, acks) and receives, as the devices count.
-        coordinator_traffic = count_traffic(service._client)
+        coordinator_traffic = TrafficCounter()
+        service.watch_traffic(
+            sent=lambda topic, payload, _: coordinator_traffic.count("sent", topic, len(payload)),
+            received=lambda topic, payload: coordinator_traffic.count("received", topic,
+                                                                      len(payload)))
         sys_start = ({} if isinstance(broker, MosquittoBroker) else None if broker is not None
                      else read_sys_counters(urls[0], timeout=5))
         service.start()
@@ -567,9 +574,9 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet,
             check_interval_s=config.check_interval_sim_s, seed=config.seed,
             min_train_interval_s=config.min_train_interval_sim_s,
             model_refresh_s=config.model_refresh_sim_s) for w, shard in enumerate(shards)]
-        if vclock is not None:
+        if vclock is not None and stepper is not None:
             start = EPOCH
-            rows = _run_virtual(service, specs, vclock, config=config, rule=rule, url=url,
+            rows = _run_virtual(service, stepper, specs, vclock, config=config, rule=rule, url=url,
                                 fleet_name=fleet_name, out_dir=out_dir, progress=progress,
                                 n_devices=n_devices, latest=latest, machine=machine)
         else:
@@ -680,9 +687,10 @@ def _run_wall(service: CoordinatorService, specs: Sequence[WorkerSpec], *, confi
         _join_reading(procs, reports, latest)
 
 
-def _run_virtual(service: CoordinatorService, specs: Sequence[WorkerSpec], vclock: VirtualClock,
-                 *, config: SimConfig, rule: str, url: str, fleet_name: str, out_dir: Path,
-                 progress: bool, n_devices: int, latest: dict[int, dict[str, int]],
+def _run_virtual(service: CoordinatorService, stepper: Stepped, specs: Sequence[WorkerSpec],
+                 vclock: VirtualClock, *, config: SimConfig, rule: str, url: str,
+                 fleet_name: str, out_dir: Path, progress: bool, n_devices: int,
+                 latest: dict[int, dict[str, int]],
                  machine: dict[str, Any]) -> list[dict[str, Any]]:
     """The virtual-clock mode (fleet/_virtual.py): a row every `scale` sim seconds (one second
     of the run's clock), as in the wall-clock mode."""
@@ -699,8 +707,8 @@ def _run_virtual(service: CoordinatorService, specs: Sequence[WorkerSpec], vcloc
         for parent, _ in pipes:
             if not parent.poll(120) or parent.recv() != ("ready",):
                 raise ConfigError("a simulator worker did not start")
-        controller = Controller(service, [p for p, _ in pipes], vclock, broker_url=url,
-                                fleet=fleet_name)
+        controller = Controller(service, stepper, [p for p, _ in pipes], vclock,
+                                broker_url=url, fleet=fleet_name)
         shown = [time.monotonic()]
         with (out_dir / "metrics.csv").open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields)

@@ -7,10 +7,10 @@ when the whole system is quiescent, so one seed gives one result at any machine 
   meaning and the outputs keep their units: a run's "45 s" is 45 s of that clock.
 - The controller (`Controller`, in the parent process, which hosts the coordinator) runs each
   instant in phases. A device phase: every worker (`Shard`) fires its devices' timers that are
-  due and hands them the messages they received. A coordinator phase:
-  `CoordinatorService.step` merges what it received, sorted by topic and payload, and publishes
-  a due snapshot. Devices and coordinator never act at once, so which snapshot a fetch finds
-  retained, or which updates one batch holds, cannot depend on timing.
+  due and hands them the messages they received. A coordinator phase: the service's `Stepped`
+  scheduler (coordinator/_scheduling.py) merges what it received, sorted by topic and payload,
+  and publishes a due snapshot. Devices and coordinator never act at once, so which snapshot a
+  fetch finds retained, or which updates one batch holds, cannot depend on timing.
 - Quiescence between phases: a component reports its phase done only once the broker has
   acknowledged everything it sent (PUBACK, SUBACK, UNSUBACK, CONNACK; Mosquitto handles one
   connection's packets in order and queues a message to its subscribers before it
@@ -41,14 +41,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-import paho.mqtt.client as mqtt
-
 from fedasync_iot.fleet._traces import SimClock
 from fedasync_iot.fleet._traffic import SIM_CONTROL_ROOT
 from fedasync_iot.models import StateError
 from fedasync_iot.models._mqtt import BrokerAddress, make_client
 
 if TYPE_CHECKING:
+    from fedasync_iot.coordinator._scheduling import Stepped
     from fedasync_iot.coordinator._service import CoordinatorService
 
 log = logging.getLogger("fedasync.fleet.virtual")
@@ -81,6 +80,14 @@ class VirtualClock(SimClock):
 
     def sim_now(self) -> float:
         return self.t
+
+    # The coordinator's clock (coordinator/_scheduling.py's Clock): both read the virtual wall,
+    # so every interval it knows is one of this clock.
+    def time(self) -> float:
+        return self._wall()
+
+    def monotonic(self) -> float:
+        return self._wall()
 
     def sim_at(self, wall: float) -> float:
         """The earliest sim time whose wall time is `wall` or later (exact: no rounding below
@@ -250,12 +257,13 @@ class Shard:
 
 
 class Controller:
-    """Drives a virtual-clock run from the parent process: the coordinator (driven mode), the
-    workers' shards (through `conns`) and the clock."""
+    """Drives a virtual-clock run from the parent process: the coordinator (its `Stepped`
+    scheduler), the workers' shards (through `conns`) and the clock."""
 
-    def __init__(self, service: CoordinatorService, conns: Sequence[Any], clock: VirtualClock,
-                 *, broker_url: str, fleet: str) -> None:
+    def __init__(self, service: CoordinatorService, stepper: Stepped, conns: Sequence[Any],
+                 clock: VirtualClock, *, broker_url: str, fleet: str) -> None:
         self.service = service
+        self.stepper = stepper
         self.conns = list(conns)
         self.clock = clock
         self.fleet = fleet
@@ -268,8 +276,7 @@ class Controller:
         self.phases = 0
         self.markers = 0
         # The coordinator's own connection carries its markers: ordered after what it got.
-        service._client.message_callback_add(f"{self.topic}/#", self._on_marker)
-        service._client.subscribe(f"{self.topic}/#", 0)  # "#" matches the level above it too
+        service.add_handler(f"{self.topic}/#", self._on_marker)  # "#": the level above it too
         self._client = make_client(BrokerAddress.parse(broker_url),
                                    client_id=f"sim-clock-{fleet}", persistent=False)
         self._client.connect(*_host_port(broker_url))
@@ -279,9 +286,9 @@ class Controller:
         self._client.loop_stop()
         self._client.disconnect()
 
-    def _on_marker(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+    def _on_marker(self, topic: str, payload: bytes) -> None:
         with self._seen_changed:
-            self._seen = max(self._seen, int(msg.payload))
+            self._seen = max(self._seen, int(payload))
             self._seen_changed.notify_all()
 
     # -- the clock ---------------------------------------------------------------------------
@@ -306,7 +313,7 @@ class Controller:
 
     def _next_time(self) -> float:
         times = [x for x in self._next_timer if x is not None]
-        due = self.service.next_due()
+        due = self.stepper.next_due()
         # A coordinator time already reached had its step in that instant. One can stay in the
         # past: a synchronous round past its deadline with too few updates to close, which only
         # a new update (its own event) can change.
@@ -326,7 +333,7 @@ class Controller:
             if to_mark or any(r[2] for r in replies):  # updates, statuses: to the coordinator
                 self._quiesce(to_mark)
                 busy = True
-            happened, reached = self.service.step()
+            happened, reached = self.stepper.step()
             if happened:
                 self._quiesce(reached)
                 busy = True

@@ -30,6 +30,7 @@ from fedasync_iot.coordinator._config import CoordinatorConfig, SnapshotConfig
 from fedasync_iot.coordinator._guards import GuardConfig
 from fedasync_iot.coordinator._retries import Recovery, Retries
 from fedasync_iot.coordinator._rules import RuleConfig
+from fedasync_iot.coordinator._scheduling import Stepped
 from fedasync_iot.coordinator._service import CoordinatorService
 from fedasync_iot.coordinator._store import Store
 from fedasync_iot.fleet._broker import MosquittoBroker
@@ -49,12 +50,12 @@ def get(port: int, path: str) -> tuple[int, Any]:
 
 
 def service_for(broker: MosquittoBroker, fleet: str, state: Path,
-                driven: bool = False) -> CoordinatorService:
+                scheduler: Stepped | None = None) -> CoordinatorService:
     return CoordinatorService(CoordinatorConfig(
         model=SPEC, broker=broker.url, fleet=fleet, state_dir=str(state), http="127.0.0.1:0",
         rule=RuleConfig(name="fedasync", alpha=0.5, staleness="constant"),
         guards=GuardConfig(max_norm=100.0),
-        snapshots=SnapshotConfig(min_interval_s=0.0, include_onnx=False)), driven=driven)
+        snapshots=SnapshotConfig(min_interval_s=0.0, include_onnx=False)), scheduler=scheduler)
 
 
 def check_disk_full(broker: MosquittoBroker, fleet: str, state: Path, *,
@@ -153,7 +154,8 @@ def test_a_driven_coordinator_keeps_a_batch_it_could_not_commit_for_the_next_ste
     """The simulator's virtual clock drives the service: no writer thread to retry, so `step`
     keeps the batch (unacked) for its next call instead of leaving it to a reconnect."""
     disk = Enospc(monkeypatch)
-    service = service_for(broker, fleet_name, tmp_path / "state", driven=True)
+    stepper = Stepped()
+    service = service_for(broker, fleet_name, tmp_path / "state", scheduler=stepper)
     service.start()
     topics = Topics(fleet_name)
     device = Listener(broker.url, [topics.ack("dev-1")])
@@ -162,11 +164,11 @@ def test_a_driven_coordinator_keeps_a_batch_it_could_not_commit_for_the_next_ste
         disk.fill()
         device.publish(topics.update("dev-1"), update_bytes(0.01 * np.ones(N), device="dev-1",
                                                             update_id="u1", base_version=0))
-        assert wait_for(lambda: service.step()[0] and bool(disk.attempts), 30)
-        service.step()
+        assert wait_for(lambda: stepper.step()[0] and bool(disk.attempts), 30)
+        stepper.step()
         assert len(disk.attempts) == 2 and device.messages.empty()
         disk.free()
-        service.step()
+        stepper.step()
         ack = decode_ack(device.get(30).payload)
     finally:
         device.close()

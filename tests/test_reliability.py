@@ -515,7 +515,7 @@ def test_the_device_hears_its_ack_before_the_broker_forgets_the_update(tmp_path:
     other way round a kill between them left the update PUBACKed (the broker never redelivers
     it) and unacked (the device keeps it spooled until it happens to reconnect)."""
     from fedasync_iot.coordinator._engine import Incoming
-    from fedasync_iot.coordinator._service import _Token
+    from fedasync_iot.coordinator._intake import _Token
     from tests.helpers import update_bytes
 
     service = CoordinatorService(CoordinatorConfig(
@@ -531,8 +531,8 @@ def test_the_device_hears_its_ack_before_the_broker_forgets_the_update(tmp_path:
         def ack(self, mid: int, qos: int) -> None:
             calls.append(("puback", mid))
 
-    service._client = Recorder()  # type: ignore[assignment]
-    service._generation = 1
+    service._transport.client = Recorder()  # type: ignore[assignment]
+    service._intake.generation = 1
     try:
         service._process([Incoming("dev-1", update_bytes(np.zeros(27), device="dev-1"),
                                    time.time(), _Token(1, 7, 1))])
