@@ -14,6 +14,7 @@ from fedasync_iot.models._broker_address import BrokerAddress, broker_urls, chec
 from fedasync_iot.models._connection import Connection, describe_error
 from fedasync_iot.models._errors import BadTopic, BrokerError, BrokerRefused, PublishFailed
 from fedasync_iot.models._mqtt_client import (
+    Acked,
     Client,
     Connack,
     Message,
@@ -24,6 +25,7 @@ from fedasync_iot.models._mqtt_client import (
 )
 
 __all__ = [
+    "Acked",
     "BadTopic",
     "BrokerAddress",
     "BrokerError",

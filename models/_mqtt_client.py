@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -35,6 +35,8 @@ from fedasync_iot.models._errors import BadTopic, PublishFailed
 
 Payload = bytes | bytearray | str | None
 Handler = Callable[["Message"], None]
+# What the broker acknowledged (QoS 0 publishes count once written: paho's on_publish).
+Acked = Literal["publish", "subscribe", "unsubscribe"]
 # A callback shaped as paho calls it, (client, userdata, ...): the transition's (module doc).
 PahoCallback = Callable[..., Any]
 
@@ -155,7 +157,7 @@ class Client:
         self.meter: Callable[[str, str, int], None] | None = None
         self.on_connack: Callable[[Connack], None] | None = None
         self.on_closed: Callable[[str], None] | None = None  # why, in words
-        self.on_acked: Callable[[int], None] | None = None  # a PUBACK, SUBACK or UNSUBACK's mid
+        self.on_acked: Callable[[Acked, int], None] | None = None  # what, and its packet id
         paho.on_connect = self._connected
         paho.on_disconnect = self._disconnected
         paho.on_subscribe = self._subscribed
@@ -325,19 +327,19 @@ class Client:
                     properties: Any) -> None:
         self._call_legacy("on_subscribe", userdata, mid, reasons, properties)
         if self.on_acked is not None:
-            self.on_acked(mid)
+            self.on_acked("subscribe", mid)
 
     def _unsubscribed(self, _c: mqtt.Client, userdata: Any, mid: int, reasons: Any,
                       properties: Any) -> None:
         self._call_legacy("on_unsubscribe", userdata, mid, reasons, properties)
         if self.on_acked is not None:
-            self.on_acked(mid)
+            self.on_acked("unsubscribe", mid)
 
     def _published(self, _c: mqtt.Client, userdata: Any, mid: int, reason: Any,
                    properties: Any) -> None:
         self._call_legacy("on_publish", userdata, mid, reason, properties)
         if self.on_acked is not None:
-            self.on_acked(mid)
+            self.on_acked("publish", mid)
 
     def _connect_failed(self, _c: mqtt.Client, userdata: Any) -> None:
         self._call_legacy("on_connect_fail", userdata)
