@@ -66,7 +66,7 @@ from fedasync_iot.fleet import MosquittoBroker
 from fedasync_iot.fleet._broker import mosquitto_path
 from fedasync_iot.models import ModelSpec, Topics, UpdateMessage, decode_ack, encode_update
 from fedasync_iot.models._mqtt import (
-    Acked,
+    Ack,
     BrokerAddress,
     Client,
     Connack,
@@ -294,10 +294,10 @@ class _PahoDevices:
                 self._ready.wait()
         return on_connect
 
-    def _on_acked(self, what: Acked, mid: int) -> None:
-        if what == "subscribe":
+    def _on_acked(self, ack: Ack) -> None:
+        if ack.kind == "subscribe":
             self._ready.wait()
-        elif what == "publish":
+        elif ack.kind == "publish":
             self._on_publish()
 
     def _on_message(self, msg: Message) -> None:
@@ -371,7 +371,7 @@ class _BareSubscriber:
             self.client.subscribe(topic, qos=1)
 
         self.client.on_connack = on_connack
-        self.client.on_acked = lambda what, mid: subscribed.set()
+        self.client.on_acked = lambda ack: subscribed.set()
         self.client.handle(self._on_message)
         self.client.connect(address.host, address.port, keepalive=60)
         self.client.loop_start()

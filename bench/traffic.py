@@ -80,8 +80,8 @@ class Listener:
                                     persistent=False)
         self.client.handle(self._on_message)
         self.client.on_connack = lambda connack: self._subscribe()
-        self.client.on_acked = lambda what, mid: self._subscribed.set() \
-            if what == "subscribe" else None
+        self.client.on_acked = lambda ack: self._subscribed.set() \
+            if ack.kind == "subscribe" else None
         self.client.connect(address.host, address.port, keepalive=30)
         self.client.loop_start()
         if not self._subscribed.wait(30):

@@ -30,7 +30,7 @@ from typing import Any
 
 from fedasync_iot.models import Topics
 from fedasync_iot.models._mqtt import (
-    Acked,
+    Ack,
     BrokerAddress,
     BrokerRefused,
     Connack,
@@ -236,8 +236,8 @@ def look(
         client.subscribe([(topics.coordinator_status, 0), (every_fleet, 0),
                           (topics.announce, 0)])
 
-    def on_acked(what: Acked, mid: int) -> None:
-        if what == "subscribe":
+    def on_acked(ack: Ack) -> None:
+        if ack.kind == "subscribe":
             client.send(topics.coordinator_status, marker, qos=0, retain=False)
 
     def on_message(msg: Message) -> None:

@@ -43,7 +43,7 @@ from fedasync_iot.fleet._virtual import (
 from fedasync_iot.models import Topics, UpdateMessage, WireError, decode_ack, encode_ack
 from fedasync_iot.models._files import Features, Labels
 from fedasync_iot.models._mqtt import (
-    Acked,
+    Ack,
     BrokerAddress,
     Client,
     Connack,
@@ -121,9 +121,9 @@ class SimLink:
             self._pending.add(mid)
             self.shard.sent(self.device_id, published=published, needs_marker=needs_marker)
 
-    def _acked(self, what: Acked, mid: int) -> None:
-        if self.shard is not None and mid in self._pending:
-            self._pending.remove(mid)
+    def _acked(self, ack: Ack) -> None:
+        if self.shard is not None and ack.mid in self._pending:
+            self._pending.remove(ack.mid)
             self.shard.acknowledged()
 
     def forget_pending(self) -> None:

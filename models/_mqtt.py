@@ -14,7 +14,8 @@ from fedasync_iot.models._broker_address import BrokerAddress, broker_urls, chec
 from fedasync_iot.models._connection import Connection, describe_error
 from fedasync_iot.models._errors import BadTopic, BrokerError, BrokerRefused, PublishFailed
 from fedasync_iot.models._mqtt_client import (
-    Acked,
+    Ack,
+    AckKind,
     Client,
     Connack,
     Message,
@@ -25,7 +26,8 @@ from fedasync_iot.models._mqtt_client import (
 )
 
 __all__ = [
-    "Acked",
+    "Ack",
+    "AckKind",
     "BadTopic",
     "BrokerAddress",
     "BrokerError",

@@ -35,8 +35,8 @@ from fedasync_iot.models._errors import BadTopic, PublishFailed
 
 Payload = bytes | bytearray | str | None
 Handler = Callable[["Message"], None]
-# What the broker acknowledged (QoS 0 publishes count once written: paho's on_publish).
-Acked = Literal["publish", "subscribe", "unsubscribe"]
+# What was acknowledged (a QoS 0 publish counts once written: there is no PUBACK).
+AckKind = Literal["publish", "subscribe", "unsubscribe"]
 # A callback shaped as paho calls it, (client, userdata, ...): the transition's (module doc).
 PahoCallback = Callable[..., Any]
 
@@ -51,6 +51,15 @@ class Message:
     retain: bool = False
     mid: int = 0  # the packet id `Client.ack` takes (manual acknowledgement); 0 at QoS 0
     dup: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The broker acknowledged a packet of ours: a PUBACK, SUBACK or UNSUBACK."""
+
+    kind: AckKind
+    mid: int  # the packet id `send`, `subscribe` or `unsubscribe` returned
+    refused: tuple[str, ...] = ()  # a SUBACK's refusals, one reason per refused filter
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +166,7 @@ class Client:
         self.meter: Callable[[str, str, int], None] | None = None
         self.on_connack: Callable[[Connack], None] | None = None
         self.on_closed: Callable[[str], None] | None = None  # why, in words
-        self.on_acked: Callable[[Acked, int], None] | None = None  # what, and its packet id
+        self.on_acked: Callable[[Ack], None] | None = None
         paho.on_connect = self._connected
         paho.on_disconnect = self._disconnected
         paho.on_subscribe = self._subscribed
@@ -327,19 +336,20 @@ class Client:
                     properties: Any) -> None:
         self._call_legacy("on_subscribe", userdata, mid, reasons, properties)
         if self.on_acked is not None:
-            self.on_acked("subscribe", mid)
+            refused = tuple(str(r) for r in reasons if r.is_failure)
+            self.on_acked(Ack("subscribe", mid, refused))
 
     def _unsubscribed(self, _c: mqtt.Client, userdata: Any, mid: int, reasons: Any,
                       properties: Any) -> None:
         self._call_legacy("on_unsubscribe", userdata, mid, reasons, properties)
         if self.on_acked is not None:
-            self.on_acked("unsubscribe", mid)
+            self.on_acked(Ack("unsubscribe", mid))
 
     def _published(self, _c: mqtt.Client, userdata: Any, mid: int, reason: Any,
                    properties: Any) -> None:
         self._call_legacy("on_publish", userdata, mid, reason, properties)
         if self.on_acked is not None:
-            self.on_acked("publish", mid)
+            self.on_acked(Ack("publish", mid))
 
     def _connect_failed(self, _c: mqtt.Client, userdata: Any) -> None:
         self._call_legacy("on_connect_fail", userdata)

@@ -8,10 +8,13 @@ import random
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 
 from fedasync_iot.models._backoff import Backoff
 from fedasync_iot.models._errors import BrokerError, FedAsyncError
 from fedasync_iot.models._mqtt import (
+    Ack,
     BadTopic,
     BrokerAddress,
     BrokerRefused,
@@ -97,3 +100,15 @@ def test_routes_take_their_topics_and_the_default_handler_the_rest() -> None:
                        ("received", "fl/a/old/x", 1)]
     client.send("fl/a/status", "héllo")
     assert metered[-1] == ("sent", "fl/a/status", len("héllo".encode()))
+
+
+def test_acks_name_what_was_acknowledged_and_a_subacks_refusals() -> None:
+    client, paho = _client()
+    acks: list[Ack] = []
+    client.on_acked = acks.append
+    granted, refused = ReasonCode(PacketTypes.SUBACK, identifier=1), \
+        ReasonCode(PacketTypes.SUBACK, identifier=0x80)
+    assert paho.on_subscribe is not None and paho.on_publish is not None
+    paho.on_subscribe(paho, None, 3, [granted, refused], None)
+    paho.on_publish(paho, None, 4, ReasonCode(PacketTypes.PUBACK), None)
+    assert acks == [Ack("subscribe", 3, (str(refused),)), Ack("publish", 4)]
