@@ -8,11 +8,12 @@ every packet at once (TCP_NODELAY). Who drives its network I/O is the caller's c
 (`drive_with`: the simulator's epoll loop), or paho's own thread (`loop_start`, for short-lived
 helpers and tests).
 
-Transition (issue 25): the coordinator service and the simulator's virtual clock still use
-paho's shapes: `publish` returning paho's MQTTMessageInfo, and callbacks shaped as paho calls
-them (`on_message`, `message_callback_add`, `on_connect`, `on_subscribe`, ...). Those keep
-working, called with this client in place of paho's, next to the project's `send`, `handle`,
-`route`, `on_connack`, `on_closed` and `on_acked`; they go once their last callers moved.
+Transition (issue 25): the coordinator service, the simulator's virtual clock and many tests
+still use paho's shapes: `publish` returning paho's MQTTMessageInfo, and callbacks shaped as
+paho calls them (`on_message`, `message_callback_add`, `on_connect`, `on_subscribe`, ...).
+Those keep working, called with this client in place of paho's, next to the project's `send`,
+`handle`, `route`, `on_connack`, `on_closed` and `on_acked`; they go once their last callers
+moved.
 """
 
 from __future__ import annotations
