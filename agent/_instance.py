@@ -77,8 +77,8 @@ def online_instance(payload: bytes, *, since: float) -> Instance | None:
 
 class TwinWatch:
     """Fed the retained status of the agent's own device at each connect; says when another
-    agent holds the same device id (module docstring). Not thread-safe: paho calls it from its
-    one network thread."""
+    agent holds the same device id (module docstring). Not thread-safe: the MQTT client calls it
+    from its one network thread."""
 
     def __init__(self, me: Instance) -> None:
         self.me = me

@@ -1,4 +1,4 @@
-"""Run one agent on a real device: a paho client, a poll loop, a clean shutdown."""
+"""Run one agent on a real device: an MQTT client, a poll loop, a clean shutdown."""
 
 from __future__ import annotations
 
@@ -10,15 +10,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
-
 from fedasync_iot.agent._agent import Agent
 from fedasync_iot.agent._config import AgentConfig
 from fedasync_iot.agent._data import open_source
 from fedasync_iot.agent._instance import Instance, TwinWatch, process_identity
 from fedasync_iot.agent._readings import PsutilReader, ReadingsSource
 from fedasync_iot.models import Topics
-from fedasync_iot.models._mqtt import BrokerAddress, Connection, make_client
+from fedasync_iot.models._mqtt import (
+    BrokerAddress,
+    Client,
+    Connection,
+    Message,
+    PublishFailed,
+    create_client,
+)
 
 log = logging.getLogger("fedasync.agent")
 
@@ -43,7 +48,7 @@ class PahoLink:
         self.instance = instance or Instance.new()
         self.address = BrokerAddress.parse(config.broker, ca_file=config.ca_file,
                                            cert_file=config.cert_file, key_file=config.key_file)
-        self.client = make_client(self.address, client_id=f"fedasync-agent-{config.device_id}",
+        self.client = create_client(self.address, client_id=f"fedasync-agent-{config.device_id}",
                                   persistent=True)
         will = {"state": "offline", "device_id": config.device_id, **self.instance.fields()}
         self.client.will_set(self.topics.status(config.device_id), json.dumps(will).encode(),
@@ -58,7 +63,7 @@ class PahoLink:
                                      max_delay_s=60.0, jitter=True,
                                      on_online=self._on_online, on_change=self._record)
         self.agent: Agent | None = None
-        self.client.on_message = self._on_message
+        self.client.handle(self._on_message)
 
     @property
     def connected(self) -> bool:
@@ -74,7 +79,7 @@ class PahoLink:
         return self.connection.wait_online(timeout)
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
-        self.client.publish(topic, payload, qos=qos, retain=retain)
+        self.client.send(topic, payload, qos=qos, retain=retain)
 
     def subscribe(self, topic: str, qos: int = 0) -> None:
         """For the agent's models on demand (agent._agent): announcements and snapshots."""
@@ -88,22 +93,22 @@ class PahoLink:
 
     def stop(self) -> None:
         if self.connected and self.agent is not None and not self._retired:
-            info = self.client.publish(
+            info = self.client.send(
                 self.topics.status(self.device_id),
                 json.dumps(self.agent.status("offline")).encode(), qos=1, retain=True)
             # The connection may go meanwhile: the status is a courtesy, the stop goes on.
-            with contextlib.suppress(RuntimeError):
+            with contextlib.suppress(PublishFailed):
                 info.wait_for_publish(timeout=2)
         self.connection.stop()
 
     def retire(self) -> None:
         """Disconnect now, for good and without an offline status: another agent with this
-        device id is online, and its status must stay the retained one. Callable from paho's
+        device id is online, and its status must stay the retained one. Callable from the
         network thread (its loop is then not joined)."""
         self._retired = True
         self.connection.stop()
 
-    def _on_online(self, client: mqtt.Client, session_present: bool) -> None:
+    def _on_online(self, client: Client, session_present: bool) -> None:
         # Acks at QoS 1 in the persistent session: the broker keeps them while the device is
         # away. Announcements and snapshots are the agent's to subscribe to, when it wants them.
         client.subscribe(self.topics.ack(self.device_id), 1)
@@ -123,15 +128,15 @@ class PahoLink:
             tmp.write_text(json.dumps({**info, **self._process, **self.instance.fields()}))
             tmp.replace(self._state_file)
 
-    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+    def _on_message(self, msg: Message) -> None:
         if msg.topic == self.topics.status(self.device_id):
-            twin = self.twins.observe(bytes(msg.payload))
+            twin = self.twins.observe(msg.payload)
             if twin is not None and self.on_twin is not None:
                 self.on_twin(twin)
             return
         if self.agent is None:
             return
-        self.agent.on_message(msg.topic, bytes(msg.payload))
+        self.agent.on_message(msg.topic, msg.payload)
 
 
 class AgentRunner:
@@ -147,7 +152,7 @@ class AgentRunner:
         self.link.on_twin = self._twin
         self.exit_code = 0  # 2: stopped because another agent has this device id
         self._stop = threading.Event()
-        # Set on paho's thread when a newer model arrived: the loop polls (and trains) at once
+        # Set on the network thread when a newer model arrived: the loop polls (and trains) at once
         # instead of at its next check. Training never runs on the network thread.
         self._wake = threading.Event()
         self.agent.wake = self._wake.set
@@ -182,7 +187,7 @@ class AgentRunner:
         self._wake.set()
 
     def _twin(self, other: Instance) -> None:
-        """Another agent uses this device id (agent._instance); paho's network thread."""
+        """Another agent uses this device id (agent._instance); the network thread."""
         me = self.link.instance
         device = self.config.device_id
         if not me.newer_than(other):

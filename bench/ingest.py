@@ -55,8 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import paho.mqtt
-import paho.mqtt.client as mqtt
+import paho.mqtt  # its version, in the report: the bare figure is paho's
 
 from fedasync_iot.coordinator._config import CoordinatorConfig, EvalConfig, SnapshotConfig
 from fedasync_iot.coordinator._engine import Incoming
@@ -66,7 +65,14 @@ from fedasync_iot.coordinator._service import CoordinatorService
 from fedasync_iot.fleet import MosquittoBroker
 from fedasync_iot.fleet._broker import mosquitto_path
 from fedasync_iot.models import ModelSpec, Topics, UpdateMessage, decode_ack, encode_update
-from fedasync_iot.models._mqtt import BrokerAddress, make_client
+from fedasync_iot.models._mqtt import (
+    Ack,
+    BrokerAddress,
+    Client,
+    Connack,
+    Message,
+    create_client,
+)
 
 SPEC = ModelSpec(kind="mlp", n_features=64, classes=tuple(range(10)), hidden=(32,))
 N_PARAMS = 64 * 32 + 32 + 32 * 10 + 10  # 2410
@@ -267,33 +273,35 @@ class _PahoDevices:
         self.published = threading.Event()
         self._ready = threading.Barrier(devices + 1, timeout=30)
         address = BrokerAddress.parse(url)
-        self.clients: dict[str, mqtt.Client] = {}
+        self.clients: dict[str, Client] = {}
         for d in range(devices):
             name = f"dev-{d:03d}"
-            c = make_client(address, client_id=f"bench-{fleet}-{d}", persistent=False,
-                            max_inflight=PUBLISHER_INFLIGHT)
-            c.on_connect = self._on_connect(name)
-            c.on_subscribe = self._on_subscribe
-            c.on_message = self._on_message
-            c.on_publish = self._on_publish
+            c = create_client(address, client_id=f"bench-{fleet}-{d}", persistent=False,
+                              max_inflight=PUBLISHER_INFLIGHT)
+            c.on_connack = self._on_connect(c, name)
+            c.on_acked = self._on_acked
+            c.handle(self._on_message)
             c.connect(address.host, address.port, keepalive=60)
             c.loop_start()
             self.clients[name] = c
         self._ready.wait()
 
-    def _on_connect(self, name: str) -> Callable[..., None]:
-        def on_connect(c: mqtt.Client, *_: Any) -> None:
+    def _on_connect(self, c: Client, name: str) -> Callable[[Connack], None]:
+        def on_connect(connack: Connack) -> None:
             if self.want_acks:
                 c.subscribe(self.topics.ack(name), qos=1)  # _on_subscribe meets the barrier
             else:
                 self._ready.wait()
         return on_connect
 
-    def _on_subscribe(self, *_: Any) -> None:
-        self._ready.wait()
+    def _on_acked(self, ack: Ack) -> None:
+        if ack.kind == "subscribe":
+            self._ready.wait()
+        elif ack.kind == "publish":
+            self._on_publish()
 
-    def _on_message(self, c: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        status = decode_ack(bytes(msg.payload)).status
+    def _on_message(self, msg: Message) -> None:
+        status = decode_ack(msg.payload).status
         now = time.monotonic()
         with self._lock:
             self.statuses[status] += 1
@@ -302,7 +310,7 @@ class _PahoDevices:
                 self.t_last_ack = now
                 self.acked.set()
 
-    def _on_publish(self, *_: Any) -> None:
+    def _on_publish(self) -> None:
         now = time.monotonic()
         with self._lock:
             self.pubacks += 1
@@ -356,18 +364,22 @@ class _BareSubscriber:
         self.done = threading.Event()
         subscribed = threading.Event()
         address = BrokerAddress.parse(url)
-        self.client = make_client(address, client_id=f"bench-bare-{fleet}", persistent=False)
+        self.client = create_client(address, client_id=f"bench-bare-{fleet}", persistent=False)
         topic = Topics(fleet).all_updates
-        self.client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
-        self.client.on_subscribe = lambda *_: subscribed.set()
-        self.client.on_message = self._on_message
+
+        def on_connack(connack: Connack) -> None:
+            self.client.subscribe(topic, qos=1)
+
+        self.client.on_connack = on_connack
+        self.client.on_acked = lambda ack: subscribed.set()
+        self.client.handle(self._on_message)
         self.client.connect(address.host, address.port, keepalive=60)
         self.client.loop_start()
         if not subscribed.wait(30):
             raise RuntimeError("bare subscriber did not subscribe")
 
-    def _on_message(self, c: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        self.count += 1  # only paho's thread writes it
+    def _on_message(self, msg: Message) -> None:
+        self.count += 1  # only the network thread writes it
         if self.count == self.expected:
             self.t_last = time.monotonic()
             self.done.set()

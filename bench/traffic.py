@@ -37,10 +37,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedasync_iot.fleet import MosquittoBroker
 from fedasync_iot.fleet._traffic import KINDS, classify
+
+if TYPE_CHECKING:
+    from fedasync_iot.models._mqtt import Message
 
 HERE = Path(__file__).resolve().parent.parent
 
@@ -60,7 +63,7 @@ class Listener:
 
     def __init__(self, url: str) -> None:
         from fedasync_iot.fleet._broker import SYS_COUNTERS
-        from fedasync_iot.models._mqtt import BrokerAddress, make_client
+        from fedasync_iot.models._mqtt import BrokerAddress, create_client
 
         self.counts: dict[str, dict[str, int]] = {k: {"messages": 0, "bytes": 0,
                                                       "payload_bytes": 0} for k in KINDS}
@@ -73,18 +76,22 @@ class Listener:
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         address = BrokerAddress.parse(url)
-        self.client = make_client(address, client_id=f"traffic-listener-{os.getpid()}",
-                                  persistent=False)
-        self.client.on_message = self._on_message
-        self.client.on_connect = lambda c, *a: c.subscribe(
-            [("fl/#", 0), *((f"$SYS/broker/{t}", 0) for t in (*SYS_COUNTERS, "uptime"))])
-        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client = create_client(address, client_id=f"traffic-listener-{os.getpid()}",
+                                    persistent=False)
+        self.client.handle(self._on_message)
+        self.client.on_connack = lambda connack: self._subscribe()
+        self.client.on_acked = lambda ack: self._subscribed.set() \
+            if ack.kind == "subscribe" else None
         self.client.connect(address.host, address.port, keepalive=30)
         self.client.loop_start()
         if not self._subscribed.wait(30):
             raise RuntimeError("the traffic listener could not subscribe")
 
-    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+    def _subscribe(self) -> None:
+        self.client.subscribe([("fl/#", 0), *((f"$SYS/broker/{t}", 0)
+                                              for t in (*self._names, "uptime"))])
+
+    def _on_message(self, msg: Message) -> None:
         topic_len, n = len(msg.topic.encode()), len(msg.payload)
         remaining = 2 + topic_len + n  # QoS 0: no packet id
         with self._lock:

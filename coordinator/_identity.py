@@ -28,10 +28,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import paho.mqtt.client as mqtt
-
 from fedasync_iot.models import Topics
-from fedasync_iot.models._mqtt import BrokerAddress, BrokerRefused, describe_refusal, make_client
+from fedasync_iot.models._mqtt import (
+    Ack,
+    BrokerAddress,
+    BrokerRefused,
+    Connack,
+    Message,
+    create_client,
+)
 
 HOST = socket.gethostname()
 # Instances running in this process: a status naming this host and pid is alive only if listed.
@@ -212,8 +217,8 @@ def look(
     not come back within `timeout_s`.
     """
     marker = json.dumps({"state": "probe", "probe": uuid.uuid4().hex}).encode()
-    client = make_client(address, client_id=f"fedasync-probe-{uuid.uuid4().hex[:12]}",
-                         persistent=False)
+    client = create_client(address, client_id=f"fedasync-probe-{uuid.uuid4().hex[:12]}",
+                           persistent=False)
     seen: list[Presence | None] = [None]
     others: dict[str, Presence] = {}
     announced: list[int] = []
@@ -221,20 +226,22 @@ def look(
     refusal: list[str] = []
     every_fleet = f"{topics.root}/+/coordinator/status"
 
-    def on_connect(c: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        if reason.is_failure:
-            refusal.append(describe_refusal(reason))
+    def on_connack(connack: Connack) -> None:
+        if connack.refusal is not None:
+            refusal.append(connack.refusal)
             return
         # One SUBSCRIBE: the broker sends what it retains for all three before it handles the
         # marker published after the SUBACK. The fleet's own topic is named on its own too: a
         # broker may deliver retained messages to exact-topic subscriptions only (RabbitMQ).
-        c.subscribe([(topics.coordinator_status, 0), (every_fleet, 0), (topics.announce, 0)])
+        client.subscribe([(topics.coordinator_status, 0), (every_fleet, 0),
+                          (topics.announce, 0)])
 
-    def on_subscribe(c: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
-        c.publish(topics.coordinator_status, marker, qos=0, retain=False)
+    def on_acked(ack: Ack) -> None:
+        if ack.kind == "subscribe":
+            client.send(topics.coordinator_status, marker, qos=0, retain=False)
 
-    def on_message(c: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        payload = bytes(msg.payload)
+    def on_message(msg: Message) -> None:
+        payload = msg.payload
         if payload == marker:
             events["marker"] = True
             return
@@ -251,14 +258,13 @@ def look(
         elif msg.retain:
             others[msg.topic] = status
 
-    def on_disconnect(c: mqtt.Client, userdata: Any, flags: Any, reason: Any,
-                      props: Any) -> None:
+    def on_closed(why: str) -> None:
         events["lost"] = True
 
-    client.on_connect = on_connect
-    client.on_subscribe = on_subscribe
-    client.on_message = on_message
-    client.on_disconnect = on_disconnect
+    client.on_connack = on_connack
+    client.on_acked = on_acked
+    client.handle(on_message)
+    client.on_closed = on_closed
     client.connect(address.host, address.port, keepalive=30)  # OSError: the caller's to log
 
     def survey() -> Survey:

@@ -3,8 +3,8 @@ before the next try, and when to say what.
 
 A disk that is full stays full for minutes: retrying at once made ~3.5 ERRORs with tracebacks a
 second (1 MB of log in 3.5 minutes) and hid the one line that said why. So: exponential backoff
-(0.5 s doubling to 30 s), one line at the first failure, a summary every few minutes, one line
-when it works again. No I/O here: the caller logs.
+(0.5 s doubling to 30 s, `models._backoff`), one line at the first failure, a summary every few
+minutes, one line when it works again. No I/O here: the caller logs.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from fedasync_iot.models._backoff import Backoff
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +29,7 @@ class Retries:
         if not 0 < first_s <= cap_s or summary_every_s <= 0:
             raise ValueError("need 0 < first_s <= cap_s and summary_every_s > 0")
         self.first_s, self.cap_s, self.summary_every_s = first_s, cap_s, summary_every_s
+        self._backoff = Backoff(first_s, cap_s)
         self._clock = clock
         self.failures = 0
         self.since: float | None = None  # the clock at the first failure of this run of them
@@ -40,9 +43,7 @@ class Retries:
     @property
     def delay(self) -> float:
         """The wait before the next try (0 while nothing fails)."""
-        if not self.failures:
-            return 0.0
-        return min(self.cap_s, self.first_s * 2.0 ** min(self.failures - 1, 60))
+        return self._backoff.delay(self.failures - 1) if self.failures else 0.0
 
     @property
     def elapsed(self) -> float:

@@ -16,7 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 from fedasync_iot.models import FedAsyncError
 
@@ -258,14 +257,14 @@ def read_sys_counters(url: str, *, timeout: float = 15.0) -> dict[str, int] | No
     connection (well under 1 KB)."""
     import threading
 
-    from fedasync_iot.models._mqtt import BrokerAddress, make_client
+    from fedasync_iot.models._mqtt import BrokerAddress, Connack, Message, create_client
 
     values: dict[str, int] = {}
     ticks = 0
     done = threading.Event()
     lock = threading.Lock()
 
-    def on_message(client: Any, userdata: Any, msg: Any) -> None:
+    def on_message(msg: Message) -> None:
         nonlocal ticks
         name = msg.topic.removeprefix("$SYS/broker/")
         with lock:
@@ -279,11 +278,13 @@ def read_sys_counters(url: str, *, timeout: float = 15.0) -> dict[str, int] | No
                 values[SYS_COUNTERS[name]] = int(float(msg.payload.decode()))
 
     address = BrokerAddress.parse(url)
-    client = make_client(address, client_id=f"fedasync-sys-{os.getpid()}-{time.monotonic_ns()}",
+    client = create_client(address, client_id=f"fedasync-sys-{os.getpid()}-{time.monotonic_ns()}",
                          persistent=False)
-    client.on_message = on_message
-    client.on_connect = lambda c, *a: c.subscribe(
-        [(f"$SYS/broker/{t}", 0) for t in (*SYS_COUNTERS, "uptime")])
+    def on_connack(connack: Connack) -> None:
+        client.subscribe([(f"$SYS/broker/{t}", 0) for t in (*SYS_COUNTERS, "uptime")])
+
+    client.handle(on_message)
+    client.on_connack = on_connack
     try:
         client.connect(address.host, address.port, keepalive=30)
     except OSError:

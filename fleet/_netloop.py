@@ -1,9 +1,10 @@
-"""Many paho-mqtt clients on one thread: an epoll selector plus a timer heap.
+"""Many MQTT clients on one thread: an epoll selector plus a timer heap.
 
 paho's own loops use select() (capped at FD_SETSIZE, ~1024 sockets) and ``loop_start`` spends a
-thread per client; a simulated fleet of thousands needs neither. paho supports an external loop:
-we watch each client's socket and call ``loop_read`` / ``loop_write`` / ``loop_misc`` ourselves,
-and reconnect with backoff and jitter when a connection drops.
+thread per client; a simulated fleet of thousands needs neither. The client supports an external
+loop (`Client.drive_with`): we watch each client's socket and call ``loop_read`` /
+``loop_write`` / ``loop_misc`` ourselves, and reconnect with backoff and jitter (the project's
+`Backoff`: 0.5 s doubling to 30 s, each wait 50-150% of that) when a connection drops.
 """
 
 from __future__ import annotations
@@ -18,9 +19,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import paho.mqtt.client as mqtt
+from fedasync_iot.models._backoff import Backoff
+from fedasync_iot.models._mqtt import Client
 
 log = logging.getLogger("fedasync.fleet.net")
+
+# Attempt n waits 0.5 * 2**n s (the first retry after a drop, n = 0, about 0.5 s), capped.
+_BACKOFF = Backoff(0.5, 30.0, jitter=(0.5, 1.5))
 
 
 class NetLoop:
@@ -28,7 +33,7 @@ class NetLoop:
         self._selector = selectors.DefaultSelector()
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
-        self._clients: dict[int, mqtt.Client] = {}  # id(client) -> client
+        self._clients: dict[int, Client] = {}  # id(client) -> client
         self._want: dict[int, tuple[str, int]] = {}  # clients that should be connected
         self._rng = random.Random(seed)
         self._stopping = False
@@ -41,15 +46,12 @@ class NetLoop:
         self.call_at(time.monotonic() + delay, fn)
 
     # -- clients -----------------------------------------------------------------------------
-    def attach(self, client: mqtt.Client) -> None:
+    def attach(self, client: Client) -> None:
         """Take over a client's I/O; call before `connect`."""
         self._clients[id(client)] = client
-        client.on_socket_open = self._socket_open
-        client.on_socket_close = self._socket_close
-        client.on_socket_register_write = self._register_write
-        client.on_socket_unregister_write = self._unregister_write
+        client.drive_with(self)
 
-    def connect(self, client: mqtt.Client, host: str, port: int, *, keepalive: int = 60) -> None:
+    def connect(self, client: Client, host: str, port: int, *, keepalive: int = 60) -> None:
         """Connect now and keep reconnecting (backoff with jitter) until `disconnect`."""
         self._want[id(client)] = (host, port)
         try:
@@ -58,13 +60,13 @@ class NetLoop:
             log.debug("connect failed (%s); retrying", exc)
             self._retry(client, attempt=1)
 
-    def disconnect(self, client: mqtt.Client) -> None:
+    def disconnect(self, client: Client) -> None:
         self._want.pop(id(client), None)
         if client.socket() is not None:
             client.disconnect()
 
-    def _retry(self, client: mqtt.Client, attempt: int) -> None:
-        delay = min(30.0, 0.5 * 2 ** min(attempt, 6)) * (0.5 + self._rng.random())
+    def _retry(self, client: Client, attempt: int) -> None:
+        delay = _BACKOFF.delay(attempt, self._rng)
 
         def again() -> None:
             if id(client) not in self._want or client.socket() is not None:
@@ -76,20 +78,21 @@ class NetLoop:
 
         self.call_later(delay, again)
 
-    def _socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    # -- the client's socket events (`models._mqtt_client.SocketLoop`) -----------------------
+    def opened(self, client: Client, sock: Any) -> None:
         self._selector.register(sock, selectors.EVENT_READ, client)
 
-    def _socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    def closed(self, client: Client, sock: Any) -> None:
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(sock)
         if id(client) in self._want and not self._stopping:
             self._retry(client, attempt=0)
 
-    def _register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    def want_write(self, client: Client, sock: Any) -> None:
         with contextlib.suppress(KeyError, ValueError):
             self._selector.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, client)
 
-    def _unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    def wrote(self, client: Client, sock: Any) -> None:
         with contextlib.suppress(KeyError, ValueError):
             self._selector.modify(sock, selectors.EVENT_READ, client)
 
@@ -121,7 +124,7 @@ class NetLoop:
                                    if self._timers else 0.2))
             for key, events in self._selector.select(timeout):
                 client = key.data
-                if not isinstance(client, mqtt.Client):
+                if not isinstance(client, Client):
                     client()
                     continue
                 try:

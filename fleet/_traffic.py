@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedasync_iot.models._topics import Topics
+
+if TYPE_CHECKING:  # the MQTT client (paho) only where one is counted
+    from fedasync_iot.models._mqtt import Client
 
 # The simulator's own control messages (its virtual clock's markers, fleet/_virtual.py) travel
 # on topics under this root: not the product's traffic, never counted.
@@ -64,8 +67,8 @@ def direction(kind: str) -> str:
 
 
 class TrafficCounter:
-    """Messages and bytes (topic + payload) sent and received, by kind. Thread-safe: a paho
-    client publishes from one thread and receives on another."""
+    """Messages and bytes (topic + payload) sent and received, by kind. Thread-safe: a client
+    publishes from one thread and receives on another."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -88,26 +91,19 @@ class TrafficCounter:
             return dict(self._counts)
 
 
-def attach(client: Any, counter: TrafficCounter | None = None) -> TrafficCounter:
-    """Count everything `client` (a paho ``mqtt.Client``) publishes and every message it
-    receives, however it dispatches them (``on_message`` or per-topic callbacks: paho hands
-    each incoming PUBLISH to ``_handle_on_message``). Attach once, before it connects."""
+def attach(client: Client, counter: TrafficCounter | None = None) -> TrafficCounter:
+    """Count everything `client` publishes and every message it receives, however it
+    dispatches them (its `meter`, `models._mqtt_client`). Attach before it connects; a meter
+    already there keeps counting too."""
     counter = counter or TrafficCounter()
-    publish: Callable[..., Any] = client.publish
-    handle: Callable[[Any], None] = client._handle_on_message
+    before = client.meter
 
-    def counted_publish(topic: str, payload: Any = None, *args: Any, **kwargs: Any) -> Any:
-        size = 0 if payload is None else len(payload.encode() if isinstance(payload, str)
-                                             else bytes(payload))
-        counter.count("sent", topic, size)
-        return publish(topic, payload, *args, **kwargs)
+    def meter(way: str, topic: str, size: int) -> None:
+        counter.count(way, topic, size)
+        if before is not None:
+            before(way, topic, size)
 
-    def counted_handle(message: Any) -> None:
-        counter.count("received", message.topic, len(message.payload))
-        handle(message)
-
-    client.publish = counted_publish
-    client._handle_on_message = counted_handle
+    client.meter = meter
     return counter
 
 

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import paho.mqtt.client as mqtt
 
 from fedasync_iot.agent._agent import Agent
 from fedasync_iot.agent._config import AgentConfig
@@ -43,7 +42,15 @@ from fedasync_iot.fleet._virtual import (
 )
 from fedasync_iot.models import Topics, UpdateMessage, WireError, decode_ack, encode_ack
 from fedasync_iot.models._files import Features, Labels
-from fedasync_iot.models._mqtt import BrokerAddress, broker_urls, make_client
+from fedasync_iot.models._mqtt import (
+    Ack,
+    BrokerAddress,
+    Client,
+    Connack,
+    Message,
+    broker_urls,
+    create_client,
+)
 from fedasync_iot.models._wire import MAX_RETRY_AFTER_S
 
 log = logging.getLogger("fedasync.fleet.worker")
@@ -84,7 +91,7 @@ class SimLink:
     """The agent's link. Under the virtual clock it tells the shard of every packet the broker
     has yet to acknowledge: a phase ends only when there is none (fleet/_virtual.py)."""
 
-    def __init__(self, client: mqtt.Client, shard: Shard | None = None,
+    def __init__(self, client: Client, shard: Shard | None = None,
                  device_id: str = "") -> None:
         self.client = client
         self.connected = False
@@ -92,30 +99,31 @@ class SimLink:
         self.device_id = device_id
         self._pending: set[int] = set()
         if shard is not None:
-            client.on_publish = client.on_subscribe = client.on_unsubscribe = self._acked
+            client.on_acked = self._acked
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         # QoS 1 under the virtual clock: a QoS 0 message has no PUBACK to say the broker has it.
-        info = self.client.publish(topic, payload, qos=max(qos, 1) if self.shard else qos,
-                                   retain=retain)
-        self._sent(info.rc, info.mid, published=True)  # an update or a status
+        info = self.client.send(topic, payload, qos=max(qos, 1) if self.shard else qos,
+                                retain=retain)
+        self._sent(info.mid if info.queued else None, published=True)  # an update or a status
 
     def subscribe(self, topic: str, qos: int = 0) -> None:
         """The agent fetches models on demand through these, as on a real device."""
-        self._sent(*self.client.subscribe(topic, qos))  # may bring a retained message
+        self._sent(self.client.subscribe(topic, qos))  # may bring a retained message
 
     def unsubscribe(self, topic: str) -> None:
-        self._sent(*self.client.unsubscribe(topic), needs_marker=False)
+        self._sent(self.client.unsubscribe(topic), needs_marker=False)
 
-    def _sent(self, rc: int, mid: int | None, *, published: bool = False,
+    def _sent(self, mid: int | None, *, published: bool = False,
               needs_marker: bool = True) -> None:
-        if self.shard is not None and rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+        """`mid`: the packet's id, None when it was not handed to the connection."""
+        if self.shard is not None and mid is not None:
             self._pending.add(mid)
             self.shard.sent(self.device_id, published=published, needs_marker=needs_marker)
 
-    def _acked(self, client: mqtt.Client, userdata: Any, mid: int, *args: Any) -> None:
-        if self.shard is not None and mid in self._pending:
-            self._pending.remove(mid)
+    def _acked(self, ack: Ack) -> None:
+        if self.shard is not None and ack.mid in self._pending:
+            self._pending.remove(ack.mid)
             self.shard.acknowledged()
 
     def forget_pending(self) -> None:
@@ -155,7 +163,7 @@ class SimDevice:
         self.spec = spec
         self.address = address
         self.topics = Topics(spec.fleet)
-        client = make_client(address, client_id=f"sim-{spec.fleet}-{trace.device_id}",
+        client = create_client(address, client_id=f"sim-{spec.fleet}-{trace.device_id}",
                              persistent=True)
         self.traffic = count_traffic(client)  # messages and bytes by kind (fleet/_traffic.py)
         self.link = SimLink(client, shard, trace.device_id)
@@ -179,12 +187,12 @@ class SimDevice:
                            **({} if shard is None else {"net_clock": clock.wall}))
         client.will_set(self.topics.status(trace.device_id), b'{"state": "offline"}', qos=1,
                         retain=True)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
+        client.on_connack = self._on_connect
+        client.on_closed = self._on_disconnect
+        client.handle(self._on_message)
         if shard is not None:
             for topic in (sync_topic(spec.fleet), device_sync_topic(spec.fleet, trace.device_id)):
-                client.message_callback_add(topic, self._on_marker)
+                client.route(topic, self._on_marker)
         net.attach(client)
         self.online = False
         self._closing = False
@@ -210,12 +218,11 @@ class SimDevice:
         """The MQTT connection is up (the agent may already count itself offline)."""
         return self._up
 
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
-                    properties: Any) -> None:
+    def _on_connect(self, connack: Connack) -> None:
         if self.shard is not None and self._connecting:
             self._connecting = False
             self.shard.acknowledged()  # the CONNACK (`_presence` counted the connect)
-        if reason.is_failure:
+        if not connack.accepted:
             return
         # Acks only: announcements and snapshots are the agent's to subscribe to (on demand).
         self.link.subscribe(self.topics.ack(self.trace.device_id), 1)
@@ -225,7 +232,7 @@ class SimDevice:
         self.link.connected = self._up = True
         self.agent.on_connected()
 
-    def _on_disconnect(self, *args: Any) -> None:
+    def _on_disconnect(self, why: str) -> None:
         self.link.connected = self._up = False
         self.sent_at.clear()  # resent on reconnect: that wait is the outage's
         self.link.forget_pending()
@@ -233,14 +240,14 @@ class SimDevice:
             self._closing = False
             self.shard.acknowledged()  # the close `_presence` asked for
 
-    def _on_marker(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+    def _on_marker(self, msg: Message) -> None:
         self.marker = max(self.marker, int(msg.payload))
 
-    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+    def _on_message(self, msg: Message) -> None:
         if self.shard is not None:  # handled in this device's next phase
-            self.shard.received(self, msg.topic, bytes(msg.payload))
+            self.shard.received(self, msg.topic, msg.payload)
         else:
-            self.handle(msg.topic, bytes(msg.payload))
+            self.handle(msg.topic, msg.payload)
 
     def handle(self, topic: str, payload: bytes) -> None:
         parts = topic.split("/")

@@ -7,9 +7,16 @@
      +-- InvalidUpdate            a decoded update that must not be merged (carries `reason`)
      +-- ModelError               a model spec, parameter vector or export is unusable
      +-- StateError               durable state (SQLite, checkpoints, spool) is unusable
+     +-- BrokerError              the MQTT broker, or the client library's talk with it, failed
+          +-- BrokerRefused       the broker refused the CONNECT (also a ConnectionError)
+          +-- PublishFailed       a publish the client could not queue or report (also a
+          |                       RuntimeError)
+          +-- BadTopic            a topic or filter MQTT does not allow (also a ValueError)
 
 Errors keep their context as attributes so callers (logs, acks, metrics) need not parse
-messages. Third-party errors are converted at the boundary that calls the library.
+messages. Third-party errors are converted at the boundary that calls the library (paho-mqtt's in
+`models._mqtt`). The broker errors also derive from the builtin that paho (or the socket layer)
+raised before, so code that catches that keeps working.
 """
 
 from __future__ import annotations
@@ -57,3 +64,23 @@ class ModelError(FedAsyncError):
 
 class StateError(FedAsyncError):
     """Durable state (database, checkpoint, spool) is missing, corrupt or inconsistent."""
+
+
+class BrokerError(FedAsyncError):
+    """The MQTT broker, or the client library's exchange with it, failed."""
+
+
+class BrokerRefused(BrokerError, ConnectionError):
+    """The broker answered the CONNECT with a refusal (bad credentials, not authorized, ...).
+
+    A ConnectionError too: a refused probe is retried like an unreachable broker."""
+
+
+class PublishFailed(BrokerError, RuntimeError):
+    """A publish that was never queued (no connection, a full queue), so its handle cannot
+    tell whether the broker got it. A RuntimeError too: what paho raises there."""
+
+
+class BadTopic(BrokerError, ValueError):
+    """A topic or topic filter MQTT does not allow (empty, a wildcard in a topic to publish to,
+    too long), or a QoS out of range. A ValueError too: what paho raises there."""

@@ -84,8 +84,9 @@ def test_round_robin_with_the_backoff_doubling_per_round(caplog: pytest.LogCaptu
     for _ in range(7):
         link.failed("refused")
         seen.append(link.address.host)
-        delays.append(link.client.retry_delay)
-        assert link.client.target == link.address
+        target, delay = link.next_attempt
+        delays.append(delay)
+        assert target == link.address
     assert seen == ["a", "b", "c", "a", "b", "c", "a", "b"]
     assert delays == [1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 4.0]
     assert link.info()["broker"] == "mqtt://b:1883"
@@ -99,9 +100,9 @@ def test_one_url_keeps_its_backoff_and_its_words(caplog: pytest.LogCaptureFixtur
     delays = []
     for _ in range(4):
         link.failed("refused")
-        delays.append(link.client.retry_delay)
+        delays.append(link.next_attempt[1])
     assert delays == [1.0, 2.0, 4.0, 8.0]
-    assert link.address.host == "a" and link.client.target is None
+    assert link.address.host == "a" and link.next_attempt[0].host == "a"
     assert caplog.records[0].getMessage() == ("cannot connect to mqtt://a:1883: refused; next "
                                               "attempt in 1.0 s (1 failed so far)")
 

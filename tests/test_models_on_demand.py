@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
 
 from fedasync_iot.agent._agent import Agent
@@ -35,6 +34,7 @@ from fedasync_iot.models import (
     WireError,
     encode_snapshot,
 )
+from fedasync_iot.models._mqtt import Message
 from fedasync_iot.models._signing import generate_keypair, split
 from fedasync_iot.models._wire import (
     Ack,
@@ -347,7 +347,7 @@ class CountingLink(PahoLink):
         super().__init__(config)
         self.received: list[tuple[str, int, int | None]] = []
 
-    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+    def _on_message(self, msg: Message) -> None:
         kind = msg.topic.split("/")[2]
         version = None
         if kind in ("model", "weights"):
@@ -358,7 +358,7 @@ class CountingLink(PahoLink):
             except WireError:
                 version = None
         self.received.append((kind, len(msg.payload), version))
-        super()._on_message(client, userdata, msg)
+        super()._on_message(msg)
 
     def models(self) -> list[int | None]:
         """The version of each snapshot received, full (model) or compact (weights)."""

@@ -335,8 +335,8 @@ def undelivered(fleet: AgentFleet, state: Path) -> str:
         db.close()
     spools = {a.config.device_id: [e.update_id for e in a.spool.entries()]
               for a in fleet.agents if len(a.spool)}
-    links = {link.device_id: (link.connected, link.client._thread is not None
-                              and link.client._thread.is_alive()) for link in fleet.links}
+    links = {link.device_id: (link.connected, link.connection.running)
+             for link in fleet.links}
     # Acked, but not as merged: a rejection's reason says why an update is not counted.
     other = {a.update_id: (a.status, a.reason) for a in fleet.acks()
              if a.status not in ("accepted", "duplicate")}

@@ -23,6 +23,7 @@ from fedasync_iot.fleet._traffic import (
     table_cells,
 )
 from fedasync_iot.models import Topics, build_model
+from fedasync_iot.models._mqtt import Client
 from tests.helpers import Listener
 
 
@@ -44,18 +45,16 @@ def test_classify_follows_the_topic_layout() -> None:
                                              "downlink", "other"]
 
 
-class _FakeClient:
+class _FakePaho:
+    """Stands for the paho client inside our `Client`: records what it is asked to publish."""
+
     def __init__(self) -> None:
         self.published: list[tuple[str, Any]] = []
-        self.handled: list[Any] = []
 
     def publish(self, topic: str, payload: Any = None, qos: int = 0, retain: bool = False
                 ) -> str:
         self.published.append((topic, payload))
         return "info"
-
-    def _handle_on_message(self, message: Any) -> None:
-        self.handled.append(message)
 
 
 class _Message:
@@ -64,18 +63,21 @@ class _Message:
 
 
 def test_attach_counts_what_a_client_sends_and_receives_and_passes_it_on() -> None:
-    client = _FakeClient()
+    paho = _FakePaho()
+    client = Client(paho)  # type: ignore[arg-type]
+    handled: list[Any] = []
+    client.on_message = lambda c, u, m: handled.append(m)
     t = Topics("acc")
     counter = attach(client)
     assert client.publish(t.update("d1"), b"x" * 100, qos=1) == "info"
     client.publish(t.status("d1"), '{"state": "idle"}')
     client.publish(t.status("d1"))  # no payload
     incoming = _Message(t.model, b"m" * 1000)
-    client._handle_on_message(incoming)
-    client._handle_on_message(_Message(t.ack("d1"), b"a" * 10))
+    paho.on_message(paho, None, incoming)  # type: ignore[attr-defined]  # as paho delivers
+    paho.on_message(paho, None, _Message(t.ack("d1"), b"a" * 10))  # type: ignore[attr-defined]
 
-    assert [p[0] for p in client.published] == [t.update("d1"), t.status("d1"), t.status("d1")]
-    assert client.handled[0] is incoming
+    assert [p[0] for p in paho.published] == [t.update("d1"), t.status("d1"), t.status("d1")]
+    assert handled[0] is incoming
     s = counter.stats()
     assert s["sent_update_msgs"] == 1
     assert s["sent_update_bytes"] == 100 + len(t.update("d1"))
