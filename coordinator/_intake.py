@@ -23,8 +23,6 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import paho.mqtt.client as mqtt
-
 from fedasync_iot.coordinator._cohort import CohortSelector, decode_status, eligible_of
 from fedasync_iot.coordinator._config import CoordinatorConfig
 from fedasync_iot.coordinator._device_privacy import BadStatus, PrivacyBook, from_status
@@ -36,6 +34,7 @@ from fedasync_iot.coordinator._scheduling import Clock
 from fedasync_iot.coordinator._store import StateLost, Store
 from fedasync_iot.coordinator._transport import Transport
 from fedasync_iot.models import StateError, Topics
+from fedasync_iot.models._mqtt import Message
 from fedasync_iot.models._wire import Rejection, encode_ack
 
 log = logging.getLogger("fedasync.coordinator")
@@ -99,14 +98,14 @@ class Intake:
         """When the rule closes a round by time (a synchronous round's deadline), if it will."""
         return self._engine.rule.next_deadline()
 
-    # -- paho's thread -----------------------------------------------------------------------
-    def on_message(self, msg: mqtt.MQTTMessage) -> None:
+    # -- the MQTT client's thread ------------------------------------------------------------
+    def on_message(self, msg: Message) -> None:
         topic = msg.topic
         if topic == self.topics.coordinator_status:
             if msg.qos > 0:  # kept by the session from an earlier QoS 1 subscription: old news
                 self._transport.ack(msg.mid, msg.qos)
                 return
-            self._lease.on_coordinator_status(bytes(msg.payload), bool(msg.retain))
+            self._lease.on_coordinator_status(msg.payload, msg.retain)
             return
         if self.topics.rewritten(topic):
             self._on_rewritten(msg)
@@ -117,18 +116,18 @@ class Intake:
         device = self.topics.device_of(topic, "status")
         if device is not None:  # a device checking in (synchronous rounds), and its privacy
             if msg.payload:  # empty: a retained status cleared
-                status = decode_status(bytes(msg.payload))
+                status = decode_status(msg.payload)
                 if self._cohorts is not None:
                     self._cohorts.observe(device, eligible_of(status))
                 self._observe_privacy(device, status)
             return
         if self._lease.failure is not None:
             return  # not ours to merge any more; unacked, the broker keeps it
-        self._inbox.put(Incoming(self.topics.device_of(topic), bytes(msg.payload),
+        self._inbox.put(Incoming(self.topics.device_of(topic), msg.payload,
                                  self._clock.time(), _Token(self.generation, msg.mid, msg.qos),
                                  topic=topic))
 
-    def _on_rewritten(self, msg: mqtt.MQTTMessage) -> None:
+    def _on_rewritten(self, msg: Message) -> None:
         """A message of this fleet whose topic the broker rewrote ('.' -> '/'): it cannot be
         told apart from another fleet's or device's, so it is refused (acknowledged, never
         merged: the broker would only deliver it again), loudly the first time."""
@@ -142,7 +141,7 @@ class Intake:
             "root and every device id must be letters, digits, '-' and '_' only "
             "(docs/brokers.md)", msg.topic, self.config.fleet)
 
-    def _on_foreign(self, msg: mqtt.MQTTMessage) -> None:
+    def _on_foreign(self, msg: Message) -> None:
         """A message on another fleet's topic: the broker session of our client id still holds
         a subscription from another configuration, or another fleet's coordinator uses our
         client id (its status names it). Never merged or answered. An update of a fleet whose

@@ -25,7 +25,7 @@ from fedasync_iot.coordinator._scheduling import Clock
 from fedasync_iot.coordinator._store import Params
 from fedasync_iot.coordinator._transport import Transport
 from fedasync_iot.models import FedAsyncError, Topics
-from fedasync_iot.models._mqtt import Connection
+from fedasync_iot.models._mqtt import Connection, PublishFailed
 from fedasync_iot.models._signing import Signer
 from fedasync_iot.models._template import OnnxTemplate
 from fedasync_iot.models._wire import (
@@ -296,7 +296,7 @@ class Publisher:
                     if self._lease.failure is not None:
                         return False
                     info.wait_for_publish(timeout=1.0)
-            except RuntimeError:
+            except PublishFailed:
                 # Handed to paho just as the connection dropped: paho sends it after the
                 # reconnect, but this handle will never say so. Again once online (the same
                 # version twice is harmless: agents keep the first).

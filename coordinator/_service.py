@@ -17,8 +17,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
-
 from fedasync_iot.coordinator._central_dp import privacy_status, with_central_dp
 from fedasync_iot.coordinator._cohort import CohortSelector
 from fedasync_iot.coordinator._config import CoordinatorConfig
@@ -36,7 +34,15 @@ from fedasync_iot.coordinator._scheduling import Clock, Scheduler, Threads, Wall
 from fedasync_iot.coordinator._store import Store
 from fedasync_iot.coordinator._transport import Handler, ReceivedWatcher, SentWatcher, Transport
 from fedasync_iot.models import StateError, Topics, build_model
-from fedasync_iot.models._mqtt import BrokerAddress, Connection, make_client
+from fedasync_iot.models._mqtt import (
+    Ack,
+    BrokerAddress,
+    Client,
+    Connection,
+    Message,
+    Publication,
+    create_client,
+)
 from fedasync_iot.models._signing import Signer
 
 log = logging.getLogger("fedasync.coordinator")
@@ -85,7 +91,7 @@ class CoordinatorService:
         self._http: StatusServer | None = None
         self._started_at = now()
         self.identity = Identity(config.fleet, client_id=config.mqtt_client_id, clock=now)
-        client = make_client(self.address, client_id=config.mqtt_client_id,
+        client = create_client(self.address, client_id=config.mqtt_client_id,
                              persistent=True, manual_ack=True, max_inflight=0)
         # max_inflight is paho's window for what *we* publish (acks, snapshots), not how many
         # updates the broker sends us (that is the broker's max_inflight_messages). 0 means no
@@ -118,8 +124,8 @@ class CoordinatorService:
             clock=self._clock, cohorts=cohorts, stop=self._stop,
             on_new_version=self._publisher.want, merge=self._process)
         client.gate = self._lease.gate
-        client.on_subscribe = self._on_subscribe
-        client.on_message = self._on_message
+        client.on_acked = self._on_acked
+        client.handle(self._on_message)
 
     # -- what a scheduler runs (coordinator/_scheduling.py's Work) --------------------------
     @property
@@ -206,7 +212,7 @@ class CoordinatorService:
     def http_port(self) -> int | None:
         return None if self._http is None else self._http.address[1]
 
-    def _publish_retained(self, topic: str, payload: bytes) -> mqtt.MQTTMessageInfo:
+    def _publish_retained(self, topic: str, payload: bytes) -> Publication:
         return self._transport.publish(topic, payload, qos=1, retain=True)
 
     def _process(self, batch: list[Incoming]) -> None:
@@ -214,8 +220,8 @@ class CoordinatorService:
         bench/ingest.py counts their sizes)."""
         self._intake.process(batch)
 
-    # -- MQTT callbacks (paho's thread) ------------------------------------------------------
-    def _on_online(self, client: mqtt.Client, session_present: bool) -> None:
+    # -- MQTT callbacks (the client's thread) ------------------------------------------------------
+    def _on_online(self, client: Client, session_present: bool) -> None:
         self.identity.has_served = True
         self._intake.generation += 1
         # QoS 0 for the coordinator status: only live news of a rival counts, never one the
@@ -230,16 +236,17 @@ class CoordinatorService:
         self._connected.clear()
         self.metrics.connected.set(0)
 
-    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any,
-                      properties: Any) -> None:
+    def _on_acked(self, ack: Ack) -> None:
+        if ack.kind != "subscribe":
+            return
         # Connected means able to receive: until the broker has the subscription, an update
         # published on a fresh session would go nowhere.
-        if any(r.is_failure for r in reasons):
-            log.error("broker refused the subscription to updates: %s", reasons)
+        if ack.refused:
+            log.error("broker refused the subscription to updates: %s", list(ack.refused))
             return
         self._connected.set()
 
-    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+    def _on_message(self, msg: Message) -> None:
         if not self._transport.received(msg):
             self._intake.on_message(msg)
 

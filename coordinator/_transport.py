@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
-import paho.mqtt.client as mqtt
+from fedasync_iot.models._mqtt import Client, Message, Publication, topic_matches
 
 
 class Delivery(Protocol):
@@ -31,7 +31,7 @@ Handler = Callable[[str, bytes], None]
 class Transport:
     """Publish, acknowledge, subscribe; watchers see what is sent and received."""
 
-    def __init__(self, client: mqtt.Client) -> None:
+    def __init__(self, client: Client) -> None:
         self.client = client
         self._sent: tuple[SentWatcher, ...] = ()
         self._received: tuple[ReceivedWatcher, ...] = ()
@@ -39,8 +39,8 @@ class Transport:
         self._lock = threading.Lock()  # watchers are added from any thread, read on paho's
 
     def publish(self, topic: str, payload: bytes, *, qos: int,
-                retain: bool = False) -> mqtt.MQTTMessageInfo:
-        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+                retain: bool = False) -> Publication:
+        info = self.client.send(topic, payload, qos=qos, retain=retain)
         for watch in self._sent:
             watch(topic, payload, info)
         return info
@@ -68,16 +68,16 @@ class Transport:
             self._handlers = (*self._handlers, (topic_filter, handler))
         self.client.subscribe(topic_filter, qos)
 
-    def received(self, msg: mqtt.MQTTMessage) -> bool:
+    def received(self, msg: Message) -> bool:
         """Count `msg` with the watchers; True when an added handler took it."""
         if not self._received and not self._handlers:
             return False  # production: no copy of the payload per update
-        payload = bytes(msg.payload)
+        payload = msg.payload
         for watch in self._received:
             watch(msg.topic, payload)
         taken = False
         for topic_filter, handler in self._handlers:
-            if mqtt.topic_matches_sub(topic_filter, msg.topic):
+            if topic_matches(topic_filter, msg.topic):
                 handler(msg.topic, payload)
                 taken = True
         return taken

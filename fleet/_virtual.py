@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from fedasync_iot.fleet._traces import SimClock
 from fedasync_iot.fleet._traffic import SIM_CONTROL_ROOT
 from fedasync_iot.models import StateError
-from fedasync_iot.models._mqtt import BrokerAddress, make_client
+from fedasync_iot.models._mqtt import BrokerAddress, create_client
 
 if TYPE_CHECKING:
     from fedasync_iot.coordinator._scheduling import Stepped
@@ -277,8 +277,8 @@ class Controller:
         self.markers = 0
         # The coordinator's own connection carries its markers: ordered after what it got.
         service.add_handler(f"{self.topic}/#", self._on_marker)  # "#": the level above it too
-        self._client = make_client(BrokerAddress.parse(broker_url),
-                                   client_id=f"sim-clock-{fleet}", persistent=False)
+        self._client = create_client(BrokerAddress.parse(broker_url),
+                                     client_id=f"sim-clock-{fleet}", persistent=False)
         self._client.connect(*_host_port(broker_url))
         self._client.loop_start()
 
@@ -360,7 +360,7 @@ class Controller:
             while self._seen < marker:
                 # Again every second: the first may precede the coordinator's subscription.
                 for topic in topics:
-                    self._client.publish(topic, str(marker).encode(), qos=0)
+                    self._client.send(topic, str(marker).encode(), qos=0)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise StateError(f"the coordinator did not see marker {marker} in "

@@ -23,6 +23,7 @@ from fedasync_iot.models._mqtt_client import (
     create_client,
     describe_refusal,
     make_client,
+    topic_matches,
 )
 
 __all__ = [
@@ -44,4 +45,5 @@ __all__ = [
     "describe_error",
     "describe_refusal",
     "make_client",
+    "topic_matches",
 ]

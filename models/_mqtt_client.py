@@ -115,6 +115,11 @@ class SocketLoop(Protocol):
     def wrote(self, client: Client, sock: Any) -> None: ...
 
 
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """Whether `topic` matches `topic_filter` (with its `+` and `#` wildcards)."""
+    return bool(mqtt.topic_matches_sub(topic_filter, topic))
+
+
 def describe_refusal(reason: ReasonCode) -> str:
     """A CONNACK refusal as one line; bad credentials say where to look."""
     text = f"the broker refused the connection: {str(reason).lower()}"
@@ -365,7 +370,7 @@ class Client:
             self.meter("received", topic, len(msg.payload))
         targets = [] if topic is None else [
             (fn, paho_shaped) for pattern, fn, paho_shaped in self._routes
-            if mqtt.topic_matches_sub(pattern, topic)]
+            if topic_matches(pattern, topic)]
         if not targets and self._default is not None:
             targets = [self._default]
         message: Message | None = None

@@ -5,27 +5,24 @@ from __future__ import annotations
 
 from typing import Any
 
-import paho.mqtt.client as mqtt
-
 from fedasync_iot.coordinator._transport import Transport
+from fedasync_iot.models._mqtt import Message
 
 
 class FakeClient:
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
 
-    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> str:
-        self.calls.append(("publish", topic, payload, qos, retain))
+    def send(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> str:
+        self.calls.append(("send", topic, payload, qos, retain))
         return f"info-{topic}"
 
     def subscribe(self, topic: str, qos: int = 0) -> None:
         self.calls.append(("subscribe", topic, qos))
 
 
-def message(topic: str, payload: bytes) -> mqtt.MQTTMessage:
-    msg = mqtt.MQTTMessage(topic=topic.encode())
-    msg.payload = payload
-    return msg
+def message(topic: str, payload: bytes) -> Message:
+    return Message(topic, payload)
 
 
 def test_watchers_see_each_publish_with_its_delivery_handle() -> None:
@@ -34,7 +31,7 @@ def test_watchers_see_each_publish_with_its_delivery_handle() -> None:
     seen: list[tuple[str, bytes, Any]] = []
     transport.watch_sent(lambda topic, payload, delivery: seen.append((topic, payload, delivery)))
     info = transport.publish("fl/f/ack/d1", b"ack", qos=1)
-    assert client.calls == [("publish", "fl/f/ack/d1", b"ack", 1, False)]
+    assert client.calls == [("send", "fl/f/ack/d1", b"ack", 1, False)]
     assert seen == [("fl/f/ack/d1", b"ack", info)]
 
 

@@ -524,8 +524,8 @@ def test_the_device_hears_its_ack_before_the_broker_forgets_the_update(tmp_path:
     calls: list[tuple[str, object]] = []
 
     class Recorder:
-        def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False
-                    ) -> None:
+        def send(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False
+                 ) -> None:
             calls.append(("publish", topic))
 
         def ack(self, mid: int, qos: int) -> None:
