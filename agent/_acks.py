@@ -11,11 +11,11 @@ from fedasync_iot.agent._fetch import ModelFetcher
 from fedasync_iot.agent._shared import Shared
 from fedasync_iot.agent._spool import Spool
 from fedasync_iot.agent._watch import CoordinatorWatch
-from fedasync_iot.models import WireError
-from fedasync_iot.models._wire import (
+from fedasync_iot.models import (
     ROUTINE_REJECTIONS,
     Ack,
     Rejection,
+    WireError,
     decode_ack,
     update_label,
 )

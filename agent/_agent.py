@@ -54,10 +54,11 @@ from fedasync_iot.agent._shared import Counters, Forward, Shared
 from fedasync_iot.agent._spool import Spool
 from fedasync_iot.agent._trainer import train_update
 from fedasync_iot.agent._watch import CoordinatorWatch
-from fedasync_iot.models import FedAsyncError, StateError
-from fedasync_iot.models._wire import (
+from fedasync_iot.models import (
     Announcement,
+    FedAsyncError,
     Snapshot,
+    StateError,
     TemplateMessage,
     UpdateMessage,
     encode_update,

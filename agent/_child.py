@@ -23,9 +23,16 @@ from pathlib import Path
 import numpy as np
 
 from fedasync_iot.agent._trainer import TrainConfig, train_update
-from fedasync_iot.models import FedAsyncError, ModelSpec
-from fedasync_iot.models._files import Features, Labels
-from fedasync_iot.models._wire import Snapshot, UpdateMessage, decode_update, encode_update
+from fedasync_iot.models import (
+    Features,
+    FedAsyncError,
+    Labels,
+    ModelSpec,
+    Snapshot,
+    UpdateMessage,
+    decode_update,
+    encode_update,
+)
 
 log = logging.getLogger("fedasync.agent.child")
 

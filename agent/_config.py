@@ -11,11 +11,15 @@ from fedasync_iot.agent._hooks import COMMAND_PREFIX, check_spec, command_argv
 from fedasync_iot.agent._policy import PolicyConfig
 from fedasync_iot.agent._privacy import PrivacyConfig
 from fedasync_iot.agent._trainer import TrainConfig
-from fedasync_iot.models import ConfigError
-from fedasync_iot.models._bounds import bounds, check_fields
-from fedasync_iot.models._config import load
-from fedasync_iot.models._ids import ID_RULE, is_valid_id
-from fedasync_iot.models._mqtt import check_broker
+from fedasync_iot.models import (
+    ID_RULE,
+    ConfigError,
+    bounds,
+    check_broker,
+    check_fields,
+    is_valid_id,
+    load,
+)
 
 _COUNT_0 = bounds(ge=0, integer=True, rule="a non-negative integer")
 _SECONDS = bounds(ge=0, rule="a non-negative number of seconds")

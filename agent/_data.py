@@ -22,8 +22,7 @@ import numpy as np
 
 from fedasync_iot.agent._hooks import load_hook
 from fedasync_iot.agent._policy import Check
-from fedasync_iot.models import ConfigError
-from fedasync_iot.models._files import Features, Labels, load_xy
+from fedasync_iot.models import ConfigError, Features, Labels, load_xy
 
 log = logging.getLogger("fedasync.agent")
 

@@ -30,7 +30,7 @@ from fedasync_iot.agent._link import Subscribes
 from fedasync_iot.agent._model_cache import ModelCache
 from fedasync_iot.agent._shared import Shared
 from fedasync_iot.agent._watch import CoordinatorWatch
-from fedasync_iot.models._wire import Announcement
+from fedasync_iot.models import Announcement
 
 log = logging.getLogger("fedasync.agent")
 

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedasync_iot.agent._spool import Spool, Spooled
-from fedasync_iot.models import FedAsyncError
-from fedasync_iot.models._wire import decode_update
+from fedasync_iot.models import FedAsyncError, decode_update
 
 log = logging.getLogger("fedasync.agent.held")
 

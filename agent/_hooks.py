@@ -40,8 +40,7 @@ import numpy as np
 
 from fedasync_iot.agent._policy import Check
 from fedasync_iot.agent._readings import Readings
-from fedasync_iot.models import ConfigError
-from fedasync_iot.models._wire import UpdateMessage
+from fedasync_iot.models import ConfigError, UpdateMessage
 
 log = logging.getLogger("fedasync.agent.hooks")
 

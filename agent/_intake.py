@@ -20,8 +20,7 @@ from fedasync_iot.agent._progress import TrainingProgress
 from fedasync_iot.agent._receipt import NoTemplate, Receipt
 from fedasync_iot.agent._shared import Shared
 from fedasync_iot.agent._watch import CoordinatorWatch
-from fedasync_iot.models import WireError
-from fedasync_iot.models._wire import Snapshot, decode_announcement
+from fedasync_iot.models import Snapshot, WireError, decode_announcement
 
 log = logging.getLogger("fedasync.agent")
 

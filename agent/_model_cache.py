@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from fedasync_iot.models import WireError
-from fedasync_iot.models._files import atomic_write
-from fedasync_iot.models._wire import (
+from fedasync_iot.models import (
     Snapshot,
     TemplateMessage,
+    WireError,
+    atomic_write,
     decode_snapshot,
     decode_template,
     decode_weights,

@@ -35,8 +35,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from fedasync_iot.agent._readings import Readings
-from fedasync_iot.models._bounds import bounds, check_fields
-from fedasync_iot.models._errors import ConfigError, FedAsyncError
+from fedasync_iot.models import ConfigError, FedAsyncError, bounds, check_fields
 
 _DAY = 24 * 60
 # Written [0, inf] in messages, as fleet files and operators have long read it.

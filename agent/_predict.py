@@ -20,8 +20,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from fedasync_iot.agent._model_cache import SNAPSHOT_FILE, TEMPLATES_DIR, load_template
-from fedasync_iot.models import ModelError
-from fedasync_iot.models._wire import decode_snapshot, decode_weights, frame_kind
+from fedasync_iot.models import ModelError, decode_snapshot, decode_weights, frame_kind
 
 
 class Predictor:
@@ -33,9 +32,7 @@ class Predictor:
         self.version: int | None = None
 
     def _current(self) -> Any:
-        from fedasync_iot.models.ml._inference import (
-            OnnxModel,  # onnxruntime loads on first prediction
-        )
+        from fedasync_iot.models import OnnxModel
 
         try:
             mtime = self.path.stat().st_mtime_ns

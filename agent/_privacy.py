@@ -35,10 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from fedasync_iot.agent._policy import Check
-from fedasync_iot.models import FedAsyncError
-from fedasync_iot.models._bounds import bounds, check_fields
-from fedasync_iot.models._files import atomic_write
-from fedasync_iot.models.ml._dp import Mechanism, epsilon
+from fedasync_iot.models import (
+    FedAsyncError,
+    Mechanism,
+    atomic_write,
+    bounds,
+    check_fields,
+    epsilon,
+)
 
 log = logging.getLogger("fedasync.agent.privacy")
 

@@ -7,7 +7,7 @@ import contextlib
 import json
 from pathlib import Path
 
-from fedasync_iot.models._files import atomic_write
+from fedasync_iot.models import atomic_write
 
 
 class TrainingProgress:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from fedasync_iot.models._errors import ConfigError, FedAsyncError
+from fedasync_iot.models import ConfigError, FedAsyncError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

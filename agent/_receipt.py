@@ -4,14 +4,15 @@ compact one (weights topic: it needs the cached template it names) or a template
 from __future__ import annotations
 
 from fedasync_iot.agent._model_cache import ModelCache
-from fedasync_iot.models import WireError
-from fedasync_iot.models import _signing as signing
-from fedasync_iot.models._wire import (
+from fedasync_iot.models import (
     Snapshot,
     TemplateMessage,
+    Verifier,
+    WireError,
     decode_snapshot,
     decode_template,
     decode_weights,
+    split_signature,
 )
 
 
@@ -25,12 +26,12 @@ class Receipt:
 
     def __init__(self, cache: ModelCache, public_keys: tuple[str, ...]) -> None:
         self.cache = cache
-        self.verifier = (signing.Verifier.from_files(list(public_keys)) if public_keys
+        self.verifier = (Verifier.from_files(list(public_keys)) if public_keys
                          else None)
 
     def verified(self, payload: bytes) -> bytes:
         return (self.verifier.verify(payload) if self.verifier is not None
-                else signing.split(payload)[0])
+                else split_signature(payload)[0])
 
     def full(self, payload: bytes) -> tuple[Snapshot, bytes]:
         frame = self.verified(payload)

@@ -15,13 +15,13 @@ from fedasync_iot.agent._config import AgentConfig
 from fedasync_iot.agent._data import open_source
 from fedasync_iot.agent._instance import Instance, TwinWatch, process_identity
 from fedasync_iot.agent._readings import PsutilReader, ReadingsSource
-from fedasync_iot.models import Topics
-from fedasync_iot.models._mqtt import (
+from fedasync_iot.models import (
     BrokerAddress,
     Client,
     Connection,
     Message,
     PublishFailed,
+    Topics,
     create_client,
 )
 

@@ -19,9 +19,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedasync_iot.models import StateError
-from fedasync_iot.models._files import atomic_write
-from fedasync_iot.models._ids import ID_PATTERN, is_valid_id
+from fedasync_iot.models import ID_PATTERN, StateError, atomic_write, is_valid_id
 
 log = logging.getLogger("fedasync.agent.spool")
 

@@ -24,13 +24,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
-from fedasync_iot.models import ConfigError
-from fedasync_iot.models._bounds import bounds, check_fields
-from fedasync_iot.models._wire import ENCODINGS, Encoding, UpdateMessage
+from fedasync_iot.models import (
+    ENCODINGS,
+    ConfigError,
+    Encoding,
+    UpdateMessage,
+    bounds,
+    check_fields,
+)
 
 if TYPE_CHECKING:
-    from fedasync_iot.models._files import Features, Labels
-    from fedasync_iot.models._wire import Snapshot
+    from fedasync_iot.models import Features, Labels, Snapshot
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

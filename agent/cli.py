@@ -13,9 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedasync_iot.agent._config import AgentConfig, load_config
-from fedasync_iot.models import FedAsyncError
-from fedasync_iot.models._cli import add_version, log_level, make_parser
-from fedasync_iot.models._logging import setup_logging
+from fedasync_iot.models import FedAsyncError, add_version, log_level, make_parser, setup_logging
 
 if TYPE_CHECKING:
     from fedasync_iot.agent._privacy import PrivacyLedger
@@ -148,7 +146,7 @@ def _privacy_ledger(config: AgentConfig) -> PrivacyLedger:
 
 def _predict(args: argparse.Namespace) -> int:
     from fedasync_iot.agent._predict import Predictor
-    from fedasync_iot.models._files import load_xy
+    from fedasync_iot.models import load_xy
 
     config = _config(args, need_id=False)
     X = _features(args.input, load_xy, config.label_column)

@@ -54,10 +54,8 @@ def _idle_agent(broker: MosquittoBroker, workdir: Path, settle_s: float, window_
 
 
 def _train_child(n: int) -> dict[str, float]:
-    from fedasync_iot.agent._child import train_in_child
-    from fedasync_iot.agent._trainer import TrainConfig
-    from fedasync_iot.models import Snapshot, build_model
-    from fedasync_iot.models.ml._datasets import load_digits
+    from fedasync_iot.agent import TrainConfig, train_in_child
+    from fedasync_iot.models import Snapshot, build_model, load_digits
 
     train, _ = load_digits()
     weights = build_model(SPEC).get_params_vector()

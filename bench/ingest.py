@@ -57,21 +57,28 @@ from typing import Any
 import numpy as np
 import paho.mqtt  # its version, in the report: the bare figure is paho's
 
-from fedasync_iot.coordinator._config import CoordinatorConfig, EvalConfig, SnapshotConfig
-from fedasync_iot.coordinator._engine import Incoming
-from fedasync_iot.coordinator._guards import GuardConfig
-from fedasync_iot.coordinator._rules import RuleConfig
-from fedasync_iot.coordinator._service import CoordinatorService
-from fedasync_iot.fleet import MosquittoBroker
-from fedasync_iot.fleet._broker import mosquitto_path
-from fedasync_iot.models import ModelSpec, Topics, UpdateMessage, decode_ack, encode_update
-from fedasync_iot.models._mqtt import (
-    Ack,
+from fedasync_iot.coordinator import (
+    CoordinatorConfig,
+    CoordinatorService,
+    EvalConfig,
+    GuardConfig,
+    Incoming,
+    RuleConfig,
+    SnapshotConfig,
+)
+from fedasync_iot.fleet import MosquittoBroker, mosquitto_path
+from fedasync_iot.models import (
     BrokerAddress,
     Client,
     Connack,
     Message,
+    ModelSpec,
+    PacketAck,
+    Topics,
+    UpdateMessage,
     create_client,
+    decode_ack,
+    encode_update,
 )
 
 SPEC = ModelSpec(kind="mlp", n_features=64, classes=tuple(range(10)), hidden=(32,))
@@ -294,7 +301,7 @@ class _PahoDevices:
                 self._ready.wait()
         return on_connect
 
-    def _on_acked(self, ack: Ack) -> None:
+    def _on_acked(self, ack: PacketAck) -> None:
         if ack.kind == "subscribe":
             self._ready.wait()
         elif ack.kind == "publish":

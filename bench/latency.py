@@ -68,8 +68,7 @@ from fedasync_iot.bench.ingest import (
     running_coordinator,
 )
 from fedasync_iot.fleet import MosquittoBroker
-from fedasync_iot.models import Topics, decode_ack
-from fedasync_iot.models._mqtt import BrokerAddress
+from fedasync_iot.models import BrokerAddress, Topics, decode_ack
 
 DEFAULT_RATES = (100, 300, 1000, 2000, 3000, 4000, 5000, 6000, 8000, 10_000)
 REQUIRED_RATES = (100, 1000)  # the two fixed points: run even after a failure

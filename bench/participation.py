@@ -22,11 +22,17 @@ from pathlib import Path
 
 import numpy as np
 
-from fedasync_iot.coordinator._engine import Engine, Incoming
-from fedasync_iot.coordinator._guards import GuardConfig
-from fedasync_iot.coordinator._participation import Ledger, ParticipationConfig
-from fedasync_iot.coordinator._rules import Contribution, RuleConfig, build_rule
-from fedasync_iot.coordinator._store import Store
+from fedasync_iot.coordinator import (
+    Contribution,
+    Engine,
+    GuardConfig,
+    Incoming,
+    Ledger,
+    ParticipationConfig,
+    RuleConfig,
+    Store,
+    build_rule,
+)
 from fedasync_iot.models import ModelSpec, UpdateMessage, encode_update
 
 SPEC = ModelSpec(kind="mlp", n_features=64, classes=tuple(range(10)), hidden=(32,))

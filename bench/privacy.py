@@ -26,12 +26,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from fedasync_iot.agent._privacy import device_multiplier
-from fedasync_iot.coordinator._central_dp import versions_per_device
-from fedasync_iot.coordinator._store import Store
-from fedasync_iot.fleet._fleets import build_fleet
-from fedasync_iot.fleet._sim import SimConfig, run_rule
-from fedasync_iot.models.ml._dp import epsilon
+from fedasync_iot.agent import device_multiplier
+from fedasync_iot.coordinator import Store, versions_per_device
+from fedasync_iot.fleet import SimConfig, build_fleet, run_rule
+from fedasync_iot.models import epsilon
 
 # The 1-8, then where the accuracy comes back on a fleet this small.
 EPSILONS = (1.0, 2.0, 4.0, 8.0, 64.0, 512.0)

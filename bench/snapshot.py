@@ -44,18 +44,21 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fedasync_iot.models._spec import ModelSpec
-from fedasync_iot.models._template import Binding, OnnxTemplate
-from fedasync_iot.models._wire import Snapshot, encode_snapshot
-from fedasync_iot.models.ml._adapters import build_model
-from fedasync_iot.models.ml._datasets import (
+from fedasync_iot.models import (
+    Binding,
     Dataset,
+    ModelSpec,
+    OnnxModel,
+    OnnxTemplate,
+    Snapshot,
+    build_model,
     dirichlet_partition,
+    encode_snapshot,
+    export_onnx,
+    export_template,
     load_digits,
     make_synthetic,
 )
-from fedasync_iot.models.ml._inference import OnnxModel
-from fedasync_iot.models.ml._onnx import export_onnx, export_template
 
 ENCODINGS = ("float32", "float16", "int8/v", "int8/b")
 SEED = 0

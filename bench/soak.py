@@ -40,10 +40,16 @@ from typing import Any
 import numpy as np
 import psutil
 
-from fedasync_iot.agent._trainer import TrainConfig
-from fedasync_iot.fleet import FleetProfile, MosquittoBroker, SimConfig, build_fleet
-from fedasync_iot.fleet._broker import free_port
-from fedasync_iot.fleet._worker import WorkerSpec, run_worker
+from fedasync_iot.agent import TrainConfig
+from fedasync_iot.fleet import (
+    FleetProfile,
+    MosquittoBroker,
+    SimConfig,
+    WorkerSpec,
+    build_fleet,
+    free_port,
+    run_worker,
+)
 from fedasync_iot.models import ConfigError, ModelSpec
 
 MIB = 2**20

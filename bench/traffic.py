@@ -39,11 +39,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedasync_iot.fleet import MosquittoBroker
-from fedasync_iot.fleet._traffic import KINDS, classify
+from fedasync_iot.fleet import KINDS, MosquittoBroker, classify
 
 if TYPE_CHECKING:
-    from fedasync_iot.models._mqtt import Message
+    from fedasync_iot.models import Message
 
 HERE = Path(__file__).resolve().parent.parent
 
@@ -62,8 +61,8 @@ class Listener:
     totals)."""
 
     def __init__(self, url: str) -> None:
-        from fedasync_iot.fleet._broker import SYS_COUNTERS
-        from fedasync_iot.models._mqtt import BrokerAddress, create_client
+        from fedasync_iot.fleet import SYS_COUNTERS
+        from fedasync_iot.models import BrokerAddress, create_client
 
         self.counts: dict[str, dict[str, int]] = {k: {"messages": 0, "bytes": 0,
                                                       "payload_bytes": 0} for k in KINDS}

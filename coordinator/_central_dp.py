@@ -35,10 +35,7 @@ import numpy as np
 
 from fedasync_iot.coordinator._guards import Params
 from fedasync_iot.coordinator._rules import Contribution, Merge, MergeRule, PendingLike
-from fedasync_iot.models import ConfigError
-from fedasync_iot.models._bounds import bounds, check_fields
-from fedasync_iot.models._wire import Rejection
-from fedasync_iot.models.ml._dp import epsilon
+from fedasync_iot.models import ConfigError, Rejection, bounds, check_fields, epsilon
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -17,8 +17,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedasync_iot.models import validate_id
-from fedasync_iot.models._wire import MAX_COHORT
+from fedasync_iot.models import MAX_COHORT, validate_id
 
 MAX_STATUS_BYTES = 16 * 1024
 

@@ -11,10 +11,7 @@ from fedasync_iot.coordinator._central_dp import CentralDPConfig
 from fedasync_iot.coordinator._guards import GuardConfig
 from fedasync_iot.coordinator._participation import ParticipationConfig
 from fedasync_iot.coordinator._rules import RuleConfig
-from fedasync_iot.models import ConfigError, ModelSpec
-from fedasync_iot.models._bounds import bounds, check_fields
-from fedasync_iot.models._config import load
-from fedasync_iot.models._mqtt import check_broker
+from fedasync_iot.models import ConfigError, ModelSpec, bounds, check_broker, check_fields, load
 
 _MIN_TOKEN = 16
 _PLACEHOLDER_MODEL = ModelSpec(kind="linear", n_features=1)

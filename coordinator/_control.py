@@ -19,8 +19,7 @@ import secrets
 from pathlib import Path
 
 from fedasync_iot.coordinator._config import CoordinatorConfig
-from fedasync_iot.models import ConfigError, StateError
-from fedasync_iot.models._files import atomic_write
+from fedasync_iot.models import ConfigError, StateError, atomic_write
 
 log = logging.getLogger("fedasync.coordinator")
 

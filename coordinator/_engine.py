@@ -29,19 +29,17 @@ from fedasync_iot.coordinator._store import (
     load_ledger,
 )
 from fedasync_iot.models import (
-    InvalidUpdate,
-    ModelError,
-    ModelSpec,
-    StateError,
-    UnsupportedSchema,
-    WireError,
-)
-from fedasync_iot.models._wire import (
     ROUTINE_REJECTIONS,
     Ack,
     AckStatus,
+    InvalidUpdate,
+    ModelError,
+    ModelSpec,
     Rejection,
+    StateError,
+    UnsupportedSchema,
     UpdateMessage,
+    WireError,
     decode_update,
     update_label,
 )

@@ -16,9 +16,7 @@ from typing import Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from fedasync_iot.models import ConfigError, InvalidUpdate
-from fedasync_iot.models._bounds import bounds, check_fields
-from fedasync_iot.models._wire import Rejection
+from fedasync_iot.models import ConfigError, InvalidUpdate, Rejection, bounds, check_fields
 
 Params = NDArray[np.float32]
 

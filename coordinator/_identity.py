@@ -28,13 +28,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fedasync_iot.models import Topics
-from fedasync_iot.models._mqtt import (
-    Ack,
+from fedasync_iot.models import (
     BrokerAddress,
     BrokerRefused,
     Connack,
     Message,
+    PacketAck,
+    Topics,
     create_client,
 )
 
@@ -236,7 +236,7 @@ def look(
         client.subscribe([(topics.coordinator_status, 0), (every_fleet, 0),
                           (topics.announce, 0)])
 
-    def on_acked(ack: Ack) -> None:
+    def on_acked(ack: PacketAck) -> None:
         if ack.kind == "subscribe":
             client.send(topics.coordinator_status, marker, qos=0, retain=False)
 

@@ -33,9 +33,7 @@ from fedasync_iot.coordinator._retries import Retries
 from fedasync_iot.coordinator._scheduling import Clock
 from fedasync_iot.coordinator._store import StateLost, Store
 from fedasync_iot.coordinator._transport import Transport
-from fedasync_iot.models import StateError, Topics
-from fedasync_iot.models._mqtt import Message
-from fedasync_iot.models._wire import Rejection, encode_ack
+from fedasync_iot.models import Message, Rejection, StateError, Topics, encode_ack
 
 log = logging.getLogger("fedasync.coordinator")
 

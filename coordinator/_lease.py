@@ -14,8 +14,7 @@ from collections.abc import Callable
 
 from fedasync_iot.coordinator._config import CoordinatorConfig
 from fedasync_iot.coordinator._identity import Identity, LookTimeout, Presence, Survey, look
-from fedasync_iot.models import StateError, Topics
-from fedasync_iot.models._mqtt import BrokerAddress, Connection, describe_error
+from fedasync_iot.models import BrokerAddress, Connection, StateError, Topics, describe_error
 
 log = logging.getLogger("fedasync.coordinator")
 

@@ -21,9 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fedasync_iot.models import ConfigError
-from fedasync_iot.models._bounds import bounds, check_fields
-from fedasync_iot.models._wire import Rejection
+from fedasync_iot.models import ConfigError, Rejection, bounds, check_fields
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -41,9 +41,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from fedasync_iot.models import ConfigError, Topics, WireError, validate_id
-from fedasync_iot.models._files import atomic_write
-from fedasync_iot.models._mqtt import BrokerAddress, broker_urls
+from fedasync_iot.models import (
+    BrokerAddress,
+    ConfigError,
+    Topics,
+    WireError,
+    atomic_write,
+    broker_urls,
+    validate_id,
+)
 
 PBKDF2_ITERATIONS = 101  # Mosquitto 2.0's PW_DEFAULT_ITERATIONS
 SALT_BYTES = 12  # Mosquitto 2.0's SALT_LEN

@@ -24,14 +24,16 @@ from fedasync_iot.coordinator._metrics import Metrics
 from fedasync_iot.coordinator._scheduling import Clock
 from fedasync_iot.coordinator._store import Params
 from fedasync_iot.coordinator._transport import Transport
-from fedasync_iot.models import FedAsyncError, Topics
-from fedasync_iot.models._mqtt import Connection, PublishFailed
-from fedasync_iot.models._signing import Signer
-from fedasync_iot.models._template import OnnxTemplate
-from fedasync_iot.models._wire import (
+from fedasync_iot.models import (
     Announcement,
+    Connection,
+    FedAsyncError,
+    OnnxTemplate,
+    PublishFailed,
+    Signer,
     Snapshot,
     TemplateMessage,
+    Topics,
     WeightsMessage,
     encode_announcement,
     encode_snapshot,
@@ -194,10 +196,7 @@ class Publisher:
         template = self._template_of_spec()
         onnx = b""
         if self.config.snapshots.include_onnx:
-            from fedasync_iot.models.ml._onnx import (  # heavy: loaded on first use
-                bake_onnx,
-                export_onnx,
-            )
+            from fedasync_iot.models import bake_onnx, export_onnx
 
             if self._onnx_template is not None:  # the template filled: no conversion
                 onnx = bake_onnx(self._onnx_template, params)
@@ -236,9 +235,7 @@ class Publisher:
         only on the spec, fixed for this coordinator); None, said once, when the model cannot
         have one: then only full snapshots are published, as before."""
         if self._template is None:
-            from fedasync_iot.models.ml._onnx import (
-                export_template,  # skl2onnx is heavy: load on first use
-            )
+            from fedasync_iot.models import export_template
 
             try:
                 made = export_template(self._adapter)

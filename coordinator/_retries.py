@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fedasync_iot.models._backoff import Backoff
+from fedasync_iot.models import Backoff
 
 
 @dataclass(frozen=True, slots=True)

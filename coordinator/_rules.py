@@ -19,9 +19,16 @@ from numpy.typing import NDArray
 
 from fedasync_iot.coordinator._guards import Params
 from fedasync_iot.coordinator._staleness import Staleness
-from fedasync_iot.models import ConfigError, InvalidUpdate, ModelError, StateError
-from fedasync_iot.models._bounds import Bounds, bounds, check_fields
-from fedasync_iot.models._wire import Rejection
+from fedasync_iot.models import (
+    Bounds,
+    ConfigError,
+    InvalidUpdate,
+    ModelError,
+    Rejection,
+    StateError,
+    bounds,
+    check_fields,
+)
 
 RuleName = Literal["fedasync", "fedbuff", "fedavg-sync"]
 RULE_NAMES: tuple[str, ...] = get_args(RuleName)
@@ -240,12 +247,12 @@ class FedAsync(_Buffered):
             a = self.alpha * max(self.staleness(c.staleness) for c in cs)
             merge, self._memory = _merge_memory(
                 model, cs, self._memory, now=now, memory_s=self.memory_s, scale=a,
-                weigh=lambda latest, ages: _weights(latest, ages, self.staleness),
+                weigh=lambda latest, ages: staleness_weights(latest, ages, self.staleness),
                 max_step=self.alpha)
         else:
             weights = [min(self.alpha * self.staleness(c.staleness) * c.participation,
                            self.alpha) for c in cs]
-            merge = _merge(model, cs, weights, scale=1.0)
+            merge = merge_weighted(model, cs, weights, scale=1.0)
         self._buffer = []
         return merge
 
@@ -290,7 +297,7 @@ class FedBuff(_Buffered):
             return None
         cs = self._buffer
         def weigh(cs: Sequence[Contribution], ages: Sequence[int]) -> NDArray[np.float64]:
-            return _weights(cs, ages, self.staleness, by_samples=self.weight_by_samples)
+            return staleness_weights(cs, ages, self.staleness, by_samples=self.weight_by_samples)
 
         if self.memory_s:
             merge, self._memory = _merge_memory(model, cs, self._memory, now=now,
@@ -300,7 +307,7 @@ class FedBuff(_Buffered):
             n = np.array([float(c.n_samples) if self.weight_by_samples else 1.0 for c in cs])
             s = np.array([self.staleness(c.staleness) for c in cs])
             p = np.array([c.participation for c in cs])
-            merge = _merge(model, cs, list(n * s * p / n.sum()), scale=self.server_lr)
+            merge = merge_weighted(model, cs, list(n * s * p / n.sum()), scale=self.server_lr)
         self._buffer = []
         return merge
 
@@ -348,7 +355,7 @@ class FedAvgSync(_Buffered):
         if len(self._buffer) >= self.cohort_size or (
                 deadline and len(self._buffer) >= self.min_updates):
             weights = np.array([c.n_samples for c in self._buffer], dtype=np.float64)
-            merge = _merge(model, self._buffer, list(weights / weights.sum()),
+            merge = merge_weighted(model, self._buffer, list(weights / weights.sum()),
                            scale=self.server_lr)
             self._buffer = []
             self.round_start = now
@@ -451,7 +458,7 @@ def build_rule(config: RuleConfig) -> MergeRule:
 Memory = dict[str, tuple[float, Contribution]]  # device -> (when remembered, its latest update)
 
 
-def _weights(cs: Sequence[Contribution], ages: Sequence[int], staleness: Staleness, *,
+def staleness_weights(cs: Sequence[Contribution], ages: Sequence[int], staleness: Staleness, *,
              by_samples: bool = True) -> NDArray[np.float64]:
     """n_i * s(age_i) (n_i = 1 unless `by_samples`), scaled so the largest is 1: computed in log
     space, since s(t) may underflow to 0 for every update of a very stale buffer."""
@@ -480,14 +487,14 @@ def _merge_memory(model: Params, cs: Sequence[Contribution], memory: Memory, *, 
     share = w * np.array([c.participation for c in latest]) / w.sum()
     if (total := scale * float(share.sum())) > max_step:
         share *= max_step / total
-    merge = _merge(model, latest, list(share), scale=scale)
+    merge = merge_weighted(model, latest, list(share), scale=scale)
     # Lineage records `cs`; one superseded by a newer update of its device shaped nothing.
     weight = {c.update_id: float(x) * scale for c, x in zip(latest, share, strict=True)}
     return Merge(params=merge.params, included=tuple(cs),
                  weights=tuple(weight.get(c.update_id, 0.0) for c in cs), scale=1.0), kept
 
 
-def _merge(model: Params, cs: Sequence[Contribution], weights: Sequence[float], *,
+def merge_weighted(model: Params, cs: Sequence[Contribution], weights: Sequence[float], *,
            scale: float) -> Merge:
     if model.ndim != 1:
         raise ModelError(f"model must be a flat vector, got shape {model.shape}")

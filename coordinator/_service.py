@@ -33,17 +33,19 @@ from fedasync_iot.coordinator._rules import build_rule
 from fedasync_iot.coordinator._scheduling import Clock, Scheduler, Threads, WallClock
 from fedasync_iot.coordinator._store import Store
 from fedasync_iot.coordinator._transport import Handler, ReceivedWatcher, SentWatcher, Transport
-from fedasync_iot.models import StateError, Topics, build_model
-from fedasync_iot.models._mqtt import (
-    Ack,
+from fedasync_iot.models import (
     BrokerAddress,
     Client,
     Connection,
     Message,
+    PacketAck,
     Publication,
+    Signer,
+    StateError,
+    Topics,
+    build_model,
     create_client,
 )
-from fedasync_iot.models._signing import Signer
 
 log = logging.getLogger("fedasync.coordinator")
 
@@ -236,7 +238,7 @@ class CoordinatorService:
         self._connected.clear()
         self.metrics.connected.set(0)
 
-    def _on_acked(self, ack: Ack) -> None:
+    def _on_acked(self, ack: PacketAck) -> None:
         if ack.kind != "subscribe":
             return
         # Connected means able to receive: until the broker has the subscription, an update

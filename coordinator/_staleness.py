@@ -15,8 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from fedasync_iot.models import ConfigError, InvalidUpdate
-from fedasync_iot.models._wire import Rejection
+from fedasync_iot.models import ConfigError, InvalidUpdate, Rejection
 
 StalenessKind = Literal["constant", "polynomial", "hinge", "knee"]
 STALENESS_KINDS: tuple[str, ...] = get_args(StalenessKind)

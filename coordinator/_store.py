@@ -34,9 +34,8 @@ from fedasync_iot.coordinator._lock import StateLock
 from fedasync_iot.coordinator._participation import Ledger, ParticipationConfig, Seed, Totals
 from fedasync_iot.coordinator._readonly import connect_readonly
 from fedasync_iot.coordinator._rules import Contribution
-from fedasync_iot.models import ModelSpec, StateError
-from fedasync_iot.models._files import atomic_write
-from fedasync_iot.models._files import sync_directory as _fsync_dir
+from fedasync_iot.models import ModelSpec, StateError, atomic_write
+from fedasync_iot.models import sync_directory as _fsync_dir
 
 Params = NDArray[np.float32]
 

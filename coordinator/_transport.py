@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
-from fedasync_iot.models._mqtt import Client, Message, Publication, topic_matches
+from fedasync_iot.models import Client, Message, Publication, topic_matches
 
 
 class Delivery(Protocol):

@@ -26,11 +26,19 @@ from fedasync_iot.coordinator._http import Rollback
 from fedasync_iot.coordinator._lock import StateDirInUse
 from fedasync_iot.coordinator._rules import build_rule
 from fedasync_iot.coordinator._store import Store
-from fedasync_iot.models import ConfigError, FedAsyncError, ModelSpec, StateError, build_model
-from fedasync_iot.models._cli import add_version, log_level, make_parser
-from fedasync_iot.models._files import load_xy
-from fedasync_iot.models._logging import setup_logging
-from fedasync_iot.models.ml._datasets import load_digits
+from fedasync_iot.models import (
+    ConfigError,
+    FedAsyncError,
+    ModelSpec,
+    StateError,
+    add_version,
+    build_model,
+    load_digits,
+    load_xy,
+    log_level,
+    make_parser,
+    setup_logging,
+)
 
 log = logging.getLogger("fedasync.coordinator")
 
@@ -333,7 +341,7 @@ def _local_columns(found: DevicePrivacy | None) -> str:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from fedasync_iot.models.ml._onnx import export_onnx
+    from fedasync_iot.models import export_onnx
 
     config, store = _reader(args)
     try:
@@ -366,7 +374,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from fedasync_iot.models._signing import generate_keypair
+    from fedasync_iot.models import generate_keypair
 
     private, public = generate_keypair(args.out)
     print(f"private key (keep on the coordinator, set signing_key): {private}\n"

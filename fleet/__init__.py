@@ -1,7 +1,14 @@
 """Fleet simulation and benchmarks: many simulated devices running the real agent code against a
 real broker and the real coordinator."""
 
-from fedasync_iot.fleet._broker import EmbeddedBroker, MosquittoBroker, start_broker
+from fedasync_iot.fleet._broker import (
+    SYS_COUNTERS,
+    EmbeddedBroker,
+    MosquittoBroker,
+    free_port,
+    mosquitto_path,
+    start_broker,
+)
 from fedasync_iot.fleet._fleetfile import (
     DeviceEntry,
     FleetFile,
@@ -20,8 +27,12 @@ from fedasync_iot.fleet._traces import (
     SimClock,
     generate_fleet,
 )
+from fedasync_iot.fleet._traffic import KINDS, classify
+from fedasync_iot.fleet._worker import WorkerSpec, run_worker
 
 __all__ = [
+    "KINDS",
+    "SYS_COUNTERS",
     "DeviceEntry",
     "DeviceTrace",
     "EmbeddedBroker",
@@ -34,13 +45,18 @@ __all__ = [
     "RunResult",
     "SimClock",
     "SimConfig",
+    "WorkerSpec",
     "build_fleet",
+    "classify",
     "export_fleet",
+    "free_port",
     "generate_fleet",
     "load_fleet",
     "local_evaluation",
+    "mosquitto_path",
     "parse_fleet_file",
     "replay_config",
     "run_rule",
+    "run_worker",
     "start_broker",
 ]

@@ -257,7 +257,7 @@ def read_sys_counters(url: str, *, timeout: float = 15.0) -> dict[str, int] | No
     connection (well under 1 KB)."""
     import threading
 
-    from fedasync_iot.models._mqtt import BrokerAddress, Connack, Message, create_client
+    from fedasync_iot.models import BrokerAddress, Connack, Message, create_client
 
     values: dict[str, int] = {}
     ticks = 0

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fedasync_iot.coordinator._participation import gini, max_median_ratio
+from fedasync_iot.coordinator import gini, max_median_ratio
 from fedasync_iot.fleet._traces import FleetProfile
 
 XY = tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]

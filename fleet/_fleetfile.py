@@ -41,14 +41,22 @@ from typing import Any
 
 import numpy as np
 
-from fedasync_iot.agent._policy import PolicyConfig
+from fedasync_iot.agent import PolicyConfig
 from fedasync_iot.fleet._fairness import XY
 from fedasync_iot.fleet._sim import Fleet, SimConfig, model_spec, synthetic_fleet
 from fedasync_iot.fleet._traces import _TOPIC_UNSAFE, Battery, DeviceTrace, Intervals, Span
-from fedasync_iot.models import MODEL_KINDS, ConfigError, FedAsyncError, ModelSpec
-from fedasync_iot.models._config import check_layer, load_toml, read_utf8
-from fedasync_iot.models._files import load_xy, save_npz
-from fedasync_iot.models.ml._datasets import Dataset
+from fedasync_iot.models import (
+    MODEL_KINDS,
+    ConfigError,
+    Dataset,
+    FedAsyncError,
+    ModelSpec,
+    check_layer,
+    load_toml,
+    load_xy,
+    read_utf8,
+    save_npz,
+)
 
 FLEET_SUFFIXES = (".toml", ".json", ".csv")
 TRACE_KINDS = ("online", "wifi", "charging", "busy")

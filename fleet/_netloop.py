@@ -19,8 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fedasync_iot.models._backoff import Backoff
-from fedasync_iot.models._mqtt import Client
+from fedasync_iot.models import Backoff, Client
 
 log = logging.getLogger("fedasync.fleet.net")
 

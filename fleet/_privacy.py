@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from fedasync_iot.agent._privacy import PrivacyConfig, PrivacyLedger
-from fedasync_iot.coordinator._central_dp import CentralDPConfig
+from fedasync_iot.agent import PrivacyConfig, PrivacyLedger
+from fedasync_iot.coordinator import CentralDPConfig
 
 
 def privacy_summary(*, local: PrivacyConfig, noise_multiplier: float, clip_norm: float,

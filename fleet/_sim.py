@@ -33,16 +33,18 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from fedasync_iot.agent._policy import PolicyConfig
-from fedasync_iot.agent._privacy import PrivacyConfig
-from fedasync_iot.agent._trainer import TrainConfig
-from fedasync_iot.coordinator._central_dp import CentralDPConfig, privacy_status
-from fedasync_iot.coordinator._config import CoordinatorConfig, SnapshotConfig
-from fedasync_iot.coordinator._guards import GuardConfig
-from fedasync_iot.coordinator._participation import ParticipationConfig
-from fedasync_iot.coordinator._rules import RuleConfig
-from fedasync_iot.coordinator._scheduling import Stepped
-from fedasync_iot.coordinator._service import CoordinatorService
+from fedasync_iot.agent import PolicyConfig, PrivacyConfig, TrainConfig
+from fedasync_iot.coordinator import (
+    CentralDPConfig,
+    CoordinatorConfig,
+    CoordinatorService,
+    GuardConfig,
+    ParticipationConfig,
+    RuleConfig,
+    SnapshotConfig,
+    Stepped,
+    privacy_status,
+)
 from fedasync_iot.fleet._broker import (
     EmbeddedBroker,
     MosquittoBroker,
@@ -81,10 +83,12 @@ from fedasync_iot.fleet._traffic import (
 )
 from fedasync_iot.fleet._virtual import EPOCH, Controller, VirtualClock
 from fedasync_iot.fleet._worker import DEVICE_PREFIX, WorkerSpec, run_virtual_worker, run_worker
-from fedasync_iot.models import ConfigError, ModelSpec, build_model
-from fedasync_iot.models._mqtt import broker_urls
-from fedasync_iot.models.ml._datasets import (
+from fedasync_iot.models import (
+    ConfigError,
     Dataset,
+    ModelSpec,
+    broker_urls,
+    build_model,
     dirichlet_partition,
     load_digits,
     make_synthetic,
@@ -904,7 +908,7 @@ def _outcome(coord_state: Path, *, start: float, scale: float, metric: str, dura
                         list[np.ndarray[Any, Any]]]:
     """From the coordinator's store: evaluations, update arrivals and the final models (those
     of the last tenth of the run, like the final metric; one asynchronous version is noisy)."""
-    from fedasync_iot.coordinator._store import Store
+    from fedasync_iot.coordinator import Store
 
     store = Store(coord_state)
     try:

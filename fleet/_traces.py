@@ -28,10 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedasync_iot.agent._policy import PolicyConfig, evaluate
-from fedasync_iot.agent._readings import Readings, ReadingsSource
-from fedasync_iot.models._bounds import Bounds, bounds, check_fields
-from fedasync_iot.models._errors import ConfigError, FedAsyncError
+from fedasync_iot.agent import PolicyConfig, Readings, ReadingsSource, evaluate
+from fedasync_iot.models import Bounds, ConfigError, FedAsyncError, bounds, check_fields
 
 DAY_S = 86_400.0
 _HOUR = 3_600.0

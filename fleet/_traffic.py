@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedasync_iot.models._topics import Topics
+from fedasync_iot.models import Topics
 
 if TYPE_CHECKING:  # the MQTT client (paho) only where one is counted
-    from fedasync_iot.models._mqtt import Client
+    from fedasync_iot.models import Client
 
 # The simulator's own control messages (its virtual clock's markers, fleet/_virtual.py) travel
 # on topics under this root: not the product's traffic, never counted.

@@ -43,12 +43,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from fedasync_iot.fleet._traces import SimClock
 from fedasync_iot.fleet._traffic import SIM_CONTROL_ROOT
-from fedasync_iot.models import StateError
-from fedasync_iot.models._mqtt import BrokerAddress, create_client
+from fedasync_iot.models import BrokerAddress, StateError, create_client
 
 if TYPE_CHECKING:
-    from fedasync_iot.coordinator._scheduling import Stepped
-    from fedasync_iot.coordinator._service import CoordinatorService
+    from fedasync_iot.coordinator import CoordinatorService, Stepped
 
 log = logging.getLogger("fedasync.fleet.virtual")
 

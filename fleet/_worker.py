@@ -23,11 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from fedasync_iot.agent._agent import Agent
-from fedasync_iot.agent._config import AgentConfig
-from fedasync_iot.agent._policy import PolicyConfig
-from fedasync_iot.agent._privacy import PrivacyConfig
-from fedasync_iot.agent._trainer import TrainConfig, train_update
+from fedasync_iot.agent import (
+    Agent,
+    AgentConfig,
+    PolicyConfig,
+    PrivacyConfig,
+    TrainConfig,
+    train_update,
+)
 from fedasync_iot.fleet._latency import bucket
 from fedasync_iot.fleet._netloop import NetLoop
 from fedasync_iot.fleet._traces import DeviceTrace, SimClock, SimReader
@@ -40,18 +43,23 @@ from fedasync_iot.fleet._virtual import (
     device_sync_topic,
     sync_topic,
 )
-from fedasync_iot.models import Topics, UpdateMessage, WireError, decode_ack, encode_ack
-from fedasync_iot.models._files import Features, Labels
-from fedasync_iot.models._mqtt import (
-    Ack,
+from fedasync_iot.models import (
+    MAX_RETRY_AFTER_S,
     BrokerAddress,
     Client,
     Connack,
+    Features,
+    Labels,
     Message,
+    PacketAck,
+    Topics,
+    UpdateMessage,
+    WireError,
     broker_urls,
     create_client,
+    decode_ack,
+    encode_ack,
 )
-from fedasync_iot.models._wire import MAX_RETRY_AFTER_S
 
 log = logging.getLogger("fedasync.fleet.worker")
 
@@ -121,7 +129,7 @@ class SimLink:
             self._pending.add(mid)
             self.shard.sent(self.device_id, published=published, needs_marker=needs_marker)
 
-    def _acked(self, ack: Ack) -> None:
+    def _acked(self, ack: PacketAck) -> None:
         if self.shard is not None and ack.mid in self._pending:
             self._pending.remove(ack.mid)
             self.shard.acknowledged()
@@ -388,8 +396,8 @@ def run_worker(spec: WorkerSpec, go: multiprocessing.synchronize.Event, start: A
     """Process entry point: report ready, wait for `go` (sim time 0 is `start.value`), then run
     the shard until `stop` is set, reporting stats every second."""
     logging.basicConfig(level=log_level, format=f"worker{spec.index} %(levelname)s %(message)s")
-    import fedasync_iot.agent._trainer
-    import fedasync_iot.models.ml._adapters  # noqa: F401
+    # Pay scikit-learn's import (the adapters load it) before the clock starts.
+    from fedasync_iot.models import build_model  # noqa: F401
 
     reports.put((spec.index, time.time(), None))
     if not go.wait(timeout=120):
@@ -443,8 +451,8 @@ def run_virtual_worker(spec: WorkerSpec, conn: Any, log_level: str = "WARNING") 
     """Process entry point under the virtual clock: load the shard, say ("ready",), then serve
     the controller's commands on `conn` (fleet/_virtual.py) until it says stop."""
     logging.basicConfig(level=log_level, format=f"worker{spec.index} %(levelname)s %(message)s")
-    import fedasync_iot.agent._trainer
-    import fedasync_iot.models.ml._adapters  # noqa: F401
+    # Pay scikit-learn's import (the adapters load it) before the clock starts.
+    from fedasync_iot.models import build_model  # noqa: F401
 
     clock = VirtualClock(spec.scale)
     timers = Timers(clock)

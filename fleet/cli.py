@@ -20,9 +20,14 @@ from fedasync_iot.fleet._sim import (
     split_rule,
 )
 from fedasync_iot.fleet._traffic import per_device_line, table_cells
-from fedasync_iot.models import ConfigError, FedAsyncError
-from fedasync_iot.models._cli import add_version, log_level, make_parser
-from fedasync_iot.models._logging import setup_logging
+from fedasync_iot.models import (
+    ConfigError,
+    FedAsyncError,
+    add_version,
+    log_level,
+    make_parser,
+    setup_logging,
+)
 
 log = logging.getLogger("fedasync.fleet")
 

@@ -14,11 +14,11 @@ from fedasync_iot.models._broker_address import BrokerAddress, broker_urls, chec
 from fedasync_iot.models._connection import Connection, describe_error
 from fedasync_iot.models._errors import BadTopic, BrokerError, BrokerRefused, PublishFailed
 from fedasync_iot.models._mqtt_client import (
-    Ack,
     AckKind,
     Client,
     Connack,
     Message,
+    PacketAck,
     Publication,
     create_client,
     describe_refusal,
@@ -27,7 +27,6 @@ from fedasync_iot.models._mqtt_client import (
 )
 
 __all__ = [
-    "Ack",
     "AckKind",
     "BadTopic",
     "BrokerAddress",
@@ -37,6 +36,7 @@ __all__ = [
     "Connack",
     "Connection",
     "Message",
+    "PacketAck",
     "Publication",
     "PublishFailed",
     "broker_urls",

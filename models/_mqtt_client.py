@@ -55,7 +55,7 @@ class Message:
 
 
 @dataclass(frozen=True, slots=True)
-class Ack:
+class PacketAck:
     """The broker acknowledged a packet of ours: a PUBACK, SUBACK or UNSUBACK."""
 
     kind: AckKind
@@ -172,7 +172,7 @@ class Client:
         self.meter: Callable[[str, str, int], None] | None = None
         self.on_connack: Callable[[Connack], None] | None = None
         self.on_closed: Callable[[str], None] | None = None  # why, in words
-        self.on_acked: Callable[[Ack], None] | None = None
+        self.on_acked: Callable[[PacketAck], None] | None = None
         paho.on_connect = self._connected
         paho.on_disconnect = self._disconnected
         paho.on_subscribe = self._subscribed
@@ -343,19 +343,19 @@ class Client:
         self._call_legacy("on_subscribe", userdata, mid, reasons, properties)
         if self.on_acked is not None:
             refused = tuple(str(r) for r in reasons if r.is_failure)
-            self.on_acked(Ack("subscribe", mid, refused))
+            self.on_acked(PacketAck("subscribe", mid, refused))
 
     def _unsubscribed(self, _c: mqtt.Client, userdata: Any, mid: int, reasons: Any,
                       properties: Any) -> None:
         self._call_legacy("on_unsubscribe", userdata, mid, reasons, properties)
         if self.on_acked is not None:
-            self.on_acked(Ack("unsubscribe", mid))
+            self.on_acked(PacketAck("unsubscribe", mid))
 
     def _published(self, _c: mqtt.Client, userdata: Any, mid: int, reason: Any,
                    properties: Any) -> None:
         self._call_legacy("on_publish", userdata, mid, reason, properties)
         if self.on_acked is not None:
-            self.on_acked(Ack("publish", mid))
+            self.on_acked(PacketAck("publish", mid))
 
     def _connect_failed(self, _c: mqtt.Client, userdata: Any) -> None:
         self._call_legacy("on_connect_fail", userdata)

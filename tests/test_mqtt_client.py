@@ -14,12 +14,12 @@ from paho.mqtt.reasoncodes import ReasonCode
 from fedasync_iot.models._backoff import Backoff
 from fedasync_iot.models._errors import BrokerError, FedAsyncError
 from fedasync_iot.models._mqtt import (
-    Ack,
     BadTopic,
     BrokerAddress,
     BrokerRefused,
     Client,
     Message,
+    PacketAck,
     PublishFailed,
     create_client,
 )
@@ -104,11 +104,11 @@ def test_routes_take_their_topics_and_the_default_handler_the_rest() -> None:
 
 def test_acks_name_what_was_acknowledged_and_a_subacks_refusals() -> None:
     client, paho = _client()
-    acks: list[Ack] = []
+    acks: list[PacketAck] = []
     client.on_acked = acks.append
     granted, refused = ReasonCode(PacketTypes.SUBACK, identifier=1), \
         ReasonCode(PacketTypes.SUBACK, identifier=0x80)
     assert paho.on_subscribe is not None and paho.on_publish is not None
     paho.on_subscribe(paho, None, 3, [granted, refused], None)
     paho.on_publish(paho, None, 4, ReasonCode(PacketTypes.PUBACK), None)
-    assert acks == [Ack("subscribe", 3, (str(refused),)), Ack("publish", 4)]
+    assert acks == [PacketAck("subscribe", 3, (str(refused),)), PacketAck("publish", 4)]
