@@ -57,3 +57,14 @@ def test_every_exported_name_resolves(package: str) -> None:
     assert package.endswith((".ml", ".bench")) or exported, f"{package} exports nothing"
     missing = [name for name in exported if getattr(module, name, None) is None]
     assert missing == []
+
+
+def test_no_class_over_400_lines() -> None:
+    """A class that grows past this has more than one job (the agent and the coordinator
+    service were split by job at 840 and 880 lines)."""
+    large = [f"{path.relative_to(ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1})"
+             for _, path in _modules()
+             for node in ast.walk(ast.parse(path.read_text(), str(path)))
+             if isinstance(node, ast.ClassDef) and node.end_lineno is not None
+             and node.end_lineno - node.lineno + 1 > 400]
+    assert large == []
