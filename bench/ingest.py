@@ -337,7 +337,7 @@ def _paho_round(url: str, fleet: str, payloads: Sequence[tuple[str, bytes]], dev
     try:
         t0 = time.monotonic()
         for device, payload in payloads:
-            pubs.clients[device].publish(pubs.topics.update(device), payload, qos=1)
+            pubs.clients[device].send(pubs.topics.update(device), payload, qos=1)
         ok = pubs.published.wait(ROUND_TIMEOUT_S)
         if ok and want_acks:
             ok = pubs.acked.wait(ROUND_TIMEOUT_S)

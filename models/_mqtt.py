@@ -22,7 +22,6 @@ from fedasync_iot.models._mqtt_client import (
     Publication,
     create_client,
     describe_refusal,
-    make_client,
     topic_matches,
 )
 
@@ -44,6 +43,5 @@ __all__ = [
     "create_client",
     "describe_error",
     "describe_refusal",
-    "make_client",
     "topic_matches",
 ]

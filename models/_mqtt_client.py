@@ -8,12 +8,10 @@ every packet at once (TCP_NODELAY). Who drives its network I/O is the caller's c
 (`drive_with`: the simulator's epoll loop), or paho's own thread (`loop_start`, for short-lived
 helpers and tests).
 
-Transition (issue 25): the coordinator service, the simulator's virtual clock and many tests
-still use paho's shapes: `publish` returning paho's MQTTMessageInfo, and callbacks shaped as
-paho calls them (`on_message`, `message_callback_add`, `on_connect`, `on_subscribe`, ...).
-Those keep working, called with this client in place of paho's, next to the project's `send`,
-`handle`, `route`, `on_connack`, `on_closed` and `on_acked`; they go once their last callers
-moved.
+Its API is the project's, never paho's shapes: `send` returns a `Publication`; received messages
+go to `handle` and `route` handlers as a frozen `Message` (bytes payload); the broker's answers
+come as `on_connack(Connack)`, `on_closed(why)` and `on_acked(PacketAck)`. Nothing of paho's
+(its client, MQTTMessage, MQTTMessageInfo, ReasonCode, callback signatures) reaches a caller.
 """
 
 from __future__ import annotations
@@ -38,8 +36,6 @@ Payload = bytes | bytearray | str | None
 Handler = Callable[["Message"], None]
 # What was acknowledged (a QoS 0 publish counts once written: there is no PUBACK).
 AckKind = Literal["publish", "subscribe", "unsubscribe"]
-# A callback shaped as paho calls it, (client, userdata, ...): the transition's (module doc).
-PahoCallback = Callable[..., Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,35 +132,13 @@ def describe_loss(reason: ReasonCode) -> str:
             if str(reason) == "Unspecified error" else str(reason))
 
 
-class _Legacy:
-    """A paho-shaped callback attribute (the transition, module doc): kept by the client, which
-    calls it with itself in place of paho's client."""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self._name = name
-
-    def __get__(self, obj: Any, owner: Any = None) -> PahoCallback | None:
-        return None if obj is None else obj._legacy.get(self._name)
-
-    def __set__(self, obj: Client, fn: PahoCallback | None) -> None:
-        obj._legacy[self._name] = fn
-
-
 class Client:
     """One MQTT 3.1.1 client (paho's, held, never subclassed): see the module docstring."""
 
-    on_connect = _Legacy()
-    on_disconnect = _Legacy()
-    on_subscribe = _Legacy()
-    on_unsubscribe = _Legacy()
-    on_publish = _Legacy()
-    on_connect_fail = _Legacy()
-
     def __init__(self, paho: mqtt.Client) -> None:
         self._paho = paho
-        self._legacy: dict[str, PahoCallback | None] = {}
-        self._default: tuple[Callable[..., None], bool] | None = None  # (handler, paho-shaped)
-        self._routes: list[tuple[str, Callable[..., None], bool]] = []
+        self._default: Handler | None = None
+        self._routes: list[tuple[str, Handler]] = []
         self._socket_loop: SocketLoop | None = None
         # Run by a `Connection` before every attempt; an OSError from it is a failed attempt.
         self.gate: Callable[[], None] | None = None
@@ -178,47 +152,28 @@ class Client:
         paho.on_subscribe = self._subscribed
         paho.on_unsubscribe = self._unsubscribed
         paho.on_publish = self._published
-        paho.on_connect_fail = self._connect_failed
         paho.on_message = self._received
         paho.on_socket_open = self._socket_opened
 
     # -- messages in ---------------------------------------------------------------------------
     def handle(self, handler: Handler | None) -> None:
         """Every message no `route` takes goes to `handler`."""
-        self._default = None if handler is None else (handler, False)
+        self._default = handler
 
     def route(self, topic_filter: str, handler: Handler) -> None:
         """Messages matching `topic_filter` go to `handler` (and not to the default one)."""
-        self._routes.append((topic_filter, handler, False))
-
-    @property
-    def on_message(self) -> PahoCallback | None:
-        """Transition: the default handler shaped as paho's (client, userdata, MQTTMessage)."""
-        return self._default[0] if self._default is not None and self._default[1] else None
-
-    @on_message.setter
-    def on_message(self, fn: PahoCallback | None) -> None:
-        self._default = None if fn is None else (fn, True)
-
-    def message_callback_add(self, topic_filter: str, fn: PahoCallback) -> None:
-        """Transition: `route` with a callback shaped as paho's."""
-        self._routes.append((topic_filter, fn, True))
+        self._routes.append((topic_filter, handler))
 
     # -- messages out --------------------------------------------------------------------------
     def send(self, topic: str, payload: Payload = None, qos: int = 0,
              retain: bool = False) -> Publication:
         """Publish; BadTopic for a topic or QoS that MQTT does not allow."""
-        return Publication(self.publish(topic, payload, qos, retain))
-
-    def publish(self, topic: str, payload: Payload = None, qos: int = 0,
-                retain: bool = False) -> mqtt.MQTTMessageInfo:
-        """Transition: `send` with paho's handle (its RuntimeError unmapped)."""
         if self.meter is not None:
             size = 0 if payload is None else len(
                 payload.encode() if isinstance(payload, str) else bytes(payload))
             self.meter("sent", topic, size)
         with _topic_errors():
-            return self._paho.publish(topic, payload, qos=qos, retain=retain)
+            return Publication(self._paho.publish(topic, payload, qos=qos, retain=retain))
 
     def subscribe(self, topic: str | list[tuple[str, int]], qos: int = 0) -> int | None:
         """The SUBSCRIBE's packet id (None: not connected, nothing sent)."""
@@ -320,67 +275,50 @@ class Client:
         self._paho.loop_misc()
 
     # -- paho's callbacks (its network thread) -------------------------------------------------
-    def _call_legacy(self, name: str, *args: Any) -> None:
-        fn = self._legacy.get(name)
-        if fn is not None:
-            fn(self, *args)
-
-    def _connected(self, _c: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags,
-                   reason: ReasonCode, properties: Any) -> None:
-        self._call_legacy("on_connect", userdata, flags, reason, properties)
+    def _connected(self, _c: mqtt.Client, _userdata: Any, flags: mqtt.ConnectFlags,
+                   reason: ReasonCode, _properties: Any) -> None:
         if self.on_connack is not None:
             self.on_connack(Connack(describe_refusal(reason) if reason.is_failure else None,
                                     flags.session_present))
 
-    def _disconnected(self, _c: mqtt.Client, userdata: Any, flags: mqtt.DisconnectFlags,
-                      reason: ReasonCode, properties: Any) -> None:
-        self._call_legacy("on_disconnect", userdata, flags, reason, properties)
+    def _disconnected(self, _c: mqtt.Client, _userdata: Any, _flags: mqtt.DisconnectFlags,
+                      reason: ReasonCode, _properties: Any) -> None:
         if self.on_closed is not None:
             self.on_closed(describe_loss(reason))
 
-    def _subscribed(self, _c: mqtt.Client, userdata: Any, mid: int, reasons: Any,
-                    properties: Any) -> None:
-        self._call_legacy("on_subscribe", userdata, mid, reasons, properties)
+    def _subscribed(self, _c: mqtt.Client, _userdata: Any, mid: int, reasons: Any,
+                    _properties: Any) -> None:
         if self.on_acked is not None:
             refused = tuple(str(r) for r in reasons if r.is_failure)
             self.on_acked(PacketAck("subscribe", mid, refused))
 
-    def _unsubscribed(self, _c: mqtt.Client, userdata: Any, mid: int, reasons: Any,
-                      properties: Any) -> None:
-        self._call_legacy("on_unsubscribe", userdata, mid, reasons, properties)
+    def _unsubscribed(self, _c: mqtt.Client, _userdata: Any, mid: int, _reasons: Any,
+                      _properties: Any) -> None:
         if self.on_acked is not None:
             self.on_acked(PacketAck("unsubscribe", mid))
 
-    def _published(self, _c: mqtt.Client, userdata: Any, mid: int, reason: Any,
-                   properties: Any) -> None:
-        self._call_legacy("on_publish", userdata, mid, reason, properties)
+    def _published(self, _c: mqtt.Client, _userdata: Any, mid: int, _reason: Any,
+                   _properties: Any) -> None:
         if self.on_acked is not None:
             self.on_acked(PacketAck("publish", mid))
 
-    def _connect_failed(self, _c: mqtt.Client, userdata: Any) -> None:
-        self._call_legacy("on_connect_fail", userdata)
-
-    def _received(self, _c: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        # paho's own dispatch: the callbacks whose filter matches, else the default one.
+    def _received(self, _c: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        # paho's own dispatch: the handlers whose filter matches, else the default one.
         try:
-            topic: str | None = msg.topic
-        except UnicodeDecodeError:  # MQTT topics are UTF-8: only a paho-shaped default sees it
-            topic = None
-        if topic is not None and self.meter is not None:
+            topic = msg.topic
+        except UnicodeDecodeError:  # MQTT topics are UTF-8: a broker that sent another is wrong
+            return
+        if self.meter is not None:
             self.meter("received", topic, len(msg.payload))
-        targets = [] if topic is None else [
-            (fn, paho_shaped) for pattern, fn, paho_shaped in self._routes
-            if topic_matches(pattern, topic)]
+        targets = [fn for pattern, fn in self._routes if topic_matches(pattern, topic)]
         if not targets and self._default is not None:
             targets = [self._default]
-        message: Message | None = None
-        for fn, paho_shaped in targets:
-            if paho_shaped:
-                fn(self, userdata, msg)
-            elif topic is not None:
-                message = message or Message(topic, bytes(msg.payload), msg.qos,
-                                             bool(msg.retain), msg.mid, bool(msg.dup))
-                fn(message)
+        if not targets:
+            return
+        message = Message(topic, bytes(msg.payload), msg.qos, bool(msg.retain), msg.mid,
+                          bool(msg.dup))
+        for fn in targets:
+            fn(message)
 
     def _socket_opened(self, _c: mqtt.Client, userdata: Any, sock: Any) -> None:
         # Nagle's algorithm (paho leaves it on) made a small packet written right after another
@@ -444,10 +382,3 @@ def create_client(
         paho.tls_set_context(context)
     return Client(paho)
 
-
-def make_client(address: BrokerAddress, *, client_id: str, persistent: bool,
-                manual_ack: bool = False, max_inflight: int = 20) -> Any:
-    """Transition (module doc): `create_client`, typed Any for callers that still annotate the
-    client as paho's type. Goes when they moved to `Client`."""
-    return create_client(address, client_id=client_id, persistent=persistent,
-                         manual_ack=manual_ack, max_inflight=max_inflight)

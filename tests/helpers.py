@@ -10,10 +10,16 @@ import uuid
 from collections.abc import Callable
 
 import numpy as np
-import paho.mqtt.client as mqtt
 
 from fedasync_iot.models import UpdateMessage, encode_update
-from fedasync_iot.models._mqtt import BrokerAddress, make_client
+from fedasync_iot.models._mqtt import (
+    BrokerAddress,
+    Client,
+    Connack,
+    Message,
+    PacketAck,
+    create_client,
+)
 
 
 def update_bytes(
@@ -46,24 +52,32 @@ class Listener:
     """A test-side MQTT client that records every message on some topics."""
 
     def __init__(self, url: str, topics: list[str], *, client_id: str | None = None) -> None:
-        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self.messages: queue.Queue[Message] = queue.Queue()
         self._subscribed = threading.Event()
-        self.client = make_client(BrokerAddress.parse(url),
-                                  client_id=client_id or f"listener-{uuid.uuid4().hex[:8]}",
-                                  persistent=False)
-        self.client.on_connect = lambda c, u, f, r, p: c.subscribe([(t, 1) for t in topics])
-        self.client.on_subscribe = lambda c, u, mid, codes, p: self._subscribed.set()
-        self.client.on_message = lambda c, u, m: self.messages.put(m)
+        self.client = create_client(BrokerAddress.parse(url),
+                                    client_id=client_id or f"listener-{uuid.uuid4().hex[:8]}",
+                                    persistent=False)
+        self._topics = [(t, 1) for t in topics]
+        self.client.on_connack = self._connected
+        self.client.on_acked = self._acked
+        self.client.handle(self.messages.put)
         a = BrokerAddress.parse(url)
         self.client.connect(a.host, a.port)
         self.client.loop_start()
         assert self._subscribed.wait(30), "listener did not subscribe"
 
-    def get(self, timeout: float = 30.0) -> mqtt.MQTTMessage:
+    def _connected(self, connack: Connack) -> None:
+        self.client.subscribe(self._topics)
+
+    def _acked(self, ack: PacketAck) -> None:
+        if ack.kind == "subscribe":
+            self._subscribed.set()
+
+    def get(self, timeout: float = 30.0) -> Message:
         return self.messages.get(timeout=timeout)
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(timeout=30)
+        self.client.send(topic, payload, qos=1, retain=retain).wait_for_publish(timeout=30)
 
     def close(self) -> None:
         self.client.loop_stop()
@@ -73,21 +87,20 @@ class Listener:
 # -- readiness probes for the private brokers (tests/nats_cluster.py, tests/rabbitmq_node.py) --
 
 
-def _probe_client(port: int, *, timeout: float = 5.0) -> mqtt.Client:
+def _probe_client(port: int, *, timeout: float = 5.0) -> Client:
     """A connected clean-session MQTT 3.1.1 client on 127.0.0.1:`port`; ConnectionError (an
     OSError) when the broker does not accept it."""
-    client = make_client(BrokerAddress(host="127.0.0.1", port=port),
-                         client_id=f"ready-{uuid.uuid4().hex[:10]}", persistent=False)
+    client = create_client(BrokerAddress(host="127.0.0.1", port=port),
+                           client_id=f"ready-{uuid.uuid4().hex[:10]}", persistent=False)
     connected = threading.Event()
     refused: list[str] = []
 
-    def on_connect(c: mqtt.Client, u: object, f: object, reason: mqtt.ReasonCode,
-                   p: object) -> None:
-        if reason.is_failure:
-            refused.append(str(reason))
+    def on_connack(connack: Connack) -> None:
+        if connack.refusal is not None:
+            refused.append(connack.refusal)
         connected.set()
 
-    client.on_connect = on_connect
+    client.on_connack = on_connack
     client.connect("127.0.0.1", port, keepalive=10)
     client.loop_start()
     if not connected.wait(timeout) or refused:
@@ -97,7 +110,7 @@ def _probe_client(port: int, *, timeout: float = 5.0) -> mqtt.Client:
     return client
 
 
-def _close(client: mqtt.Client) -> None:
+def _close(client: Client) -> None:
     client.loop_stop()
     with contextlib.suppress(Exception):
         client.disconnect()
@@ -109,12 +122,12 @@ def retained_round_trip(port: int, topic: str, payload: bytes, *, publish: bool,
     client = _probe_client(port)
     try:
         if publish:
-            info = client.publish(topic, payload, qos=1, retain=True)
+            info = client.send(topic, payload, qos=1, retain=True)
             info.wait_for_publish(timeout)
             if not info.is_published():
                 return False
         got = threading.Event()
-        client.on_message = lambda c, u, m: got.set() if m.payload == payload else None
+        client.handle(lambda m: got.set() if m.payload == payload else None)
         client.subscribe(topic, 1)
         return got.wait(timeout)
     finally:
@@ -124,6 +137,6 @@ def retained_round_trip(port: int, topic: str, payload: bytes, *, publish: bool,
 def clear_retained(port: int, topic: str) -> None:
     client = _probe_client(port)
     try:
-        client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
+        client.send(topic, b"", qos=1, retain=True).wait_for_publish(5)
     finally:
         _close(client)

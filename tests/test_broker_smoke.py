@@ -5,17 +5,16 @@ from __future__ import annotations
 import queue
 import socket
 
-import paho.mqtt.client as mqtt
 import pytest
 
 from fedasync_iot.fleet._broker import MosquittoBroker
-from fedasync_iot.models._mqtt import BrokerAddress, make_client
+from fedasync_iot.models._mqtt import BrokerAddress, Client, create_client
 
 pytestmark = pytest.mark.broker
 
 
-def _connected(broker: MosquittoBroker, client_id: str) -> mqtt.Client:
-    client = make_client(BrokerAddress.parse(broker.url), client_id=client_id, persistent=False)
+def _connected(broker: MosquittoBroker, client_id: str) -> Client:
+    client = create_client(BrokerAddress.parse(broker.url), client_id=client_id, persistent=False)
     client.connect("127.0.0.1", broker.port)
     client.loop_start()
     return client
@@ -25,13 +24,13 @@ def test_publish_and_receive(broker: MosquittoBroker, fleet_name: str) -> None:
     inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
     subscribed: queue.Queue[bool] = queue.Queue()
     sub = _connected(broker, f"{fleet_name}-sub")
-    sub.on_message = lambda c, u, msg: inbox.put((msg.topic, msg.payload))
-    sub.on_subscribe = lambda c, u, mid, codes, props: subscribed.put(True)
+    sub.handle(lambda msg: inbox.put((msg.topic, msg.payload)))
+    sub.on_acked = lambda ack: subscribed.put(True) if ack.kind == "subscribe" else None
     sub.subscribe(f"{fleet_name}/#", qos=1)
     assert subscribed.get(timeout=30)
 
     pub = _connected(broker, f"{fleet_name}-pub")
-    info = pub.publish(f"{fleet_name}/hello", b"\x00payload\xff", qos=1)
+    info = pub.send(f"{fleet_name}/hello", b"\x00payload\xff", qos=1)
     info.wait_for_publish(timeout=30)
 
     assert inbox.get(timeout=30) == (f"{fleet_name}/hello", b"\x00payload\xff")
@@ -42,11 +41,11 @@ def test_publish_and_receive(broker: MosquittoBroker, fleet_name: str) -> None:
 
 def test_retained_message_reaches_late_subscriber(broker: MosquittoBroker, fleet_name: str) -> None:
     pub = _connected(broker, f"{fleet_name}-pub")
-    pub.publish(f"{fleet_name}/model", b"v1", qos=1, retain=True).wait_for_publish(timeout=30)
+    pub.send(f"{fleet_name}/model", b"v1", qos=1, retain=True).wait_for_publish(timeout=30)
 
     inbox: queue.Queue[tuple[bytes, bool]] = queue.Queue()
     late = _connected(broker, f"{fleet_name}-late")
-    late.on_message = lambda c, u, msg: inbox.put((msg.payload, msg.retain))
+    late.handle(lambda msg: inbox.put((msg.payload, msg.retain)))
     late.subscribe(f"{fleet_name}/model", qos=1)
 
     assert inbox.get(timeout=30) == (b"v1", True)

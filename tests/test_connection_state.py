@@ -30,7 +30,7 @@ from fedasync_iot.coordinator._service import CoordinatorService
 from fedasync_iot.fleet._broker import MosquittoBroker, free_port
 from fedasync_iot.models import ModelSpec, Topics, decode_snapshot
 from fedasync_iot.models._files import save_npz
-from fedasync_iot.models._mqtt import BrokerAddress, make_client
+from fedasync_iot.models._mqtt import BrokerAddress, create_client
 from tests.helpers import Listener, wait_for
 
 SPEC = ModelSpec(kind="logistic", n_features=4, classes=(0, 1, 2))
@@ -210,9 +210,9 @@ def test_a_client_disconnected_on_purpose_connects_again(broker: MosquittoBroker
     """A disconnect stops the client's retries, not the client: the simulator takes its devices
     offline and back with the same client (fleet/_netloop.py)."""
     address = BrokerAddress.parse(broker.url)
-    client = make_client(address, client_id=f"again-{time.monotonic_ns()}", persistent=False)
+    client = create_client(address, client_id=f"again-{time.monotonic_ns()}", persistent=False)
     connects: list[int] = []
-    client.on_connect = lambda c, u, f, r, p: connects.append(1)
+    client.on_connack = lambda connack: connects.append(1)
     for n in (1, 2):
         client.connect(address.host, address.port)
         client.loop_start()

@@ -31,7 +31,6 @@ from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
 
 from fedasync_iot.coordinator._provision import (
@@ -46,7 +45,14 @@ from fedasync_iot.coordinator.cli import main as coordinator_main
 from fedasync_iot.fleet._broker import MosquittoBroker, free_port, mosquitto_path
 from fedasync_iot.models import ConfigError
 from fedasync_iot.models._config import tomllib
-from fedasync_iot.models._mqtt import BrokerAddress, make_client
+from fedasync_iot.models._mqtt import (
+    BrokerAddress,
+    Client,
+    Connack,
+    Message,
+    PacketAck,
+    create_client,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -157,39 +163,42 @@ class Peer:
         self.address = BrokerAddress(host="127.0.0.1", port=port, tls=use_tls,
                                      username=username, password=password,
                                      ca_file=None if tls_ca is None else str(tls_ca))
-        self.client = make_client(self.address, client_id=f"t-{username}-{uuid.uuid4().hex[:6]}",
-                                  persistent=False)
+        self.client = create_client(self.address,
+                                    client_id=f"t-{username}-{uuid.uuid4().hex[:6]}",
+                                    persistent=False)
         self.inbox: queue.Queue[tuple[str, bytes, bool]] = queue.Queue()
-        self.reason: object = None
+        self.reason: str | None = None  # the CONNACK's refusal, in words (None: accepted)
         self._connack = threading.Event()
-        self._subacks: queue.Queue[list[int]] = queue.Queue()
-        self.client.on_connect = self._on_connect
-        self.client.on_message = lambda c, u, m: self.inbox.put((m.topic, bytes(m.payload),
-                                                                  bool(m.retain)))
-        self.client.on_subscribe = lambda c, u, mid, codes, p: self._subacks.put(
-            [int(getattr(rc, "value", rc)) for rc in codes])
+        self._subacks: queue.Queue[tuple[str, ...]] = queue.Queue()
+        self.client.on_connack = self._on_connack
+        self.client.handle(lambda m: self.inbox.put((m.topic, m.payload, m.retain)))
+        self.client.on_acked = self._on_acked
 
-    def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, reason: object,
-                    properties: object) -> None:
-        self.reason = reason
+    def _on_connack(self, connack: Connack) -> None:
+        self.reason = connack.refusal
         self._connack.set()
-        if getattr(reason, "is_failure", False):
-            client.disconnect()  # no reconnect loop against a refusing broker
+        if not connack.accepted:
+            self.client.disconnect()  # no reconnect loop against a refusing broker
+
+    def _on_acked(self, ack: PacketAck) -> None:
+        if ack.kind == "subscribe":
+            self._subacks.put(ack.refused)
 
     def connect(self) -> bool:
         """True when the broker accepted the login."""
         self.client.connect(self.address.host, self.address.port, keepalive=30)
         self.client.loop_start()
         assert self._connack.wait(30), "no CONNACK"
-        return not getattr(self.reason, "is_failure", True)
+        return self.reason is None
 
-    def subscribe(self, *topics: str) -> list[int]:
+    def subscribe(self, *topics: str) -> tuple[str, ...]:
+        """The SUBACK's refusals, one per refused filter (empty: all granted)."""
         self.client.subscribe([(t, 1) for t in topics])
         return self._subacks.get(timeout=30)
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> bool:
         """QoS 1; True when the broker PUBACKed it (it does for a denied publish too)."""
-        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        info = self.client.send(topic, payload, qos=1, retain=retain)
         info.wait_for_publish(timeout=30)
         return info.is_published()
 
@@ -305,8 +314,8 @@ def test_device_cannot_publish_the_model_live_or_retained(peers: dict[str, Peer]
 def test_device_gets_its_own_acks_only_live_and_retained(peers: dict[str, Peer],
                                                          fleet: str) -> None:
     coordinator, a, b = peers[COORDINATOR_USER], peers["devA"], peers["devB"]
-    # Subscribing to a topic it may not read is acknowledged (granted QoS 1) ...
-    assert a.subscribe(f"fl/{fleet}/ack/devB", f"fl/{fleet}/ack/devA") == [1, 1]
+    # Subscribing to a topic it may not read is acknowledged (granted, not refused) ...
+    assert a.subscribe(f"fl/{fleet}/ack/devB", f"fl/{fleet}/ack/devA") == ()
     b.subscribe(f"fl/{fleet}/ack/devB")
     assert coordinator.publish(f"fl/{fleet}/ack/devB", b"ack for B")
     assert coordinator.publish(f"fl/{fleet}/ack/devA", b"ack for A")
@@ -322,7 +331,7 @@ def test_device_gets_its_own_acks_only_live_and_retained(peers: dict[str, Peer],
     late = Peer(coordinator.address.port, "devA", a.address.password)
     assert late.connect()
     try:
-        assert late.subscribe(f"fl/{fleet}/ack/+", f"fl/{fleet}/#", "#") == [1, 1, 1]
+        assert late.subscribe(f"fl/{fleet}/ack/+", f"fl/{fleet}/#", "#") == ()
         got = {(t, p) for t, p, _ in late.wait_for(f"fl/{fleet}/ack/devA", b"retained for A")
                + late.received(SILENCE_S)}
         assert {(t, p) for t, p in got if t.startswith(f"fl/{fleet}/")} == {
@@ -371,20 +380,20 @@ def test_queue_and_inflight_limits_carry_a_coordinator_outage_and_a_whole_batch(
     topic = f"fl/{fleet}/update/devA"
     address = BrokerAddress(host="127.0.0.1", port=secure.port, username=COORDINATOR_USER,
                             password=secure.passwords[COORDINATOR_USER])
-    got: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+    got: queue.Queue[Message] = queue.Queue()
 
-    def session() -> mqtt.Client:
+    def session() -> Client:
         # As the coordinator connects: persistent session, manual acks after a group commit.
-        c = make_client(address, client_id=f"coord-{fleet}", persistent=True, manual_ack=True,
-                        max_inflight=0)
-        c.on_message = lambda cl, u, m: got.put(m)
+        c = create_client(address, client_id=f"coord-{fleet}", persistent=True, manual_ack=True,
+                          max_inflight=0)
+        c.handle(got.put)
         c.connect(address.host, address.port)
         c.loop_start()
         return c
 
     coordinator = session()
     subscribed = threading.Event()
-    coordinator.on_subscribe = lambda c, u, mid, codes, p: subscribed.set()
+    coordinator.on_acked = lambda ack: subscribed.set() if ack.kind == "subscribe" else None
     coordinator.subscribe(f"fl/{fleet}/update/+", qos=1)
     # The session must hold the subscription before it goes: the broker queues for it only then.
     assert subscribed.wait(30), "no SUBACK"
@@ -393,7 +402,7 @@ def test_queue_and_inflight_limits_carry_a_coordinator_outage_and_a_whole_batch(
 
     # The coordinator is down; the fleet keeps sending.
     for i in range(burst):
-        peers["devA"].client.publish(topic, b"%d" % i, qos=1)
+        peers["devA"].client.send(topic, b"%d" % i, qos=1)
     assert peers["devA"].publish(topic, b"last")
 
     coordinator = session()
@@ -405,7 +414,7 @@ def test_queue_and_inflight_limits_carry_a_coordinator_outage_and_a_whole_batch(
         seen = []
         while len(seen) < burst + 1:
             msg = got.get(timeout=30)
-            seen.append(bytes(msg.payload))
+            seen.append(msg.payload)
             coordinator.ack(msg.mid, msg.qos)  # the commit: the broker sends the next ones
         assert seen == [b"%d" % i for i in range(burst)] + [b"last"]  # all of it, in order
     finally:
@@ -425,7 +434,7 @@ def test_oversized_packet_disconnects_the_sender(secure: SecureBroker, fleet: st
         big = b"\x01" * (1024 * 1024)  # a 1 MiB update passes
         assert sender.publish(f"fl/{fleet}/update/devB", big)
         coordinator.wait_for(f"fl/{fleet}/update/devB", big)
-        sender.client.publish(f"fl/{fleet}/update/devB", b"\x02" * limit, qos=1)
+        sender.client.send(f"fl/{fleet}/update/devB", b"\x02" * limit, qos=1)
         assert _wait(lambda: not sender.client.is_connected(), 10)
         assert coordinator.received(SILENCE_S) == []
     finally:
@@ -656,7 +665,7 @@ def test_make_certs_is_idempotent_and_keys_are_private(certs: Path) -> None:
 def test_tls_listener_with_generated_certificates(certs: Path, tmp_path: Path) -> None:
     b = start_secure_broker(tmp_path / "tls-broker", ["devA", COORDINATOR_USER], tls=certs)
     try:
-        # What the agent does: make_client with mqtts:// and ca_file.
+        # What the agent does: create_client with mqtts:// and ca_file.
         url = f"mqtts://devA:{b.passwords['devA']}@127.0.0.1:{b.port}"
         agent_address = BrokerAddress.parse(url, ca_file=str(certs / "ca.crt"))
         assert agent_address.tls
@@ -677,7 +686,7 @@ def test_tls_listener_with_generated_certificates(certs: Path, tmp_path: Path) -
             coordinator.close()
 
         # Without the fleet CA the system trust store does not know the broker: refused.
-        stranger = make_client(BrokerAddress.parse(url), client_id="no-ca", persistent=False)
+        stranger = create_client(BrokerAddress.parse(url), client_id="no-ca", persistent=False)
         with pytest.raises(ssl.SSLCertVerificationError):
             stranger.connect("127.0.0.1", b.port)
 

@@ -14,7 +14,7 @@ from fedasync_iot.agent._config import load_config as load_agent_config
 from fedasync_iot.coordinator._config import load_config as load_coordinator_config
 from fedasync_iot.fleet._broker import MosquittoBroker, free_port
 from fedasync_iot.models import ConfigError
-from fedasync_iot.models._mqtt import BrokerAddress, Connection, broker_urls, make_client
+from fedasync_iot.models._mqtt import BrokerAddress, Connection, broker_urls, create_client
 from tests.helpers import wait_for
 from tests.test_connection_state import agent_on
 
@@ -72,7 +72,7 @@ def test_the_settings_take_a_list_from_toml_env_or_flag(tmp_path: Path) -> None:
 
 def _connection(setting: str, *, logger: logging.Logger) -> Connection:
     address = BrokerAddress.parse(setting)
-    return Connection(make_client(address, client_id="t", persistent=False), address,
+    return Connection(create_client(address, client_id="t", persistent=False), address,
                       logger=logger, keepalive=30, min_delay_s=1.0, max_delay_s=30.0)
 
 

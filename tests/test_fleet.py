@@ -6,6 +6,7 @@ import csv
 import json
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -22,7 +23,7 @@ from fedasync_iot.fleet._netloop import NetLoop
 from fedasync_iot.fleet._sim import SimConfig, time_to_target
 from fedasync_iot.fleet._traces import FleetProfile
 from fedasync_iot.fleet.cli import compare
-from fedasync_iot.models._mqtt import BrokerAddress, make_client
+from fedasync_iot.models._mqtt import BrokerAddress, Client, Connack, create_client
 from tests.helpers import Listener, wait_for
 
 
@@ -34,15 +35,16 @@ def test_many_clients_on_one_thread_reconnect_after_a_broker_restart(private_bro
     connects = {"n": 0}
     net = NetLoop()
     clients = []
-    for i in range(n):
-        c = make_client(address, client_id=f"many-{i}", persistent=False)
-
-        def on_connect(client, u, f, r, p) -> None:
+    def subscriber(client: Client) -> Callable[[Connack], None]:
+        def on_connack(connack: Connack) -> None:
             connects["n"] += 1
             client.subscribe("many/retained", qos=1)
+        return on_connack
 
-        c.on_connect = on_connect
-        c.on_message = lambda client, u, m: got.put(m.payload.decode())
+    for i in range(n):
+        c = create_client(address, client_id=f"many-{i}", persistent=False)
+        c.on_connack = subscriber(c)
+        c.handle(lambda m: got.put(m.payload.decode()))
         net.attach(c)
         clients.append(c)
     Listener(private_broker.url, ["x"]).publish("many/retained", b"hello", retain=True)
@@ -113,14 +115,14 @@ def test_embedded_broker_carries_messages() -> None:
     try:
         inbox: queue.Queue[bytes] = queue.Queue()
         subscribed = threading.Event()
-        c = make_client(BrokerAddress.parse(broker.url), client_id="emb", persistent=False)
-        c.on_message = lambda client, u, m: inbox.put(m.payload)
-        c.on_connect = lambda client, u, f, r, p: client.subscribe("e/#", qos=1)
-        c.on_subscribe = lambda client, u, mid, codes, p: subscribed.set()
+        c = create_client(BrokerAddress.parse(broker.url), client_id="emb", persistent=False)
+        c.handle(lambda m: inbox.put(m.payload))
+        c.on_connack = lambda connack: c.subscribe("e/#", qos=1)
+        c.on_acked = lambda ack: subscribed.set() if ack.kind == "subscribe" else None
         c.connect("127.0.0.1", broker.port)
         c.loop_start()
         assert subscribed.wait(10)
-        c.publish("e/x", b"ok", qos=1, retain=True).wait_for_publish(5)
+        c.send("e/x", b"ok", qos=1, retain=True).wait_for_publish(5)
         assert inbox.get(timeout=10) == b"ok"
         c.loop_stop()
         c.disconnect()

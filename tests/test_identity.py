@@ -32,7 +32,7 @@ from fedasync_iot.coordinator._rules import RuleConfig
 from fedasync_iot.coordinator._service import CoordinatorService
 from fedasync_iot.fleet._broker import MosquittoBroker
 from fedasync_iot.models import ConfigError, ModelSpec, Topics, decode_ack
-from fedasync_iot.models._mqtt import BrokerAddress, make_client
+from fedasync_iot.models._mqtt import BrokerAddress, create_client
 from tests.helpers import Listener, update_bytes, wait_for
 
 SPEC = ModelSpec(kind="logistic", n_features=4, classes=(0, 1, 2))
@@ -155,10 +155,11 @@ def test_messages_on_another_fleets_topics_are_acknowledged_never_merged(
     other = f"{fleet_name}-other"
     client_id = f"shared-{uuid.uuid4().hex[:8]}"
     address = BrokerAddress.parse(broker.url)
-    leftover = make_client(address, client_id=client_id, persistent=True)
-    leftover.on_connect = lambda c, u, f, r, p: c.subscribe(Topics(other).all_updates, 1)
+    leftover = create_client(address, client_id=client_id, persistent=True)
+    leftover.on_connack = lambda connack: leftover.subscribe(Topics(other).all_updates, 1)
     subscribed: list[int] = []
-    leftover.on_subscribe = lambda c, u, mid, r, p: subscribed.append(mid)
+    leftover.on_acked = lambda ack: subscribed.append(ack.mid) if ack.kind == "subscribe" \
+        else None
     leftover.connect(address.host, address.port)
     leftover.loop_start()
     assert wait_for(lambda: bool(subscribed), 10)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from fedasync_iot.models import Snapshot, Topics, decode_snapshot
-from fedasync_iot.models._mqtt import BrokerAddress, make_client
+from fedasync_iot.models._mqtt import BrokerAddress, Connack, PacketAck, create_client
 from tests.helpers import wait_for
 from tests.nats_cluster import NatsCluster
 from tests.test_reliability import (
@@ -63,11 +63,18 @@ def _fetch_once(url: str, fleet: str) -> Snapshot | str:
     got: queue.Queue[bytes] = queue.Queue()
     granted: queue.Queue[bool] = queue.Queue()
     address = BrokerAddress.parse(url)
-    client = make_client(address, client_id=f"fetch-{uuid.uuid4().hex[:8]}", persistent=False)
-    client.on_connect = lambda c, u, f, r, p: c.subscribe(Topics(fleet).model, 0)
-    client.on_subscribe = lambda c, u, mid, codes, p: granted.put(
-        not any(code.is_failure for code in codes))
-    client.on_message = lambda c, u, m: got.put(bytes(m.payload))
+    client = create_client(address, client_id=f"fetch-{uuid.uuid4().hex[:8]}", persistent=False)
+
+    def connected(connack: Connack) -> None:
+        client.subscribe(Topics(fleet).model, 0)
+
+    def acked(ack: PacketAck) -> None:
+        if ack.kind == "subscribe":
+            granted.put(not ack.refused)
+
+    client.on_connack = connected
+    client.on_acked = acked
+    client.handle(lambda m: got.put(m.payload))
     try:
         client.connect(address.host, address.port)
         client.loop_start()

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from fedasync_iot.models import Snapshot, Topics, decode_snapshot
-from fedasync_iot.models._mqtt import BrokerAddress, make_client
+from fedasync_iot.models._mqtt import BrokerAddress, Connack, PacketAck, create_client
 from tests.helpers import wait_for
 from tests.rabbitmq_node import RabbitError, RabbitNode, rabbitmq_server_path
 from tests.test_reliability import (
@@ -82,11 +82,18 @@ def _fetch_once(url: str, topic: str, *, wait: float = 5.0) -> bytes | str:
     got: queue.Queue[tuple[str, bytes]] = queue.Queue()
     granted: queue.Queue[bool] = queue.Queue()
     address = BrokerAddress.parse(url)
-    client = make_client(address, client_id=f"fetch-{uuid.uuid4().hex[:8]}", persistent=False)
-    client.on_connect = lambda c, u, f, r, p: c.subscribe(topic, 0)
-    client.on_subscribe = lambda c, u, mid, codes, p: granted.put(
-        not any(code.is_failure for code in codes))
-    client.on_message = lambda c, u, m: got.put((m.topic, bytes(m.payload)))
+    client = create_client(address, client_id=f"fetch-{uuid.uuid4().hex[:8]}", persistent=False)
+
+    def connected(connack: Connack) -> None:
+        client.subscribe(topic, 0)
+
+    def acked(ack: PacketAck) -> None:
+        if ack.kind == "subscribe":
+            granted.put(not ack.refused)
+
+    client.on_connack = connected
+    client.on_acked = acked
+    client.handle(lambda m: got.put((m.topic, m.payload)))
     try:
         client.connect(address.host, address.port)
         client.loop_start()
@@ -170,23 +177,23 @@ def test_rabbitmq_turns_a_dot_in_a_topic_level_into_a_separator(rabbit: RabbitNo
     topic levels (`models.Topics`: fleet, root, device ids) allow `.`: on RabbitMQ they must
     not use it (docs/brokers.md). Retained messages also skip wildcard subscriptions."""
     topic = f"fl/dotted.{uuid.uuid4().hex[:6]}/model"
-    client = make_client(BrokerAddress.parse(rabbit.url), client_id=f"dot-{uuid.uuid4().hex[:8]}",
-                         persistent=False)
+    client = create_client(BrokerAddress.parse(rabbit.url),
+                           client_id=f"dot-{uuid.uuid4().hex[:8]}", persistent=False)
     client.connect("127.0.0.1", rabbit.mqtt_port)
     client.loop_start()
     try:
-        info = client.publish(topic, b"kept", qos=1, retain=True)
+        info = client.send(topic, b"kept", qos=1, retain=True)
         info.wait_for_publish(10)
         assert info.is_published()
         assert _fetch_once(rabbit.url, topic) == (
             f"delivered on {topic.replace('.', '/')!r}, not {topic!r}")
         plain = f"fl/plain-{uuid.uuid4().hex[:6]}_x/model"  # '-' and '_' pass unchanged
-        client.publish(plain, b"kept", qos=1, retain=True).wait_for_publish(10)
+        client.send(plain, b"kept", qos=1, retain=True).wait_for_publish(10)
         assert _fetch_once(rabbit.url, plain) == b"kept"
         # No retained message for a wildcard subscription (3.10: exact topics only).
         assert _fetch_once(rabbit.url, plain.rsplit("/", 1)[0] + "/+", wait=2.0) == "Empty()"
         for t in (topic, plain):
-            client.publish(t, b"", qos=1, retain=True).wait_for_publish(10)
+            client.send(t, b"", qos=1, retain=True).wait_for_publish(10)
     finally:
         client.loop_stop()
         client.disconnect()
@@ -202,15 +209,15 @@ def test_a_dotted_fleet_on_rabbitmq_is_refused_with_a_clear_error(
     caplog.set_level(logging.INFO, logger="fedasync")
     fleet = f"t.dot-{uuid.uuid4().hex[:6]}"
     service = replayable_coordinator(rabbit.url, fleet, tmp_path / "coordinator")
-    client = make_client(BrokerAddress.parse(rabbit.url), client_id=f"dev-{uuid.uuid4().hex[:8]}",
-                         persistent=False)
+    client = create_client(BrokerAddress.parse(rabbit.url),
+                           client_id=f"dev-{uuid.uuid4().hex[:8]}", persistent=False)
     client.connect("127.0.0.1", rabbit.mqtt_port)
     client.loop_start()
     try:
         assert service.wait_connected(30)
         for _ in range(2):
-            client.publish(Topics(fleet).update("dev-1"), update_bytes(np.zeros(27, np.float32)),
-                           qos=1).wait_for_publish(10)
+            client.send(Topics(fleet).update("dev-1"), update_bytes(np.zeros(27, np.float32)),
+                        qos=1).wait_for_publish(10)
         rejected = service.metrics.rejected.labels("rewritten_topic")
         assert wait_for(lambda: rejected._value.get() >= 2, timeout=30)
         errors = [r.getMessage() for r in caplog.records

@@ -58,7 +58,7 @@ from fedasync_iot.models import (
     encode_update,
 )
 from fedasync_iot.models._files import save_npz
-from fedasync_iot.models._mqtt import BrokerAddress, make_client
+from fedasync_iot.models._mqtt import BrokerAddress, PacketAck, create_client
 from fedasync_iot.models.ml._datasets import load_digits
 from tests.helpers import Listener, wait_for
 
@@ -740,17 +740,21 @@ class Publisher:
         self.device = device
         self.acks: list[Ack] = []
         self.subscribed = threading.Event()
-        self.client = make_client(BrokerAddress.parse(url), client_id=device, persistent=False)
-        self.client.on_connect = lambda c, u, f, r, p: c.subscribe(self.topics.ack(device), 1)
-        self.client.on_subscribe = lambda c, u, mid, codes, p: self.subscribed.set()
-        self.client.on_message = lambda c, u, m: self.acks.append(decode_ack(m.payload))
+        self.client = create_client(BrokerAddress.parse(url), client_id=device, persistent=False)
+        self.client.on_connack = lambda connack: self.client.subscribe(self.topics.ack(device), 1)
+        self.client.on_acked = self._acked
+        self.client.handle(lambda m: self.acks.append(decode_ack(m.payload)))
         address = BrokerAddress.parse(url)
         self.client.connect(address.host, address.port)
         self.client.loop_start()
 
+    def _acked(self, ack: PacketAck) -> None:
+        if ack.kind == "subscribe":
+            self.subscribed.set()
+
     def publish_all(self, payloads: list[bytes]) -> None:
         topic = self.topics.update(self.device)
-        infos = [self.client.publish(topic, p, qos=1) for p in payloads]
+        infos = [self.client.send(topic, p, qos=1) for p in payloads]
         for info in infos:
             info.wait_for_publish(timeout=60)
 

@@ -511,8 +511,8 @@ def test_read_commands_between_checkpoint_and_commit_leave_the_checkpoint(
     monkeypatch.setattr(store, "_write_checkpoint", held)
     device = Listener(broker.url, [Topics(fleet_name).ack("dev-a")])
     try:
-        device.client.publish(Topics(fleet_name).update("dev-a"),
-                              update_bytes(0.1 * np.ones(N), device="dev-a"), qos=1)
+        device.client.send(Topics(fleet_name).update("dev-a"),
+                           update_bytes(0.1 * np.ones(N), device="dev-a"), qos=1)
         assert written.wait(60), "the writer never reached its checkpoint"
         assert checkpoint(state, 1).exists()
 

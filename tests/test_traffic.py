@@ -23,7 +23,7 @@ from fedasync_iot.fleet._traffic import (
     table_cells,
 )
 from fedasync_iot.models import Topics, build_model
-from fedasync_iot.models._mqtt import Client
+from fedasync_iot.models._mqtt import Client, Message
 from tests.helpers import Listener
 
 
@@ -45,6 +45,13 @@ def test_classify_follows_the_topic_layout() -> None:
                                              "downlink", "other"]
 
 
+class _Info:
+    """Stands for paho's MQTTMessageInfo: the packet id of a queued publish."""
+
+    def __init__(self, mid: int) -> None:
+        self.mid, self.rc = mid, 0
+
+
 class _FakePaho:
     """Stands for the paho client inside our `Client`: records what it is asked to publish."""
 
@@ -52,32 +59,35 @@ class _FakePaho:
         self.published: list[tuple[str, Any]] = []
 
     def publish(self, topic: str, payload: Any = None, qos: int = 0, retain: bool = False
-                ) -> str:
+                ) -> _Info:
         self.published.append((topic, payload))
-        return "info"
+        return _Info(len(self.published))
 
 
-class _Message:
+class _PahoMessage:
+    """Stands for paho's MQTTMessage, as its network thread hands it over."""
+
     def __init__(self, topic: str, payload: bytes) -> None:
         self.topic, self.payload = topic, payload
+        self.qos, self.retain, self.mid, self.dup = 0, False, 0, False
 
 
 def test_attach_counts_what_a_client_sends_and_receives_and_passes_it_on() -> None:
     paho = _FakePaho()
     client = Client(paho)  # type: ignore[arg-type]
-    handled: list[Any] = []
-    client.on_message = lambda c, u, m: handled.append(m)
+    handled: list[Message] = []
+    client.handle(handled.append)
     t = Topics("acc")
     counter = attach(client)
-    assert client.publish(t.update("d1"), b"x" * 100, qos=1) == "info"
-    client.publish(t.status("d1"), '{"state": "idle"}')
-    client.publish(t.status("d1"))  # no payload
-    incoming = _Message(t.model, b"m" * 1000)
+    assert client.send(t.update("d1"), b"x" * 100, qos=1).mid == 1  # paho's handle, passed on
+    client.send(t.status("d1"), '{"state": "idle"}')
+    client.send(t.status("d1"))  # no payload
+    incoming = _PahoMessage(t.model, b"m" * 1000)
     paho.on_message(paho, None, incoming)  # type: ignore[attr-defined]  # as paho delivers
-    paho.on_message(paho, None, _Message(t.ack("d1"), b"a" * 10))  # type: ignore[attr-defined]
+    paho.on_message(paho, None, _PahoMessage(t.ack("d1"), b"a" * 10))  # type: ignore[attr-defined]
 
     assert [p[0] for p in paho.published] == [t.update("d1"), t.status("d1"), t.status("d1")]
-    assert handled[0] is incoming
+    assert handled == [Message(t.model, b"m" * 1000), Message(t.ack("d1"), b"a" * 10)]
     s = counter.stats()
     assert s["sent_update_msgs"] == 1
     assert s["sent_update_bytes"] == 100 + len(t.update("d1"))
