@@ -79,8 +79,7 @@ class Connection:
         max_delay_s: float = 30.0,
         jitter: bool = False,
         rng: random.Random | None = None,
-        # Any: during the transition a callback may still name paho's client type.
-        on_online: Callable[[Any, bool], None] | None = None,
+        on_online: Callable[[Client, bool], None] | None = None,
         on_offline: Callable[[], None] | None = None,
         on_change: Callable[[dict[str, Any]], None] | None = None,
         clock: Callable[[], float] = time.time,

@@ -57,6 +57,7 @@ class PacketAck:
     kind: AckKind
     mid: int  # the packet id `send`, `subscribe` or `unsubscribe` returned
     refused: tuple[str, ...] = ()  # a SUBACK's refusals, one reason per refused filter
+    granted: tuple[int, ...] = ()  # a SUBACK's granted QoS, one per filter it accepted
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,7 +291,8 @@ class Client:
                     _properties: Any) -> None:
         if self.on_acked is not None:
             refused = tuple(str(r) for r in reasons if r.is_failure)
-            self.on_acked(PacketAck("subscribe", mid, refused))
+            granted = tuple(int(r.value) for r in reasons if not r.is_failure)
+            self.on_acked(PacketAck("subscribe", mid, refused, granted))
 
     def _unsubscribed(self, _c: mqtt.Client, _userdata: Any, mid: int, _reasons: Any,
                       _properties: Any) -> None:

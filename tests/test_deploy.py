@@ -169,7 +169,7 @@ class Peer:
         self.inbox: queue.Queue[tuple[str, bytes, bool]] = queue.Queue()
         self.reason: str | None = None  # the CONNACK's refusal, in words (None: accepted)
         self._connack = threading.Event()
-        self._subacks: queue.Queue[tuple[str, ...]] = queue.Queue()
+        self._subacks: queue.Queue[tuple[int, ...]] = queue.Queue()
         self.client.on_connack = self._on_connack
         self.client.handle(lambda m: self.inbox.put((m.topic, m.payload, m.retain)))
         self.client.on_acked = self._on_acked
@@ -182,7 +182,7 @@ class Peer:
 
     def _on_acked(self, ack: PacketAck) -> None:
         if ack.kind == "subscribe":
-            self._subacks.put(ack.refused)
+            self._subacks.put(ack.granted + tuple(-1 for _ in ack.refused))
 
     def connect(self) -> bool:
         """True when the broker accepted the login."""
@@ -191,8 +191,8 @@ class Peer:
         assert self._connack.wait(30), "no CONNACK"
         return self.reason is None
 
-    def subscribe(self, *topics: str) -> tuple[str, ...]:
-        """The SUBACK's refusals, one per refused filter (empty: all granted)."""
+    def subscribe(self, *topics: str) -> tuple[int, ...]:
+        """The SUBACK: the QoS granted to each filter (-1 for each refused)."""
         self.client.subscribe([(t, 1) for t in topics])
         return self._subacks.get(timeout=30)
 
@@ -314,8 +314,8 @@ def test_device_cannot_publish_the_model_live_or_retained(peers: dict[str, Peer]
 def test_device_gets_its_own_acks_only_live_and_retained(peers: dict[str, Peer],
                                                          fleet: str) -> None:
     coordinator, a, b = peers[COORDINATOR_USER], peers["devA"], peers["devB"]
-    # Subscribing to a topic it may not read is acknowledged (granted, not refused) ...
-    assert a.subscribe(f"fl/{fleet}/ack/devB", f"fl/{fleet}/ack/devA") == ()
+    # Subscribing to a topic it may not read is acknowledged (granted QoS 1) ...
+    assert a.subscribe(f"fl/{fleet}/ack/devB", f"fl/{fleet}/ack/devA") == (1, 1)
     b.subscribe(f"fl/{fleet}/ack/devB")
     assert coordinator.publish(f"fl/{fleet}/ack/devB", b"ack for B")
     assert coordinator.publish(f"fl/{fleet}/ack/devA", b"ack for A")
@@ -331,7 +331,7 @@ def test_device_gets_its_own_acks_only_live_and_retained(peers: dict[str, Peer],
     late = Peer(coordinator.address.port, "devA", a.address.password)
     assert late.connect()
     try:
-        assert late.subscribe(f"fl/{fleet}/ack/+", f"fl/{fleet}/#", "#") == ()
+        assert late.subscribe(f"fl/{fleet}/ack/+", f"fl/{fleet}/#", "#") == (1, 1, 1)
         got = {(t, p) for t, p, _ in late.wait_for(f"fl/{fleet}/ack/devA", b"retained for A")
                + late.received(SILENCE_S)}
         assert {(t, p) for t, p in got if t.startswith(f"fl/{fleet}/")} == {

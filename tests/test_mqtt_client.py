@@ -114,4 +114,4 @@ def test_acks_name_what_was_acknowledged_and_a_subacks_refusals() -> None:
     assert paho.on_subscribe is not None and paho.on_publish is not None
     paho.on_subscribe(paho, None, 3, [granted, refused], None)
     paho.on_publish(paho, None, 4, ReasonCode(PacketTypes.PUBACK), None)
-    assert acks == [PacketAck("subscribe", 3, (str(refused),)), PacketAck("publish", 4)]
+    assert acks == [PacketAck("subscribe", 3, (str(refused),), (1,)), PacketAck("publish", 4)]
