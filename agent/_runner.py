@@ -22,6 +22,7 @@ from fedasync_iot.models import (
     Message,
     PublishFailed,
     Topics,
+    atomic_write,
     create_client,
 )
 
@@ -124,9 +125,9 @@ class PahoLink:
         state directory may be read-only in a test, and this is only a report)."""
         with contextlib.suppress(OSError):
             self._state_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._state_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({**info, **self._process, **self.instance.fields()}))
-            tmp.replace(self._state_file)
+            atomic_write(self._state_file,
+                         json.dumps({**info, **self._process, **self.instance.fields()}).encode(),
+                         fsync=False, fsync_dir=False)
 
     def _on_message(self, msg: Message) -> None:
         if msg.topic == self.topics.status(self.device_id):

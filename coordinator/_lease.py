@@ -14,7 +14,14 @@ from collections.abc import Callable
 
 from fedasync_iot.coordinator._config import CoordinatorConfig
 from fedasync_iot.coordinator._identity import Identity, LookTimeout, Presence, Survey, look
-from fedasync_iot.models import BrokerAddress, Connection, StateError, Topics, describe_error
+from fedasync_iot.models import (
+    Backoff,
+    BrokerAddress,
+    Connection,
+    StateError,
+    Topics,
+    describe_error,
+)
 
 log = logging.getLogger("fedasync.coordinator")
 
@@ -219,7 +226,7 @@ def wait_as_standby(config: CoordinatorConfig, stop: threading.Event) -> bool:
         return rival is None
 
     candidates = address.candidates()  # with several URLs: each in turn, as the service does
-    delay, failures = 1.0, 0
+    backoff, failures = Backoff(1.0, 30.0), 0
     while not stop.is_set():
         here = candidates[failures % len(candidates)]
         try:
@@ -227,11 +234,11 @@ def wait_as_standby(config: CoordinatorConfig, stop: threading.Event) -> bool:
         except LookTimeout:
             return True  # the service's own check says why, and connects anyway
         except OSError as exc:
+            delay = backoff.delay(failures)
             failures += 1
             log.warning("cannot connect to %s: %s; next attempt in %.1f s (%d failed so far)",
                         here.redacted(), describe_error(exc, here), delay, failures)
             stop.wait(delay)
-            delay = min(delay * 2, 30.0)
             continue
         if announced and not stop.is_set():
             log.info("the other coordinator of fleet %r is offline: taking over", config.fleet)
