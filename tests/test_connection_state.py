@@ -122,8 +122,11 @@ def test_coordinator_publishes_only_once_a_broker_has_the_snapshot(
     caplog.set_level(logging.INFO, logger="fedasync")
     port = free_port()
     url = f"mqtt://127.0.0.1:{port}"
+    # The broker's port stays free until the broker starts: an HTTP server on port 0 could be
+    # given it (it was, once) and take the connection attempts meant to be refused.
+    http_port = next(p for p in iter(free_port, None) if p != port)
     service = CoordinatorService(coordinator_config(url, "late", tmp_path / "coord",
-                                                    http="127.0.0.1:0"))
+                                                    http=f"127.0.0.1:{http_port}"))
     broker = MosquittoBroker(workdir=tmp_path / "mosquitto", port=port)
     service.start()
     try:
