@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedasync_iot.agent import _runner as runner_module
 from fedasync_iot.agent._agent import Agent
 from fedasync_iot.agent._config import AgentConfig
 from fedasync_iot.agent._data import CallableSource
@@ -28,9 +29,9 @@ from fedasync_iot.agent.cli import main as agent_main
 from fedasync_iot.coordinator._config import CoordinatorConfig, SnapshotConfig
 from fedasync_iot.coordinator._service import CoordinatorService
 from fedasync_iot.fleet._broker import MosquittoBroker, free_port
-from fedasync_iot.models import ModelSpec, Topics, decode_snapshot
+from fedasync_iot.models import Backoff, ModelSpec, Topics, decode_snapshot
 from fedasync_iot.models._files import save_npz
-from fedasync_iot.models._mqtt import BrokerAddress, create_client
+from fedasync_iot.models._mqtt import BrokerAddress, PacketAck, create_client
 from tests.helpers import Listener, wait_for
 
 SPEC = ModelSpec(kind="logistic", n_features=4, classes=(0, 1, 2))
@@ -63,6 +64,53 @@ def coordinator_config(url: str, fleet: str, state: Path, **changes: object
 def warnings_with(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
     return [r for r in caplog.records
             if r.levelno == logging.WARNING and text in r.getMessage()]
+
+
+@pytest.mark.broker
+def test_a_refused_ack_subscription_is_asked_again_until_granted(
+        private_broker: MosquittoBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """NATS refuses subscriptions it cannot back with a JetStream consumer in time
+    (docs/scaling.md); Mosquitto never does, so the first SUBACK is turned into a refusal."""
+    caplog.set_level(logging.INFO, logger="fedasync")
+    monkeypatch.setattr(runner_module, "ACK_SUBSCRIBE_BACKOFF", Backoff(0.2, 0.2))
+    agent, link = agent_on(private_broker.url, "refused", tmp_path)
+    got: list[str] = []
+    agent.on_message = lambda topic, payload: got.append(topic)  # type: ignore[method-assign]
+    genuine = link.client.on_acked
+    assert genuine is not None
+    refused_once: list[PacketAck] = []
+
+    def refuse_first(ack: PacketAck) -> None:
+        if ack.kind == "subscribe" and not refused_once:
+            refused_once.append(ack)
+            ack = PacketAck("subscribe", ack.mid, ("Unspecified error",))
+        genuine(ack)
+
+    link.client.on_acked = refuse_first
+    link.start()
+    try:
+        assert wait_for(lambda: warnings_with(caplog, "refused the subscription to acks"), 30)
+        assert link.connection_info()["ack_subscription_refusals"] == 1
+        assert wait_for(lambda: any("granted the subscription to acks after 1 refusal" in
+                                    r.getMessage() for r in caplog.records), 30)
+        assert "ack_subscription_refusals" not in link.connection_info()
+        # Granted for real: an ack published now reaches the agent.
+        topic = Topics("refused").ack("pi-1")
+        client = create_client(BrokerAddress.parse(private_broker.url), client_id="acker",
+                               persistent=False)
+        client.connect("127.0.0.1", private_broker.port)
+        client.loop_start()
+        try:
+            assert wait_for(client.is_connected, 10)
+            client.send(topic, b"x", qos=1).wait_for_publish(timeout=10)
+            assert wait_for(lambda: topic in got, 10)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+    finally:
+        link.stop()
+    assert len(warnings_with(caplog, "refused the subscription to acks")) == 1
 
 
 def test_agent_says_at_once_and_at_each_retry_that_nothing_listens(
