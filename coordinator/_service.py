@@ -34,6 +34,7 @@ from fedasync_iot.coordinator._scheduling import Clock, Scheduler, Threads, Wall
 from fedasync_iot.coordinator._store import Store
 from fedasync_iot.coordinator._transport import Handler, ReceivedWatcher, SentWatcher, Transport
 from fedasync_iot.models import (
+    Backoff,
     BrokerAddress,
     Client,
     Connection,
@@ -48,6 +49,10 @@ from fedasync_iot.models import (
 )
 
 log = logging.getLogger("fedasync.coordinator")
+
+# A broker may refuse a subscription (NATS does when it cannot create the JetStream consumer in
+# time): asked again until granted.
+SUBSCRIBE_BACKOFF = Backoff(1.0, 30.0)
 
 ROLLBACK_WAIT_S = 10.0  # for the broker's PUBACK of a rolled-back snapshot, beyond the interval
 
@@ -90,6 +95,7 @@ class CoordinatorService:
         self.metrics.devices_seen.set(self.store.devices_seen())
         self._stop = threading.Event()
         self._connected = threading.Event()
+        self._refusals = 0  # refused subscriptions in a row
         self._http: StatusServer | None = None
         self._started_at = now()
         self.identity = Identity(config.fleet, client_id=config.mqtt_client_id, clock=now)
@@ -226,10 +232,7 @@ class CoordinatorService:
     def _on_online(self, client: Client, session_present: bool) -> None:
         self.identity.has_served = True
         self._intake.generation += 1
-        # QoS 0 for the coordinator status: only live news of a rival counts, never one the
-        # broker kept in this session while it was away (nor, with manual acks, one unacked).
-        client.subscribe([(self.topics.all_updates, 1), (self.topics.all_status, 0),
-                          (self.topics.coordinator_status, 0)])
+        self._subscribe(client)
         self._publish_retained(self.topics.coordinator_status, self._lease.presence("online"))
         self._publisher.republish()  # a broker without persistence forgot them
         self.metrics.connected.set(1)
@@ -238,15 +241,34 @@ class CoordinatorService:
         self._connected.clear()
         self.metrics.connected.set(0)
 
+    def _subscribe(self, client: Client) -> None:
+        # QoS 0 for the coordinator status: only live news of a rival counts, never one the
+        # broker kept in this session while it was away (nor, with manual acks, one unacked).
+        client.subscribe([(self.topics.all_updates, 1), (self.topics.all_status, 0),
+                          (self.topics.coordinator_status, 0)])
+
     def _on_acked(self, ack: PacketAck) -> None:
         if ack.kind != "subscribe":
             return
         # Connected means able to receive: until the broker has the subscription, an update
         # published on a fresh session would go nowhere.
         if ack.refused:
-            log.error("broker refused the subscription to updates: %s", list(ack.refused))
+            delay = SUBSCRIBE_BACKOFF.delay(self._refusals)
+            self._refusals += 1
+            log.error("broker refused the subscription to updates (%s): nothing can arrive; "
+                      "asking again in %.1f s (refusal %d)", ", ".join(ack.refused), delay,
+                      self._refusals)
+            timer = threading.Timer(delay, self._resubscribe)
+            timer.daemon = True
+            timer.start()
             return
+        self._refusals = 0
         self._connected.set()
+
+    def _resubscribe(self) -> None:
+        # Offline now: the next connection subscribes anyway (`_on_online`).
+        if self._link.online and not self._stop.is_set():
+            self._subscribe(self._transport.client)
 
     def _on_message(self, msg: Message) -> None:
         if not self._transport.received(msg):

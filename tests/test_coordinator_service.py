@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import urllib.request
 from pathlib import Path
 
@@ -10,13 +11,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from fedasync_iot.coordinator import _service as service_module
 from fedasync_iot.coordinator._config import CoordinatorConfig, SnapshotConfig
 from fedasync_iot.coordinator._guards import GuardConfig
 from fedasync_iot.coordinator._rules import RuleConfig
 from fedasync_iot.coordinator._service import CoordinatorService
 from fedasync_iot.coordinator._store import checksum
 from fedasync_iot.fleet._broker import MosquittoBroker
-from fedasync_iot.models import ModelSpec, Topics, decode_ack, decode_snapshot
+from fedasync_iot.models import Backoff, ModelSpec, PacketAck, Topics, decode_ack, decode_snapshot
 from tests.helpers import Listener, update_bytes, wait_for
 
 pytestmark = pytest.mark.broker
@@ -167,4 +169,41 @@ def test_rollback_over_http_republishes(broker, fleet_name, tmp_path) -> None:
     finally:
         for c in (dev, model):
             c.close()
+        service.stop()
+
+
+def test_a_refused_subscription_is_asked_again_until_granted(
+        broker: MosquittoBroker, fleet_name: str, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NATS refuses a subscription it cannot back with a JetStream consumer in time; Mosquitto
+    never does, so the first SUBACK is turned into a refusal."""
+    caplog.set_level(logging.INFO, logger="fedasync")
+    monkeypatch.setattr(service_module, "SUBSCRIBE_BACKOFF", Backoff(0.2, 0.2))
+    config = CoordinatorConfig(model=SPEC, broker=broker.url, fleet=fleet_name,
+                               state_dir=str(tmp_path), client_id=f"coord-{fleet_name}", http="")
+    service = CoordinatorService(config)
+    client = service._transport.client
+    genuine = client.on_acked
+    assert genuine is not None
+    refused: list[int] = []
+
+    def refuse_first(ack: PacketAck) -> None:
+        if ack.kind == "subscribe" and not refused:
+            refused.append(ack.mid)
+            ack = PacketAck("subscribe", ack.mid, ("Unspecified error",))
+        genuine(ack)
+
+    client.on_acked = refuse_first
+    service.start()
+    try:
+        # Connected (able to receive) only once the broker granted the subscription: after the
+        # refusal, the one asked again.
+        assert service.wait_connected(30)
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert refused and any("refused the subscription to updates" in e for e in errors)
+        device = Device(broker, fleet_name, "dev-1")
+        ack = device.send(update_bytes(np.full(N, 0.01), base_version=0, device="dev-1"))
+        device.close()
+        assert ack.status == "accepted"
+    finally:
         service.stop()
