@@ -304,6 +304,9 @@ class CoordinatorService:
                            f"for {commits.elapsed:.0f} s ({commits.failures} "
                            f"attempts): {commits.cause}")
         if not self._connected.is_set():
+            if self._refusals:
+                return False, (f"the broker refused the subscription to updates "
+                               f"({self._refusals} time(s)); asking again")
             link = self._link.info()
             return False, (f"not connected to the broker {link['broker']} ({link['state']}"
                            + (f": {link['last_error']})" if link["last_error"] else ")"))
