@@ -194,9 +194,13 @@ class NatsTarget(Target):
         size = 0
         for node in self.cluster.nodes:
             store = self.cluster.workdir / f"js-{node.name}"
-            consumers += sum(1 for _ in store.glob("**/streams/$MQTT_msgs/obs/*"))
-            with contextlib.suppress(OSError):
-                size += sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
+            # JetStream adds and removes files meanwhile: what vanishes is not counted
+            for root, dirs, files in os.walk(store):
+                if root.endswith(os.path.join("streams", "$MQTT_msgs", "obs")):
+                    consumers += len(dirs)
+                for name in files:
+                    with contextlib.suppress(OSError):
+                        size += os.stat(os.path.join(root, name)).st_size
         return {"js_consumer_dirs": consumers, "js_store_mb": round(size / MIB, 1)}
 
 
@@ -626,7 +630,10 @@ def run_cell(kind: str, mode: str, n: int, args: argparse.Namespace) -> dict[str
         # per connected session (a device whose subscription was refused still has one)
         conn = stats["connected"]
         res["kb_per_device"] = round((rss1 - rss0) / 1024 / conn, 1) if conn else None
-        res.update(target.extra())
+        try:
+            res.update(target.extra())
+        except OSError as exc:  # a measurement on the side must not end the run
+            res["extra_error"] = str(exc)
         print(f"  setup: {how}, {ready}/{n} in {setup_s:.1f} s, "
               f"{res['kb_per_device']} KB/device", flush=True)
         if how == "rss limit" or ready == 0:
