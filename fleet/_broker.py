@@ -122,6 +122,11 @@ class MosquittoBroker:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The broker's process id while it runs (None when stopped)."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
     def start(self, *, timeout: float = 10.0) -> None:
         if self.running:
             return

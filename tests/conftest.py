@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from fedasync_iot.fleet import NatsCluster, nats_server_path
 from fedasync_iot.fleet._broker import MosquittoBroker
-from tests.nats_cluster import NatsCluster, nats_server_path
 
 _counter = itertools.count()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
 import time
@@ -14,7 +13,6 @@ import numpy as np
 from fedasync_iot.models import UpdateMessage, encode_update
 from fedasync_iot.models._mqtt import (
     BrokerAddress,
-    Client,
     Connack,
     Message,
     PacketAck,
@@ -83,60 +81,3 @@ class Listener:
         self.client.loop_stop()
         self.client.disconnect()
 
-
-# -- readiness probes for the private brokers (tests/nats_cluster.py, tests/rabbitmq_node.py) --
-
-
-def _probe_client(port: int, *, timeout: float = 5.0) -> Client:
-    """A connected clean-session MQTT 3.1.1 client on 127.0.0.1:`port`; ConnectionError (an
-    OSError) when the broker does not accept it."""
-    client = create_client(BrokerAddress(host="127.0.0.1", port=port),
-                           client_id=f"ready-{uuid.uuid4().hex[:10]}", persistent=False)
-    connected = threading.Event()
-    refused: list[str] = []
-
-    def on_connack(connack: Connack) -> None:
-        if connack.refusal is not None:
-            refused.append(connack.refusal)
-        connected.set()
-
-    client.on_connack = on_connack
-    client.connect("127.0.0.1", port, keepalive=10)
-    client.loop_start()
-    if not connected.wait(timeout) or refused:
-        _close(client)
-        raise ConnectionError(f"MQTT connection on port {port} not accepted "
-                              f"({refused[0] if refused else 'no CONNACK'})")
-    return client
-
-
-def _close(client: Client) -> None:
-    client.loop_stop()
-    with contextlib.suppress(Exception):
-        client.disconnect()
-
-
-def retained_round_trip(port: int, topic: str, payload: bytes, *, publish: bool,
-                        timeout: float = 5.0) -> bool:
-    """Publish (if asked) `payload` retained at QoS 1, then subscribe and see it come back."""
-    client = _probe_client(port)
-    try:
-        if publish:
-            info = client.send(topic, payload, qos=1, retain=True)
-            info.wait_for_publish(timeout)
-            if not info.is_published():
-                return False
-        got = threading.Event()
-        client.handle(lambda m: got.set() if m.payload == payload else None)
-        client.subscribe(topic, 1)
-        return got.wait(timeout)
-    finally:
-        _close(client)
-
-
-def clear_retained(port: int, topic: str) -> None:
-    client = _probe_client(port)
-    try:
-        client.send(topic, b"", qos=1, retain=True).wait_for_publish(5)
-    finally:
-        _close(client)

@@ -20,9 +20,10 @@ from fedasync_iot.agent._instance import Instance, TwinWatch
 from fedasync_iot.agent._readings import StaticReader
 from fedasync_iot.agent._runner import AgentRunner
 from fedasync_iot.agent._spool import Spool
+from fedasync_iot.fleet import clear_retained
 from fedasync_iot.fleet._broker import MosquittoBroker
 from fedasync_iot.models import Topics
-from tests.helpers import Listener, clear_retained, update_bytes, wait_for
+from tests.helpers import Listener, update_bytes, wait_for
 from tests.test_agent import agent_config, coordinator, digits_dir, readings
 
 pytestmark = pytest.mark.broker

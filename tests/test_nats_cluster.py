@@ -1,5 +1,5 @@
 """The real coordinator and agents on a clustered broker (issue 17, items 1 and 2): a private
-3-node NATS cluster serving MQTT (tests/nats_cluster.py), unchanged code, and failover between
+3-node NATS cluster serving MQTT (fleet/_clusters.py), unchanged code, and failover between
 broker URLs when a node dies.
 
 Agents are the real `agent.Agent` on real `PahoLink`s with a stub trainer
@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedasync_iot.fleet import NatsCluster
 from fedasync_iot.models import Snapshot, Topics, decode_snapshot
 from fedasync_iot.models._mqtt import BrokerAddress, Connack, PacketAck, create_client
 from tests.helpers import wait_for
-from tests.nats_cluster import NatsCluster
 from tests.test_reliability import (
     AgentFleet,
     Pacer,

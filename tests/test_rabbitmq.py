@@ -1,5 +1,5 @@
 """The real coordinator and agents on RabbitMQ 3.10 with its MQTT plugin (issue 17, item 1:
-broker-neutral): a private node (tests/rabbitmq_node.py), unchanged code.
+broker-neutral): a private node (fleet/_clusters.py), unchanged code.
 
 Agents are the real `agent.Agent` on real `PahoLink`s with a stub trainer
 (tests/test_reliability.py's `AgentFleet` parts); the coordinator is the real service in this
@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedasync_iot.fleet import RabbitError, RabbitNode, rabbitmq_server_path
 from fedasync_iot.models import Snapshot, Topics, decode_snapshot
 from fedasync_iot.models._mqtt import BrokerAddress, Connack, PacketAck, create_client
 from tests.helpers import wait_for
-from tests.rabbitmq_node import RabbitError, RabbitNode, rabbitmq_server_path
 from tests.test_reliability import (
     AgentFleet,
     check_lineage,
