@@ -21,6 +21,7 @@ from fedasync_iot.models import (
     BrokerAddress,
     Client,
     Connection,
+    KeptSubscription,
     Message,
     PacketAck,
     PublishFailed,
@@ -72,11 +73,12 @@ class PahoLink:
                                      on_online=self._on_online, on_change=self._record)
         self.agent: Agent | None = None
         self.client.handle(self._on_message)
-        self.client.on_acked = self._on_acked
-        self._ack_subscription: int | None = None  # the SUBSCRIBE's packet id, until its SUBACK
-        self._ack_lock = threading.Lock()  # a retry subscribes from a timer thread
-        self.ack_refusals = 0  # in a row; 0 once the broker granted the subscription
-        self._rng = random.Random()
+        self.acks = KeptSubscription(
+            self.client, [(self.topics.ack(config.device_id), 1)],
+            backoff=ACK_SUBSCRIBE_BACKOFF, rng=random.Random(),
+            active=lambda: self.connected and not self._retired,
+            on_refused=self._acks_refused, on_granted=self._acks_granted)
+        self.client.on_acked = self.acks.acked
 
     @property
     def connected(self) -> bool:
@@ -84,8 +86,8 @@ class PahoLink:
 
     def connection_info(self) -> dict[str, Any]:
         info = self.connection.info()
-        if self.ack_refusals:
-            info["ack_subscription_refusals"] = self.ack_refusals
+        if self.acks.refusals:
+            info["ack_subscription_refusals"] = self.acks.refusals
         if self.twins.twins:
             info["other_agents_with_this_id"] = [t.describe() for t in self.twins.twins.values()]
         return info
@@ -126,7 +128,7 @@ class PahoLink:
     def _on_online(self, client: Client, session_present: bool) -> None:
         # Acks at QoS 1 in the persistent session: the broker keeps them while the device is
         # away. Announcements and snapshots are the agent's to subscribe to, when it wants them.
-        self._subscribe_acks(client)
+        self.acks.subscribe()
         # The retained status of this device, as the broker holds it before the agent publishes
         # its own (agent._instance); unsubscribed at once, so its own statuses never come back.
         client.subscribe(self.topics.status(self.device_id), 0)
@@ -134,36 +136,16 @@ class PahoLink:
         if self.agent is not None:
             self.agent.on_connected()
 
-    def _subscribe_acks(self, client: Client) -> None:
-        with self._ack_lock:
-            self._ack_subscription = client.subscribe(self.topics.ack(self.device_id), 1)
-
-    def _on_acked(self, ack: PacketAck) -> None:
-        """The SUBACK of the ack subscription: granted, or refused and asked again later."""
-        with self._ack_lock:
-            if ack.kind != "subscribe" or ack.mid != self._ack_subscription:
-                return
-            self._ack_subscription = None
-        if not ack.refused:
-            if self.ack_refusals:
-                log.info("the broker granted the subscription to acks after %d refusal(s)",
-                         self.ack_refusals)
-            self.ack_refusals = 0
-            return
-        delay = ACK_SUBSCRIBE_BACKOFF.delay(self.ack_refusals, self._rng)
-        self.ack_refusals += 1
+    def _acks_refused(self, ack: PacketAck, delay: float) -> None:
         log.warning("the broker refused the subscription to acks (%s: %s): no ack can arrive, "
                     "updates stay spooled; asking again in %.1f s (refusal %d)",
                     self.topics.ack(self.device_id), ", ".join(ack.refused), delay,
-                    self.ack_refusals)
-        timer = threading.Timer(delay, self._resubscribe_acks)
-        timer.daemon = True
-        timer.start()
+                    self.acks.refusals)
 
-    def _resubscribe_acks(self) -> None:
-        # Offline now: the next connection subscribes anyway (`_on_online`).
-        if self.connected and not self._retired:
-            self._subscribe_acks(self.client)
+    @staticmethod
+    def _acks_granted(refusals: int) -> None:
+        if refusals:
+            log.info("the broker granted the subscription to acks after %d refusal(s)", refusals)
 
     def _record(self, info: dict[str, Any]) -> None:
         """Keep the connection state where `fedasync-agent status` reads it (best effort: the

@@ -38,6 +38,7 @@ from fedasync_iot.models import (
     BrokerAddress,
     Client,
     Connection,
+    KeptSubscription,
     Message,
     PacketAck,
     Publication,
@@ -50,8 +51,8 @@ from fedasync_iot.models import (
 
 log = logging.getLogger("fedasync.coordinator")
 
-# A broker may refuse a subscription (NATS does when it cannot create the JetStream consumer in
-# time): asked again until granted.
+# A refused subscription to updates is asked again (models._kept); NATS refuses when it cannot
+# create the JetStream consumer in time.
 SUBSCRIBE_BACKOFF = Backoff(1.0, 30.0)
 
 ROLLBACK_WAIT_S = 10.0  # for the broker's PUBACK of a rolled-back snapshot, beyond the interval
@@ -95,7 +96,6 @@ class CoordinatorService:
         self.metrics.devices_seen.set(self.store.devices_seen())
         self._stop = threading.Event()
         self._connected = threading.Event()
-        self._refusals = 0  # refused subscriptions in a row
         self._http: StatusServer | None = None
         self._started_at = now()
         self.identity = Identity(config.fleet, client_id=config.mqtt_client_id, clock=now)
@@ -132,7 +132,17 @@ class CoordinatorService:
             clock=self._clock, cohorts=cohorts, stop=self._stop,
             on_new_version=self._publisher.want, merge=self._process)
         client.gate = self._lease.gate
-        client.on_acked = self._on_acked
+        # QoS 0 for the coordinator status: only live news of a rival counts, never one the
+        # broker kept in this session while it was away (nor, with manual acks, one unacked).
+        # Connected means able to receive: until the broker grants the subscription, an update
+        # published on a fresh session would go nowhere.
+        self._subscription = KeptSubscription(
+            client, [(self.topics.all_updates, 1), (self.topics.all_status, 0),
+                     (self.topics.coordinator_status, 0)],
+            backoff=SUBSCRIBE_BACKOFF, on_refused=self._updates_refused,
+            on_granted=lambda _refusals: self._connected.set(),
+            active=lambda: self._link.online and not self._stop.is_set())
+        client.on_acked = self._subscription.acked
         client.handle(self._on_message)
 
     # -- what a scheduler runs (coordinator/_scheduling.py's Work) --------------------------
@@ -232,7 +242,7 @@ class CoordinatorService:
     def _on_online(self, client: Client, session_present: bool) -> None:
         self.identity.has_served = True
         self._intake.generation += 1
-        self._subscribe(client)
+        self._subscription.subscribe()
         self._publish_retained(self.topics.coordinator_status, self._lease.presence("online"))
         self._publisher.republish()  # a broker without persistence forgot them
         self.metrics.connected.set(1)
@@ -241,34 +251,10 @@ class CoordinatorService:
         self._connected.clear()
         self.metrics.connected.set(0)
 
-    def _subscribe(self, client: Client) -> None:
-        # QoS 0 for the coordinator status: only live news of a rival counts, never one the
-        # broker kept in this session while it was away (nor, with manual acks, one unacked).
-        client.subscribe([(self.topics.all_updates, 1), (self.topics.all_status, 0),
-                          (self.topics.coordinator_status, 0)])
-
-    def _on_acked(self, ack: PacketAck) -> None:
-        if ack.kind != "subscribe":
-            return
-        # Connected means able to receive: until the broker has the subscription, an update
-        # published on a fresh session would go nowhere.
-        if ack.refused:
-            delay = SUBSCRIBE_BACKOFF.delay(self._refusals)
-            self._refusals += 1
-            log.error("broker refused the subscription to updates (%s): nothing can arrive; "
-                      "asking again in %.1f s (refusal %d)", ", ".join(ack.refused), delay,
-                      self._refusals)
-            timer = threading.Timer(delay, self._resubscribe)
-            timer.daemon = True
-            timer.start()
-            return
-        self._refusals = 0
-        self._connected.set()
-
-    def _resubscribe(self) -> None:
-        # Offline now: the next connection subscribes anyway (`_on_online`).
-        if self._link.online and not self._stop.is_set():
-            self._subscribe(self._transport.client)
+    def _updates_refused(self, ack: PacketAck, delay: float) -> None:
+        log.error("broker refused the subscription to updates (%s): nothing can arrive; asking "
+                  "again in %.1f s (refusal %d)", ", ".join(ack.refused), delay,
+                  self._subscription.refusals)
 
     def _on_message(self, msg: Message) -> None:
         if not self._transport.received(msg):
@@ -304,9 +290,9 @@ class CoordinatorService:
                            f"for {commits.elapsed:.0f} s ({commits.failures} "
                            f"attempts): {commits.cause}")
         if not self._connected.is_set():
-            if self._refusals:
+            if self._subscription.refusals:
                 return False, (f"the broker refused the subscription to updates "
-                               f"({self._refusals} time(s)); asking again")
+                               f"({self._subscription.refusals} time(s)); asking again")
             link = self._link.info()
             return False, (f"not connected to the broker {link['broker']} ({link['state']}"
                            + (f": {link['last_error']})" if link["last_error"] else ")"))

@@ -32,6 +32,7 @@ from fedasync_iot.models._files import (
     sync_directory,
 )
 from fedasync_iot.models._ids import ID_PATTERN, ID_RULE, is_valid_id
+from fedasync_iot.models._kept import KeptSubscription
 from fedasync_iot.models._logging import setup_logging
 from fedasync_iot.models._mqtt import (
     BrokerAddress,
@@ -150,6 +151,7 @@ __all__ = [
     "FedAsyncError",
     "FitReport",
     "InvalidUpdate",
+    "KeptSubscription",
     "Labels",
     "LinearAdapter",
     "LogisticAdapter",
