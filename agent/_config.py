@@ -12,7 +12,7 @@ from fedasync_iot.agent._policy import PolicyConfig
 from fedasync_iot.agent._privacy import PrivacyConfig
 from fedasync_iot.agent._trainer import TrainConfig
 from fedasync_iot.models import (
-    ID_RULE,
+    NAME_RULE,
     ConfigError,
     bounds,
     check_broker,
@@ -79,7 +79,7 @@ class AgentConfig:
     def __post_init__(self) -> None:
         check_broker(self.broker)
         if not is_valid_id(self.device_id):
-            raise ConfigError(f"device_id must be {ID_RULE}", key="device_id")
+            raise ConfigError(f"device_id must be {NAME_RULE}", key="device_id")
         check_fields(self)
         if not isinstance(self.fetch_on_metered, bool):
             raise ConfigError(f"fetch_on_metered must be true or false, got "

@@ -31,7 +31,7 @@ from fedasync_iot.models._files import (
     save_npz,
     sync_directory,
 )
-from fedasync_iot.models._ids import ID_PATTERN, ID_RULE, is_valid_id
+from fedasync_iot.models._ids import ID_PATTERN, ID_RULE, NAME_RULE, is_valid_id
 from fedasync_iot.models._kept import KeptSubscription
 from fedasync_iot.models._logging import setup_logging
 from fedasync_iot.models._mqtt import (
@@ -132,6 +132,7 @@ __all__ = [
     "MAX_COHORT",
     "MAX_RETRY_AFTER_S",
     "MODEL_KINDS",
+    "NAME_RULE",
     "ROUTINE_REJECTIONS",
     "Ack",
     "AckStatus",

@@ -9,9 +9,10 @@ from typing import TypeGuard
 
 ID_RULE = "1-64 characters of A-Z a-z 0-9 _ . -"
 ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+NAME_RULE = f"{ID_RULE}, other than . and .."  # what `is_valid_id` checks, in words
 
 
 def is_valid_id(value: object) -> TypeGuard[str]:
-    """Whether `value` follows `ID_RULE` and is not ``.`` or ``..`` (a path, not a name)."""
+    """Whether `value` follows `NAME_RULE` (``.`` and ``..`` are paths, not names)."""
     return (isinstance(value, str) and ID_PATTERN.fullmatch(value) is not None
             and value not in {".", ".."})

@@ -40,7 +40,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedasync_iot.models._errors import ModelError, UnsupportedSchema, WireError
-from fedasync_iot.models._ids import ID_RULE, is_valid_id
+from fedasync_iot.models._ids import NAME_RULE, is_valid_id
 from fedasync_iot.models._spec import ModelSpec
 from fedasync_iot.models._template import OnnxTemplate, parse_bindings
 
@@ -134,9 +134,9 @@ _ACK_KEYS = frozenset({"schema", "kind", "update_id", "status", "reason", "versi
 
 def validate_id(value: object, what: str) -> str:
     """`value` if it is a valid device/update id (an MQTT topic level and a file name), else
-    `WireError`: `models._ids.ID_RULE`, and not ``.`` or ``..``."""
+    `WireError` (`models._ids.NAME_RULE`)."""
     if not is_valid_id(value):
-        raise WireError(f"{what} must be {ID_RULE}, got {_show(value)}")
+        raise WireError(f"{what} must be {NAME_RULE}, got {_show(value)}")
     return value
 
 
