@@ -83,6 +83,9 @@ class BrokerAddress:
             port = parts.port or _DEFAULT_PORTS[parts.scheme]
         except ValueError as exc:
             raise ConfigError(f"bad port in broker URL {url!r}", key="broker") from exc
+        if parts.netloc.endswith(":"):  # "host:" is a port left out, not a wish for the default
+            raise ConfigError(f"empty port in broker URL {url!r}: give one, or leave out the ':' "
+                              f"for the default {port}", key="broker")
         return cls(
             host=parts.hostname or "",
             port=port,

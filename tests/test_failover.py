@@ -50,6 +50,8 @@ def test_a_comma_inside_a_password_is_not_a_separator() -> None:
     ("mqtt://a:1,mqtt://a:1", "listed twice"),
     ([], "no broker URL"),
     ("mqtt://a,http://b", "must start with mqtt://"),
+    ("mqtt://127.0.0.1:", "empty port in broker URL 'mqtt://127.0.0.1:'.*default 1883"),
+    ("mqtts://u:p@hub:", "empty port .*default 8883"),
 ])
 def test_bad_lists_are_refused(setting: str | list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
