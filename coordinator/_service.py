@@ -175,14 +175,23 @@ class CoordinatorService:
         log.info("coordinator for fleet %r at version %d, rule %s, broker %s, client id %s",
                  self.config.fleet, self.engine.version, self.config.rule.name,
                  self.address.redacted(), self.config.mqtt_client_id)
+        address = self.config.http_address
+        if address is not None:
+            # First, before anything runs: a port another process holds (a second coordinator
+            # beside the first) stops this one with one line. The store holds the state
+            # directory's lock by now, so a token generated here cannot replace the file of
+            # another running coordinator.
+            try:
+                self._http = StatusServer(address, self, token=service_token(self.config),
+                                          registry=self.metrics.registry, lock=self.store.lock)
+            except OSError as exc:
+                raise StateError(f"cannot serve metrics and status on {self.config.http} "
+                                 f"({exc.strerror or exc}): another process (a second "
+                                 "coordinator?) holds it; set http to a free HOST:PORT, or "
+                                 "\"\" to turn it off") from exc
         self.identity.register()
         self._scheduler.start(self)
-        if self.config.http_address is not None:
-            # The store holds the state directory's lock by now, so a token generated here
-            # cannot replace the file of another running coordinator.
-            self._http = StatusServer(self.config.http_address, self,
-                                      token=service_token(self.config),
-                                      registry=self.metrics.registry, lock=self.store.lock)
+        if self._http is not None:
             self._http.start()
             log.info("metrics and status on http://%s:%d/", *self._http.address)
         self._link.start()

@@ -736,3 +736,33 @@ def test_rollback_refuses_when_the_holder_does_not_answer(tmp_path: Path, cli: A
 
     code, _, err = cli("rollback", "--state-dir", state, "--to", "0")
     assert code == 0, err
+
+
+@pytest.mark.broker
+def test_a_second_coordinator_on_a_taken_http_port_says_so(
+        broker: MosquittoBroker, fleet_name: str, tmp_path: Path) -> None:
+    """Another state directory, the same `http` (the default port, say) as a running one: one
+    line and exit 2, not a traceback; the state directory is left for the next run."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        state = tmp_path / "state"
+        config = write_config(tmp_path / "c.toml", state, extra=(
+            f'broker = "{broker.url}"\nfleet = "{fleet_name}"\nhttp = "127.0.0.1:{port}"\n'
+            f'client_id = "coord-{fleet_name}"'))
+        done = subprocess.run([sys.executable, "-m", "fedasync_iot.coordinator.cli", "run",
+                               "--config", str(config)], env=child_env(), capture_output=True,
+                              text=True, timeout=120, check=False)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert (f"error: cannot serve metrics and status on 127.0.0.1:{port} (Address already in "
+            "use): another process (a second coordinator?) holds it") in done.stderr
+    # Nothing held: the same configuration runs once the port is free.
+    again = run_process(config, tmp_path / "again.log")
+    try:
+        assert wait_for(lambda: "metrics and status on" in (tmp_path / "again.log").read_text(),
+                        timeout=60), (tmp_path / "again.log").read_text()
+    finally:
+        again.send_signal(signal.SIGTERM)
+        assert again.wait(timeout=60) == 0
