@@ -3,7 +3,7 @@ keeps them until acknowledged, and runs the newest model locally."""
 
 from fedasync_iot.agent._agent import Agent
 from fedasync_iot.agent._child import train_in_child
-from fedasync_iot.agent._config import AgentConfig, load_config
+from fedasync_iot.agent._config import AgentConfig, Session, load_config
 from fedasync_iot.agent._data import CallableSource, DataSource, DirectorySource
 from fedasync_iot.agent._link import Link
 from fedasync_iot.agent._policy import (
@@ -17,6 +17,7 @@ from fedasync_iot.agent._policy import (
 from fedasync_iot.agent._predict import Predictor
 from fedasync_iot.agent._privacy import PrivacyConfig, PrivacyLedger, device_multiplier
 from fedasync_iot.agent._readings import PsutilReader, Readings, ReadingsSource, StaticReader
+from fedasync_iot.agent._resend import ResendConfig
 from fedasync_iot.agent._spool import Spool
 from fedasync_iot.agent._trainer import TrainConfig, train_update
 
@@ -37,6 +38,8 @@ __all__ = [
     "PsutilReader",
     "Readings",
     "ReadingsSource",
+    "ResendConfig",
+    "Session",
     "Spool",
     "StaticReader",
     "TrainConfig",

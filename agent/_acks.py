@@ -46,6 +46,8 @@ class AckHandler:
             log.warning("coordinator rejected a message it could not read: %s (%s)", ack.reason,
                         ack.detail)
             return
+        with self.shared.lock:
+            self.shared.resender.acked(ack.update_id, self.shared.net_clock())
         if ack.status == "rejected" and ack.reason == Rejection.FUTURE_VERSION:
             self._wait_for_coordinator(ack, ack.update_id)
             return

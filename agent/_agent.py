@@ -217,6 +217,7 @@ class Agent:
         wants a model, it waits (at most `model_wait_s`) for the announcement and the fetch it
         starts, so that it trains on the newest model (blocking: the simulator never polls)."""
         decision = self.check()
+        self.resend_unacked()
         self.fetcher.await_model(self.model_wait_s)
         if self.should_train(decision):
             self.train_once()
@@ -233,6 +234,12 @@ class Agent:
                      self.decision.reason)
             self.publish_status()
         return self.decision
+
+    def resend_unacked(self) -> None:
+        """Sessionless (the broker keeps no ack for this device): send again each update whose
+        ack is overdue (agent._resend). A persistent session's broker keeps the acks instead."""
+        if self.config.session == "sessionless" and self.link.connected:
+            self.watch.resend_unacked()
 
     def should_train(self, decision: Decision) -> bool:
         snapshot = self.snapshot
@@ -355,6 +362,7 @@ class Agent:
         self.progress.record(n_samples=update.n_samples, base_version=update.base_version)
         if send and self.link.connected:
             self.link.publish(self.topics.update(self.config.device_id), payload, qos=1)
+            self.shared.published(update.update_id)
             self.counters.sent += 1
         self._set_in_flight(False)
         self.publish_status()
@@ -402,6 +410,8 @@ class Agent:
             "fetched_bytes": self.fetched_bytes,
             "spool_depth": len(spooled),
             "spool_dropped": self.spool.dropped,
+            # How the broker holds this device's acks, and when an unacked update goes again.
+            "session": {"mode": self.config.session, **self.shared.resender.status()},
             "privacy": self.privacy.status(),
             # Spooled updates a coordinator behind this agent refused as from the future: sent
             # again once it reaches their base versions (a full spool may have dropped some).

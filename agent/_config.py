@@ -10,6 +10,7 @@ from typing import Any, Literal
 from fedasync_iot.agent._hooks import COMMAND_PREFIX, check_spec, command_argv
 from fedasync_iot.agent._policy import PolicyConfig
 from fedasync_iot.agent._privacy import PrivacyConfig
+from fedasync_iot.agent._resend import ResendConfig
 from fedasync_iot.agent._trainer import TrainConfig
 from fedasync_iot.models import (
     NAME_RULE,
@@ -20,6 +21,9 @@ from fedasync_iot.models import (
     is_valid_id,
     load,
 )
+
+# How the broker holds a device's session (AgentConfig.session).
+Session = Literal["sessionless", "persistent"]
 
 _COUNT_0 = bounds(ge=0, integer=True, rule="a non-negative integer")
 _SECONDS = bounds(ge=0, rule="a non-negative number of seconds")
@@ -35,6 +39,12 @@ class AgentConfig:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    # "sessionless": the broker keeps nothing for this device between connections (clean
+    # session, acks and models at QoS 0); an update with no ack is sent again after a timeout
+    # that follows the measured acks ([resend]). "persistent": the broker keeps the device's
+    # session and queues its acks while it is away (QoS 1). docs/brokers.md, "Device sessions".
+    session: Session = "sessionless"
+    resend: ResendConfig = field(default_factory=ResendConfig)
     fleet: str = "default"
     topic_root: str = "fl"
     state_dir: str = "agent-state"
@@ -84,6 +94,9 @@ class AgentConfig:
         if not isinstance(self.fetch_on_metered, bool):
             raise ConfigError(f"fetch_on_metered must be true or false, got "
                               f"{self.fetch_on_metered!r}", key="fetch_on_metered")
+        if self.session not in ("sessionless", "persistent"):
+            raise ConfigError(f'session must be "sessionless" or "persistent", got '
+                              f"{self.session!r}", key="session")
         self._check_site_control()
         if self.privacy.epsilon_budget is not None and self.training.noise_multiplier <= 0:
             raise ConfigError("privacy.epsilon_budget needs training.noise_multiplier > 0: an "

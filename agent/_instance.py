@@ -6,11 +6,13 @@ MQTT 3.1.1 each sees only a lost connection (issue 21: 84 takeovers a minute, an
 counted). So each agent carries a random instance id and its start time in its retained status
 and its last will, and at every connect reads the retained status of its own device (subscribed
 and unsubscribed at once, before it publishes its own: no echo of its own statuses comes down).
-Mosquitto does not replace the retained status with the will of a connection taken over, so
-after a takeover the retained status is the other agent's: "online", another instance, and
-published (its ``time``) after this agent started. A status published before this agent started
-is the last word of a previous run on this device (a crash, a SIGKILL, a reboot; or a lagging
-copy on a clustered broker) and means nothing.
+After a takeover the retained status shows the other agent in one of two ways: its own
+"online" status, published (its ``time``) after this agent started; or, where the broker
+publishes the will of the connection taken over (Mosquitto does when either session is clean:
+sessionless devices), that will, which names when its connection was made (``connected_at``,
+set before every attempt) - after this agent started. A status or will from before this agent
+started is the last word of a previous run on this device (a crash, a SIGKILL, a reboot; or a
+lagging copy on a clustered broker) and means nothing.
 
 Of the two agents, the newer (later start; the instance id breaks a tie) stops with exit 2 and
 an ERROR; the older logs an ERROR once per other instance and keeps running. A status without an
@@ -61,14 +63,18 @@ def utc(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def online_instance(payload: bytes, *, since: float) -> Instance | None:
-    """The instance an agent status names while saying "online" in a status published at or
-    after `since`; None for anything else (older, offline, a last will, a status without an
-    instance id, unreadable bytes)."""
+def live_instance(payload: bytes, *, since: float) -> Instance | None:
+    """The instance an agent status or will shows alive at or after `since`: an "online" status
+    published then, or a will whose connection was made then (module docstring); None for
+    anything else (older, a stopped agent's offline status, a status without an instance id,
+    unreadable bytes)."""
     try:
         status = json.loads(payload)
-        if (not isinstance(status, dict) or status.get("state") != "online"
-                or not float(status["time"]) >= since):
+        if not isinstance(status, dict):
+            return None
+        state = status.get("state")
+        when = status["time"] if state == "online" else status.get("connected_at")
+        if state not in ("online", "offline") or when is None or not float(when) >= since:
             return None
         return Instance(str(status["instance"]), float(status["started_at"]))
     except (ValueError, TypeError, KeyError, RecursionError):
@@ -86,7 +92,7 @@ class TwinWatch:
 
     def observe(self, payload: bytes) -> Instance | None:
         """The other instance this status reveals the first time it does, else None."""
-        seen = online_instance(payload, since=self.me.started_at)
+        seen = live_instance(payload, since=self.me.started_at)
         if seen is None or seen.id == self.me.id or seen.id in self.twins:
             return None
         self.twins[seen.id] = seen

@@ -7,6 +7,7 @@ import json
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,8 @@ CONNECTION_FILE = "connection.json"  # in the state directory: the running agent
 
 
 class PahoLink:
-    """One persistent MQTT session for one device, with its last will on the status topic.
+    """One device's MQTT connection (sessionless or persistent, `AgentConfig.session`), with
+    its last will on the status topic.
 
     Its `Connection` logs every failed attempt with the reason and the next (jittered) retry,
     and `connection_info()` is the state the agent's status reports; the latest is also kept in
@@ -57,11 +59,14 @@ class PahoLink:
         self.instance = instance or Instance.new()
         self.address = BrokerAddress.parse(config.broker, ca_file=config.ca_file,
                                            cert_file=config.cert_file, key_file=config.key_file)
+        # Sessionless (the default): the broker keeps nothing for this device between
+        # connections; acks come at QoS 0, and the agent sends an unacked update again
+        # (agent._resend). Persistent: the broker queues the acks (QoS 1) while it is away.
+        self.persistent = config.session == "persistent"
         self.client = create_client(self.address, client_id=f"fedasync-agent-{config.device_id}",
-                                  persistent=True)
-        will = {"state": "offline", "device_id": config.device_id, **self.instance.fields()}
-        self.client.will_set(self.topics.status(config.device_id), json.dumps(will).encode(),
-                             qos=1, retain=True)
+                                    persistent=self.persistent)
+        self._will()
+        self.client.gate = self._will  # before every attempt: the will says when it connected
         self.twins = TwinWatch(self.instance)
         self.on_twin: Callable[[Instance], None] | None = None
         self._retired = False
@@ -74,11 +79,20 @@ class PahoLink:
         self.agent: Agent | None = None
         self.client.handle(self._on_message)
         self.acks = KeptSubscription(
-            self.client, [(self.topics.ack(config.device_id), 1)],
+            self.client, [(self.topics.ack(config.device_id), 1 if self.persistent else 0)],
             backoff=ACK_SUBSCRIBE_BACKOFF, rng=random.Random(),
             active=lambda: self.connected and not self._retired,
             on_refused=self._acks_refused, on_granted=self._acks_granted)
         self.client.on_acked = self.acks.acked
+
+    def _will(self) -> None:
+        """The last will for the next connection, which names it (`connected_at`): a will a
+        broker publishes when another client takes the connection over shows then that the
+        other agent connected after this one started (agent._instance)."""
+        will = {"state": "offline", "device_id": self.device_id, **self.instance.fields(),
+                "connected_at": round(time.time(), 3)}
+        self.client.will_set(self.topics.status(self.device_id), json.dumps(will).encode(),
+                             qos=1, retain=True)
 
     @property
     def connected(self) -> bool:
@@ -126,8 +140,8 @@ class PahoLink:
         self.connection.stop()
 
     def _on_online(self, client: Client, session_present: bool) -> None:
-        # Acks at QoS 1 in the persistent session: the broker keeps them while the device is
-        # away. Announcements and snapshots are the agent's to subscribe to, when it wants them.
+        # Acks: asked again at every connect (a clean session forgets its subscriptions).
+        # Announcements and snapshots are the agent's to subscribe to, when it wants them.
         self.acks.subscribe()
         # The retained status of this device, as the broker holds it before the agent publishes
         # its own (agent._instance); unsubscribed at once, so its own statuses never come back.

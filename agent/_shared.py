@@ -13,6 +13,7 @@ from typing import Any, Generic, TypeVar, overload
 
 from fedasync_iot.agent._config import AgentConfig
 from fedasync_iot.agent._link import Link
+from fedasync_iot.agent._resend import Resender
 from fedasync_iot.models import Topics
 
 T = TypeVar("T")
@@ -48,11 +49,20 @@ class Shared:
     # own clock is simulated: a 120 s fetch timeout on a clock 960x faster gave up in 0.1 s.
     net_clock: Callable[[], float]
     topics: Topics = field(init=False)
+    # When an update without an ack goes again (sessionless devices; agent._resend): fed by
+    # every publish of an update and every ack, under the lock.
+    resender: Resender = field(init=False)
     counters: Counters = field(default_factory=Counters)
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     def __post_init__(self) -> None:
         self.topics = Topics(self.config.fleet, self.config.topic_root)
+        self.resender = Resender(self.config.resend)
+
+    def published(self, update_id: str) -> None:
+        """An update was handed to the connection: its ack is now awaited."""
+        with self.lock:
+            self.resender.sent(update_id, self.net_clock())
 
 
 class Forward(Generic[T]):

@@ -67,10 +67,27 @@ class CoordinatorWatch:
                      len(waiting))
         self.send(entries)
 
-    def send(self, entries: list[Spooled]) -> None:
+    def send(self, entries: list[Spooled], *, again: bool = False) -> None:
+        """Publish spooled updates; `again`: copies the resender chose (already counted)."""
         topic = self.shared.topics.update(self.shared.config.device_id)
         for e in entries:
             try:
                 self.shared.link.publish(topic, e.read(), qos=1)
             except OSError:
                 continue  # acked and removed meanwhile
+            if not again:
+                self.shared.published(e.update_id)
+
+    def resend_unacked(self) -> None:
+        """Send again the updates whose ack is overdue (agent._resend), but those that wait
+        for the coordinator to reach their base version."""
+        shared = self.shared
+        with shared.lock:
+            spooled = {e.update_id: e for e in self.spool.entries()}
+            ids = spooled.keys() - self.waiting.keys()
+            due = shared.resender.due(shared.net_clock(), ids)
+            timeout = shared.resender.timeout()
+        if due:
+            log.info("no ack for %d update(s) within %.1f s: sending again (%s)", len(due),
+                     timeout, ", ".join(due))
+            self.send([spooled[u] for u in due], again=True)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from fedasync_iot.agent import PolicyConfig, PrivacyConfig, TrainConfig
+from fedasync_iot.agent import PolicyConfig, PrivacyConfig, Session, TrainConfig
 from fedasync_iot.coordinator import (
     CentralDPConfig,
     CoordinatorConfig,
@@ -144,6 +144,8 @@ class SimConfig:
     # any load (fleet/_virtual.py); "wall": the wall clock compressed by `scale`, for live demos
     # and soak tests.
     clock: str = "virtual"
+    # The devices' MQTT sessions (the agent's `session`): "sessionless" or "persistent".
+    session: Session = "sessionless"
     broker: str | None = None  # URL of an existing broker; None: start one
     broker_kind: str = "auto"  # auto | mosquitto | embedded
     profile: FleetProfile = field(default_factory=lambda: FleetProfile(speed_median_s=1200.0))
@@ -186,6 +188,9 @@ class SimConfig:
             raise ConfigError("devices must be >= 1", key="devices")
         if self.duration_s <= 0 or self.scale <= 0:
             raise ConfigError("duration_s and scale must be positive")
+        if self.session not in ("sessionless", "persistent"):
+            raise ConfigError(f"session must be sessionless or persistent, got "
+                              f"{self.session!r}", key="session")
         if self.clock not in ("virtual", "wall"):
             raise ConfigError(f"clock must be virtual or wall, got {self.clock!r}", key="clock")
         if self.clock == "virtual" and self.broker_kind == "embedded":
@@ -577,7 +582,8 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet,
             privacy=config.local_privacy,
             check_interval_s=config.check_interval_sim_s, seed=config.seed,
             min_train_interval_s=config.min_train_interval_sim_s,
-            model_refresh_s=config.model_refresh_sim_s) for w, shard in enumerate(shards)]
+            model_refresh_s=config.model_refresh_sim_s, session=config.session)
+            for w, shard in enumerate(shards)]
         if vclock is not None and stepper is not None:
             start = EPOCH
             rows = _run_virtual(service, stepper, specs, vclock, config=config, rule=rule, url=url,
@@ -639,6 +645,12 @@ def run_rule(config: SimConfig, rule: str, out_dir: Path, *, fleet: Fleet,
         mean_cpu_percent=round(float(np.mean([r["cpu_percent"] for r in rows[2:]])), 1)
         if len(rows) > 2 else None,
         broker=broker_totals)
+    # The devices' sessions, the copies they sent again for want of an ack (agent._resend),
+    # and the copies the coordinator had already (acked "duplicate").
+    machine.update(session=config.session,
+                   resent=sum(t.get("resent", 0) for t in latest.values()),
+                   duplicates=int(service.metrics.registry.get_sample_value(
+                       "fedasync_updates_total", {"status": "duplicate"}) or 0))
     if not virtual:  # update-to-ack latency at the devices, and its coordinator's part
         machine["ack_latency_ms"] = ack_percentiles(Counter(
             {k: v for totals in latest.values() for k, v in totals.items()

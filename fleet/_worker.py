@@ -28,6 +28,7 @@ from fedasync_iot.agent import (
     AgentConfig,
     PolicyConfig,
     PrivacyConfig,
+    Session,
     TrainConfig,
     train_update,
 )
@@ -85,6 +86,7 @@ class WorkerSpec:
     min_train_interval_s: float = 0.0  # sim; the agent's, between two trainings
     model_refresh_s: float = 3600.0  # sim; the agent's (0: follow every version)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # the agent's [privacy]
+    session: Session = "sessionless"  # the agent's
 
 
 class ArraySource:
@@ -172,7 +174,7 @@ class SimDevice:
         self.address = address
         self.topics = Topics(spec.fleet)
         client = create_client(address, client_id=f"sim-{spec.fleet}-{trace.device_id}",
-                             persistent=True)
+                               persistent=spec.session == "persistent")
         self.traffic = count_traffic(client)  # messages and bytes by kind (fleet/_traffic.py)
         self.link = SimLink(client, shard, trace.device_id)
         ids = np.random.default_rng([spec.seed, *trace.device_id.encode()])
@@ -182,7 +184,7 @@ class SimDevice:
             min_samples=1, min_new_samples=10**9, retrain_on_new_model=True,
             min_train_interval_s=spec.min_train_interval_s, check_interval_s=spec.check_interval_s,
             model_refresh_s=spec.model_refresh_s, policy=spec.policy, training=spec.training,
-            privacy=spec.privacy, train_in_subprocess=False)
+            privacy=spec.privacy, train_in_subprocess=False, session=spec.session)
 
         def trainer(*args: Any, **kwargs: Any) -> UpdateMessage | None:
             # Seeded update ids: the lineage of a virtual-clock run is the same every time.
@@ -233,7 +235,8 @@ class SimDevice:
         if not connack.accepted:
             return
         # Acks only: announcements and snapshots are the agent's to subscribe to (on demand).
-        self.link.subscribe(self.topics.ack(self.trace.device_id), 1)
+        self.link.subscribe(self.topics.ack(self.trace.device_id),
+                            1 if self.spec.session == "persistent" else 0)
         if self.shard is not None:
             self.link.subscribe(sync_topic(self.spec.fleet), 0)
             self.link.subscribe(device_sync_topic(self.spec.fleet, self.device_id), 0)
@@ -334,6 +337,7 @@ class SimDevice:
             return
         t = self.clock.sim_now()
         decision = self.agent.check()
+        self.agent.resend_unacked()
         if self.job is not None and not decision.eligible:
             self._abort(decision.reason)
         elif self.job is None and self.link.connected and self.agent.should_train(decision):
@@ -373,6 +377,7 @@ class SimDevice:
                 "eligible": int(bool(self.online and d is not None and d.eligible)),
                 "training": int(self.job is not None), "trained": c.trained,
                 "accepted": c.accepted, "rejected": c.rejected, "aborted": c.aborted,
+                "resent": self.agent.shared.resender.resent,
                 **self.traffic.stats(), **self.ack_latency}
 
     def downlink(self) -> dict[str, int]:

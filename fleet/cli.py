@@ -75,7 +75,7 @@ _FIELDS = (("devices", "devices"), ("duration", "duration_s"), ("scale", "scale"
            ("noise_multiplier", "noise_multiplier"), ("clip_norm", "clip_norm"),
            ("epsilon_budget", "epsilon_budget"), ("dp_delta", "dp_delta"),
            ("central_noise_multiplier", "central_noise_multiplier"),
-           ("central_clip_norm", "central_clip_norm"))
+           ("central_clip_norm", "central_clip_norm"), ("session", "session"))
 _SYNTHETIC_ONLY = {"devices": "--devices", "dataset": "--dataset", "dirichlet_alpha": "--alpha",
                    "correlate_labels": "--correlate"}
 
@@ -178,6 +178,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker", help="use this broker (mqtt://host:port) instead of starting one; "
                    "several comma-separated URLs (a cluster's nodes, --clock wall) spread the "
                    "devices over them")
+    p.add_argument("--session", choices=["sessionless", "persistent"],
+                   help=f"the devices' MQTT sessions: sessionless (the broker keeps nothing "
+                        f"between connections; an unacked update is sent again) or persistent "
+                        f"(the broker queues acks for absent devices) ({d.session})")
     p.add_argument("--embedded-broker", action="store_true",
                    help="use the pure-Python broker even if Mosquitto is installed")
     p.add_argument("--log-level", type=log_level, default="WARNING",

@@ -131,14 +131,14 @@ class AgentProcess:
     """`python -m fedasync_iot.agent.cli run` with its own config and log file."""
 
     def __init__(self, broker: MosquittoBroker, fleet: str, root: Path, data: Path,
-                 name: str, device_id: str) -> None:
+                 name: str, device_id: str, session: str = "sessionless") -> None:
         self.state = root / name
         self.config = root / f"{name}.toml"
         self.log = root / f"{name}.log"
         self.config.write_text(
             f'device_id = "{device_id}"\nbroker = "{broker.url}"\nfleet = "{fleet}"\n'
             f'state_dir = "{self.state}"\ndata = "{data}"\nmin_samples = 100000\n'
-            'check_interval_s = 0.2\ntrain_in_subprocess = false\n')
+            f'check_interval_s = 0.2\ntrain_in_subprocess = false\nsession = "{session}"\n')
         self.env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -178,17 +178,22 @@ def processes() -> Iterator[list[AgentProcess]]:
         p.kill()
 
 
+@pytest.mark.parametrize("session", ["sessionless", "persistent"])
 def test_the_newer_of_two_agents_with_one_device_id_stops_with_exit_2(
-        broker, fleet_name, tmp_path, digits_dir, processes) -> None:
-    """Item 4: they would take the broker session from each other at every reconnect."""
+        broker, fleet_name, tmp_path, digits_dir, processes, session) -> None:
+    """Item 4: they would take the broker session from each other at every reconnect. Each
+    mode shows it its own way: persistent, by the other's online status; sessionless, also by
+    the will Mosquitto publishes for the connection taken over."""
     status_topic = Topics(fleet_name).status("pi-dup")
     listener = Listener(broker.url, [status_topic])
     try:
-        older = AgentProcess(broker, fleet_name, tmp_path, digits_dir, "older", "pi-dup")
+        older = AgentProcess(broker, fleet_name, tmp_path, digits_dir, "older", "pi-dup",
+                             session)
         processes.append(older.start())
         first = json.loads(listener.get(timeout=120).payload)  # its retained status: online
         assert first["state"] == "online"
-        newer = AgentProcess(broker, fleet_name, tmp_path, digits_dir, "newer", "pi-dup")
+        newer = AgentProcess(broker, fleet_name, tmp_path, digits_dir, "newer", "pi-dup",
+                             session)
         processes.append(newer.start())
 
         assert newer.proc is not None and newer.proc.wait(timeout=120) == 2
@@ -265,4 +270,13 @@ def test_another_instance_counts_only_in_a_status_newer_than_this_one() -> None:
     assert watch.observe(status(older, at=250.0)) == older
     assert watch.observe(status(other, at=301.0)) == other
     assert watch.observe(status(other, at=302.0)) is None  # said once
+    # The will of a connection taken over (sessionless: Mosquitto publishes it): it shows the
+    # other alive when that connection was made after this agent started.
+    def will(who: Instance, connected_at: float) -> bytes:
+        return json.dumps({"state": "offline", **who.fields(),
+                           "connected_at": connected_at}).encode()
+
+    assert watch.observe(will(Instance("zombie", 10.0), 150.0)) is None  # a previous run's
+    third = Instance("c", 20.0)
+    assert watch.observe(will(third, 210.0)) == third
     assert other.newer_than(me) and not me.newer_than(other) and me.newer_than(older)
