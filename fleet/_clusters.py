@@ -261,6 +261,17 @@ class NatsCluster:
         for node in nodes:
             self._wait_listening(node, deadline)
 
+    def heal(self, *, timeout: float = 120.0) -> None:
+        """Start again every node that is not running (killed), with its store, and return once
+        the whole cluster serves MQTT again (as `start`)."""
+        down = [n for n in self.nodes if n.proc is None or n.proc.poll() is not None]
+        for node in down:
+            self._launch(node)
+        deadline = time.monotonic() + timeout
+        for node in down:
+            self._wait_listening(node, deadline)
+        self._wait_jetstream(deadline)
+
     def pids(self) -> list[int]:
         """The running nodes' process ids."""
         return [n.proc.pid for n in self.nodes if n.proc is not None and n.proc.poll() is None]

@@ -44,7 +44,7 @@ def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsClust
     """A private 3-node NATS cluster (JetStream + MQTT) for a test module, on free loopback
     ports; never the machine's NATS. Skips when nats-server is not installed. Shared by the
     module's tests (each on its own fleet) to pay the cluster's start, ~14 s, once: a test that
-    kills a node must come last in its module."""
+    kills a node heals the cluster (`NatsCluster.heal`) before it ends."""
     if nats_server_path() is None:
         pytest.skip("nats-server is not installed (apt-get install nats-server)")
     cluster = NatsCluster(tmp_path_factory.mktemp("nats"))

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedasync_iot.agent import Session
 from fedasync_iot.fleet import NatsCluster
 from fedasync_iot.models import Snapshot, Topics, decode_snapshot
 from fedasync_iot.models._mqtt import BrokerAddress, Connack, PacketAck, create_client
@@ -112,9 +113,10 @@ def test_coordinator_and_agents_on_different_nodes_of_a_nats_cluster(
         service.stop()
 
 
+@pytest.mark.parametrize("session", ["sessionless", "persistent"])
 def test_sigkill_of_the_coordinators_node_fails_over_and_loses_nothing(
         nats_cluster: NatsCluster, fleet_name: str, tmp_path: Path,
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, session: Session) -> None:
     """Coordinator on A with [A, B, C]; agents spread over the nodes, each with its own list.
     SIGKILL A mid-stream: everyone fails over, no acked update is lost or merged twice, merging
     goes on; the time from the kill to the first merge after the failover is printed."""
@@ -124,7 +126,7 @@ def test_sigkill_of_the_coordinators_node_fails_over_and_loses_nothing(
                                      republish_s=REPUBLISH_S)
     orders = [(a, b, c), (b, c, a), (c, a, b), (a, c, b), (b, a, c), (c, b, a)]
     fleet = AgentFleet(6, broker=orders, fleet=fleet_name, root=tmp_path / "agents",
-                       seed=SEED + 1)
+                       seed=SEED + 1, session=session)
     link = service._link
     pacer: Pacer | None = None
     try:
@@ -192,3 +194,4 @@ def test_sigkill_of_the_coordinators_node_fails_over_and_loses_nothing(
             pacer.stop()
         fleet.close()
         service.stop()
+        nats_cluster.heal()  # node A back, for the next test of the module

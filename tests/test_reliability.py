@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 
 from fedasync_iot.agent._agent import Agent
-from fedasync_iot.agent._config import AgentConfig
+from fedasync_iot.agent._config import AgentConfig, Session
 from fedasync_iot.agent._policy import PolicyConfig
 from fedasync_iot.agent._readings import Readings, StaticReader
 from fedasync_iot.agent._runner import PahoLink
@@ -205,7 +205,7 @@ class AgentFleet:
     agent's broker setting, or one setting per agent (a sequence of them)."""
 
     def __init__(self, n: int, *, broker: str | Sequence[str | tuple[str, ...]], fleet: str,
-                 root: Path, seed: int) -> None:
+                 root: Path, seed: int, session: Session = "sessionless") -> None:
         self.agents: list[RecordingAgent] = []
         self.links: list[PahoLink] = []
         self.trainers: list[StubTrainer] = []
@@ -216,7 +216,7 @@ class AgentFleet:
             config = AgentConfig(device_id=f"{tag}-a{i:02d}", broker=setting, fleet=fleet,
                                  state_dir=str(root / f"a{i:02d}"), min_new_samples=0,
                                  min_train_interval_s=0.0, policy=OPEN,
-                                 train_in_subprocess=False)
+                                 train_in_subprocess=False, session=session)
             link = PahoLink(config)
             trainer = StubTrainer(seed * 1000 + i)
             agent = RecordingAgent(config, link=link, reader=StaticReader(readings()),
@@ -437,8 +437,9 @@ SEED = 20240611
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # above the sum of the bounded waits below
+@pytest.mark.parametrize("session", ["sessionless", "persistent"])
 def test_coordinator_sigkill_mid_stream_loses_nothing_and_merges_nothing_twice(
-        broker: MosquittoBroker, fleet_name: str, tmp_path: Path) -> None:
+        broker: MosquittoBroker, fleet_name: str, tmp_path: Path, session: Session) -> None:
     """SIGKILL the coordinator three times at seeded points (counted in updates the agents know
     to be merged, of 200) while 20 agents stream; a supervisor restarts it at once each time.
     Later kills land while it works through the backlog the broker kept for it."""
@@ -451,7 +452,7 @@ def test_coordinator_sigkill_mid_stream_loses_nothing_and_merges_nothing_twice(
         tmp_path / "coordinator.log")
     coordinator.start()
     fleet = AgentFleet(20, broker=broker.url, fleet=fleet_name, root=tmp_path / "agents",
-                       seed=SEED)
+                       seed=SEED, session=session)
     pacer: Pacer | None = None
     crashes: list[tuple[int, int, int, np.ndarray]] = []  # (acks, sent, version, params)
     try:
@@ -545,8 +546,9 @@ def test_the_device_hears_its_ack_before_the_broker_forgets_the_update(tmp_path:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("session", ["sessionless", "persistent"])
 def test_broker_restart_mid_run_loses_nothing_and_keeps_the_retained_model(
-        private_broker: MosquittoBroker, tmp_path: Path) -> None:
+        private_broker: MosquittoBroker, tmp_path: Path, session: Session) -> None:
     fleet_name = "restart"
     service = CoordinatorService(CoordinatorConfig(
         model=SPEC, broker=private_broker.url, fleet=fleet_name,
@@ -556,7 +558,7 @@ def test_broker_restart_mid_run_loses_nothing_and_keeps_the_retained_model(
         snapshots=SnapshotConfig(min_interval_s=0.0, include_onnx=False)))
     service.start()
     fleet = AgentFleet(10, broker=private_broker.url, fleet=fleet_name,
-                       root=tmp_path / "agents", seed=SEED + 1)
+                       root=tmp_path / "agents", seed=SEED + 1, session=session)
     try:
         assert service.wait_connected(30)
         assert wait_for(fleet.ready, timeout=30)
