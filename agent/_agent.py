@@ -439,6 +439,9 @@ class Agent:
         return {"state": "online" if self.link.connected else "disconnected"}
 
     def publish_status(self) -> None:
+        # QoS 0: each status is whole and the next replaces it, so a lost one costs nothing,
+        # while QoS 1 costs a PUBACK and, on NATS, a JetStream write per status (the last will
+        # and the final offline status stay QoS 1).
         if self.link.connected:
             self.link.publish(self.topics.status(self.config.device_id),
-                              json.dumps(self.status()).encode(), qos=1, retain=True)
+                              json.dumps(self.status()).encode(), qos=0, retain=True)

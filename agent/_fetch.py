@@ -107,10 +107,13 @@ class Subscriptions:
             link.unsubscribe(topic)
 
     def reset(self, link: Subscribes) -> None:
-        """Unsubscribe from every topic the fetcher uses, held here or not."""
-        t = self.shared.topics
-        for topic in (t.announce, t.model, t.template, t.weights):
-            link.unsubscribe(topic)
+        """Unsubscribe from every topic the fetcher uses, held here or not, where the broker
+        kept a session; a sessionless device's connection starts with none (and on NATS each
+        UNSUBSCRIBE would cost a JetStream write)."""
+        if self.shared.config.session == "persistent":
+            t = self.shared.topics
+            for topic in (t.announce, t.model, t.template, t.weights):
+                link.unsubscribe(topic)
         self.subscribed.clear()
         self.heard = False
         self.listening_since = None

@@ -81,8 +81,8 @@ class Resender:
             self.srtt = (1 - _ALPHA) * self.srtt + _ALPHA * sample
 
     def due(self, now: float, spooled: Collection[str]) -> list[str]:
-        """The updates to send again now, oldest first, marked as sent; `spooled`: those still
-        in the spool and not held back (an update that left it is forgotten)."""
+        """The updates to send again now, least recently sent first, marked as sent; `spooled`:
+        those still in the spool and not held back (an update that left it is forgotten)."""
         for gone in self._sent.keys() - set(spooled):
             del self._sent[gone]
         waiting = sum(1 for e in self._sent.values() if e.copies > 1 and now < self._deadline(e))

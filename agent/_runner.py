@@ -142,11 +142,12 @@ class PahoLink:
     def _on_online(self, client: Client, session_present: bool) -> None:
         # Acks: asked again at every connect (a clean session forgets its subscriptions).
         # Announcements and snapshots are the agent's to subscribe to, when it wants them.
-        self.acks.subscribe()
-        # The retained status of this device, as the broker holds it before the agent publishes
-        # its own (agent._instance); unsubscribed at once, so its own statuses never come back.
-        client.subscribe(self.topics.status(self.device_id), 0)
-        client.unsubscribe(self.topics.status(self.device_id))
+        # With them, in one packet, the retained status of this device as the broker holds it
+        # before the agent publishes its own (agent._instance); unsubscribed at once, so its
+        # own statuses never come back.
+        status = self.topics.status(self.device_id)
+        self.acks.subscribe(also=[(status, 0)])
+        client.unsubscribe(status)
         if self.agent is not None:
             self.agent.on_connected()
 

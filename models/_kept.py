@@ -30,9 +30,11 @@ class KeptSubscription:
         self._mid: int | None = None  # the SUBSCRIBE's packet id, until its SUBACK
         self.refusals = 0  # in a row; 0 once granted
 
-    def subscribe(self) -> None:
+    def subscribe(self, also: list[tuple[str, int]] | None = None) -> None:
+        """Subscribe; `also`: more topics in the same SUBSCRIBE packet, this time only (a
+        broker that stores subscriptions, NATS, writes once per packet)."""
         with self._lock:
-            self._mid = self._client.subscribe(self._topics)
+            self._mid = self._client.subscribe(self._topics + (also or []))
 
     def acked(self, ack: PacketAck) -> None:
         """The client's `on_acked`: a SUBACK of this subscription, granted or refused."""
