@@ -95,6 +95,7 @@ class Target:
     pids: Callable[[], list[int]]
     restart: Callable[[], None]
     logs: Callable[[], str] = str
+    stats: Callable[[], dict[str, Any]] = dict  # broker-side counters (NATS: JetStream)
 
     def rss(self) -> int:
         """Resident memory of the broker's processes and their children (bytes)."""
@@ -117,7 +118,70 @@ def _tail(path: Path, limit: int = 200_000) -> str:
         return ""
 
 
-def make_target(kind: str, workdir: Path) -> Target:
+MQTT_STREAMS = ("$MQTT_sess", "$MQTT_msgs", "$MQTT_rmsgs")
+
+
+def nats_request(port: int, subject: str, payload: bytes = b"", *, timeout: float = 10.0
+                 ) -> dict[str, Any]:
+    """One request over the NATS client protocol (no client library) on 127.0.0.1:`port`: the
+    JSON reply, or {} when none comes in time."""
+    inbox = f"_INBOX.fleet-brokers.{os.getpid()}.{time.monotonic_ns()}"
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        f = s.makefile("rb")
+        f.readline()  # INFO {...}
+        s.sendall(b'CONNECT {"verbose":false,"pedantic":false,"headers":true}\r\n'
+                  + f"SUB {inbox} 1\r\nPUB {subject} {inbox} {len(payload)}\r\n".encode()
+                  + payload + b"\r\n")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = f.readline()
+            if not line:
+                break
+            if line.startswith(b"PING"):
+                s.sendall(b"PONG\r\n")
+            elif line.startswith((b"MSG", b"HMSG")):
+                size = int(line.split()[-1])
+                body = f.read(size + 2)[:size]
+                if line.startswith(b"HMSG"):  # headers first: a status without a body
+                    hdr = int(line.split()[-2])
+                    body = body[hdr:]
+                with contextlib.suppress(ValueError):
+                    data = json.loads(body)
+                    return data if isinstance(data, dict) else {}
+                return {}
+    return {}
+
+
+def nats_js_stats(port: int) -> dict[str, Any]:
+    """JetStream, as one node sees it: API requests served and failed (the account's, cluster
+    wide) and, per MQTT stream, messages held and written ever (last sequence)."""
+    out: dict[str, Any] = {}
+    with contextlib.suppress(OSError):
+        info = nats_request(port, "$JS.API.INFO")
+        api = info.get("api") or {}
+        out["js_api_total"], out["js_api_errors"] = api.get("total"), api.get("errors")
+        for stream in MQTT_STREAMS:
+            state = (nats_request(port, f"$JS.API.STREAM.INFO.{stream}").get("state") or {})
+            key = stream.removeprefix("$MQTT_")
+            out[f"js_{key}_msgs"], out[f"js_{key}_writes"] = (state.get("messages"),
+                                                              state.get("last_seq"))
+            out[f"js_{key}_consumers"] = state.get("consumer_count")
+    return out
+
+
+def js_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The counters' growth over the run (None where either end is missing)."""
+    out: dict[str, Any] = {}
+    for k, v in after.items():
+        b = before.get(k)
+        if k.endswith(("_total", "_errors", "_writes")):
+            out[k] = None if v is None or b is None else v - b
+        else:
+            out[k] = v
+    return out
+
+
+def make_target(kind: str, workdir: Path, *, nats_stream_replicas: int = 3) -> Target:
     """A fresh broker of `kind` in `workdir` (not started); raises if it is not installed."""
     if kind == "mosquitto":
         broker = MosquittoBroker(workdir=workdir, persistence=True)
@@ -131,9 +195,14 @@ def make_target(kind: str, workdir: Path) -> Target:
                       lambda: _tail(broker.log_path))
     if kind == "nats":
         cluster = NatsCluster(workdir, cluster_name="fedasync-fleet-brokers")
+        if nats_stream_replicas != 3:  # an experiment: the MQTT streams on fewer nodes
+            for nats_node in cluster.nodes:
+                nats_node.conf.write_text(nats_node.conf.read_text().replace(
+                    "stream_replicas: 3", f"stream_replicas: {nats_stream_replicas}"))
         return Target(cluster.urls, partial(cluster.start, timeout=90), cluster.close,
                       cluster.pids, partial(cluster.restart, [0, 1, 2], timeout=90),
-                      lambda: "\n".join(f"--- {n.name}\n{_tail(n.log)}" for n in cluster.nodes))
+                      lambda: "\n".join(f"--- {n.name}\n{_tail(n.log)}" for n in cluster.nodes),
+                      partial(nats_js_stats, cluster.nodes[0].client_port))
     if kind == "rabbitmq":
         node = RabbitNode(workdir)
 
@@ -380,10 +449,13 @@ def run_cell(kind: str, mode: str, n: int, args: argparse.Namespace) -> dict[str
     res: dict[str, Any] = {"broker": kind, "mode": mode, "devices": n,
                            "duration_s": args.duration, "seed": args.seed,
                            "restart_at": args.restart_at}
+    if kind == "nats":
+        res["stream_replicas"] = args.nats_stream_replicas
     cell_began = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix=f"fedasync-fleet-brokers-{kind}-"))
     try:
-        target = make_target(kind, workdir / "broker")
+        target = make_target(kind, workdir / "broker",
+                             nats_stream_replicas=args.nats_stream_replicas)
     except Exception as exc:
         res["skipped"] = f"{type(exc).__name__}: {exc}"
         shutil.rmtree(workdir, ignore_errors=True)
@@ -414,12 +486,14 @@ def run_cell(kind: str, mode: str, n: int, args: argparse.Namespace) -> dict[str
         log(f"  sim pid {sim.proc.pid}: {res['command']}")
         deadline = sim.began + args.duration + args.grace
         rss_before: int | None = None
+        js_before: dict[str, Any] = {}
         stopped: str | None = None
         while sim.proc.poll() is None:
             now = time.monotonic()
             if sim.run_start is None and sim.metrics.exists():
                 sim.run_start = now + 0.2  # the simulator opens it 0.2 s before second 0
                 rss_before = target.rss()
+                js_before = target.stats()
                 sim.state_roots |= _state_roots(sim.proc.pid)
                 log(f"  run started {now - sim.began:.0f} s after launch; broker RSS "
                     f"{rss_before / MIB:.0f} MB")
@@ -444,6 +518,8 @@ def run_cell(kind: str, mode: str, n: int, args: argparse.Namespace) -> dict[str
                 break
             time.sleep(POLL_S)
         res["sim_exit"] = sim.proc.wait(timeout=120)
+        if js_before:  # the broker as the run left it (its sessions gone with the devices)
+            res.update(js_delta(js_before, target.stats()))
         res["stopped"] = stopped
         res["cell_wall_s"] = round(time.monotonic() - cell_began, 1)
         res["sim_launch_to_start_s"] = (None if sim.run_start is None
@@ -558,6 +634,28 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+JS_COLUMNS = [("JS API requests", "js_api_total"), ("API errors", "js_api_errors"),
+              ("$MQTT_sess writes", "js_sess_writes"), ("$MQTT_rmsgs writes", "js_rmsgs_writes"),
+              ("$MQTT_msgs writes", "js_msgs_writes"),
+              ("$MQTT_msgs consumers", "js_msgs_consumers")]
+
+
+def js_table(rows: Sequence[dict[str, Any]]) -> str:
+    """NATS cells: what JetStream did during the run (node A's view; writes = the streams'
+    sequence growth), and API requests per merged update."""
+    nats = [r for r in rows if r.get("js_api_total") is not None]
+    if not nats:
+        return ""
+    head = ["broker", "mode", "N", *(h for h, _ in JS_COLUMNS), "API requests / merged"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in nats:
+        per = (round(r["js_api_total"] / r["merged"], 1) if r.get("merged") else None)
+        cells = [r["broker"], r["mode"], f"{r['devices']:,}",
+                 *(r.get(k) for _, k in JS_COLUMNS), per]
+        lines.append("| " + " | ".join("-" if v is None else str(v) for v in cells) + " |")
+    return "\n".join(lines)
+
+
 def ratio_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     return [f"- {q['broker']} / mosquitto, {q['devices']:,} devices, {q['mode']}: "
             f"{q['merged_per_s']} / {q['mosquitto_merged_per_s']} merged/s = {q['ratio']}"
@@ -588,6 +686,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample-s", type=float, default=1.5,
                     help="broker RSS sampling interval, seconds (%(default)s)")
     ap.add_argument("--log-level", default="WARNING", help="the simulator's (%(default)s)")
+    ap.add_argument("--nats-stream-replicas", type=int, default=3,
+                    help="the NATS MQTT gateway's stream_replicas (%(default)s; an experiment: "
+                         "1 keeps each MQTT stream on one node)")
     ap.add_argument("--json", type=Path, default=None, help="write every figure here")
     ap.add_argument("--keep", type=Path, default=None,
                     help="copy each cell's run files, simulator output and broker log tails "
@@ -639,6 +740,9 @@ def main(argv: list[str] | None = None) -> int:
     if lines:
         print("\nmerged/s against Mosquitto's in this series:")
         print("\n".join(lines))
+    if js := js_table(rows):
+        print("\nJetStream during the NATS runs:")
+        print(js)
     save()
     return 0
 
