@@ -288,9 +288,13 @@ def _r(x: float | None, nd: int = 1) -> float | None:
 def session_setup(rows: Sequence[dict[str, float]], fraction: float = SETUP_FRACTION
                   ) -> dict[str, Any]:
     """The connected count's peak; when `fraction` of it was first connected (the run's
-    seconds) and that count over that time (sessions set up per second)."""
+    seconds) and that count over that time (sessions set up per second). The peak itself
+    follows the devices' traces (more come online as the run goes on), so also: when
+    `fraction` of the devices online were first connected (``setup_online_s``), the broker's
+    part."""
     peak = max((r.get("connected", 0.0) for r in rows), default=0.0)
-    out: dict[str, Any] = {"connected_peak": int(peak), "setup_s": None, "sessions_per_s": None}
+    out: dict[str, Any] = {"connected_peak": int(peak), "setup_s": None, "sessions_per_s": None,
+                           "setup_online_s": None}
     if peak <= 0:
         return out
     for r in rows:
@@ -299,6 +303,10 @@ def session_setup(rows: Sequence[dict[str, float]], fraction: float = SETUP_FRAC
             out["setup_s"] = _r(t)
             out["sessions_per_s"] = _r(r["connected"] / t) if t > 0 else None
             break
+    out["setup_online_s"] = next(
+        (_r(r["time_s"]) for r in rows
+         if r.get("online", 0.0) > 0 and r.get("connected", 0.0) >= fraction * r["online"]),
+        None)
     return out
 
 
@@ -584,6 +592,7 @@ COLUMNS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
     ("connected (peak)", lambda r: r.get("connected_peak")),
     ("setup s (90%)", lambda r: r.get("setup_s")),
     ("sessions/s", lambda r: r.get("sessions_per_s")),
+    ("90% of online s", lambda r: r.get("setup_online_s")),
     ("merged", lambda r: r.get("merged")), ("merged/s", lambda r: r.get("merged_per_s")),
     ("first merge s", lambda r: r.get("first_merge_s")),
     ("resent", lambda r: r.get("resent")), ("duplicates", lambda r: r.get("duplicates")),
@@ -662,6 +671,38 @@ def ratio_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
             for q in ratios(rows)]
 
 
+def reread(path: Path, keep: Path | None, out: Path | None) -> int:
+    """The tables of an earlier run, its figures recomputed from the kept run files (a row
+    without them stays as it was)."""
+    data = read_json(path)
+    rows: list[dict[str, Any]] = data.get("rows", [])
+    for r in rows:
+        cell = None if keep is None else keep / f"{r['broker']}-{r['mode']}-{r['devices']}"
+        if "skipped" in r or cell is None or not (cell / "metrics.csv").exists():
+            continue
+        mib = {k: None if r.get(k) is None else int(r[k] * MIB)
+               for k in ("rss_before_mb", "rss_peak_mb")}
+        summary = read_json(cell / "summary.json")
+        arrivals = read_arrivals(cell / "updates.csv", float(summary.get("scale", 960.0)))
+        metrics = read_metrics(cell / "metrics.csv")
+        r.update(summarize_cell(metrics, read_json(cell / "run.json"), summary, arrivals,
+                                rss_before=mib["rss_before_mb"], rss_peak=mib["rss_peak_mb"]))
+        if r.get("restart_began_s") is not None:
+            began = float(r["restart_began_s"])
+            r.update(recovery(metrics, arrivals, began=began,
+                              ended=began + float(r.get("restart_took_s") or 0.0)))
+    print(table(rows))
+    if lines := ratio_lines(rows):
+        print("\nmerged/s against Mosquitto's in this series:")
+        print("\n".join(lines))
+    if js := js_table(rows):
+        print("\nJetStream during the NATS runs:")
+        print(js)
+    if out is not None:
+        out.write_text(json.dumps({**data, "rows": rows, "ratios": ratios(rows)}, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fedasync_iot.bench.fleet_brokers",
                                  description=__doc__.split("\n\n")[0] if __doc__ else None)
@@ -693,7 +734,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", type=Path, default=None,
                     help="copy each cell's run files, simulator output and broker log tails "
                          "into DIR/<broker>-<mode>-<N>/")
+    ap.add_argument("--reread", type=Path, default=None,
+                    help="no runs: recompute the figures of an earlier --json from the files "
+                         "its --keep DIR holds, and print the tables again")
     args = ap.parse_args(argv)
+    if args.reread is not None:
+        return reread(args.reread, args.keep, args.json)
     sizes = [int(x) for x in args.devices.split(",") if x]
     brokers = [b for b in args.brokers.split(",") if b]
     modes = [m for m in args.modes.split(",") if m]

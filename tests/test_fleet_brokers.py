@@ -61,6 +61,7 @@ def test_summarize_a_run(tmp_path: Path) -> None:
     # 90% of the peak (100) is first connected at 3 s: 95 sessions in 3 s
     assert cell["connected_peak"] == 100 and cell["setup_s"] == 3.0
     assert cell["sessions_per_s"] == 31.7
+    assert cell["setup_online_s"] == 4.0  # 100 of the 110 online
     assert cell["merged"] == 20 and cell["merged_per_s"] == 2.5 and cell["first_merge_s"] == 2.5
     assert cell["duplicates"] == 5 and cell["dup_per_merged"] == 0.25 and cell["resent"] == 4
     assert cell["ack_p99_ms"] == 1584.89 and cell["coord_ack_p50_ms"] == 25.0
@@ -84,6 +85,18 @@ def test_summarize_a_run(tmp_path: Path) -> None:
     text = table(cells)
     assert text.count("\n") == 4 and "| nats | sessionless | 100 | 100 |" in text
     assert "skipped: absent" in text and "0.4 / 1.6" in text  # ack p50 / p99 in seconds
+
+    # --reread: the figures again from a kept cell (named <broker>-<mode>-<N>)
+    run.rename(tmp_path / "nats-sessionless-100")
+    saved = tmp_path / "series.json"
+    saved.write_text(json.dumps({"rows": [{"broker": "nats", "mode": "sessionless",
+                                           "devices": 100, "rss_before_mb": 10.0,
+                                           "rss_peak_mb": 30.0, "restart_began_s": 4.5,
+                                           "restart_took_s": 0.7}]}))
+    assert bench_main(["--reread", str(saved), "--keep", str(tmp_path), "--json",
+                       str(tmp_path / "again.json")]) == 0
+    again = read_json(tmp_path / "again.json")["rows"][0]
+    assert again["merged"] == 20 and again["kb_per_device"] == 204.8 and again["back_s"] == 2.5
 
 
 def test_missing_files_and_the_command(tmp_path: Path) -> None:
