@@ -97,15 +97,21 @@ class Target:
     logs: Callable[[], str] = str
     stats: Callable[[], dict[str, Any]] = dict  # broker-side counters (NATS: JetStream)
 
-    def rss(self) -> int:
-        """Resident memory of the broker's processes and their children (bytes)."""
-        total = 0
+    def processes(self) -> list[psutil.Process]:
+        """The broker's processes and their children."""
+        out: list[psutil.Process] = []
         for pid in self.pids():
             with contextlib.suppress(psutil.Error):
                 proc = psutil.Process(pid)
-                for p in (proc, *proc.children(recursive=True)):
-                    with contextlib.suppress(psutil.Error):
-                        total += p.memory_info().rss
+                out += [proc, *proc.children(recursive=True)]
+        return out
+
+    def rss(self) -> int:
+        """Resident memory of the broker's processes and their children (bytes)."""
+        total = 0
+        for p in self.processes():
+            with contextlib.suppress(psutil.Error):
+                total += p.memory_info().rss
         return total
 
 
@@ -220,28 +226,42 @@ def _ports(urls: Sequence[str]) -> list[int]:
 
 
 class RssSampler(threading.Thread):
-    """The broker's RSS every `every` seconds: (monotonic time, bytes) samples, the peak, and
-    `over` once it passes `limit`."""
+    """The broker's RSS and CPU every `every` seconds: (monotonic time, bytes, % of one core)
+    samples, the peak, and `over` once the RSS passes `limit`."""
 
     def __init__(self, target: Target, limit: int, every: float) -> None:
         super().__init__(daemon=True, name="rss-sampler")
         self.target, self.limit, self.every = target, limit, every
-        self.samples: list[tuple[float, int]] = []
+        self.samples: list[tuple[float, int, float]] = []
         self.over = threading.Event()
         self.done = threading.Event()
+        self._seen: dict[int, psutil.Process] = {}  # cpu_percent needs the same object
 
     def run(self) -> None:
         while not self.done.wait(self.every):
+            rss, cpu = 0, 0.0
             try:
-                rss = self.target.rss()
+                for found in self.target.processes():
+                    p = self._seen.setdefault(found.pid, found)
+                    with contextlib.suppress(psutil.Error):
+                        rss += p.memory_info().rss
+                        cpu += p.cpu_percent(None)
             except Exception:  # a broker mid-restart  # noqa: S112
                 continue
-            self.samples.append((time.monotonic(), rss))
+            self.samples.append((time.monotonic(), rss, cpu))
             if rss > self.limit:
                 self.over.set()
 
     def peak(self, since: float | None = None) -> int:
-        return max((r for t, r in self.samples if since is None or t >= since), default=0)
+        return max((r for t, r, _ in self.samples if since is None or t >= since), default=0)
+
+    def cpu(self, since: float | None, until: float | None = None) -> dict[str, Any]:
+        """Mean and max CPU (% of one core) of the samples in [since, until]."""
+        got = [c for t, _, c in self.samples[1:]
+               if (since is None or t >= since) and (until is None or t <= until)]
+        if not got:
+            return {"broker_cpu_mean": None, "broker_cpu_max": None}
+        return {"broker_cpu_mean": round(sum(got) / len(got)), "broker_cpu_max": round(max(got))}
 
 
 # -- reading a run (pure: tests/test_fleet_brokers.py) ------------------------------------------
@@ -542,6 +562,8 @@ def run_cell(kind: str, mode: str, n: int, args: argparse.Namespace) -> dict[str
         since = sim.run_start
         res.update(summarize_cell(rows, run, summary, arrivals, rss_before=rss_before,
                                   rss_peak=max(sampler.peak(since), rss_before)))
+        run_end = None if sim.run_start is None else sim.run_start + args.duration
+        res.update(sampler.cpu(since, run_end))
         if restart is not None:
             res.update(recovery(rows, arrivals, began=restart[0], ended=restart[1]))
         if res["sim_exit"] != 0:
@@ -604,6 +626,8 @@ COLUMNS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
     ("broker RSS before / peak MB", lambda r: _pair(r.get("rss_before_mb"),
                                                      r.get("rss_peak_mb"))),
     ("KB/device", lambda r: r.get("kb_per_device")),
+    ("broker CPU mean / max %", lambda r: _pair(r.get("broker_cpu_mean"),
+                                                 r.get("broker_cpu_max"))),
     ("cell wall s", lambda r: r.get("cell_wall_s")),
 ]
 RESTART_COLUMNS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
