@@ -546,6 +546,7 @@ def run_cell(kind: str, mode: str, n: int, args: argparse.Namespace) -> dict[str
                 break
             time.sleep(POLL_S)
         res["sim_exit"] = sim.proc.wait(timeout=120)
+        res["load_avg_1m_end"] = round(os.getloadavg()[0], 2)  # the machine is shared
         if js_before:  # the broker as the run left it (its sessions gone with the devices)
             res.update(js_delta(js_before, target.stats()))
         res["stopped"] = stopped
