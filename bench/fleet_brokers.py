@@ -387,6 +387,14 @@ def summarize_cell(rows: Sequence[dict[str, float]], run: dict[str, Any],
         out[f"{name}_n"] = pct.get("n")
         out[f"{name}_p50_ms"] = pct.get("p50")
         out[f"{name}_p99_ms"] = pct.get("p99")
+    # What the devices and the coordinator counted (summary.json "traffic"): the devices'
+    # retained status messages (a JetStream write or two each on NATS), and acks sent against
+    # acks the devices got (QoS 0 acks to a device offline at that moment are lost)
+    traffic = summary.get("traffic") or {} if summary else {}
+    devices, coord = traffic.get("devices") or {}, traffic.get("coordinator") or {}
+    out["status_msgs"] = ((devices.get("uplink") or {}).get("status") or {}).get("messages")
+    out["acks_received"] = ((devices.get("downlink") or {}).get("ack") or {}).get("messages")
+    out["acks_sent"] = ((coord.get("sent") or {}).get("ack") or {}).get("messages")
     out["sim_peak_rss_mb"] = run.get("peak_rss_mb")
     out["sim_wall_s"] = run.get("wall_s")
     if rss_before is not None:
@@ -620,6 +628,8 @@ COLUMNS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
     ("first merge s", lambda r: r.get("first_merge_s")),
     ("resent", lambda r: r.get("resent")), ("duplicates", lambda r: r.get("duplicates")),
     ("dup/merged", lambda r: r.get("dup_per_merged")),
+    ("acks got / sent", lambda r: _pair(r.get("acks_received"), r.get("acks_sent"))),
+    ("status msgs", lambda r: r.get("status_msgs")),
     ("ack p50 / p99 s (devices)", lambda r: _pair(_s(r.get("ack_p50_ms")),
                                                    _s(r.get("ack_p99_ms")))),
     ("coordinator p50 / p99 ms", lambda r: _pair(r.get("coord_ack_p50_ms"),

@@ -46,7 +46,13 @@ def _write_run(tmp_path: Path) -> Path:
         "ack_latency_ms": {"n": 19, "p50": 398.107, "p90": 1000.0, "p99": 1584.89},
         "coordinator_ack_ms": {"n": 20, "p50": 25.0, "p90": 100.0, "p99": 250.0}}))
     (run / "summary.json").write_text(json.dumps({"updates_accepted": 20, "updates_rejected": 1,
-                                                  "scale": 960.0, "final_metric": 0.91}))
+                                                  "scale": 960.0, "final_metric": 0.91,
+                                                  "traffic": {
+                                                      "devices": {"uplink": {"status": {
+                                                          "messages": 300}},
+                                                          "downlink": {"ack": {"messages": 15}}},
+                                                      "coordinator": {"sent": {"ack": {
+                                                          "messages": 25}}}}}))
     return run
 
 
@@ -64,6 +70,7 @@ def test_summarize_a_run(tmp_path: Path) -> None:
     assert cell["setup_online_s"] == 4.0  # 100 of the 110 online
     assert cell["merged"] == 20 and cell["merged_per_s"] == 2.5 and cell["first_merge_s"] == 2.5
     assert cell["duplicates"] == 5 and cell["dup_per_merged"] == 0.25 and cell["resent"] == 4
+    assert (cell["status_msgs"], cell["acks_received"], cell["acks_sent"]) == (300, 15, 25)
     assert cell["ack_p99_ms"] == 1584.89 and cell["coord_ack_p50_ms"] == 25.0
     assert cell["kb_per_device"] == round(20 * 1024 / 100, 1)
     back = recovery(rows, arrivals, began=4.5, ended=5.2)
