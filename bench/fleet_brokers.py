@@ -6,6 +6,7 @@ Mosquitto, a 3-node NATS cluster and a RabbitMQ node, with devices sessionless o
         [--devices 2000,5000,10000] [--brokers mosquitto,nats,rabbitmq] \\
         [--modes sessionless,persistent] [--duration 60] [--restart-at S] \\
         [--json OUT] [--keep DIR]
+    ... python -m fedasync_iot.bench.fleet_brokers --nats-op-costs
 
 For each N x broker x mode (in that order), one cell:
 
@@ -35,6 +36,11 @@ update-to-ack latency at the devices and the coordinator's part (p50/p99, bucket
 most"); the broker's RSS when the run starts (coordinator connected, no device yet) and at its
 peak, and so KB per connected device; the cell's wall time. Then, per N and mode, NATS's and
 RabbitMQ's merge rate over Mosquitto's in the same series.
+
+``--nats-op-costs`` (no simulation): what each MQTT operation a device makes (CONNECT,
+SUBSCRIBE, UNSUBSCRIBE, retained and plain PUBLISH at QoS 0 and 1, DISCONNECT) costs the NATS
+gateway in JetStream API requests and stream writes, with 50 bare clean-session clients.
+``--reread JSON --keep DIR`` prints an earlier series' tables again from its kept files.
 
 Bounds: one simulation at a time, 2 worker processes; a cell is stopped (SIGTERM to the
 simulator, then SIGKILL to its process group: only what this benchmark started) when it runs
@@ -706,6 +712,82 @@ def ratio_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
             for q in ratios(rows)]
 
 
+def nats_op_costs(clients: int = 50) -> list[dict[str, Any]]:
+    """What each MQTT operation costs the NATS MQTT gateway in JetStream, per client: `clients`
+    bare clean-session clients on a fresh 3-node cluster do each operation once; the counters'
+    growth (``nats_js_stats``, which itself adds a few API requests) divided by `clients`."""
+    import uuid
+
+    from fedasync_iot.models import BrokerAddress, Client, Connack, create_client
+
+    workdir = Path(tempfile.mkdtemp(prefix="fedasync-fleet-brokers-ops-"))
+    target = make_target("nats", workdir / "broker")
+    port = _ports(target.urls)[0]
+    cs: list[Client] = []
+    out: list[dict[str, Any]] = []
+    tag = uuid.uuid4().hex[:6]
+
+    def connect() -> None:
+        for i in range(clients):
+            c = create_client(BrokerAddress(host="127.0.0.1", port=port),
+                              client_id=f"ops-{tag}-{i}", persistent=False)
+            up = threading.Event()
+
+            def on_connack(_: Connack, up: threading.Event = up) -> None:
+                up.set()
+
+            c.on_connack = on_connack
+            c.connect("127.0.0.1", port, keepalive=30)
+            c.loop_start()
+            up.wait(10)
+            cs.append(c)
+
+    def each(fn: Callable[[int, Client], Any]) -> Callable[[], None]:
+        def run() -> None:
+            for i, c in enumerate(cs):
+                fn(i, c)
+        return run
+
+    def bye() -> None:
+        for c in cs:
+            c.disconnect()
+            c.loop_stop()
+
+    steps: list[tuple[str, Callable[[], None]]] = [
+        ("CONNECT (clean session)", connect),
+        ("SUBSCRIBE, 1 topic, QoS 0", each(lambda i, c: c.subscribe(f"x/{i}/a", 0))),
+        ("SUBSCRIBE, 3 topics in one packet, QoS 0",
+         each(lambda i, c: c.subscribe([(f"y/{i}/{k}", 0) for k in "abc"]))),
+        ("UNSUBSCRIBE a subscribed topic", each(lambda i, c: c.unsubscribe(f"x/{i}/a"))),
+        ("UNSUBSCRIBE a topic never subscribed", each(lambda i, c: c.unsubscribe(f"z/{i}"))),
+        ("PUBLISH retained, QoS 1 (a status)",
+         each(lambda i, c: c.send(f"s/{i}", b"x" * 1500, qos=1, retain=True))),
+        ("PUBLISH retained, QoS 1, replacing one",
+         each(lambda i, c: c.send(f"s/{i}", b"y" * 1500, qos=1, retain=True))),
+        ("PUBLISH retained, QoS 0, replacing one",
+         each(lambda i, c: c.send(f"s/{i}", b"z" * 1500, qos=0, retain=True))),
+        ("PUBLISH QoS 1 (an update)", each(lambda i, c: c.send(f"u/{i}", b"u" * 700, qos=1))),
+        ("PUBLISH QoS 0", each(lambda i, c: c.send(f"u/{i}", b"u" * 700, qos=0))),
+        ("DISCONNECT", bye),
+    ]
+    try:
+        target.start()
+        for name, fn in steps:
+            before = target.stats()
+            fn()
+            time.sleep(1.5)
+            grew = js_delta(before, target.stats())
+            out.append({"operation": name, **{
+                k.removeprefix("js_"): round(v / clients, 2) for k, v in grew.items()
+                if k.endswith(("_total", "_errors", "_writes")) and v is not None}})
+    finally:
+        with contextlib.suppress(Exception):
+            bye()
+        target.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return out
+
+
 def reread(path: Path, keep: Path | None, out: Path | None) -> int:
     """The tables of an earlier run, its figures recomputed from the kept run files (a row
     without them stays as it was)."""
@@ -772,7 +854,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reread", type=Path, default=None,
                     help="no runs: recompute the figures of an earlier --json from the files "
                          "its --keep DIR holds, and print the tables again")
+    ap.add_argument("--nats-op-costs", action="store_true",
+                    help="no simulation: what each MQTT operation costs the NATS gateway in "
+                         "JetStream requests and writes, per client (bare clients)")
     args = ap.parse_args(argv)
+    if args.nats_op_costs:
+        costs = nats_op_costs()
+        keys = ["api_total", "api_errors", "sess_writes", "rmsgs_writes", "msgs_writes"]
+        print("| operation (per client) | " + " | ".join(keys) + " |")
+        print("|" + "---|" * (len(keys) + 1))
+        for c in costs:
+            print(f"| {c['operation']} | " + " | ".join(str(c.get(k, "-")) for k in keys) + " |")
+        if args.json is not None:
+            args.json.write_text(json.dumps({"nats_op_costs": costs}, indent=1))
+        return 0
     if args.reread is not None:
         return reread(args.reread, args.keep, args.json)
     sizes = [int(x) for x in args.devices.split(",") if x]
