@@ -671,7 +671,9 @@ def _spawn_workers(specs: Sequence[WorkerSpec], target: Any, args: Any) -> list[
     ctx = mp.get_context("spawn")
     procs = []
     for spec in specs:
-        p = ctx.Process(target=target, args=(spec, *args(spec)), daemon=True,
+        # The workers log at this process's level (--log-level): a device's INFO lines too.
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+        p = ctx.Process(target=target, args=(spec, *args(spec), level), daemon=True,
                         name=f"fleet-worker-{spec.index}")
         p.start()
         procs.append(p)
@@ -819,6 +821,7 @@ def _sample(service: CoordinatorService, reports: Any, *, start: float, config: 
                     latest[index] = totals
             row = _row(service, time.time() - start, config, latest, usage)
             writer.writerow(row)
+            f.flush()  # followable while the run goes on (bench/fleet_brokers.py, tail -f)
             rows.append(row)
             if progress:
                 _progress(service, rule, config, row["time_s"], rows, n_devices)
