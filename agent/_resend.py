@@ -39,8 +39,8 @@ class ResendConfig:
     def __post_init__(self) -> None:
         check_fields(self)
         if self.initial_s > self.max_s:
-            raise ConfigError(f"resend.initial_s ({self.initial_s}) must not be above "
-                              f"resend.max_s ({self.max_s})", key="initial_s")
+            raise ConfigError(f"initial_s ({self.initial_s:g}) must not be above max_s "
+                              f"({self.max_s:g})", key="initial_s")
 
 
 @dataclass(slots=True)
