@@ -35,7 +35,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -787,6 +787,22 @@ def fast_fleet_report(seed: int = 1) -> dict[str, Any]:
     return out
 
 
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` texts as FleetSpec field values, each converted to its field's type."""
+    kinds = {f.name: type(getattr(FleetSpec(), f.name)) for f in fields(FleetSpec)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in kinds:
+            raise ValueError(f"--set wants KEY=VALUE with KEY one of {sorted(kinds)}, got {item!r}")
+        try:
+            out[key] = kinds[key](text)
+        except ValueError:
+            what = "an integer" if kinds[key] is int else "a number"
+            raise ValueError(f"--set {key}: {text!r} is not {what}") from None
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fedasync_iot.bench.robustness",
                                 description=__doc__.split(
@@ -805,6 +821,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="the rule --staleness varies")
     p.add_argument("--fleets", nargs="+", default=None, metavar="NAME",
                    help="only these fleets of the map (default all)")
+    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="change these FleetSpec fields on every fleet mapped, e.g. "
+                        "publish_delay_s=0.1 poll_s=0 (the system's latency)")
     p.add_argument("--json", type=Path, default=None, help="write the map(s) here")
     p.add_argument("--png", type=Path, default=None, help="plot the map(s) here")
     args = p.parse_args(argv)
@@ -819,6 +838,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:
             p.error(f"unknown fleet(s) {sorted(unknown)}; the map has {list(fleets)}")
         fleets = {k: f for k, f in fleets.items() if k in args.fleets}
+    try:
+        changes = parse_overrides(args.overrides)
+    except ValueError as e:
+        p.error(str(e))
+    fleets = {k: replace(f, **changes) for k, f in fleets.items()}
     tables: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
     if args.staleness:
         rules = rules_staleness(args.rule, args.staleness)

@@ -12,7 +12,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from fedasync_iot.bench.robustness import FleetSpec, LogisticSGD, _Data, run, straggler_fleet
+from fedasync_iot.bench.robustness import (
+    FleetSpec,
+    LogisticSGD,
+    _Data,
+    parse_overrides,
+    run,
+    straggler_fleet,
+)
 from fedasync_iot.coordinator._rules import (
     Contribution,
     FedAsync,
@@ -209,3 +216,12 @@ def test_default_rules_keep_their_lead_on_a_straggler_fleet() -> None:
             sync["time_to_0.90_s"] >= 2.5 * now["time_to_0.90_s"]), config.name
         assert now["final"] >= sync["final"] - 0.005, config.name
         assert now["min_after_0.8"] is not None and now["min_after_0.8"] >= 0.5
+
+
+def test_map_overrides_are_typed_fleet_fields() -> None:
+    assert parse_overrides(["publish_delay_s=0.1", "devices=50", "trainer=adapter"]) == {
+        "publish_delay_s": 0.1, "devices": 50, "trainer": "adapter"}
+    with pytest.raises(ValueError, match="KEY one of"):
+        parse_overrides(["publish_delay=0.1"])
+    with pytest.raises(ValueError, match="is not an integer"):
+        parse_overrides(["devices=many"])
