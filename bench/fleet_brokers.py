@@ -68,18 +68,23 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from fedasync_iot.fleet import MosquittoBroker, NatsCluster, RabbitNode, raise_fd_limit
+from fedasync_iot.bench._brokers import (
+    MIB,
+    RESERVED,
+    Target,
+    js_delta,
+    make_target,
+    tail,
+)
+from fedasync_iot.fleet import raise_fd_limit
 
 MODES = ("sessionless", "persistent")
 BROKERS = ("mosquitto", "nats", "rabbitmq")
-RESERVED = frozenset({1883, 4222, 5672, 15672, 4369, 6222, 8222, 25672})
-MIB = 1024 * 1024
 POLL_S = 0.25
 SETUP_FRACTION = 0.9  # session setup: until this fraction of the peak is connected
 BACK_FRACTION = 0.95  # after a restart: back to this fraction of the count before it
@@ -88,147 +93,6 @@ RULE = "fedasync"
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-# -- the brokers ---------------------------------------------------------------------------------
-@dataclass
-class Target:
-    """A private broker (one or more processes): its URLs, and how to start, stop, restart it."""
-
-    urls: list[str]  # devices round robin over them; the coordinator on [0]
-    start: Callable[[], None]
-    close: Callable[[], None]
-    pids: Callable[[], list[int]]
-    restart: Callable[[], None]
-    logs: Callable[[], str] = str
-    stats: Callable[[], dict[str, Any]] = dict  # broker-side counters (NATS: JetStream)
-
-    def processes(self) -> list[psutil.Process]:
-        """The broker's processes and their children."""
-        out: list[psutil.Process] = []
-        for pid in self.pids():
-            with contextlib.suppress(psutil.Error):
-                proc = psutil.Process(pid)
-                out += [proc, *proc.children(recursive=True)]
-        return out
-
-    def rss(self) -> int:
-        """Resident memory of the broker's processes and their children (bytes)."""
-        total = 0
-        for p in self.processes():
-            with contextlib.suppress(psutil.Error):
-                total += p.memory_info().rss
-        return total
-
-
-def _tail(path: Path, limit: int = 200_000) -> str:
-    try:
-        with path.open("rb") as f:
-            f.seek(max(0, path.stat().st_size - limit))
-            return f.read().decode(errors="replace")
-    except OSError:
-        return ""
-
-
-MQTT_STREAMS = ("$MQTT_sess", "$MQTT_msgs", "$MQTT_rmsgs")
-
-
-def nats_request(port: int, subject: str, payload: bytes = b"", *, timeout: float = 10.0
-                 ) -> dict[str, Any]:
-    """One request over the NATS client protocol (no client library) on 127.0.0.1:`port`: the
-    JSON reply, or {} when none comes in time."""
-    inbox = f"_INBOX.fleet-brokers.{os.getpid()}.{time.monotonic_ns()}"
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        f = s.makefile("rb")
-        f.readline()  # INFO {...}
-        s.sendall(b'CONNECT {"verbose":false,"pedantic":false,"headers":true}\r\n'
-                  + f"SUB {inbox} 1\r\nPUB {subject} {inbox} {len(payload)}\r\n".encode()
-                  + payload + b"\r\n")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = f.readline()
-            if not line:
-                break
-            if line.startswith(b"PING"):
-                s.sendall(b"PONG\r\n")
-            elif line.startswith((b"MSG", b"HMSG")):
-                size = int(line.split()[-1])
-                body = f.read(size + 2)[:size]
-                if line.startswith(b"HMSG"):  # headers first: a status without a body
-                    hdr = int(line.split()[-2])
-                    body = body[hdr:]
-                with contextlib.suppress(ValueError):
-                    data = json.loads(body)
-                    return data if isinstance(data, dict) else {}
-                return {}
-    return {}
-
-
-def nats_js_stats(port: int) -> dict[str, Any]:
-    """JetStream, as one node sees it: API requests served and failed (the account's, cluster
-    wide) and, per MQTT stream, messages held and written ever (last sequence)."""
-    out: dict[str, Any] = {}
-    with contextlib.suppress(OSError):
-        info = nats_request(port, "$JS.API.INFO")
-        api = info.get("api") or {}
-        out["js_api_total"], out["js_api_errors"] = api.get("total"), api.get("errors")
-        for stream in MQTT_STREAMS:
-            state = (nats_request(port, f"$JS.API.STREAM.INFO.{stream}").get("state") or {})
-            key = stream.removeprefix("$MQTT_")
-            out[f"js_{key}_msgs"], out[f"js_{key}_writes"] = (state.get("messages"),
-                                                              state.get("last_seq"))
-            out[f"js_{key}_consumers"] = state.get("consumer_count")
-    return out
-
-
-def js_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    """The counters' growth over the run (None where either end is missing)."""
-    out: dict[str, Any] = {}
-    for k, v in after.items():
-        b = before.get(k)
-        if k.endswith(("_total", "_errors", "_writes")):
-            out[k] = None if v is None or b is None else v - b
-        else:
-            out[k] = v
-    return out
-
-
-def make_target(kind: str, workdir: Path, *, nats_stream_replicas: int = 3) -> Target:
-    """A fresh broker of `kind` in `workdir` (not started); raises if it is not installed."""
-    if kind == "mosquitto":
-        broker = MosquittoBroker(workdir=workdir, persistence=True)
-
-        def restart_mosquitto() -> None:
-            broker.stop(timeout=60)
-            broker.start(timeout=60)
-
-        return Target([broker.url], partial(broker.start, timeout=30), broker.close,
-                      lambda: [] if broker.pid is None else [broker.pid], restart_mosquitto,
-                      lambda: _tail(broker.log_path))
-    if kind == "nats":
-        cluster = NatsCluster(workdir, cluster_name="fedasync-fleet-brokers")
-        if nats_stream_replicas != 3:  # an experiment: the MQTT streams on fewer nodes
-            for nats_node in cluster.nodes:
-                nats_node.conf.write_text(nats_node.conf.read_text().replace(
-                    "stream_replicas: 3", f"stream_replicas: {nats_stream_replicas}"))
-        return Target(cluster.urls, partial(cluster.start, timeout=90), cluster.close,
-                      cluster.pids, partial(cluster.restart, [0, 1, 2], timeout=90),
-                      lambda: "\n".join(f"--- {n.name}\n{_tail(n.log)}" for n in cluster.nodes),
-                      partial(nats_js_stats, cluster.nodes[0].client_port))
-    if kind == "rabbitmq":
-        node = RabbitNode(workdir)
-
-        def restart_rabbit() -> None:
-            node.close()
-            node.start(timeout=180)
-
-        return Target([node.url], partial(node.start, timeout=180), node.close, node.pids,
-                      restart_rabbit, partial(node.logs, 200_000))
-    raise ValueError(f"unknown broker {kind!r}")
-
-
-def _ports(urls: Sequence[str]) -> list[int]:
-    return [int(u.rsplit(":", 1)[1]) for u in urls]
 
 
 class RssSampler(threading.Thread):
@@ -496,13 +360,13 @@ def run_cell(kind: str, mode: str, n: int, args: argparse.Namespace) -> dict[str
     cell_began = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix=f"fedasync-fleet-brokers-{kind}-"))
     try:
-        target = make_target(kind, workdir / "broker",
-                             nats_stream_replicas=args.nats_stream_replicas)
+        target = make_target(kind, workdir / "broker", cluster_name="fedasync-fleet-brokers",
+                             stream_replicas=args.nats_stream_replicas, timeout=180)
     except Exception as exc:
         res["skipped"] = f"{type(exc).__name__}: {exc}"
         shutil.rmtree(workdir, ignore_errors=True)
         return res
-    if RESERVED & set(_ports(target.urls)):  # free ports are ephemeral: never these
+    if RESERVED & set(target.ports):  # free ports are ephemeral: never these
         res["skipped"] = f"a reserved port came up free: {target.urls}"
         shutil.rmtree(workdir, ignore_errors=True)
         return res
@@ -544,7 +408,7 @@ def run_cell(kind: str, mode: str, n: int, args: argparse.Namespace) -> dict[str
                 began = now - sim.run_start
                 log(f"  restarting the broker at {began:.1f} s into the run")
                 try:
-                    target.restart()
+                    target.restart(None)
                 except Exception as exc:
                     res["restart_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
                     log(f"  restart failed: {res['restart_error']}")
@@ -582,7 +446,7 @@ def run_cell(kind: str, mode: str, n: int, args: argparse.Namespace) -> dict[str
         if restart is not None:
             res.update(recovery(rows, arrivals, began=restart[0], ended=restart[1]))
         if res["sim_exit"] != 0:
-            res["sim_error"] = _tail(workdir / "sim.stderr", 1500).split("\r")[-1][-1500:]
+            res["sim_error"] = tail(workdir / "sim.stderr", 1500).split("\r")[-1][-1500:]
         if args.keep is not None:
             _keep(args.keep / f"{kind}-{mode}-{n}", workdir, out, target)
     except (OSError, subprocess.SubprocessError) as exc:
@@ -721,8 +585,8 @@ def nats_op_costs(clients: int = 50) -> list[dict[str, Any]]:
     from fedasync_iot.models import BrokerAddress, Client, Connack, create_client
 
     workdir = Path(tempfile.mkdtemp(prefix="fedasync-fleet-brokers-ops-"))
-    target = make_target("nats", workdir / "broker")
-    port = _ports(target.urls)[0]
+    target = make_target("nats", workdir / "broker", cluster_name="fedasync-fleet-brokers")
+    port = target.ports[0]
     cs: list[Client] = []
     out: list[dict[str, Any]] = []
     tag = uuid.uuid4().hex[:6]

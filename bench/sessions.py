@@ -60,100 +60,20 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from importlib.metadata import version
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-from fedasync_iot.fleet import MosquittoBroker, NatsCluster, NetLoop, RabbitNode, raise_fd_limit
+from fedasync_iot.bench._brokers import MIB, Target, make_target
+from fedasync_iot.fleet import NetLoop, raise_fd_limit
 from fedasync_iot.models import BrokerAddress, Client, Connack, Message, PacketAck, create_client
 
 MODES = ("persistent", "sessionless")
 BROKERS = ("mosquitto", "nats", "rabbitmq")
 MAX_CHILDREN = 12
-MIB = 1024 * 1024
 POLL_S = 0.25
-
-
-# -- the brokers -------------------------------------------------------------------------------
-@dataclass
-class Target:
-    """A private broker (one or more processes) the benchmark measures and restarts."""
-
-    ports: list[int]  # MQTT (loopback): devices round robin over them, the coordinator on [0]
-    start: Callable[[], None]
-    close: Callable[[], None]
-    pids: Callable[[], list[int]]
-    restart: Callable[[str], list[int]]  # scope -> the indexes (into `ports`) restarted
-    extra: Callable[[], dict[str, Any]] = dict
-
-    def rss(self) -> int:
-        """Resident memory of the broker's processes and their children."""
-        total = 0
-        for pid in self.pids():
-            with contextlib.suppress(psutil.Error):
-                proc = psutil.Process(pid)
-                for p in (proc, *proc.children(recursive=True)):
-                    with contextlib.suppress(psutil.Error):
-                        total += p.memory_info().rss
-        return total
-
-
-def _jetstream(cluster: NatsCluster) -> dict[str, Any]:
-    """Consumers of the MQTT message stream on disk (one per QoS 1 subscription and replica),
-    summed over the nodes, and the JetStream store's size."""
-    consumers = 0
-    size = 0
-    for node in cluster.nodes:
-        # JetStream adds and removes files meanwhile: what vanishes is not counted
-        for root, dirs, files in os.walk(cluster.workdir / f"js-{node.name}"):
-            if root.endswith(os.path.join("streams", "$MQTT_msgs", "obs")):
-                consumers += len(dirs)
-            for name in files:
-                with contextlib.suppress(OSError):
-                    size += os.stat(os.path.join(root, name)).st_size
-    return {"js_consumer_dirs": consumers, "js_store_mb": round(size / MIB, 1)}
-
-
-def make_target(kind: str, workdir: Path, args: argparse.Namespace) -> Target:
-    """Mosquitto (persistence on) restarted on its port; NATS every node, or node B alone
-    (scope "one"); RabbitMQ the node."""
-    if kind == "mosquitto":
-        broker = MosquittoBroker(workdir=workdir, persistence=True)
-
-        def restart_mosquitto(_scope: str) -> list[int]:
-            broker.stop(timeout=60)
-            broker.start(timeout=60)
-            return [0]
-
-        return Target([broker.port], broker.start, broker.close,
-                      lambda: [] if broker.pid is None else [broker.pid], restart_mosquitto)
-    if kind == "nats":
-        cluster = NatsCluster(workdir, cluster_name="fedasync-sessions",
-                              consumer_replicas=args.consumer_replicas)
-
-        def restart_nats(scope: str) -> list[int]:
-            which = [0, 1, 2] if scope == "all" else [1]
-            cluster.restart(which, timeout=60)
-            return which
-
-        return Target([n.mqtt_port for n in cluster.nodes], partial(cluster.start, timeout=90),
-                      cluster.close, cluster.pids, restart_nats, partial(_jetstream, cluster))
-    if kind == "rabbitmq":
-        node = RabbitNode(workdir)
-
-        def restart_rabbit(_scope: str) -> list[int]:
-            node.close()
-            node.start(timeout=120)
-            return [0]
-
-        return Target([node.mqtt_port], partial(node.start, timeout=120), node.close,
-                      node.pids, restart_rabbit)
-    raise ValueError(kind)
 
 
 # -- the clients (child processes) ---------------------------------------------------------------
@@ -468,7 +388,8 @@ def run_cell(kind: str, mode: str, n: int, args: argparse.Namespace) -> dict[str
     res["restart_at"] = args.restart_at
     workdir = Path(tempfile.mkdtemp(prefix=f"fedasync-sessions-{kind}-"))
     try:
-        target = make_target(kind, workdir, args)
+        target = make_target(kind, workdir, cluster_name="fedasync-sessions",
+                             consumer_replicas=args.consumer_replicas)
     except Exception as exc:
         res["skipped"] = f"{type(exc).__name__}: {exc}"
         shutil.rmtree(workdir, ignore_errors=True)
@@ -534,7 +455,7 @@ def run_cell(kind: str, mode: str, n: int, args: argparse.Namespace) -> dict[str
         conn = stats["connected"]
         res["kb_per_device"] = round((rss1 - rss0) / 1024 / conn, 1) if conn else None
         try:
-            res.update(target.extra())
+            res.update(target.jetstream_store())
         except OSError as exc:  # a measurement on the side must not end the run
             res["extra_error"] = str(exc)
         print(f"  setup: {how}, {ready}/{n} in {setup_s:.1f} s, "
@@ -567,7 +488,7 @@ def run_cell(kind: str, mode: str, n: int, args: argparse.Namespace) -> dict[str
                   watch)
         res["seen_before_restart"] = coord.ask("stats")["seen"].get(2, 0)
         t2 = time.monotonic()
-        restarted = target.restart(args.nats_restart)
+        restarted = target.restart(None if args.nats_restart == "all" else [1])
         res["restart_s"] = round(time.monotonic() - t2, 1)
         expected = sum(1 for i in range(n) if i % len(ports) in restarted)
         how = _wait(lambda: (refresh()["dropped"] >= min(expected, ready)

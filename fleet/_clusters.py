@@ -188,10 +188,13 @@ class NatsCluster:
     """Three clustered nats-server processes with JetStream and MQTT, on free loopback ports."""
 
     def __init__(self, workdir: Path, *, cluster_name: str = "fedasync-test",
-                 consumer_replicas: int | None = None) -> None:
+                 consumer_replicas: int | None = None, stream_replicas: int = 3) -> None:
         """`consumer_replicas`: of the JetStream consumer behind each QoS 1 subscription of an
         MQTT session (a device's acks): unset, as many as the streams (3), a Raft group per
-        device; 1 is what a large fleet on few cores needs (docs/scaling.md, "Measured")."""
+        device; 1 is what a large fleet on few cores needs (docs/scaling.md, "Measured").
+        `stream_replicas`: of the MQTT streams (sessions, messages, retained), 1-3."""
+        if stream_replicas not in (1, 2, 3):
+            raise ClusterError(f"stream_replicas must be 1, 2 or 3, got {stream_replicas}")
         exe = nats_server_path()
         if exe is None:
             raise ClusterError("nats-server is not installed")
@@ -222,7 +225,7 @@ class NatsCluster:
                 "}\n"
                 "mqtt {\n"
                 f"  listen: 127.0.0.1:{node.mqtt_port}\n"
-                "  stream_replicas: 3\n"
+                f"  stream_replicas: {stream_replicas}\n"
                 + ("" if consumer_replicas is None
                    else f"  consumer_replicas: {consumer_replicas}\n")
                 + "}\n")

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from fedasync_iot.bench._brokers import js_delta, nats_request
 from fedasync_iot.bench.fleet_brokers import (
-    js_delta,
     js_table,
-    nats_request,
     ratios,
     read_arrivals,
     read_json,
