@@ -80,8 +80,22 @@ def test_same_seed_same_fleet() -> None:
 def test_time_to_target_uses_a_moving_average() -> None:
     evals = [(1.0, 1, 0.9, 0), (2.0, 2, 0.5, 0), (3.0, 3, 0.9, 0), (4.0, 4, 0.9, 0),
              (5.0, 5, 0.9, 0)]
-    assert time_to_target(evals, 0.85) == 5.0
-    assert time_to_target(evals, 0.95) is None
+    # one sample a second (240 over 240 s): the newest version's accuracy at each
+    assert time_to_target(evals, 0.85, duration_s=240.0) == 5.0
+    assert time_to_target(evals, 0.95, duration_s=240.0) is None
+
+
+def test_time_to_target_is_the_same_for_few_versions_as_for_many_on_one_curve() -> None:
+    """A rule with one version every 4 s (synchronous rounds) and one with a version every
+    0.1 s, whose accuracy follows the same curve, reach the target at the same time: the window
+    spans time, not versions (over three versions, the sparse one was a round late)."""
+    def curve(t: float) -> float:
+        return 0.8 if t < 4.0 else 0.95
+
+    sparse = [(t, v, curve(t), 0.0) for v, t in enumerate((1.0, 4.0, 8.0, 12.0, 16.0), 1)]
+    dense = [(k / 10, k, curve(k / 10), 0.0) for k in range(10, 200)]
+    assert time_to_target(sparse, 0.9, duration_s=24.0) == time_to_target(
+        dense, 0.9, duration_s=24.0) == 4.1  # samples at 3.9, 4.0, 4.1: 0.8, 0.95, 0.95
 
 
 @pytest.mark.broker
