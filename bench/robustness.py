@@ -219,6 +219,17 @@ class _Data:
                               l2=fleet.l2, seed=fleet.seed)
 
 
+def device_epochs(fleet: FleetSpec) -> np.ndarray:
+    """Each device's epoch in seconds (before the 10 % jitter of each training), seeded."""
+    rng = np.random.default_rng([fleet.seed, 15])
+    if fleet.epoch_median_s:
+        return np.clip(np.exp(rng.normal(math.log(fleet.epoch_median_s), fleet.epoch_sigma,
+                                         size=fleet.devices)), fleet.epoch_min_s,
+                       fleet.epoch_max_s)
+    return np.exp(rng.uniform(math.log(fleet.epoch_min_s), math.log(fleet.epoch_max_s),
+                              size=fleet.devices))
+
+
 def run(fleet: FleetSpec, rule: RuleConfig, *, label: str | None = None,
         data: _Data | None = None, keep_arrivals: bool = False,
         merger: MergeRule | None = None,
@@ -238,13 +249,7 @@ def run(fleet: FleetSpec, rule: RuleConfig, *, label: str | None = None,
     ledger = None if participation is None else Ledger(participation.for_rule(rule.name))
     sync = isinstance(merger, FedAvgSync)
     n = fleet.devices
-    rng = np.random.default_rng([fleet.seed, 15])
-    log_lo, log_hi = math.log(fleet.epoch_min_s), math.log(fleet.epoch_max_s)
-    if fleet.epoch_median_s:
-        epoch_s = np.clip(np.exp(rng.normal(math.log(fleet.epoch_median_s), fleet.epoch_sigma,
-                                            size=n)), fleet.epoch_min_s, fleet.epoch_max_s)
-    else:
-        epoch_s = np.exp(rng.uniform(log_lo, log_hi, size=n))
+    epoch_s = device_epochs(fleet)
     jitter = np.random.default_rng([fleet.seed, 16])
     pause = np.random.default_rng([fleet.seed, 17])
     pick = np.random.default_rng([fleet.seed, 18])

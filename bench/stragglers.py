@@ -1,5 +1,8 @@
 """Issue 22's straggler fleet as a fleet file:
-``python -m fedasync_iot.bench.stragglers --out DIR``.
+``python -m fedasync_iot.bench.stragglers --out DIR``; or one of bench/robustness.py's map fleets,
+exactly (its data split, device speeds and system settings for a seed), to run through the real
+system: ``python -m fedasync_iot.bench.stragglers --map-fleet "straggler s1 x20 1s" --seed 1
+--out DIR``.
 
 Exports the synthetic fleet's data (20 devices, digits split Dirichlet 0.5, seed 1) and writes
 ``DIR/stragglers.toml``: every device always available (no traces, no battery), epochs
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -49,13 +53,62 @@ def straggler_fleet(out: Path, devices: int = 20) -> Path:
                                             f"cohort_size = {devices // 2}"])
 
 
+def map_fleet_file(name: str, seed: int, out: Path) -> Path:
+    """Write `out/fleet.toml` and its data: the map fleet `name` of bench/robustness.py for
+    `seed`, device for device (its Dirichlet share of the digits, its epoch), with the harness's
+    system settings where the real system has them (a check interval of the harness's poll, or
+    half a median epoch on slow fleets, where a periodic check only adds events; the
+    synchronous cohort and deadline) and its duration. Devices always available: a map fleet
+    whose devices pause between trainings (`idle_mean_s`) has no fleet-file form."""
+    from fedasync_iot.bench.robustness import _Data, device_epochs, map_fleets
+
+    fleets = map_fleets()
+    if name not in fleets:
+        raise ValueError(f"unknown map fleet {name!r}; the map has {list(fleets)}")
+    fleet = replace(fleets[name], seed=seed)
+    if fleet.idle_mean_s:
+        raise ValueError(f"{name!r}: devices that pause between trainings have no fleet file")
+    data = _Data(fleet)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    np.savez(out / "data" / "test.npz", X=data.test[0].astype(np.float32),
+             y=data.test[1].astype(np.int64))
+    deadline_min = fleet.deadline_s / 60 if fleet.deadline_s else 10 * fleet.epoch_max_s / 60
+    lines = ["[run]", 'test_file = "data/test.npz"', f"seed = {seed}", "scale = 1.0",
+             f"target = {max(0.9, fleet.target)}", f"duration_s = {fleet.duration_s}",
+             f"deadline_min = {deadline_min!r}",
+             *([f"cohort_size = {fleet.sync_cohort}"] if fleet.sync_cohort else []), "",
+             "[model]", 'kind = "logistic"', f"learning_rate = {fleet.learning_rate}",
+             f"local_epochs = {fleet.local_epochs}", f"batch_size = {fleet.batch_size}",
+             f"l2 = {fleet.l2}", "",
+             "[agent]", f"check_interval_s = {max(fleet.poll_s, fleet.median_epoch_s / 2):.6g}",
+             "min_train_interval_s = 0.0", "", "[policy]", "min_dwell_s = 0.0", ""]
+    for i, ((X, y), epoch) in enumerate(zip(data.parts, device_epochs(fleet), strict=True)):
+        np.savez(out / "data" / f"d{i}.npz", X=X.astype(np.float32), y=y.astype(np.int64))
+        lines += ["[[devices]]", f'id = "d{i}"', f'data = "data/d{i}.npz"',
+                  f"epoch_seconds = {float(epoch)!r}", ""]
+    path = out / "fleet.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fedasync_iot.bench.stragglers",
                                 description=(__doc__ or "").split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="directory for the fleet file")
     p.add_argument("--devices", type=int, default=20)
+    p.add_argument("--map-fleet", metavar="NAME", default=None,
+                   help="instead: this fleet of bench/robustness.py's map, exactly")
+    p.add_argument("--seed", type=int, default=1, help="the map fleet's seed (1)")
     args = p.parse_args(argv)
-    print(straggler_fleet(args.out, args.devices))
+    if args.map_fleet is None:
+        print(straggler_fleet(args.out, args.devices))
+        return 0
+    try:
+        path = map_fleet_file(args.map_fleet, args.seed, args.out)
+    except ValueError as e:
+        p.error(str(e))
+    print(f"{path}\nthen: fedasync-sim --fleet-file {path} --compare "
+          "fedasync,fedbuff,fedavg-sync --out DIR")
     return 0
 
 

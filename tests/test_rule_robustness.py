@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,10 +17,13 @@ from fedasync_iot.bench.robustness import (
     FleetSpec,
     LogisticSGD,
     _Data,
+    device_epochs,
+    map_fleets,
     parse_overrides,
     run,
     straggler_fleet,
 )
+from fedasync_iot.bench.stragglers import map_fleet_file
 from fedasync_iot.coordinator._rules import (
     Contribution,
     FedAsync,
@@ -29,6 +33,8 @@ from fedasync_iot.coordinator._rules import (
     build_rule,
 )
 from fedasync_iot.coordinator._staleness import Staleness
+from fedasync_iot.fleet import build_fleet
+from fedasync_iot.fleet._fleetfile import replay_config
 from fedasync_iot.models import build_model
 
 FEDASYNC = RuleConfig(name="fedasync")
@@ -225,3 +231,25 @@ def test_map_overrides_are_typed_fleet_fields() -> None:
         parse_overrides(["publish_delay=0.1"])
     with pytest.raises(ValueError, match="is not an integer"):
         parse_overrides(["devices=many"])
+
+
+def test_a_map_fleet_as_a_fleet_file_is_the_harness_fleet(tmp_path: Path) -> None:
+    """bench.stragglers --map-fleet writes the harness's fleet device for device, so the same
+    fleet can be run through the real system."""
+    name = "straggler s1 x20 1s d0.1"
+    path = map_fleet_file(name, 2, tmp_path)
+    spec = replace(map_fleets()[name], seed=2)
+    config = replay_config(path)
+    fleet = build_fleet(config)
+    data = _Data(spec)
+    assert config.devices == spec.devices == len(fleet.traces)
+    assert config.duration_s == spec.duration_s and config.cohort_size == spec.sync_cohort
+    for i, (trace, epoch) in enumerate(zip(fleet.traces, device_epochs(spec), strict=True)):
+        X, y = data.parts[i]
+        assert np.array_equal(fleet.parts[i][1], y)
+        assert np.allclose(fleet.parts[i][0], X)
+        assert trace.compute_seconds(len(y)) == pytest.approx(epoch)
+    with pytest.raises(ValueError, match="no fleet file"):
+        map_fleet_file("bench synthetic (50, 6 at once)", 1, tmp_path / "x")
+    with pytest.raises(ValueError, match="unknown map fleet"):
+        map_fleet_file("straggler x20", 1, tmp_path / "y")
