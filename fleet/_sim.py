@@ -490,8 +490,8 @@ def time_to_target(evals: list[tuple[float, int, float, float]], target: float, 
 
     On a grid of time, not over the last `window` versions: three versions of synchronous
     FedAvg span three rounds, seconds, and three of an asynchronous rule a fraction of one, and
-    on a rising curve the longer window reported synchronous FedAvg about a round late (issue
-    22: 3.16x in the demo by versions, about 2.9x by time)."""
+    on a rising curve the longer window reported synchronous FedAvg about a round late (the
+    demo: 3.16x by versions, 2.77x by time; docs/benchmarks.md, "Benchmark")."""
     step = duration_s / TARGET_SAMPLES
     samples: list[tuple[float, float]] = []
     i = 0
