@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -76,6 +78,71 @@ class Target:
                     with contextlib.suppress(OSError):
                         size += os.stat(os.path.join(root, name)).st_size
         return {"js_consumer_dirs": consumers, "js_store_mb": round(size / MIB, 1)}
+
+
+class RssSampler(threading.Thread):
+    """The broker's RSS and CPU every `every` seconds: (monotonic time, bytes, % of one core)
+    samples, the peak, and `over` once the RSS passes `limit`."""
+
+    def __init__(self, target: Target, limit: int, every: float) -> None:
+        super().__init__(daemon=True, name="rss-sampler")
+        self.target, self.limit, self.every = target, limit, every
+        self.samples: list[tuple[float, int, float]] = []
+        self.over = threading.Event()
+        self.done = threading.Event()
+        self._seen: dict[int, psutil.Process] = {}  # cpu_percent needs the same object
+
+    def run(self) -> None:
+        while not self.done.wait(self.every):
+            rss, cpu = 0, 0.0
+            try:
+                for found in self.target.processes():
+                    p = self._seen.setdefault(found.pid, found)
+                    with contextlib.suppress(psutil.Error):
+                        rss += p.memory_info().rss
+                        cpu += p.cpu_percent(None)
+            except Exception:  # a broker mid-restart  # noqa: S112
+                continue
+            self.samples.append((time.monotonic(), rss, cpu))
+            if rss > self.limit:
+                self.over.set()
+
+    def peak(self, since: float | None = None) -> int:
+        return max((r for t, r, _ in self.samples if since is None or t >= since), default=0)
+
+    def cpu(self, since: float | None, until: float | None = None) -> dict[str, Any]:
+        """Mean and max CPU (% of one core) of the samples in [since, until]."""
+        got = [c for t, _, c in self.samples[1:]
+               if (since is None or t >= since) and (until is None or t <= until)]
+        if not got:
+            return {"broker_cpu_mean": None, "broker_cpu_max": None}
+        return {"broker_cpu_mean": round(sum(got) / len(got)), "broker_cpu_max": round(max(got))}
+
+
+def open_target(kind: str, workdir: Path, res: dict[str, Any], **kw: Any) -> Target | None:
+    """`make_target(kind, workdir / "broker", **kw)`, started and timed into `res`
+    (``broker_start_s``); None, with ``res["skipped"]`` saying why and `workdir` removed, when it
+    cannot be made, came up on one of the machine's own ports or did not start."""
+    try:
+        target = make_target(kind, workdir / "broker", **kw)
+    except Exception as exc:
+        res["skipped"] = f"{type(exc).__name__}: {exc}"
+        shutil.rmtree(workdir, ignore_errors=True)
+        return None
+    if RESERVED & set(target.ports):  # free ports are ephemeral: never these
+        res["skipped"] = f"a reserved port came up free: {target.urls}"
+        shutil.rmtree(workdir, ignore_errors=True)
+        return None
+    t = time.monotonic()
+    try:
+        target.start()
+    except Exception as exc:
+        res["skipped"] = f"did not start: {type(exc).__name__}: {str(exc)[:300]}"
+        target.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+        return None
+    res["broker_start_s"] = round(time.monotonic() - t, 1)
+    return target
 
 
 def make_target(kind: str, workdir: Path, *, cluster_name: str = "fedasync-bench",

@@ -75,10 +75,11 @@ import psutil
 
 from fedasync_iot.bench._brokers import (
     MIB,
-    RESERVED,
+    RssSampler,
     Target,
     js_delta,
     make_target,
+    open_target,
     tail,
 )
 from fedasync_iot.fleet import raise_fd_limit
@@ -93,45 +94,6 @@ RULE = "fedasync"
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-class RssSampler(threading.Thread):
-    """The broker's RSS and CPU every `every` seconds: (monotonic time, bytes, % of one core)
-    samples, the peak, and `over` once the RSS passes `limit`."""
-
-    def __init__(self, target: Target, limit: int, every: float) -> None:
-        super().__init__(daemon=True, name="rss-sampler")
-        self.target, self.limit, self.every = target, limit, every
-        self.samples: list[tuple[float, int, float]] = []
-        self.over = threading.Event()
-        self.done = threading.Event()
-        self._seen: dict[int, psutil.Process] = {}  # cpu_percent needs the same object
-
-    def run(self) -> None:
-        while not self.done.wait(self.every):
-            rss, cpu = 0, 0.0
-            try:
-                for found in self.target.processes():
-                    p = self._seen.setdefault(found.pid, found)
-                    with contextlib.suppress(psutil.Error):
-                        rss += p.memory_info().rss
-                        cpu += p.cpu_percent(None)
-            except Exception:  # a broker mid-restart  # noqa: S112
-                continue
-            self.samples.append((time.monotonic(), rss, cpu))
-            if rss > self.limit:
-                self.over.set()
-
-    def peak(self, since: float | None = None) -> int:
-        return max((r for t, r, _ in self.samples if since is None or t >= since), default=0)
-
-    def cpu(self, since: float | None, until: float | None = None) -> dict[str, Any]:
-        """Mean and max CPU (% of one core) of the samples in [since, until]."""
-        got = [c for t, _, c in self.samples[1:]
-               if (since is None or t >= since) and (until is None or t <= until)]
-        if not got:
-            return {"broker_cpu_mean": None, "broker_cpu_max": None}
-        return {"broker_cpu_mean": round(sum(got) / len(got)), "broker_cpu_max": round(max(got))}
 
 
 # -- reading a run (pure: tests/test_fleet_brokers.py) ------------------------------------------
@@ -359,28 +321,14 @@ def run_cell(kind: str, mode: str, n: int, args: argparse.Namespace) -> dict[str
         res["stream_replicas"] = args.nats_stream_replicas
     cell_began = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix=f"fedasync-fleet-brokers-{kind}-"))
-    try:
-        target = make_target(kind, workdir / "broker", cluster_name="fedasync-fleet-brokers",
-                             stream_replicas=args.nats_stream_replicas, timeout=180)
-    except Exception as exc:
-        res["skipped"] = f"{type(exc).__name__}: {exc}"
-        shutil.rmtree(workdir, ignore_errors=True)
-        return res
-    if RESERVED & set(target.ports):  # free ports are ephemeral: never these
-        res["skipped"] = f"a reserved port came up free: {target.urls}"
-        shutil.rmtree(workdir, ignore_errors=True)
+    target = open_target(kind, workdir, res, cluster_name="fedasync-fleet-brokers",
+                         stream_replicas=args.nats_stream_replicas, timeout=180)
+    if target is None:
         return res
     sampler = RssSampler(target, int(args.rss_limit_gb * 1024 * MIB), args.sample_s)
     sim: SimRun | None = None
     restart: tuple[float, float] | None = None  # (began, ended), the run's seconds
     try:
-        t = time.monotonic()
-        try:
-            target.start()
-        except Exception as exc:
-            res["skipped"] = f"did not start: {type(exc).__name__}: {str(exc)[:300]}"
-            return res
-        res["broker_start_s"] = round(time.monotonic() - t, 1)
         res["rss_idle_mb"] = round(target.rss() / MIB, 1)
         sampler.start()
         out = workdir / "sim"

@@ -57,7 +57,6 @@ import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from functools import partial
@@ -66,7 +65,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from fedasync_iot.bench._brokers import MIB, Target, make_target
+from fedasync_iot.bench._brokers import MIB, RssSampler, open_target
 from fedasync_iot.fleet import NetLoop, raise_fd_limit
 from fedasync_iot.models import BrokerAddress, Client, Connack, Message, PacketAck, create_client
 
@@ -310,25 +309,6 @@ class _Child:
 
 
 # -- one cell: a broker, a mode, N devices -------------------------------------------------------
-class _RssWatch(threading.Thread):
-    def __init__(self, target: Target, limit: int) -> None:
-        super().__init__(daemon=True)
-        self.target, self.limit = target, limit
-        self.peak = 0
-        self.over = threading.Event()
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.wait(1.0):
-            try:
-                rss = self.target.rss()
-            except Exception:  # a broker mid-restart  # noqa: S112
-                continue
-            self.peak = max(self.peak, rss)
-            if rss > self.limit:
-                self.over.set()
-
-
 def _sum_stats(kids: list[_Child]) -> dict[str, Any]:
     total: dict[str, Any] = {"ready": 0, "ever_ready": 0, "connected": 0, "dropped": 0,
                              "reready": 0,
@@ -350,7 +330,7 @@ def _sum_stats(kids: list[_Child]) -> dict[str, Any]:
     return total
 
 
-def _wait(cond: Callable[[], bool], timeout: float, watch: _RssWatch,
+def _wait(cond: Callable[[], bool], timeout: float, watch: RssSampler,
           *, quiet: Callable[[], Any] | None = None, quiet_s: float = 10.0) -> str:
     """Poll `cond` until true ("done"), `timeout` ("timeout"), the RSS limit ("rss limit") or,
     with `quiet`, `quiet_s` without a change in what it returns ("quiet")."""
@@ -387,26 +367,16 @@ def run_cell(kind: str, mode: str, n: int, args: argparse.Namespace) -> dict[str
         res["restart"] = args.nats_restart
     res["restart_at"] = args.restart_at
     workdir = Path(tempfile.mkdtemp(prefix=f"fedasync-sessions-{kind}-"))
-    try:
-        target = make_target(kind, workdir, cluster_name="fedasync-sessions",
-                             consumer_replicas=args.consumer_replicas)
-    except Exception as exc:
-        res["skipped"] = f"{type(exc).__name__}: {exc}"
-        shutil.rmtree(workdir, ignore_errors=True)
+    target = open_target(kind, workdir, res, cluster_name="fedasync-sessions",
+                         consumer_replicas=args.consumer_replicas)
+    if target is None:
         return res
     kids: list[_Child] = []
-    watch = _RssWatch(target, int(args.rss_limit_gb * 1024 * MIB))
+    watch = RssSampler(target, int(args.rss_limit_gb * 1024 * MIB), 1.0)
     ctx = mp.get_context("spawn")
     tag = f"{kind[:2]}{mode[:1]}{n}-{os.getpid()}"
     timeout = args.phase_timeout
     try:
-        t = time.monotonic()
-        try:
-            target.start()
-        except Exception as exc:
-            res["skipped"] = f"did not start: {type(exc).__name__}: {str(exc)[:300]}"
-            return res
-        res["broker_start_s"] = round(time.monotonic() - t, 1)
         watch.start()
         ports = target.ports
         n_workers = max(1, min(MAX_CHILDREN - 1, math.ceil(n / args.per_worker)))
@@ -522,7 +492,7 @@ def run_cell(kind: str, mode: str, n: int, args: argparse.Namespace) -> dict[str
         watch.done.set()
         if watch.is_alive():
             watch.join(timeout=5)
-        res["rss_peak_mb"] = round(watch.peak / MIB, 1)
+        res["rss_peak_mb"] = round(watch.peak() / MIB, 1)
         res["rss_limit_hit"] = watch.over.is_set()
         for kid in kids:
             kid.stop()
