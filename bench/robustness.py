@@ -56,6 +56,7 @@ from fedasync_iot.coordinator import (
     merge_weighted,
     staleness_weights,
 )
+from fedasync_iot.fleet._sim import first_reaching
 from fedasync_iot.models import ModelSpec, build_model, dirichlet_partition, load_digits
 
 TARGET = 0.85
@@ -149,13 +150,9 @@ class RunResult:
 
 def time_to_target(evals: Sequence[tuple[float, float]], target: float,
                    window: int = 3) -> float | None:
-    """First time the moving average of the last `window` evaluations reaches `target` (the
-    method of fleet._sim.time_to_target)."""
-    accs = [a for _, a in evals]
-    for i in range(window - 1, len(accs)):
-        if sum(accs[i - window + 1:i + 1]) / window >= target:
-            return evals[i][0]
-    return None
+    """First time the moving average of the last `window` evaluations (sampled on a grid of
+    time) reaches `target`, as fleet._sim.time_to_target measures the real system's runs."""
+    return first_reaching(evals, target, window)
 
 
 def _quantile(xs: Sequence[float], q: float) -> float | None:

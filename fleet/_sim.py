@@ -501,6 +501,13 @@ def time_to_target(evals: list[tuple[float, int, float, float]], target: float, 
             i += 1
         if i:
             samples.append((t, evals[i - 1][2]))
+    return first_reaching(samples, target, window)
+
+
+def first_reaching(samples: Sequence[tuple[float, float]], target: float, window: int = 3
+                   ) -> float | None:
+    """The time of the first of `samples` (time, value) at which the mean of the last `window`
+    values reaches `target`; None if none does."""
     for j in range(window - 1, len(samples)):
         if sum(a for _, a in samples[j - window + 1:j + 1]) / window >= target:
             return samples[j][0]
