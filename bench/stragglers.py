@@ -33,15 +33,24 @@ def always_on_fleet(out: Path, name: str, epochs: Sequence[float], *, check_inte
     if sim(["export-fleet", "--devices", str(len(epochs)), "--dataset", "digits", "--seed", "1",
             "--out", str(out)]) != 0:
         raise RuntimeError(f"export-fleet into {out} failed")
-    lines = ["[run]", 'test_file = "data/test.npz"', "seed = 1", "scale = 1.0",
-             f"target = {target}", *run, "",
-             "[model]", 'kind = "logistic"', "learning_rate = 0.05", "local_epochs = 1", "",
+    return _write_always_on(
+        out / name, run=["seed = 1", "scale = 1.0", f"target = {target}", *run],
+        model=["learning_rate = 0.05", "local_epochs = 1"], check_interval_s=f"{check_interval_s}",
+        devices=[[f'id = "sim-{i:05d}"', f'data = "data/sim-{i:05d}.npz"',
+                  f'test = "data/sim-{i:05d}-test.npz"', f"epoch_seconds = {epoch:.3f}"]
+                 for i, epoch in enumerate(epochs)])
+
+
+def _write_always_on(path: Path, *, run: Sequence[str], model: Sequence[str],
+                     check_interval_s: str, devices: Sequence[Sequence[str]]) -> Path:
+    """A fleet file of always-available devices (no traces) of the logistic model, training as
+    soon as a newer model is out (no dwell, no minimum interval); test set data/test.npz."""
+    lines = ["[run]", 'test_file = "data/test.npz"', *run, "",
+             "[model]", 'kind = "logistic"', *model, "",
              "[agent]", f"check_interval_s = {check_interval_s}", "min_train_interval_s = 0.0",
              "", "[policy]", "min_dwell_s = 0.0", ""]
-    for i, epoch in enumerate(epochs):
-        lines += ["[[devices]]", f'id = "sim-{i:05d}"', f'data = "data/sim-{i:05d}.npz"',
-                  f'test = "data/sim-{i:05d}-test.npz"', f"epoch_seconds = {epoch:.3f}", ""]
-    path = out / name
+    for device in devices:
+        lines += ["[[devices]]", *device, ""]
     path.write_text("\n".join(lines))
     return path
 
@@ -73,22 +82,19 @@ def map_fleet_file(name: str, seed: int, out: Path) -> Path:
     np.savez(out / "data" / "test.npz", X=data.test[0].astype(np.float32),
              y=data.test[1].astype(np.int64))
     deadline_min = fleet.deadline_s / 60 if fleet.deadline_s else 10 * fleet.epoch_max_s / 60
-    lines = ["[run]", 'test_file = "data/test.npz"', f"seed = {seed}", "scale = 1.0",
-             "target = 0.9", f"duration_s = {fleet.duration_s}",  # issue 22's target
-             f"deadline_min = {deadline_min!r}",
-             *([f"cohort_size = {fleet.sync_cohort}"] if fleet.sync_cohort else []), "",
-             "[model]", 'kind = "logistic"', f"learning_rate = {fleet.learning_rate}",
-             f"local_epochs = {fleet.local_epochs}", f"batch_size = {fleet.batch_size}",
-             f"l2 = {fleet.l2}", "",
-             "[agent]", f"check_interval_s = {max(fleet.poll_s, fleet.median_epoch_s / 2):.6g}",
-             "min_train_interval_s = 0.0", "", "[policy]", "min_dwell_s = 0.0", ""]
+    devices = []
     for i, ((X, y), epoch) in enumerate(zip(data.parts, device_epochs(fleet), strict=True)):
         np.savez(out / "data" / f"d{i}.npz", X=X.astype(np.float32), y=y.astype(np.int64))
-        lines += ["[[devices]]", f'id = "d{i}"', f'data = "data/d{i}.npz"',
-                  f"epoch_seconds = {float(epoch)!r}", ""]
-    path = out / "fleet.toml"
-    path.write_text("\n".join(lines))
-    return path
+        devices.append([f'id = "d{i}"', f'data = "data/d{i}.npz"',
+                        f"epoch_seconds = {float(epoch)!r}"])
+    return _write_always_on(
+        out / "fleet.toml",
+        run=[f"seed = {seed}", "scale = 1.0", "target = 0.9",  # issue 22's target
+             f"duration_s = {fleet.duration_s}", f"deadline_min = {deadline_min!r}",
+             *([f"cohort_size = {fleet.sync_cohort}"] if fleet.sync_cohort else [])],
+        model=[f"learning_rate = {fleet.learning_rate}", f"local_epochs = {fleet.local_epochs}",
+               f"batch_size = {fleet.batch_size}", f"l2 = {fleet.l2}"],
+        check_interval_s=f"{max(fleet.poll_s, fleet.median_epoch_s / 2):.6g}", devices=devices)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
