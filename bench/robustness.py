@@ -56,7 +56,7 @@ from fedasync_iot.coordinator import (
     merge_weighted,
     staleness_weights,
 )
-from fedasync_iot.fleet._sim import first_reaching
+from fedasync_iot.fleet import first_reaching
 from fedasync_iot.models import ModelSpec, build_model, dirichlet_partition, load_digits
 
 TARGET = 0.85

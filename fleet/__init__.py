@@ -31,7 +31,14 @@ from fedasync_iot.fleet._fleetfile import (
 )
 from fedasync_iot.fleet._fleets import build_fleet
 from fedasync_iot.fleet._netloop import NetLoop
-from fedasync_iot.fleet._sim import Fleet, RunResult, SimConfig, local_evaluation, run_rule
+from fedasync_iot.fleet._sim import (
+    Fleet,
+    RunResult,
+    SimConfig,
+    first_reaching,
+    local_evaluation,
+    run_rule,
+)
 from fedasync_iot.fleet._traces import (
     DeviceTrace,
     FleetProfile,
@@ -67,6 +74,7 @@ __all__ = [
     "classify",
     "clear_retained",
     "export_fleet",
+    "first_reaching",
     "free_port",
     "generate_fleet",
     "load_fleet",

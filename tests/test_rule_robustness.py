@@ -33,8 +33,7 @@ from fedasync_iot.coordinator._rules import (
     build_rule,
 )
 from fedasync_iot.coordinator._staleness import Staleness
-from fedasync_iot.fleet import build_fleet
-from fedasync_iot.fleet._fleetfile import replay_config
+from fedasync_iot.fleet import build_fleet, replay_config
 from fedasync_iot.models import build_model
 
 FEDASYNC = RuleConfig(name="fedasync")
